@@ -1,0 +1,117 @@
+//! The glue between the generated bindings and [`crate::Projection`]; only
+//! [`crate::export!`] uses it. Hidden: guest authors never see wit-bindgen.
+
+pub use std::vec::Vec;
+pub use wit_bindgen;
+
+#[allow(missing_docs)]
+pub mod bindings {
+    wit_bindgen::generate!({
+        path: "wit",
+        world: "projection",
+        pub_export_macro: true,
+        export_macro_name: "__export_projection",
+        default_bindings_module: "::projector_sdk::__private::bindings",
+        runtime_path: "::projector_sdk::__private::wit_bindgen::rt",
+    });
+}
+
+use crate::context::{Backend, Context, Level, Rows, Value};
+use crate::{Event, Failure, Projection};
+use bindings::projector::projection::{log, sql, state};
+
+pub use bindings::Guest;
+pub use bindings::projector::projection::types::{Event as WitEvent, Failure as WitFailure};
+
+/// Calls the world's imports: the projection's database and log, in the host.
+struct WasmBackend;
+
+impl Backend for WasmBackend {
+    fn get(&self, key: &str) -> Option<Vec<u8>> {
+        state::get(key)
+    }
+    fn set(&self, key: &str, value: &[u8]) {
+        state::set(key, value)
+    }
+    fn delete(&self, key: &str) {
+        state::delete(key)
+    }
+    fn scan(&self, prefix: &str, limit: u32) -> Vec<(String, Vec<u8>)> {
+        state::scan(prefix, limit)
+    }
+    fn execute(&self, statement: &str, params: &[Value]) -> Result<u64, String> {
+        sql::execute(statement, &to_wit_values(params))
+    }
+    fn query(&self, statement: &str, params: &[Value]) -> Result<Rows, String> {
+        let rows = sql::query(statement, &to_wit_values(params))?;
+        Ok(Rows::new(
+            rows.columns,
+            rows.rows
+                .into_iter()
+                .map(|row| row.into_iter().map(from_wit_value).collect())
+                .collect(),
+        ))
+    }
+    fn log(&self, level: Level, message: &str, position: Option<u64>) {
+        let level = match level {
+            Level::Trace => log::Level::Trace,
+            Level::Debug => log::Level::Debug,
+            Level::Info => log::Level::Info,
+            Level::Warn => log::Level::Warn,
+            Level::Error => log::Level::Error,
+        };
+        log::write(level, message, position)
+    }
+}
+
+fn to_wit_values(params: &[Value]) -> Vec<sql::Value> {
+    params
+        .iter()
+        .map(|value| match value {
+            Value::Null => sql::Value::Null,
+            Value::Integer(n) => sql::Value::Integer(*n),
+            Value::Real(x) => sql::Value::Real(*x),
+            Value::Text(s) => sql::Value::Text(s.clone()),
+            Value::Blob(b) => sql::Value::Blob(b.clone()),
+        })
+        .collect()
+}
+
+fn from_wit_value(value: sql::Value) -> Value {
+    match value {
+        sql::Value::Null => Value::Null,
+        sql::Value::Integer(n) => Value::Integer(n),
+        sql::Value::Real(x) => Value::Real(x),
+        sql::Value::Text(s) => Value::Text(s),
+        sql::Value::Blob(b) => Value::Blob(b),
+    }
+}
+
+pub fn init<P: Projection>(found: Option<u32>) -> Result<(), String> {
+    P::init(&Context::new(&WasmBackend), found)
+}
+
+pub fn handle<P: Projection>(events: Vec<WitEvent>) -> Result<(), WitFailure> {
+    let events: Vec<Event> = events
+        .into_iter()
+        .map(|e| Event {
+            stream: e.stream,
+            position: e.position,
+            id: e.id,
+            event_type: e.type_,
+            subject: e.subject,
+            time: e.time,
+            correlation_id: e.correlation_id,
+            causation_id: e.causation_id,
+            data: e.data,
+        })
+        .collect();
+    P::handle_batch(&Context::new(&WasmBackend), &events).map_err(|failure| match failure {
+        Failure::Retry(reason) => WitFailure::Retry(reason),
+        Failure::Reject(reason) => WitFailure::Reject(reason),
+    })
+}
+
+pub fn query<P: Projection>(request: Vec<u8>) -> Result<Vec<u8>, String> {
+    P::query(&Context::new(&WasmBackend), &request)
+}

@@ -1,0 +1,130 @@
+//! wallet-allowlist: the backend allowlists a wallet once its owner has
+//! passed KYC.
+//!
+//! Events (published by the frontend API):
+//! - `wallet_updated` `{user_id, wallet_address, created_at}`: the user's
+//!   current wallet is now `wallet_address`;
+//! - `kyc_verified` `{user_id, kyc_verified_at}`: the user passed KYC.
+//!
+//! Rule: at `kyc_verified` the user's current wallet is allowlisted; each
+//! `wallet_updated` of a verified user allowlists the new wallet. The
+//! allowlist only grows: a wallet replaced before its owner was verified is
+//! never allowlisted, and an allowlisted wallet stays. Other event types are
+//! ignored.
+//!
+//! Reads: `query` takes `{"wallet_address": "0x…"}` and answers
+//! `{"allowlisted": true|false, "user_id": "…"|null}`.
+
+use projector_sdk::{Context, Event, Failure, Projection, Value};
+use serde::Deserialize;
+use std::borrow::Cow;
+
+/// The projection.
+pub struct WalletAllowlist;
+
+#[derive(Deserialize)]
+struct WalletUpdated<'a> {
+    #[serde(borrow)]
+    user_id: Cow<'a, str>,
+    #[serde(borrow)]
+    wallet_address: Cow<'a, str>,
+    #[serde(borrow, default)]
+    created_at: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct KycVerified<'a> {
+    #[serde(borrow)]
+    user_id: Cow<'a, str>,
+    #[serde(borrow, default)]
+    kyc_verified_at: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct AllowlistQuery {
+    wallet_address: String,
+}
+
+const ALLOWLIST: &str = "INSERT INTO allowlist (wallet_address, user_id, allowlisted_at) \
+                         VALUES (?1, ?2, ?3) ON CONFLICT (wallet_address) DO NOTHING";
+
+impl Projection for WalletAllowlist {
+    const STATE_VERSION: u32 = 1;
+
+    fn init(ctx: &Context, _found: Option<u32>) -> Result<(), String> {
+        ctx.sql().execute(
+            "CREATE TABLE IF NOT EXISTS allowlist (
+                wallet_address TEXT PRIMARY KEY,
+                user_id TEXT NOT NULL,
+                allowlisted_at TEXT
+            )",
+            &[],
+        )?;
+        ctx.sql().execute(
+            "CREATE TABLE IF NOT EXISTS users (
+                user_id TEXT PRIMARY KEY,
+                wallet_address TEXT,
+                kyc_verified_at TEXT
+            )",
+            &[],
+        )?;
+        Ok(())
+    }
+
+    fn handle(ctx: &Context, event: &Event) -> Result<(), Failure> {
+        match event.event_type() {
+            "wallet_updated" => wallet_updated(ctx, event),
+            "kyc_verified" => kyc_verified(ctx, event),
+            _ => Ok(()),
+        }
+    }
+
+    fn query(ctx: &Context, request: &[u8]) -> Result<Vec<u8>, String> {
+        let request: AllowlistQuery = serde_json::from_slice(request)
+            .map_err(|err| format!("expected {{\"wallet_address\": \"0x…\"}}: {err}"))?;
+        let rows = ctx.sql().query(
+            "SELECT user_id FROM allowlist WHERE wallet_address = ?1",
+            &[request.wallet_address.into()],
+        )?;
+        let user_id = rows.first().and_then(|row| row[0].as_str().map(str::to_string));
+        let answer = serde_json::json!({ "allowlisted": user_id.is_some(), "user_id": user_id });
+        Ok(answer.to_string().into_bytes())
+    }
+}
+
+fn wallet_updated(ctx: &Context, event: &Event) -> Result<(), Failure> {
+    let update: WalletUpdated = event.data_json()?;
+    let at = update.created_at.as_deref().or(event.time());
+    let user = ctx.sql().query(
+        "INSERT INTO users (user_id, wallet_address) VALUES (?1, ?2) \
+         ON CONFLICT (user_id) DO UPDATE SET wallet_address = excluded.wallet_address \
+         RETURNING kyc_verified_at",
+        &[(&*update.user_id).into(), (&*update.wallet_address).into()],
+    )?;
+    let verified = user.first().is_some_and(|row| !row[0].is_null());
+    if verified {
+        ctx.sql().execute(
+            ALLOWLIST,
+            &[(&*update.wallet_address).into(), (&*update.user_id).into(), at.into()],
+        )?;
+    }
+    Ok(())
+}
+
+fn kyc_verified(ctx: &Context, event: &Event) -> Result<(), Failure> {
+    let kyc: KycVerified = event.data_json()?;
+    let at = kyc.kyc_verified_at.as_deref().or(event.time()).unwrap_or("");
+    let user = ctx.sql().query(
+        "INSERT INTO users (user_id, kyc_verified_at) VALUES (?1, ?2) \
+         ON CONFLICT (user_id) DO UPDATE \
+         SET kyc_verified_at = coalesce(users.kyc_verified_at, excluded.kyc_verified_at) \
+         RETURNING wallet_address",
+        &[(&*kyc.user_id).into(), at.into()],
+    )?;
+    if let Some(Value::Text(wallet)) = user.first().map(|row| &row[0]) {
+        ctx.sql().execute(ALLOWLIST, &[wallet.into(), (&*kyc.user_id).into(), at.into()])?;
+    }
+    Ok(())
+}
+
+projector_sdk::export!(WalletAllowlist);

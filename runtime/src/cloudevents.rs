@@ -1,0 +1,240 @@
+//! The ingest format: CloudEvents 1.0 JSON (structured mode), one event per
+//! line, with the `correlationid` and `causationid` extensions.
+//!
+//! Parsing is all-or-nothing: a file with one bad line yields an error that
+//! names the line and the attribute, and no events.
+
+use crate::event_log::NewEvent;
+use base64::Engine as _;
+use serde_json::{Map, Value};
+use thiserror::Error;
+
+/// What is wrong with one CloudEvent.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum CloudEventError {
+    /// Not JSON, or not a JSON object.
+    #[error("not a CloudEvent: {0}")]
+    NotAnEvent(String),
+    /// A required attribute is absent.
+    #[error("missing required attribute `{0}`")]
+    Missing(&'static str),
+    /// An attribute has the wrong type or value.
+    #[error("attribute `{attribute}` {problem}")]
+    Invalid {
+        /// The attribute's name.
+        attribute: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+}
+
+/// A CloudEvent error, located.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("{origin}: line {line}: {error}")]
+pub struct LineError {
+    /// Where the lines came from (a file name, `stdin`, `request body`).
+    pub origin: String,
+    /// 1-based line number.
+    pub line: usize,
+    /// What is wrong.
+    pub error: CloudEventError,
+}
+
+/// Parse JSON Lines of CloudEvents. Blank lines are skipped; the first bad
+/// line fails the whole input.
+pub fn parse_lines(text: &str, origin: &str) -> Result<Vec<NewEvent>, LineError> {
+    text.lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty())
+        .map(|(i, line)| {
+            parse_event(line).map_err(|error| LineError {
+                origin: origin.to_string(),
+                line: i + 1,
+                error,
+            })
+        })
+        .collect()
+}
+
+/// Parse one CloudEvent from its JSON text.
+pub fn parse_event(json: &str) -> Result<NewEvent, CloudEventError> {
+    match serde_json::from_str::<Value>(json) {
+        Ok(Value::Object(object)) => from_object(object),
+        Ok(other) => Err(CloudEventError::NotAnEvent(format!(
+            "expected a JSON object, found {}",
+            kind(&other)
+        ))),
+        Err(err) => Err(CloudEventError::NotAnEvent(format!("invalid JSON: {err}"))),
+    }
+}
+
+/// Parse one CloudEvent from a JSON object.
+pub fn from_object(mut object: Map<String, Value>) -> Result<NewEvent, CloudEventError> {
+    let specversion = required(&mut object, "specversion")?;
+    if specversion != "1.0" {
+        return Err(invalid("specversion", format!("must be \"1.0\", found {specversion:?}")));
+    }
+    let id = required(&mut object, "id")?;
+    let source = required(&mut object, "source")?;
+    let event_type = required(&mut object, "type")?;
+    let subject = optional(&mut object, "subject")?;
+    let time = optional(&mut object, "time")?;
+    if let Some(time) = &time {
+        time::OffsetDateTime::parse(time, &time::format_description::well_known::Rfc3339)
+            .map_err(|err| invalid("time", format!("is not an RFC 3339 timestamp ({err})")))?;
+    }
+    let datacontenttype = optional(&mut object, "datacontenttype")?;
+    let correlation_id = optional(&mut object, "correlationid")?;
+    let causation_id = optional(&mut object, "causationid")?;
+    let data = match (object.remove("data"), object.remove("data_base64")) {
+        (Some(_), Some(_)) => {
+            return Err(invalid("data_base64", "cannot be given together with `data`".into()));
+        }
+        (None, Some(Value::String(encoded))) => base64::engine::general_purpose::STANDARD
+            .decode(encoded.as_bytes())
+            .map_err(|err| invalid("data_base64", format!("is not valid base64 ({err})")))?,
+        (None, Some(other)) => {
+            return Err(invalid("data_base64", format!("must be a string, found {}", kind(&other))));
+        }
+        (Some(Value::String(text)), None) if !is_json(datacontenttype.as_deref()) => {
+            text.into_bytes()
+        }
+        (Some(value), None) => serde_json::to_vec(&value).expect("a JSON value serializes"),
+        (None, None) => Vec::new(),
+    };
+    Ok(NewEvent {
+        id,
+        source,
+        event_type,
+        subject,
+        time,
+        datacontenttype,
+        correlation_id,
+        causation_id,
+        data,
+    })
+}
+
+/// Whether a `datacontenttype` means the `data` attribute holds JSON (as it
+/// does when the type is absent).
+fn is_json(content_type: Option<&str>) -> bool {
+    match content_type {
+        None => true,
+        Some(t) => {
+            let essence = t.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+            essence == "application/json" || essence.ends_with("+json") || essence == "text/json"
+        }
+    }
+}
+
+fn required(object: &mut Map<String, Value>, name: &'static str) -> Result<String, CloudEventError> {
+    match object.remove(name) {
+        None | Some(Value::Null) => Err(CloudEventError::Missing(name)),
+        Some(Value::String(s)) if s.is_empty() => Err(invalid(name, "must not be empty".into())),
+        Some(Value::String(s)) => Ok(s),
+        Some(other) => Err(invalid(name, format!("must be a string, found {}", kind(&other)))),
+    }
+}
+
+fn optional(
+    object: &mut Map<String, Value>,
+    name: &'static str,
+) -> Result<Option<String>, CloudEventError> {
+    match object.remove(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(other) => Err(invalid(name, format!("must be a string, found {}", kind(&other)))),
+    }
+}
+
+fn invalid(attribute: &str, problem: String) -> CloudEventError {
+    CloudEventError::Invalid { attribute: attribute.to_string(), problem }
+}
+
+fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"{"specversion":"1.0","id":"e1","source":"api","type":"t","data":{"a":1}}"#;
+
+    #[test]
+    fn a_minimal_event_parses_with_json_data() {
+        let event = parse_event(GOOD).unwrap();
+        assert_eq!(event.id, "e1");
+        assert_eq!(event.event_type, "t");
+        assert_eq!(event.data, br#"{"a":1}"#);
+        assert_eq!(event.correlation_id, None);
+    }
+
+    #[test]
+    fn extensions_and_optional_attributes_are_kept() {
+        let event = parse_event(
+            r#"{"specversion":"1.0","id":"e1","source":"api","type":"t","subject":"u1",
+                "time":"2026-01-01T00:00:00Z","correlationid":"c1","causationid":"k1"}"#,
+        )
+        .unwrap();
+        assert_eq!(event.subject.as_deref(), Some("u1"));
+        assert_eq!(event.correlation_id.as_deref(), Some("c1"));
+        assert_eq!(event.causation_id.as_deref(), Some("k1"));
+        assert!(event.data.is_empty());
+    }
+
+    #[test]
+    fn base64_and_text_data_are_stored_as_bytes() {
+        let b64 = parse_event(
+            r#"{"specversion":"1.0","id":"e1","source":"s","type":"t","data_base64":"aGk="}"#,
+        )
+        .unwrap();
+        assert_eq!(b64.data, b"hi");
+        let text = parse_event(
+            r#"{"specversion":"1.0","id":"e1","source":"s","type":"t","datacontenttype":"text/plain","data":"hi"}"#,
+        )
+        .unwrap();
+        assert_eq!(text.data, b"hi");
+    }
+
+    #[test]
+    fn each_bad_attribute_is_named() {
+        let cases = [
+            (r#"{"id":"e1","source":"s","type":"t"}"#, "missing required attribute `specversion`"),
+            (r#"{"specversion":"0.3","id":"e1","source":"s","type":"t"}"#, "attribute `specversion` must be \"1.0\""),
+            (r#"{"specversion":"1.0","source":"s","type":"t"}"#, "missing required attribute `id`"),
+            (r#"{"specversion":"1.0","id":"e1","type":"t"}"#, "missing required attribute `source`"),
+            (r#"{"specversion":"1.0","id":"e1","source":"s"}"#, "missing required attribute `type`"),
+            (r#"{"specversion":"1.0","id":7,"source":"s","type":"t"}"#, "attribute `id` must be a string, found a number"),
+            (r#"{"specversion":"1.0","id":"","source":"s","type":"t"}"#, "attribute `id` must not be empty"),
+            (r#"{"specversion":"1.0","id":"e","source":"s","type":"t","time":"yesterday"}"#, "attribute `time` is not an RFC 3339"),
+            (r#"{"specversion":"1.0","id":"e","source":"s","type":"t","data_base64":"!!"}"#, "attribute `data_base64` is not valid base64"),
+            (r#"{"specversion":"1.0","id":"e","source":"s","type":"t","data":1,"data_base64":"aGk="}"#, "cannot be given together"),
+            (r#"{"specversion":"1.0","id":"e","source":"s","type":"t","correlationid":5}"#, "attribute `correlationid` must be a string"),
+            (r#"[1,2]"#, "expected a JSON object, found an array"),
+            (r#"{"specversion":"1.0","#, "invalid JSON"),
+        ];
+        for (line, expected) in cases {
+            let err = parse_event(line).unwrap_err().to_string();
+            assert!(err.contains(expected), "{line}: {err:?} should contain {expected:?}");
+        }
+    }
+
+    #[test]
+    fn one_bad_line_fails_the_whole_input_naming_the_line() {
+        let input = format!("{GOOD}\n\n{}\n", r#"{"specversion":"1.0","id":"e2","source":"s"}"#);
+        let err = parse_lines(&input, "events.jsonl").unwrap_err();
+        assert_eq!(err.line, 3);
+        assert_eq!(
+            err.to_string(),
+            "events.jsonl: line 3: missing required attribute `type`"
+        );
+    }
+}

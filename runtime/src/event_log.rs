@@ -1,0 +1,305 @@
+//! [`EventLog`]: the embedded, append-only event store (`<data>/events.db`).
+//!
+//! Every event gets a global position (the order projections see) and a
+//! position in its stream. Event ids are unique, so a publisher that retries
+//! (the outbox pattern) cannot append twice: re-appending an id is a no-op
+//! counted as a duplicate. An append is one transaction: all of it or none.
+//!
+//! Readers in this process are woken on append; appends from another
+//! process are seen by polling, every [`POLL_INTERVAL`].
+
+use crate::bindings::Event;
+use anyhow::{Context as _, Result, bail};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params, params_from_iter};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+/// How often a reader checks for appends made by another process.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(25);
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS events (
+    position INTEGER PRIMARY KEY,
+    stream TEXT NOT NULL,
+    stream_position INTEGER NOT NULL,
+    id TEXT NOT NULL UNIQUE,
+    type TEXT NOT NULL,
+    source TEXT NOT NULL,
+    subject TEXT,
+    time TEXT,
+    datacontenttype TEXT,
+    correlation_id TEXT,
+    causation_id TEXT,
+    data BLOB NOT NULL,
+    UNIQUE (stream, stream_position)
+);
+CREATE TABLE IF NOT EXISTS streams (
+    name TEXT PRIMARY KEY NOT NULL,
+    head INTEGER NOT NULL
+);
+";
+
+/// An event to append, as parsed from a CloudEvent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewEvent {
+    /// The publisher's unique id.
+    pub id: String,
+    /// CloudEvents `source`: who published it.
+    pub source: String,
+    /// CloudEvents `type`.
+    pub event_type: String,
+    /// CloudEvents `subject`.
+    pub subject: Option<String>,
+    /// CloudEvents `time` (RFC 3339).
+    pub time: Option<String>,
+    /// CloudEvents `datacontenttype`.
+    pub datacontenttype: Option<String>,
+    /// The `correlationid` extension.
+    pub correlation_id: Option<String>,
+    /// The `causationid` extension.
+    pub causation_id: Option<String>,
+    /// The payload bytes.
+    pub data: Vec<u8>,
+}
+
+/// What an append did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct AppendOutcome {
+    /// Events newly appended.
+    pub appended: u64,
+    /// Events whose id was already in the log (not appended again).
+    pub duplicates: u64,
+}
+
+/// Which events a reader wants.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filter {
+    /// Streams to read; empty means every stream.
+    pub streams: Vec<String>,
+    /// Event types to read; `None` means every type.
+    pub types: Option<Vec<String>>,
+}
+
+/// One read: the matching events, and how far the log was scanned. The
+/// reader's checkpoint may move to `scanned_to` even when no event matched.
+#[derive(Debug)]
+pub struct Batch {
+    /// Matching events, in position order.
+    pub events: Vec<Event>,
+    /// Every event up to this position was considered.
+    pub scanned_to: u64,
+}
+
+/// Wakes readers in this process when an append commits.
+#[derive(Default)]
+struct AppendSignal {
+    appends: Mutex<u64>,
+    woken: Condvar,
+}
+
+/// The embedded event log.
+pub struct EventLog {
+    path: PathBuf,
+    writer: Mutex<Connection>,
+    signal: Arc<AppendSignal>,
+}
+
+impl EventLog {
+    /// Open (creating if needed) `<data_dir>/events.db`.
+    pub fn open(data_dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
+        let path = data_dir.join("events.db");
+        let writer = Connection::open(&path)
+            .with_context(|| format!("cannot open event log {}", path.display()))?;
+        writer
+            .execute_batch(
+                "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=10000;",
+            )
+            .and_then(|()| writer.execute_batch(SCHEMA))
+            .with_context(|| format!("cannot set up event log {}", path.display()))?;
+        Ok(EventLog { path, writer: Mutex::new(writer), signal: Arc::default() })
+    }
+
+    /// The file behind the log.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Append `events` to `stream` in one transaction. Ids already in the
+    /// log are skipped and counted as duplicates.
+    pub fn append(&self, stream: &str, events: &[NewEvent]) -> Result<AppendOutcome> {
+        validate_stream_name(stream)?;
+        let mut db = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let tx = db
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .with_context(|| format!("cannot start an append to {}", self.path.display()))?;
+        let mut outcome = AppendOutcome { appended: 0, duplicates: 0 };
+        {
+            let mut head: i64 = tx
+                .query_row("SELECT head FROM streams WHERE name = ?1", [stream], |row| row.get(0))
+                .optional()?
+                .unwrap_or(0);
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO events (stream, stream_position, id, type, source, subject, time, \
+                 datacontenttype, correlation_id, causation_id, data) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) \
+                 ON CONFLICT (id) DO NOTHING",
+            )?;
+            for event in events {
+                let inserted = insert.execute(params![
+                    stream,
+                    head + 1,
+                    event.id,
+                    event.event_type,
+                    event.source,
+                    event.subject,
+                    event.time,
+                    event.datacontenttype,
+                    event.correlation_id,
+                    event.causation_id,
+                    event.data,
+                ])?;
+                if inserted == 1 {
+                    head += 1;
+                    outcome.appended += 1;
+                } else {
+                    outcome.duplicates += 1;
+                }
+            }
+            if outcome.appended > 0 {
+                tx.execute(
+                    "INSERT INTO streams (name, head) VALUES (?1, ?2) \
+                     ON CONFLICT (name) DO UPDATE SET head = excluded.head",
+                    params![stream, head],
+                )?;
+            }
+        }
+        tx.commit().with_context(|| format!("cannot commit an append to {}", self.path.display()))?;
+        drop(db);
+        if outcome.appended > 0 {
+            *self.signal.appends.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+            self.signal.woken.notify_all();
+        }
+        Ok(outcome)
+    }
+
+    /// The position of the last event in the log (0 when empty).
+    pub fn head(&self) -> Result<u64> {
+        let db = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        head(&db)
+    }
+
+    /// A reader with its own connection, woken by this log's appends.
+    pub fn reader(&self) -> Result<LogReader> {
+        let db = Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .with_context(|| format!("cannot open event log {}", self.path.display()))?;
+        db.execute_batch("PRAGMA busy_timeout=10000;")?;
+        db.set_prepared_statement_cache_capacity(32);
+        Ok(LogReader { db, signal: self.signal.clone() })
+    }
+}
+
+/// Reads the log for one consumer.
+pub struct LogReader {
+    db: Connection,
+    signal: Arc<AppendSignal>,
+}
+
+impl LogReader {
+    /// Up to `limit` events matching `filter` after position `after`.
+    pub fn read_after(&mut self, after: u64, filter: &Filter, limit: usize) -> Result<Batch> {
+        let head = head(&self.db)?;
+        if head <= after {
+            return Ok(Batch { events: Vec::new(), scanned_to: after });
+        }
+        let mut sql = String::from(
+            "SELECT position, stream, id, type, subject, time, correlation_id, causation_id, data \
+             FROM events WHERE position > ?1 AND position <= ?2",
+        );
+        let mut args: Vec<rusqlite::types::Value> = vec![(after as i64).into(), (head as i64).into()];
+        let mut only = |column: &str, values: &[String]| {
+            let placeholders: Vec<String> =
+                (0..values.len()).map(|i| format!("?{}", args.len() + i + 1)).collect();
+            sql.push_str(&format!(" AND {column} IN ({})", placeholders.join(", ")));
+            args.extend(values.iter().map(|v| v.clone().into()));
+        };
+        if !filter.streams.is_empty() {
+            only("stream", &filter.streams);
+        }
+        if let Some(types) = &filter.types {
+            only("type", types);
+        }
+        sql.push_str(&format!(" ORDER BY position LIMIT {limit}"));
+        let mut stmt = self.db.prepare_cached(&sql)?;
+        let events: Vec<Event> = stmt
+            .query_map(params_from_iter(args), |row| {
+                Ok(Event {
+                    position: row.get::<_, i64>(0)? as u64,
+                    stream: row.get(1)?,
+                    id: row.get(2)?,
+                    type_: row.get(3)?,
+                    subject: row.get(4)?,
+                    time: row.get(5)?,
+                    correlation_id: row.get(6)?,
+                    causation_id: row.get(7)?,
+                    data: row.get(8)?,
+                })
+            })?
+            .collect::<rusqlite::Result<_>>()
+            .context("reading the event log")?;
+        let scanned_to = match events.last() {
+            Some(last) if events.len() == limit => last.position,
+            _ => head,
+        };
+        Ok(Batch { events, scanned_to })
+    }
+
+    /// The position of the last event in the log.
+    pub fn head(&self) -> Result<u64> {
+        head(&self.db)
+    }
+
+    /// Wait until this process appends, or `timeout` passes (appends from
+    /// other processes are found by the caller's next read).
+    pub fn wait(&self, timeout: Duration) {
+        let appends = self.signal.appends.lock().unwrap_or_else(|e| e.into_inner());
+        let seen = *appends;
+        let _ = self
+            .signal
+            .woken
+            .wait_timeout_while(appends, timeout, |n| *n == seen)
+            .unwrap_or_else(|e| e.into_inner());
+    }
+
+    /// Wake every reader of this log (used to stop promptly).
+    pub fn wake_all(&self) {
+        *self.signal.appends.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        self.signal.woken.notify_all();
+    }
+}
+
+fn head(db: &Connection) -> Result<u64> {
+    let head: Option<i64> = db
+        .prepare_cached("SELECT max(position) FROM events")?
+        .query_row([], |row| row.get(0))
+        .context("reading the event log's head")?;
+    Ok(head.unwrap_or(0) as u64)
+}
+
+/// Stream names go into URLs and file listings: keep them plain.
+pub fn validate_stream_name(stream: &str) -> Result<()> {
+    let ok = !stream.is_empty()
+        && stream.len() <= 128
+        && stream.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !ok {
+        bail!(
+            "invalid stream name {stream:?}: use 1 to 128 ASCII letters, digits, '-', '_' or '.'"
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,252 @@
+//! [`GuestHost`]: the store data of a projection instance, and the host side
+//! of the world's imports — `state`, `sql` and `log` on the projection's own
+//! database.
+//!
+//! The guest runs inside a transaction the projection loop owns, so every
+//! write here commits or rolls back with the checkpoint. The SQLite
+//! authorizer keeps guest SQL inside that contract: no transaction control,
+//! no ATTACH, no pragmas, no extension loading, and no access to the
+//! runtime's own tables.
+
+use crate::bindings::{Event, Level, LogHost, Rows, SqlHost, StateHost, TypesHost, Value};
+use anyhow::Result;
+use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
+use rusqlite::types::{ToSqlOutput, ValueRef};
+use rusqlite::{Connection, ToSql, params_from_iter};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Tables the runtime owns inside a projection's database; the guest may
+/// neither read nor write them (it could forge its checkpoint or hide its
+/// dead letters). `projector_kv` is the guest's own key/value state.
+pub const RUNTIME_TABLES: [&str; 3] =
+    ["projector_checkpoints", "projector_dead_letters", "projector_meta"];
+
+/// The store data of one projection instance.
+pub struct GuestHost {
+    db: Connection,
+    projection: Arc<str>,
+    guest_sql: Arc<AtomicBool>,
+    /// The batch being handled, to attach event ids to guest log lines.
+    batch: Vec<(u64, String, Option<String>)>,
+    /// Set when an import failed because of the host (not the guest): the
+    /// trap that follows is then the host's fault and must not dead-letter.
+    host_error: Option<anyhow::Error>,
+}
+
+impl GuestHost {
+    /// Wrap the projection's database connection.
+    pub fn new(mut db: Connection, projection: Arc<str>) -> Result<Self> {
+        let guest_sql = Arc::new(AtomicBool::new(false));
+        let flag = guest_sql.clone();
+        db.authorizer(Some(move |ctx: AuthContext<'_>| {
+            if flag.load(Ordering::Relaxed) { authorize_guest(&ctx) } else { Authorization::Allow }
+        }))?;
+        db.set_prepared_statement_cache_capacity(256);
+        Ok(GuestHost { db, projection, guest_sql, batch: Vec::new(), host_error: None })
+    }
+
+    /// The projection's database.
+    pub fn db(&self) -> &Connection {
+        &self.db
+    }
+
+    /// The projection's name.
+    pub fn projection(&self) -> &str {
+        &self.projection
+    }
+
+    /// Remember the events of the batch about to be handled.
+    pub fn set_batch(&mut self, events: &[Event]) {
+        self.batch.clear();
+        self.batch.extend(
+            events.iter().map(|e| (e.position, e.id.clone(), e.correlation_id.clone())),
+        );
+    }
+
+    /// Take the host-side error behind the last trap, if there was one.
+    pub fn take_host_error(&mut self) -> Option<anyhow::Error> {
+        self.host_error.take()
+    }
+
+    fn host_failed(&mut self, err: impl Into<anyhow::Error>) -> anyhow::Error {
+        let err = err.into();
+        let message = anyhow::anyhow!("projection {}: host database error: {err:#}", self.projection);
+        self.host_error = Some(err);
+        message
+    }
+
+    fn as_guest<T>(&self, f: impl FnOnce(&Connection) -> T) -> T {
+        self.guest_sql.store(true, Ordering::Relaxed);
+        let result = f(&self.db);
+        self.guest_sql.store(false, Ordering::Relaxed);
+        result
+    }
+}
+
+fn authorize_guest(ctx: &AuthContext<'_>) -> Authorization {
+    let runtime_table = |name: &str| RUNTIME_TABLES.iter().any(|t| name.eq_ignore_ascii_case(t));
+    match ctx.action {
+        AuthAction::Transaction { .. }
+        | AuthAction::Savepoint { .. }
+        | AuthAction::Attach { .. }
+        | AuthAction::Detach { .. }
+        | AuthAction::Pragma { .. }
+        | AuthAction::CreateVtable { .. }
+        | AuthAction::DropVtable { .. } => Authorization::Deny,
+        AuthAction::Function { function_name } if function_name.eq_ignore_ascii_case("load_extension") => {
+            Authorization::Deny
+        }
+        AuthAction::Read { table_name, .. }
+        | AuthAction::Insert { table_name }
+        | AuthAction::Update { table_name, .. }
+        | AuthAction::Delete { table_name }
+        | AuthAction::DropTable { table_name }
+        | AuthAction::CreateTable { table_name }
+        | AuthAction::AlterTable { table_name, .. }
+        | AuthAction::CreateIndex { table_name, .. }
+        | AuthAction::DropIndex { table_name, .. }
+        | AuthAction::CreateTrigger { table_name, .. }
+        | AuthAction::DropTrigger { table_name, .. }
+            if runtime_table(table_name) =>
+        {
+            Authorization::Deny
+        }
+        _ => Authorization::Allow,
+    }
+}
+
+impl TypesHost for GuestHost {}
+
+impl StateHost for GuestHost {
+    fn get(&mut self, key: String) -> Result<Option<Vec<u8>>> {
+        let result = self
+            .db
+            .prepare_cached("SELECT value FROM projector_kv WHERE key = ?1")
+            .and_then(|mut stmt| {
+                let mut rows = stmt.query([&key])?;
+                rows.next()?.map(|row| row.get(0)).transpose()
+            });
+        result.map_err(|err| self.host_failed(err))
+    }
+
+    fn set(&mut self, key: String, value: Vec<u8>) -> Result<()> {
+        let result = self
+            .db
+            .prepare_cached("INSERT OR REPLACE INTO projector_kv (key, value) VALUES (?1, ?2)")
+            .and_then(|mut stmt| stmt.execute((&key, &value)));
+        result.map(drop).map_err(|err| self.host_failed(err))
+    }
+
+    fn delete(&mut self, key: String) -> Result<()> {
+        let result = self
+            .db
+            .prepare_cached("DELETE FROM projector_kv WHERE key = ?1")
+            .and_then(|mut stmt| stmt.execute([&key]));
+        result.map(drop).map_err(|err| self.host_failed(err))
+    }
+
+    fn scan(&mut self, prefix: String, limit: u32) -> Result<Vec<(String, Vec<u8>)>> {
+        let result = self
+            .db
+            .prepare_cached(
+                "SELECT key, value FROM projector_kv WHERE substr(key, 1, length(?1)) = ?1 \
+                 ORDER BY key LIMIT ?2",
+            )
+            .and_then(|mut stmt| {
+                stmt.query_map((&prefix, limit), |row| Ok((row.get(0)?, row.get(1)?)))?
+                    .collect()
+            });
+        result.map_err(|err| self.host_failed(err))
+    }
+}
+
+impl SqlHost for GuestHost {
+    fn execute(&mut self, statement: String, params: Vec<Value>) -> Result<Result<u64, String>> {
+        Ok(self.as_guest(|db| {
+            let mut stmt = db.prepare_cached(&statement).map_err(|err| err.to_string())?;
+            let readonly = stmt.readonly();
+            // Step through any rows (`RETURNING`) so every statement runs whole.
+            let mut rows = stmt.query(params_from_iter(&params)).map_err(|err| err.to_string())?;
+            while rows.next().map_err(|err| err.to_string())?.is_some() {}
+            Ok(if readonly { 0 } else { db.changes() })
+        }))
+    }
+
+    fn query(&mut self, statement: String, params: Vec<Value>) -> Result<Result<Rows, String>> {
+        Ok(self.as_guest(|db| {
+            let mut stmt = db.prepare_cached(&statement).map_err(|err| err.to_string())?;
+            let columns: Vec<String> =
+                stmt.column_names().into_iter().map(String::from).collect();
+            let width = columns.len();
+            let mut rows = stmt.query(params_from_iter(&params)).map_err(|err| err.to_string())?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next().map_err(|err| err.to_string())? {
+                let mut values = Vec::with_capacity(width);
+                for i in 0..width {
+                    values.push(from_value_ref(row.get_ref(i).map_err(|err| err.to_string())?));
+                }
+                out.push(values);
+            }
+            Ok(Rows { columns, rows: out })
+        }))
+    }
+}
+
+impl LogHost for GuestHost {
+    fn write(&mut self, level: Level, message: String, position: Option<u64>) -> Result<()> {
+        let event = position.and_then(|p| {
+            self.batch
+                .binary_search_by_key(&p, |(position, _, _)| *position)
+                .ok()
+                .map(|i| &self.batch[i])
+        });
+        let (event_id, correlation_id) = match event {
+            Some((_, id, correlation)) => (id.as_str(), correlation.as_deref().unwrap_or("")),
+            None => ("", ""),
+        };
+        let projection = &*self.projection;
+        macro_rules! emit {
+            ($level:ident) => {
+                tracing::$level!(
+                    target: "projector::guest",
+                    projection,
+                    event_id,
+                    correlation_id,
+                    "{message}"
+                )
+            };
+        }
+        match level {
+            Level::Trace => emit!(trace),
+            Level::Debug => emit!(debug),
+            Level::Info => emit!(info),
+            Level::Warn => emit!(warn),
+            Level::Error => emit!(error),
+        }
+        Ok(())
+    }
+}
+
+impl ToSql for Value {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::Borrowed(match self {
+            Value::Null => ValueRef::Null,
+            Value::Integer(n) => ValueRef::Integer(*n),
+            Value::Real(x) => ValueRef::Real(*x),
+            Value::Text(s) => ValueRef::Text(s.as_bytes()),
+            Value::Blob(b) => ValueRef::Blob(b),
+        }))
+    }
+}
+
+/// A column value as the guest sees it.
+pub fn from_value_ref(value: ValueRef<'_>) -> Value {
+    match value {
+        ValueRef::Null => Value::Null,
+        ValueRef::Integer(n) => Value::Integer(n),
+        ValueRef::Real(x) => Value::Real(x),
+        ValueRef::Text(s) => Value::Text(String::from_utf8_lossy(s).into_owned()),
+        ValueRef::Blob(b) => Value::Blob(b.to_vec()),
+    }
+}

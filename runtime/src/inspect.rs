@@ -1,0 +1,170 @@
+//! Reading what projections built, from the files: `status`, `query`, and
+//! the JSON shapes of rows and key/value state. Everything here opens
+//! databases read-only, so it works while `run` is processing.
+
+use crate::config::Config;
+use crate::projection_db::{self, LOG_SOURCE};
+use crate::supervisor::lock_path;
+use anyhow::{Context as _, Result};
+use base64::Engine as _;
+use rusqlite::Connection;
+use rusqlite::types::ValueRef;
+use serde::Serialize;
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+use std::fs::File;
+use std::path::Path;
+
+/// One projection's status, as `projector status` prints it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ProjectionStatus {
+    /// The projection's name.
+    pub name: String,
+    /// sha256 of the running module (or, before the first run, of the file).
+    pub module: Option<String>,
+    /// Every event up to this log position has taken effect.
+    pub checkpoint: u64,
+    /// The log's last position.
+    pub head: u64,
+    /// `head - checkpoint`.
+    pub lag: u64,
+    /// `running`, `stopped`, `faulted` or `new` (never run).
+    pub state: String,
+    /// Events parked as dead letters.
+    pub dead_letters: u64,
+    /// Why it faulted, if it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The status of every projection in `config`.
+pub fn status(config: &Config) -> Result<Vec<ProjectionStatus>> {
+    let head = log_head(&config.data)?;
+    let host_running = run_lock_held(&config.data);
+    config
+        .projections
+        .iter()
+        .map(|p| {
+            let path = config.database_path(&p.name);
+            let Some(db) = projection_db::open_read_only(&path)? else {
+                return Ok(ProjectionStatus {
+                    name: p.name.clone(),
+                    module: file_sha256(&p.module),
+                    checkpoint: 0,
+                    head,
+                    lag: head,
+                    state: "new".into(),
+                    dead_letters: 0,
+                    error: None,
+                });
+            };
+            let read = || -> Result<ProjectionStatus> {
+                let checkpoint = projection_db::checkpoint(&db, LOG_SOURCE)?;
+                let recorded = projection_db::meta(&db, "state")?.unwrap_or_else(|| "new".into());
+                let state = match recorded.as_str() {
+                    "running" if !host_running => "stopped".to_string(),
+                    _ => recorded,
+                };
+                let dead_letters: i64 =
+                    db.query_row("SELECT count(*) FROM projector_dead_letters", [], |r| r.get(0))?;
+                Ok(ProjectionStatus {
+                    name: p.name.clone(),
+                    module: projection_db::meta(&db, "module")?.or_else(|| file_sha256(&p.module)),
+                    checkpoint,
+                    head,
+                    lag: head.saturating_sub(checkpoint),
+                    error: if state == "faulted" { projection_db::meta(&db, "error")? } else { None },
+                    state,
+                    dead_letters: dead_letters as u64,
+                })
+            };
+            read().with_context(|| format!("cannot read the status of {}", path.display()))
+        })
+        .collect()
+}
+
+/// Run a read-only `sql` on projection `name`'s database.
+pub fn query(config: &Config, name: &str, sql: &str) -> Result<Vec<Value>> {
+    config.projection(name)?;
+    let path = config.database_path(name);
+    let db = projection_db::open_read_only(&path)?.with_context(|| {
+        format!(
+            "projection {name:?} has no database yet ({}); start `projector run` first",
+            path.display()
+        )
+    })?;
+    rows_json(&db, sql).with_context(|| format!("projection {name:?}"))
+}
+
+/// The rows of `sql` as JSON objects keyed by column name; blobs as base64.
+pub fn rows_json(db: &Connection, sql: &str) -> Result<Vec<Value>> {
+    let mut stmt = db.prepare(sql).with_context(|| format!("invalid query {sql:?}"))?;
+    let columns: Vec<String> = stmt.column_names().into_iter().map(String::from).collect();
+    let mut rows = stmt.query([]).with_context(|| format!("query {sql:?} failed"))?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next().with_context(|| format!("query {sql:?} failed"))? {
+        let mut object = Map::new();
+        for (i, column) in columns.iter().enumerate() {
+            object.insert(column.clone(), value_json(row.get_ref(i)?));
+        }
+        out.push(Value::Object(object));
+    }
+    Ok(out)
+}
+
+/// The key/value state as one JSON object: values that are JSON are
+/// embedded, other UTF-8 as strings, anything else as `{"base64": …}`.
+pub fn state_json(db: &Connection) -> Result<Value> {
+    let mut stmt = db.prepare("SELECT key, value FROM projector_kv ORDER BY key")?;
+    let mut rows = stmt.query([])?;
+    let mut object = Map::new();
+    while let Some(row) = rows.next()? {
+        let key: String = row.get(0)?;
+        let bytes: Vec<u8> = row.get(1)?;
+        let value = serde_json::from_slice(&bytes).unwrap_or_else(|_| match String::from_utf8(bytes) {
+            Ok(text) => Value::String(text),
+            Err(err) => serde_json::json!({
+                "base64": base64::engine::general_purpose::STANDARD.encode(err.as_bytes())
+            }),
+        });
+        object.insert(key, value);
+    }
+    Ok(Value::Object(object))
+}
+
+fn value_json(value: ValueRef<'_>) -> Value {
+    match value {
+        ValueRef::Null => Value::Null,
+        ValueRef::Integer(n) => n.into(),
+        ValueRef::Real(x) => x.into(),
+        ValueRef::Text(s) => String::from_utf8_lossy(s).into(),
+        ValueRef::Blob(b) => base64::engine::general_purpose::STANDARD.encode(b).into(),
+    }
+}
+
+/// The event log's head, 0 if there is no log yet.
+fn log_head(data: &Path) -> Result<u64> {
+    let path = data.join("events.db");
+    if !path.exists() {
+        return Ok(0);
+    }
+    let db = Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .with_context(|| format!("cannot open event log {}", path.display()))?;
+    db.execute_batch("PRAGMA busy_timeout=5000;")?;
+    let head: Option<i64> = db
+        .query_row("SELECT max(position) FROM events", [], |row| row.get(0))
+        .with_context(|| format!("cannot read event log {}", path.display()))?;
+    Ok(head.unwrap_or(0) as u64)
+}
+
+/// Whether a `projector run` holds the data folder's lock.
+fn run_lock_held(data: &Path) -> bool {
+    match File::open(lock_path(data)) {
+        Ok(file) => file.try_lock_shared().is_err(),
+        Err(_) => false,
+    }
+}
+
+fn file_sha256(path: &Path) -> Option<String> {
+    std::fs::read(path).ok().map(|bytes| hex::encode(Sha256::digest(bytes)))
+}

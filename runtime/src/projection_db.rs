@@ -1,0 +1,152 @@
+//! A projection's database: one SQLite file (WAL) holding the guest's
+//! key/value table and its own tables, and the runtime's tables — the
+//! checkpoint per source, the dead letters and the projection's metadata.
+//! Keeping all of it in one file is what lets a batch's state and its
+//! checkpoint commit in one transaction.
+
+use crate::bindings::Event;
+use anyhow::{Context as _, Result};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use std::path::Path;
+
+/// The runtime's tables and the guest's key/value table.
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS projector_kv (
+    key TEXT PRIMARY KEY NOT NULL,
+    value BLOB NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS projector_checkpoints (
+    source TEXT PRIMARY KEY NOT NULL,
+    position INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS projector_meta (
+    key TEXT PRIMARY KEY NOT NULL,
+    value TEXT
+);
+CREATE TABLE IF NOT EXISTS projector_dead_letters (
+    source TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    id TEXT NOT NULL,
+    stream TEXT NOT NULL,
+    type TEXT NOT NULL,
+    subject TEXT,
+    time TEXT,
+    correlation_id TEXT,
+    causation_id TEXT,
+    data BLOB NOT NULL,
+    reason TEXT NOT NULL,
+    module TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    parked_at TEXT NOT NULL,
+    PRIMARY KEY (source, position)
+);
+";
+
+/// The source name of the embedded event log in checkpoints.
+pub const LOG_SOURCE: &str = "log";
+
+/// Open (creating if needed) a projection's database for processing.
+pub fn open(path: &Path) -> Result<Connection> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create directory {}", dir.display()))?;
+    }
+    let db = Connection::open(path)
+        .with_context(|| format!("cannot open projection database {}", path.display()))?;
+    db.execute_batch(
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=5000;",
+    )
+    .and_then(|()| db.execute_batch(SCHEMA))
+    .with_context(|| format!("cannot set up projection database {}", path.display()))?;
+    Ok(db)
+}
+
+/// Open a projection's database read-only, for status and queries while
+/// `run` may be writing it. `None` if it does not exist yet.
+pub fn open_read_only(path: &Path) -> Result<Option<Connection>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let db = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .with_context(|| format!("cannot open projection database {}", path.display()))?;
+    db.execute_batch("PRAGMA busy_timeout=5000; PRAGMA query_only=1;")?;
+    Ok(Some(db))
+}
+
+/// The position of the last event of `source` whose effect is committed.
+pub fn checkpoint(db: &Connection, source: &str) -> Result<u64> {
+    let position: Option<i64> = db
+        .prepare_cached("SELECT position FROM projector_checkpoints WHERE source = ?1")?
+        .query_row([source], |row| row.get(0))
+        .optional()?;
+    Ok(position.unwrap_or(0) as u64)
+}
+
+/// Move the checkpoint of `source`; call inside the batch's transaction.
+pub fn set_checkpoint(db: &Connection, source: &str, position: u64) -> Result<()> {
+    db.prepare_cached(
+        "INSERT INTO projector_checkpoints (source, position) VALUES (?1, ?2) \
+         ON CONFLICT (source) DO UPDATE SET position = excluded.position",
+    )?
+    .execute(params![source, position as i64])?;
+    Ok(())
+}
+
+/// A metadata value (module hash, state version, run state, last error).
+pub fn meta(db: &Connection, key: &str) -> Result<Option<String>> {
+    Ok(db
+        .prepare_cached("SELECT value FROM projector_meta WHERE key = ?1")?
+        .query_row([key], |row| row.get(0))
+        .optional()?
+        .flatten())
+}
+
+/// Set a metadata value.
+pub fn set_meta(db: &Connection, key: &str, value: Option<&str>) -> Result<()> {
+    db.prepare_cached(
+        "INSERT INTO projector_meta (key, value) VALUES (?1, ?2) \
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+    )?
+    .execute(params![key, value])?;
+    Ok(())
+}
+
+/// Park `event` as a dead letter; call inside the transaction that moves
+/// the checkpoint past it.
+pub fn park(
+    db: &Connection,
+    source: &str,
+    event: &Event,
+    reason: &str,
+    module: &str,
+    attempts: u32,
+) -> Result<()> {
+    let now = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    db.prepare_cached(
+        "INSERT OR REPLACE INTO projector_dead_letters (source, position, id, stream, type, \
+         subject, time, correlation_id, causation_id, data, reason, module, attempts, parked_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+    )?
+    .execute(params![
+        source,
+        event.position as i64,
+        event.id,
+        event.stream,
+        event.type_,
+        event.subject,
+        event.time,
+        event.correlation_id,
+        event.causation_id,
+        event.data,
+        reason,
+        module,
+        attempts,
+        now,
+    ])?;
+    Ok(())
+}
