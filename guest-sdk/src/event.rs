@@ -126,8 +126,15 @@ impl Event {
                 "event {} ({}): data is not a valid {}: {err}",
                 self.id,
                 self.event_type,
-                std::any::type_name::<T>().rsplit("::").next().unwrap_or("value"),
+                short_type_name::<T>(),
             ))
         })
     }
+}
+
+/// `my_crate::WalletUpdated<'_>` → `WalletUpdated`: what a reason should say.
+fn short_type_name<T>() -> &'static str {
+    let full = std::any::type_name::<T>();
+    let without_generics = full.split('<').next().unwrap_or(full);
+    without_generics.rsplit("::").next().unwrap_or(without_generics)
 }

@@ -46,7 +46,10 @@ pub fn status(config: &Config) -> Result<Vec<ProjectionStatus>> {
         .iter()
         .map(|p| {
             let path = config.database_path(&p.name);
-            let Some(db) = projection_db::open_read_only(&path)? else {
+            // A database `run` is creating this instant has no tables yet.
+            let db = projection_db::open_read_only(&path)?
+                .filter(|db| projection_db::is_initialized(db).unwrap_or(false));
+            let Some(db) = db else {
                 return Ok(ProjectionStatus {
                     name: p.name.clone(),
                     module: file_sha256(&p.module),

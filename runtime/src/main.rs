@@ -8,7 +8,7 @@ use projector::event_log::EventLog;
 use projector::replay::{ReplayOptions, replay};
 use projector::supervisor::Supervisor;
 use projector::{cloudevents, inspect};
-use std::io::Read as _;
+use std::io::{IsTerminal as _, Read as _};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -86,6 +86,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
         Command::Run { .. } => "info",
+        // Replay reports dead letters itself, in its own words.
+        Command::Replay { .. } => "error",
         _ => "warn",
     };
     tracing_subscriber::fmt()
@@ -94,6 +96,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match execute(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
@@ -108,6 +111,7 @@ fn execute(command: Command) -> Result<()> {
     match command {
         Command::Run { config } => run(&Config::load(&config)?),
         Command::Append { data, stream, file } => {
+            projector::event_log::validate_stream_name(&stream)?;
             let (text, origin) = if file.as_os_str() == "-" {
                 let mut text = String::new();
                 std::io::stdin().read_to_string(&mut text).context("cannot read standard input")?;

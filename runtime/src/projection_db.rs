@@ -11,6 +11,7 @@ use std::path::Path;
 
 /// The runtime's tables and the guest's key/value table.
 const SCHEMA: &str = "
+BEGIN;
 CREATE TABLE IF NOT EXISTS projector_kv (
     key TEXT PRIMARY KEY NOT NULL,
     value BLOB NOT NULL
@@ -40,6 +41,7 @@ CREATE TABLE IF NOT EXISTS projector_dead_letters (
     parked_at TEXT NOT NULL,
     PRIMARY KEY (source, position)
 );
+COMMIT;
 ";
 
 /// The source name of the embedded event log in checkpoints.
@@ -74,6 +76,16 @@ pub fn open_read_only(path: &Path) -> Result<Option<Connection>> {
     .with_context(|| format!("cannot open projection database {}", path.display()))?;
     db.execute_batch("PRAGMA busy_timeout=5000; PRAGMA query_only=1;")?;
     Ok(Some(db))
+}
+
+/// Whether the runtime's tables exist yet.
+pub fn is_initialized(db: &Connection) -> Result<bool> {
+    let tables: i64 = db.query_row(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'projector_meta'",
+        [],
+        |row| row.get(0),
+    )?;
+    Ok(tables == 1)
 }
 
 /// The position of the last event of `source` whose effect is committed.

@@ -1,0 +1,233 @@
+//! Helpers for the end-to-end tests: the real `projector` binary, the real
+//! guests built by `scripts/build-guests`, and a temp dir per test.
+#![allow(dead_code)]
+
+use serde_json::{Value, json};
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// A guest module built from source by `scripts/build-guests`.
+pub fn guest(crate_name: &str) -> PathBuf {
+    let path = root().join("target/projections").join(format!("{crate_name}.wasm"));
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/build-guests (scripts/test does) before the tests",
+        path.display()
+    );
+    path
+}
+
+/// The `projector` binary under test.
+pub fn projector() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_projector"));
+    command.env("PROJECTOR_LOG", "info");
+    command
+}
+
+/// Run `projector args…`, expecting success; returns stdout.
+pub fn run_ok(args: &[&str]) -> String {
+    let output = projector().args(args).output().unwrap();
+    assert!(
+        output.status.success(),
+        "projector {args:?} failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// Run `projector args…`, expecting failure; returns stderr.
+pub fn run_err(args: &[&str]) -> String {
+    let output = projector().args(args).output().unwrap();
+    assert!(
+        !output.status.success(),
+        "projector {args:?} should have failed; stdout:\n{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    String::from_utf8(output.stderr).unwrap()
+}
+
+/// Run `projector args…` with `input` on stdin.
+pub fn run_with_stdin(args: &[&str], input: &str) -> Output {
+    let mut child = projector()
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// Parse stdout as JSON.
+pub fn json(stdout: &str) -> Value {
+    serde_json::from_str(stdout).unwrap_or_else(|err| panic!("not JSON ({err}):\n{stdout}"))
+}
+
+/// One CloudEvent as a JSON line.
+pub fn cloud_event(id: &str, event_type: &str, data: Value) -> String {
+    json!({"specversion": "1.0", "id": id, "source": "tests", "type": event_type, "data": data})
+        .to_string()
+}
+
+/// A deterministic stream of wallet events: `n` events over `users` users,
+/// mostly wallet changes with KYC verifications mixed in.
+pub fn wallet_events(n: usize, users: usize, id_prefix: &str) -> Vec<String> {
+    let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+    (0..n)
+        .map(|i| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let user = format!("user-{}", (state >> 24) % users as u64);
+            let id = format!("{id_prefix}-{i}");
+            if state % 5 == 0 {
+                cloud_event(&id, "kyc_verified", json!({"user_id": user, "kyc_verified_at": format!("t{i}")}))
+            } else {
+                cloud_event(
+                    &id,
+                    "wallet_updated",
+                    json!({"user_id": user, "wallet_address": format!("0x{:x}", state >> 16), "created_at": format!("t{i}")}),
+                )
+            }
+        })
+        .collect()
+}
+
+/// A temp dir holding a config, its data folder and event files.
+pub struct Workspace {
+    pub dir: tempfile::TempDir,
+}
+
+impl Workspace {
+    pub fn new() -> Self {
+        Workspace { dir: tempfile::tempdir().unwrap() }
+    }
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+    pub fn data(&self) -> PathBuf {
+        self.path("data")
+    }
+    pub fn config(&self) -> PathBuf {
+        self.path("projector.toml")
+    }
+    pub fn config_str(&self) -> String {
+        self.config().to_string_lossy().into_owned()
+    }
+    pub fn data_str(&self) -> String {
+        self.data().to_string_lossy().into_owned()
+    }
+    /// Write `projector.toml` listing `projections` as (name, module, streams).
+    pub fn write_config(&self, projections: &[(&str, &Path, &[&str])]) {
+        let mut text = String::from("version = 1\ndata = \"data\"\n");
+        for (name, module, streams) in projections {
+            let streams: Vec<String> = streams.iter().map(|s| format!("{s:?}")).collect();
+            text.push_str(&format!(
+                "\n[[projection]]\nname = {name:?}\nmodule = {:?}\nstreams = [{}]\n",
+                module.to_string_lossy(),
+                streams.join(", ")
+            ));
+        }
+        std::fs::write(self.config(), text).unwrap();
+    }
+    /// Write `lines` to a file in the workspace; returns its path.
+    pub fn write_events(&self, name: &str, lines: &[String]) -> String {
+        let path = self.path(name);
+        std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+        path.to_string_lossy().into_owned()
+    }
+    /// `projector append` to `stream`; returns (appended, duplicates).
+    pub fn append(&self, stream: &str, file: &str) -> (u64, u64) {
+        let out = json(&run_ok(&["append", "--data", &self.data_str(), stream, file]));
+        (out["appended"].as_u64().unwrap(), out["duplicates"].as_u64().unwrap())
+    }
+    /// `projector status`, parsed.
+    pub fn status(&self) -> Vec<Value> {
+        json(&run_ok(&["status", "--config", &self.config_str()])).as_array().unwrap().clone()
+    }
+    /// The status entry of projection `name`.
+    pub fn status_of(&self, name: &str) -> Value {
+        self.status().into_iter().find(|s| s["name"] == name).unwrap()
+    }
+    /// `projector query`, parsed.
+    pub fn query(&self, projection: &str, sql: &str) -> Value {
+        json(&run_ok(&["query", "--config", &self.config_str(), projection, "--sql", sql]))
+    }
+    /// Start `projector run` on this workspace's config.
+    pub fn start(&self) -> Host {
+        let log = std::fs::File::create(self.path("run.log")).unwrap();
+        let child = projector()
+            .args(["run", "--config", &self.config_str()])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Host { child: Some(child), log: self.path("run.log") }
+    }
+    /// Wait until every projection's lag is 0 and its checkpoint is `head`.
+    pub fn wait_caught_up(&self, head: u64, timeout: Duration) {
+        wait_until(timeout, &format!("every projection at position {head}"), || {
+            self.status().iter().all(|s| s["checkpoint"] == head && s["lag"] == 0)
+        });
+    }
+}
+
+/// A running `projector run`, killed when dropped.
+pub struct Host {
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Host {
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+    /// SIGKILL: no chance to clean up.
+    pub fn kill(mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    /// SIGTERM, then wait for a clean exit; returns the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+        child.wait().unwrap()
+    }
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Poll `condition` every 20 ms until it holds; panic after `timeout`.
+pub fn wait_until(timeout: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// sha256 of a file, hex.
+pub fn sha256_file(path: &Path) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(std::fs::read(path).unwrap()))
+}
