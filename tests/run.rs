@@ -33,14 +33,27 @@ fn run_processes_appends_from_another_process_and_serves_status_and_query() {
         "SELECT wallet_address, user_id, allowlisted_at FROM allowlist ORDER BY wallet_address",
     );
     let expected: Value = serde_json::from_str(
-        &std::fs::read_to_string(root().join("projections/wallet-allowlist/fixtures/expected-allowlist.json")).unwrap(),
+        &std::fs::read_to_string(
+            root().join("projections/wallet-allowlist/fixtures/expected-allowlist.json"),
+        )
+        .unwrap(),
     )
     .unwrap();
     assert_eq!(allowlist, expected);
 
     // A query cannot write, even while run is running.
-    let err = run_err(&["query", "--config", &ws.config_str(), "wallet-allowlist", "--sql", "DELETE FROM allowlist"]);
-    assert!(err.contains("readonly") || err.contains("read-only") || err.contains("attempt to write"), "{err}");
+    let err = run_err(&[
+        "query",
+        "--config",
+        &ws.config_str(),
+        "wallet-allowlist",
+        "--sql",
+        "DELETE FROM allowlist",
+    ]);
+    assert!(
+        err.contains("readonly") || err.contains("read-only") || err.contains("attempt to write"),
+        "{err}"
+    );
 
     let exit = host.terminate();
     assert!(exit.success(), "run exits cleanly on SIGTERM: {exit:?}");
@@ -70,8 +83,20 @@ types = ["kept"]
     )
     .unwrap();
     let host = ws.start();
-    let a = ws.write_events("a.jsonl", &[cloud_event("a1", "kept", json!(1)), cloud_event("a2", "other", json!(2))]);
-    let b = ws.write_events("b.jsonl", &[cloud_event("b1", "kept", json!(1)), cloud_event("b2", "other", json!(2))]);
+    let a = ws.write_events(
+        "a.jsonl",
+        &[
+            cloud_event("a1", "kept", json!(1)),
+            cloud_event("a2", "other", json!(2)),
+        ],
+    );
+    let b = ws.write_events(
+        "b.jsonl",
+        &[
+            cloud_event("b1", "kept", json!(1)),
+            cloud_event("b2", "other", json!(2)),
+        ],
+    );
     ws.append("alpha", &a);
     ws.append("beta", &b);
     ws.wait_caught_up(4, WAIT);
@@ -86,17 +111,30 @@ fn a_restart_resumes_from_the_checkpoint_without_reapplying() {
     let ws = Workspace::new();
     ws.write_config(&[("recorder", &guest("event_recorder"), &["s"])]);
     // Events appended before the host starts are caught up at start.
-    let first = ws.write_events("1.jsonl", &(0..500).map(|i| cloud_event(&format!("a{i}"), "t", json!(i))).collect::<Vec<_>>());
+    let first = ws.write_events(
+        "1.jsonl",
+        &(0..500)
+            .map(|i| cloud_event(&format!("a{i}"), "t", json!(i)))
+            .collect::<Vec<_>>(),
+    );
     ws.append("s", &first);
     let host = ws.start();
     ws.wait_caught_up(500, WAIT);
     assert!(host.terminate().success());
 
-    let second = ws.write_events("2.jsonl", &(0..300).map(|i| cloud_event(&format!("b{i}"), "t", json!(i))).collect::<Vec<_>>());
+    let second = ws.write_events(
+        "2.jsonl",
+        &(0..300)
+            .map(|i| cloud_event(&format!("b{i}"), "t", json!(i)))
+            .collect::<Vec<_>>(),
+    );
     ws.append("s", &second);
     let host = ws.start();
     ws.wait_caught_up(800, WAIT);
-    let counts = ws.query("recorder", "SELECT count(*) AS n, count(DISTINCT position) AS distinct_positions FROM handled");
+    let counts = ws.query(
+        "recorder",
+        "SELECT count(*) AS n, count(DISTINCT position) AS distinct_positions FROM handled",
+    );
     assert_eq!(counts, json!([{"n": 800, "distinct_positions": 800}]));
     drop(host);
 }
@@ -106,9 +144,14 @@ fn a_second_run_on_the_same_data_is_refused() {
     let ws = Workspace::new();
     ws.write_config(&[("recorder", &guest("event_recorder"), &["s"])]);
     let host = ws.start();
-    wait_until(WAIT, "the first run to start", || ws.status_of("recorder")["state"] == "running");
+    wait_until(WAIT, "the first run to start", || {
+        ws.status_of("recorder")["state"] == "running"
+    });
     let err = run_err(&["run", "--config", &ws.config_str()]);
-    assert!(err.contains("another `projector run` is already using"), "{err}");
+    assert!(
+        err.contains("another `projector run` is already using"),
+        "{err}"
+    );
     drop(host);
 }
 
@@ -117,27 +160,43 @@ fn a_projection_whose_module_cannot_load_is_faulted_and_the_others_run() {
     let ws = Workspace::new();
     let broken = ws.path("broken.wasm");
     std::fs::write(&broken, b"\0asm\x01\0\0\0garbage").unwrap();
-    ws.write_config(&[("broken", &broken, &["s"]), ("recorder", &guest("event_recorder"), &["s"])]);
+    ws.write_config(&[
+        ("broken", &broken, &["s"]),
+        ("recorder", &guest("event_recorder"), &["s"]),
+    ]);
     let host = ws.start();
     let file = ws.write_events("e.jsonl", &[cloud_event("e1", "t", json!(1))]);
     ws.append("s", &file);
-    wait_until(WAIT, "recorder to catch up", || ws.status_of("recorder")["checkpoint"] == 1);
+    wait_until(WAIT, "recorder to catch up", || {
+        ws.status_of("recorder")["checkpoint"] == 1
+    });
     let status = ws.status_of("broken");
     assert_eq!(status["state"], "faulted");
     let error = status["error"].as_str().unwrap();
     assert!(error.contains("broken.wasm"), "{error}");
-    assert!(host.logs().contains("projection faulted"), "{}", host.logs());
+    assert!(
+        host.logs().contains("projection faulted"),
+        "{}",
+        host.logs()
+    );
     drop(host);
 }
 
 #[test]
 fn a_bad_config_is_refused_with_the_exact_problem() {
     let ws = Workspace::new();
-    std::fs::write(ws.config(), "version = 1\n[[projection]]\nname = \"p\"\nmodule = \"m.wasm\"\nstream = [\"s\"]\n").unwrap();
+    std::fs::write(
+        ws.config(),
+        "version = 1\n[[projection]]\nname = \"p\"\nmodule = \"m.wasm\"\nstream = [\"s\"]\n",
+    )
+    .unwrap();
     let err = run_err(&["run", "--config", &ws.config_str()]);
     assert!(err.contains("unknown field `stream`"), "{err}");
     assert!(err.contains("projector.toml"), "{err}");
     assert!(!ws.data().exists(), "a refused config changes nothing");
     let missing = run_err(&["status", "--config", ws.path("nope.toml").to_str().unwrap()]);
-    assert!(missing.contains("cannot read config") && missing.contains("nope.toml"), "{missing}");
+    assert!(
+        missing.contains("cannot read config") && missing.contains("nope.toml"),
+        "{missing}"
+    );
 }

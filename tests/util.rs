@@ -10,12 +10,17 @@ use std::time::{Duration, Instant};
 
 /// The workspace root.
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// A guest module built from source by `scripts/build-guests`.
 pub fn guest(crate_name: &str) -> PathBuf {
-    let path = root().join("target/projections").join(format!("{crate_name}.wasm"));
+    let path = root()
+        .join("target/projections")
+        .join(format!("{crate_name}.wasm"));
     assert!(
         path.exists(),
         "{} is missing: run scripts/build-guests (scripts/test does) before the tests",
@@ -62,7 +67,12 @@ pub fn run_with_stdin(args: &[&str], input: &str) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
     child.wait_with_output().unwrap()
 }
 
@@ -88,7 +98,7 @@ pub fn wallet_events(n: usize, users: usize, id_prefix: &str) -> Vec<String> {
             state ^= state << 17;
             let user = format!("user-{}", (state >> 24) % users as u64);
             let id = format!("{id_prefix}-{i}");
-            if state % 5 == 0 {
+            if state.is_multiple_of(5) {
                 cloud_event(&id, "kyc_verified", json!({"user_id": user, "kyc_verified_at": format!("t{i}")}))
             } else {
                 cloud_event(
@@ -108,7 +118,9 @@ pub struct Workspace {
 
 impl Workspace {
     pub fn new() -> Self {
-        Workspace { dir: tempfile::tempdir().unwrap() }
+        Workspace {
+            dir: tempfile::tempdir().unwrap(),
+        }
     }
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
@@ -146,20 +158,42 @@ impl Workspace {
     }
     /// `projector append` to `stream`; returns (appended, duplicates).
     pub fn append(&self, stream: &str, file: &str) -> (u64, u64) {
-        let out = json(&run_ok(&["append", "--data", &self.data_str(), stream, file]));
-        (out["appended"].as_u64().unwrap(), out["duplicates"].as_u64().unwrap())
+        let out = json(&run_ok(&[
+            "append",
+            "--data",
+            &self.data_str(),
+            stream,
+            file,
+        ]));
+        (
+            out["appended"].as_u64().unwrap(),
+            out["duplicates"].as_u64().unwrap(),
+        )
     }
     /// `projector status`, parsed.
     pub fn status(&self) -> Vec<Value> {
-        json(&run_ok(&["status", "--config", &self.config_str()])).as_array().unwrap().clone()
+        json(&run_ok(&["status", "--config", &self.config_str()]))
+            .as_array()
+            .unwrap()
+            .clone()
     }
     /// The status entry of projection `name`.
     pub fn status_of(&self, name: &str) -> Value {
-        self.status().into_iter().find(|s| s["name"] == name).unwrap()
+        self.status()
+            .into_iter()
+            .find(|s| s["name"] == name)
+            .unwrap()
     }
     /// `projector query`, parsed.
     pub fn query(&self, projection: &str, sql: &str) -> Value {
-        json(&run_ok(&["query", "--config", &self.config_str(), projection, "--sql", sql]))
+        json(&run_ok(&[
+            "query",
+            "--config",
+            &self.config_str(),
+            projection,
+            "--sql",
+            sql,
+        ]))
     }
     /// Start `projector run` on this workspace's config.
     pub fn start(&self) -> Host {
@@ -170,13 +204,22 @@ impl Workspace {
             .stderr(log)
             .spawn()
             .unwrap();
-        Host { child: Some(child), log: self.path("run.log") }
+        Host {
+            child: Some(child),
+            log: self.path("run.log"),
+        }
     }
     /// Wait until every projection's lag is 0 and its checkpoint is `head`.
     pub fn wait_caught_up(&self, head: u64, timeout: Duration) {
-        wait_until(timeout, &format!("every projection at position {head}"), || {
-            self.status().iter().all(|s| s["checkpoint"] == head && s["lag"] == 0)
-        });
+        wait_until(
+            timeout,
+            &format!("every projection at position {head}"),
+            || {
+                self.status()
+                    .iter()
+                    .all(|s| s["checkpoint"] == head && s["lag"] == 0)
+            },
+        );
     }
 }
 
@@ -199,7 +242,10 @@ impl Host {
     /// SIGTERM, then wait for a clean exit; returns the exit status.
     pub fn terminate(mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().unwrap();
-        let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
         assert!(status.success());
         child.wait().unwrap()
     }
@@ -221,7 +267,10 @@ impl Drop for Host {
 pub fn wait_until(timeout: Duration, what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !condition() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }

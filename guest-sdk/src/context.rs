@@ -33,25 +33,38 @@ pub struct Context<'a> {
 impl<'a> Context<'a> {
     #[doc(hidden)]
     pub fn new(backend: &'a dyn Backend) -> Self {
-        Context { backend, event: None }
+        Context {
+            backend,
+            event: None,
+        }
     }
     /// This context, about `event`: log lines then carry the event's id and
     /// correlation id. The default [`crate::Projection::handle_batch`] does
     /// this for every event.
     pub fn for_event(&self, event: &'a Event) -> Context<'a> {
-        Context { backend: self.backend, event: Some(event) }
+        Context {
+            backend: self.backend,
+            event: Some(event),
+        }
     }
     /// Key/value state, values stored as JSON.
     pub fn state(&self) -> State<'a> {
-        State { backend: self.backend }
+        State {
+            backend: self.backend,
+        }
     }
     /// SQL on the projection's own database.
     pub fn sql(&self) -> Sql<'a> {
-        Sql { backend: self.backend }
+        Sql {
+            backend: self.backend,
+        }
     }
     /// The host's log; lines carry the projection and the event's ids.
     pub fn log(&self) -> Log<'a> {
-        Log { backend: self.backend, position: self.event.map(Event::position) }
+        Log {
+            backend: self.backend,
+            position: self.event.map(Event::position),
+        }
     }
 }
 
@@ -119,7 +132,9 @@ pub struct StateError {
 
 impl StateError {
     fn new(key: &str, err: serde_json::Error) -> Self {
-        StateError { message: format!("state key {key:?}: {err}") }
+        StateError {
+            message: format!("state key {key:?}: {err}"),
+        }
     }
 }
 

@@ -6,7 +6,7 @@
 //! on its own database), and every write commits together with the host's
 //! checkpoint, so each event takes effect exactly once.
 //!
-//! ```ignore
+//! ```
 //! use projector_sdk::{Context, Event, Failure, Projection};
 //!
 //! struct Counter;
@@ -65,7 +65,9 @@ pub trait Projection {
     /// Apply a batch of events in order; by default one [`Projection::handle`]
     /// call each. Override it to amortise work across a batch.
     fn handle_batch(ctx: &Context, events: &[Event]) -> Result<(), Failure> {
-        events.iter().try_for_each(|event| Self::handle(&ctx.for_event(event), event))
+        events
+            .iter()
+            .try_for_each(|event| Self::handle(&ctx.for_event(event), event))
     }
 
     /// Serve a read. The request and response are opaque bytes (JSON by
@@ -79,7 +81,14 @@ pub trait Projection {
 /// Export a [`Projection`] as the module's implementation of the
 /// `projection` world. Use it once per guest crate:
 ///
-/// ```ignore
+/// ```
+/// # use projector_sdk::{Context, Event, Failure, Projection};
+/// struct MyProjection;
+/// impl Projection for MyProjection {
+///     fn handle(_ctx: &Context, _event: &Event) -> Result<(), Failure> {
+///         Ok(())
+///     }
+/// }
 /// projector_sdk::export!(MyProjection);
 /// ```
 ///

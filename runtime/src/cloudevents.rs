@@ -72,7 +72,10 @@ pub fn parse_event(json: &str) -> Result<NewEvent, CloudEventError> {
 pub fn from_object(mut object: Map<String, Value>) -> Result<NewEvent, CloudEventError> {
     let specversion = required(&mut object, "specversion")?;
     if specversion != "1.0" {
-        return Err(invalid("specversion", format!("must be \"1.0\", found {specversion:?}")));
+        return Err(invalid(
+            "specversion",
+            format!("must be \"1.0\", found {specversion:?}"),
+        ));
     }
     let id = required(&mut object, "id")?;
     let source = required(&mut object, "source")?;
@@ -88,13 +91,19 @@ pub fn from_object(mut object: Map<String, Value>) -> Result<NewEvent, CloudEven
     let causation_id = optional(&mut object, "causationid")?;
     let data = match (object.remove("data"), object.remove("data_base64")) {
         (Some(_), Some(_)) => {
-            return Err(invalid("data_base64", "cannot be given together with `data`".into()));
+            return Err(invalid(
+                "data_base64",
+                "cannot be given together with `data`".into(),
+            ));
         }
         (None, Some(Value::String(encoded))) => base64::engine::general_purpose::STANDARD
             .decode(encoded.as_bytes())
             .map_err(|err| invalid("data_base64", format!("is not valid base64 ({err})")))?,
         (None, Some(other)) => {
-            return Err(invalid("data_base64", format!("must be a string, found {}", kind(&other))));
+            return Err(invalid(
+                "data_base64",
+                format!("must be a string, found {}", kind(&other)),
+            ));
         }
         (Some(Value::String(text)), None) if !is_json(datacontenttype.as_deref()) => {
             text.into_bytes()
@@ -121,18 +130,29 @@ fn is_json(content_type: Option<&str>) -> bool {
     match content_type {
         None => true,
         Some(t) => {
-            let essence = t.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+            let essence = t
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
             essence == "application/json" || essence.ends_with("+json") || essence == "text/json"
         }
     }
 }
 
-fn required(object: &mut Map<String, Value>, name: &'static str) -> Result<String, CloudEventError> {
+fn required(
+    object: &mut Map<String, Value>,
+    name: &'static str,
+) -> Result<String, CloudEventError> {
     match object.remove(name) {
         None | Some(Value::Null) => Err(CloudEventError::Missing(name)),
         Some(Value::String(s)) if s.is_empty() => Err(invalid(name, "must not be empty".into())),
         Some(Value::String(s)) => Ok(s),
-        Some(other) => Err(invalid(name, format!("must be a string, found {}", kind(&other)))),
+        Some(other) => Err(invalid(
+            name,
+            format!("must be a string, found {}", kind(&other)),
+        )),
     }
 }
 
@@ -143,12 +163,18 @@ fn optional(
     match object.remove(name) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
-        Some(other) => Err(invalid(name, format!("must be a string, found {}", kind(&other)))),
+        Some(other) => Err(invalid(
+            name,
+            format!("must be a string, found {}", kind(&other)),
+        )),
     }
 }
 
 fn invalid(attribute: &str, problem: String) -> CloudEventError {
-    CloudEventError::Invalid { attribute: attribute.to_string(), problem }
+    CloudEventError::Invalid {
+        attribute: attribute.to_string(),
+        problem,
+    }
 }
 
 fn kind(value: &Value) -> &'static str {
@@ -166,7 +192,8 @@ fn kind(value: &Value) -> &'static str {
 mod tests {
     use super::*;
 
-    const GOOD: &str = r#"{"specversion":"1.0","id":"e1","source":"api","type":"t","data":{"a":1}}"#;
+    const GOOD: &str =
+        r#"{"specversion":"1.0","id":"e1","source":"api","type":"t","data":{"a":1}}"#;
 
     #[test]
     fn a_minimal_event_parses_with_json_data() {
@@ -207,29 +234,68 @@ mod tests {
     #[test]
     fn each_bad_attribute_is_named() {
         let cases = [
-            (r#"{"id":"e1","source":"s","type":"t"}"#, "missing required attribute `specversion`"),
-            (r#"{"specversion":"0.3","id":"e1","source":"s","type":"t"}"#, "attribute `specversion` must be \"1.0\""),
-            (r#"{"specversion":"1.0","source":"s","type":"t"}"#, "missing required attribute `id`"),
-            (r#"{"specversion":"1.0","id":"e1","type":"t"}"#, "missing required attribute `source`"),
-            (r#"{"specversion":"1.0","id":"e1","source":"s"}"#, "missing required attribute `type`"),
-            (r#"{"specversion":"1.0","id":7,"source":"s","type":"t"}"#, "attribute `id` must be a string, found a number"),
-            (r#"{"specversion":"1.0","id":"","source":"s","type":"t"}"#, "attribute `id` must not be empty"),
-            (r#"{"specversion":"1.0","id":"e","source":"s","type":"t","time":"yesterday"}"#, "attribute `time` is not an RFC 3339"),
-            (r#"{"specversion":"1.0","id":"e","source":"s","type":"t","data_base64":"!!"}"#, "attribute `data_base64` is not valid base64"),
-            (r#"{"specversion":"1.0","id":"e","source":"s","type":"t","data":1,"data_base64":"aGk="}"#, "cannot be given together"),
-            (r#"{"specversion":"1.0","id":"e","source":"s","type":"t","correlationid":5}"#, "attribute `correlationid` must be a string"),
+            (
+                r#"{"id":"e1","source":"s","type":"t"}"#,
+                "missing required attribute `specversion`",
+            ),
+            (
+                r#"{"specversion":"0.3","id":"e1","source":"s","type":"t"}"#,
+                "attribute `specversion` must be \"1.0\"",
+            ),
+            (
+                r#"{"specversion":"1.0","source":"s","type":"t"}"#,
+                "missing required attribute `id`",
+            ),
+            (
+                r#"{"specversion":"1.0","id":"e1","type":"t"}"#,
+                "missing required attribute `source`",
+            ),
+            (
+                r#"{"specversion":"1.0","id":"e1","source":"s"}"#,
+                "missing required attribute `type`",
+            ),
+            (
+                r#"{"specversion":"1.0","id":7,"source":"s","type":"t"}"#,
+                "attribute `id` must be a string, found a number",
+            ),
+            (
+                r#"{"specversion":"1.0","id":"","source":"s","type":"t"}"#,
+                "attribute `id` must not be empty",
+            ),
+            (
+                r#"{"specversion":"1.0","id":"e","source":"s","type":"t","time":"yesterday"}"#,
+                "attribute `time` is not an RFC 3339",
+            ),
+            (
+                r#"{"specversion":"1.0","id":"e","source":"s","type":"t","data_base64":"!!"}"#,
+                "attribute `data_base64` is not valid base64",
+            ),
+            (
+                r#"{"specversion":"1.0","id":"e","source":"s","type":"t","data":1,"data_base64":"aGk="}"#,
+                "cannot be given together",
+            ),
+            (
+                r#"{"specversion":"1.0","id":"e","source":"s","type":"t","correlationid":5}"#,
+                "attribute `correlationid` must be a string",
+            ),
             (r#"[1,2]"#, "expected a JSON object, found an array"),
             (r#"{"specversion":"1.0","#, "invalid JSON"),
         ];
         for (line, expected) in cases {
             let err = parse_event(line).unwrap_err().to_string();
-            assert!(err.contains(expected), "{line}: {err:?} should contain {expected:?}");
+            assert!(
+                err.contains(expected),
+                "{line}: {err:?} should contain {expected:?}"
+            );
         }
     }
 
     #[test]
     fn one_bad_line_fails_the_whole_input_naming_the_line() {
-        let input = format!("{GOOD}\n\n{}\n", r#"{"specversion":"1.0","id":"e2","source":"s"}"#);
+        let input = format!(
+            "{GOOD}\n\n{}\n",
+            r#"{"specversion":"1.0","id":"e2","source":"s"}"#
+        );
         let err = parse_lines(&input, "events.jsonl").unwrap_err();
         assert_eq!(err.line, 3);
         assert_eq!(

@@ -114,8 +114,10 @@ impl Config {
     /// Read, parse and check `path`, resolving relative paths against its
     /// folder.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let base = path.parent().unwrap_or(Path::new("."));
         Config::parse(&text, path, base)
     }
@@ -127,7 +129,10 @@ impl Config {
             path: path.to_path_buf(),
             message: err.to_string().trim_end().to_string(),
         })?;
-        let invalid = |message: String| ConfigError::Invalid { path: path.to_path_buf(), message };
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        };
         if config.version != VERSION {
             return Err(invalid(format!(
                 "version = {} is not supported; this projector reads version = {VERSION}",
@@ -181,10 +186,16 @@ impl Config {
 
     /// The projection called `name`, or an error listing the ones there are.
     pub fn projection(&self, name: &str) -> anyhow::Result<&ProjectionConfig> {
-        self.projections.iter().find(|p| p.name == name).ok_or_else(|| {
-            let known: Vec<&str> = self.projections.iter().map(|p| p.name.as_str()).collect();
-            anyhow::anyhow!("no projection named {name:?} in the config; it has: {}", known.join(", "))
-        })
+        self.projections
+            .iter()
+            .find(|p| p.name == name)
+            .ok_or_else(|| {
+                let known: Vec<&str> = self.projections.iter().map(|p| p.name.as_str()).collect();
+                anyhow::anyhow!(
+                    "no projection named {name:?} in the config; it has: {}",
+                    known.join(", ")
+                )
+            })
     }
 
     /// Where projection `name` keeps its database.
@@ -219,21 +230,57 @@ types = ["wallet_updated", "kyc_verified"]
         assert_eq!(p.module, Path::new("/srv/wallet_allowlist.wasm"));
         assert_eq!(p.batch_size, 1000);
         assert_eq!(p.types.as_deref().unwrap().len(), 2);
-        assert_eq!(config.database_path("wallet-allowlist"), Path::new("/srv/state/projections/wallet-allowlist.db"));
+        assert_eq!(
+            config.database_path("wallet-allowlist"),
+            Path::new("/srv/state/projections/wallet-allowlist.db")
+        );
     }
 
     #[test]
     fn bad_configs_say_exactly_what_is_wrong() {
         let cases = [
-            (GOOD.replace("version = 1", "version = 2"), "version = 2 is not supported; this projector reads version = 1"),
+            (
+                GOOD.replace("version = 1", "version = 2"),
+                "version = 2 is not supported; this projector reads version = 1",
+            ),
             (GOOD.replace("version = 1\n", ""), "missing field `version`"),
-            (GOOD.replace("streams = [\"wallets\"]", "streams = [\"wallets\"]\nstreems = []"), "unknown field `streems`"),
-            (GOOD.replace("streams = [\"wallets\"]", "streams = []"), "`streams` is empty"),
-            (GOOD.replace("streams = [\"wallets\"]", "streams = \"wallets\""), "invalid type: string \"wallets\", expected a sequence"),
-            (GOOD.replace("name = \"wallet-allowlist\"", "name = \"Wallet Allowlist\""), "projection name \"Wallet Allowlist\" is not allowed"),
-            (format!("{GOOD}{}", GOOD.split("[[projection]]").nth(1).map(|p| format!("[[projection]]{p}")).unwrap()), "listed twice"),
-            (GOOD.replace("[\"wallets\"]", "[\"wal lets\"]"), "invalid stream name \"wal lets\""),
-            (format!("{GOOD}batch_size = 0\n"), "batch_size = 0 is out of range"),
+            (
+                GOOD.replace(
+                    "streams = [\"wallets\"]",
+                    "streams = [\"wallets\"]\nstreems = []",
+                ),
+                "unknown field `streems`",
+            ),
+            (
+                GOOD.replace("streams = [\"wallets\"]", "streams = []"),
+                "`streams` is empty",
+            ),
+            (
+                GOOD.replace("streams = [\"wallets\"]", "streams = \"wallets\""),
+                "invalid type: string \"wallets\", expected a sequence",
+            ),
+            (
+                GOOD.replace("name = \"wallet-allowlist\"", "name = \"Wallet Allowlist\""),
+                "projection name \"Wallet Allowlist\" is not allowed",
+            ),
+            (
+                format!(
+                    "{GOOD}{}",
+                    GOOD.split("[[projection]]")
+                        .nth(1)
+                        .map(|p| format!("[[projection]]{p}"))
+                        .unwrap()
+                ),
+                "listed twice",
+            ),
+            (
+                GOOD.replace("[\"wallets\"]", "[\"wal lets\"]"),
+                "invalid stream name \"wal lets\"",
+            ),
+            (
+                format!("{GOOD}batch_size = 0\n"),
+                "batch_size = 0 is out of range",
+            ),
         ];
         for (text, expected) in cases {
             let err = parse(&text).unwrap_err().to_string();
@@ -244,7 +291,8 @@ types = ["wallet_updated", "kyc_verified"]
 
     #[test]
     fn a_parse_error_gives_the_line() {
-        let err = parse(&GOOD.replace("streams = [\"wallets\"]", "streams = [\"wallets\"")).unwrap_err();
+        let err =
+            parse(&GOOD.replace("streams = [\"wallets\"]", "streams = [\"wallets\"")).unwrap_err();
         assert!(err.to_string().contains("line 8"), "{err}");
     }
 }

@@ -36,7 +36,9 @@ impl ProjectorEngine {
     pub fn new() -> Result<Self> {
         let mut config = Config::new();
         config.cranelift_opt_level(wasmtime::OptLevel::Speed);
-        let engine = Engine::new(&config).map_err(anyhow::Error::from).context("creating the wasmtime engine")?;
+        let engine = Engine::new(&config)
+            .map_err(anyhow::Error::from)
+            .context("creating the wasmtime engine")?;
         let mut linker = Linker::new(&engine);
         Projection::add_to_linker::<GuestHost, HasSelf<GuestHost>>(&mut linker, |host| host)
             .map_err(anyhow::Error::from)
@@ -82,16 +84,24 @@ impl ProjectorEngine {
         let component = Component::from_binary(&self.engine, &component)
             .map_err(anyhow::Error::from)
             .with_context(|| format!("module {shown} does not compile"))?;
-        let pre = self.linker.instantiate_pre(&component).map_err(anyhow::Error::from).with_context(|| {
-            format!("module {shown} imports something the projection world does not provide")
-        })?;
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(anyhow::Error::from)
+            .with_context(|| {
+                format!("module {shown} imports something the projection world does not provide")
+            })?;
         let pre = ProjectionPre::new(pre).map_err(anyhow::Error::from).with_context(|| {
             format!(
                 "module {shown} does not implement the projection world (exports state-version, \
                  init, handle, query); build it with projector-sdk"
             )
         })?;
-        Ok(LoadedModule { path: path.to_path_buf(), sha256, pre })
+        Ok(LoadedModule {
+            path: path.to_path_buf(),
+            sha256,
+            pre,
+        })
     }
 }
 

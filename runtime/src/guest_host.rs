@@ -19,8 +19,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// Tables the runtime owns inside a projection's database; the guest may
 /// neither read nor write them (it could forge its checkpoint or hide its
 /// dead letters). `projector_kv` is the guest's own key/value state.
-pub const RUNTIME_TABLES: [&str; 3] =
-    ["projector_checkpoints", "projector_dead_letters", "projector_meta"];
+pub const RUNTIME_TABLES: [&str; 3] = [
+    "projector_checkpoints",
+    "projector_dead_letters",
+    "projector_meta",
+];
 
 /// The store data of one projection instance.
 pub struct GuestHost {
@@ -40,10 +43,20 @@ impl GuestHost {
         let guest_sql = Arc::new(AtomicBool::new(false));
         let flag = guest_sql.clone();
         db.authorizer(Some(move |ctx: AuthContext<'_>| {
-            if flag.load(Ordering::Relaxed) { authorize_guest(&ctx) } else { Authorization::Allow }
+            if flag.load(Ordering::Relaxed) {
+                authorize_guest(&ctx)
+            } else {
+                Authorization::Allow
+            }
         }))?;
         db.set_prepared_statement_cache_capacity(256);
-        Ok(GuestHost { db, projection, guest_sql, batch: Vec::new(), host_error: None })
+        Ok(GuestHost {
+            db,
+            projection,
+            guest_sql,
+            batch: Vec::new(),
+            host_error: None,
+        })
     }
 
     /// The projection's database.
@@ -60,7 +73,9 @@ impl GuestHost {
     pub fn set_batch(&mut self, events: &[Event]) {
         self.batch.clear();
         self.batch.extend(
-            events.iter().map(|e| (e.position, e.id.clone(), e.correlation_id.clone())),
+            events
+                .iter()
+                .map(|e| (e.position, e.id.clone(), e.correlation_id.clone())),
         );
     }
 
@@ -71,7 +86,10 @@ impl GuestHost {
 
     fn host_failed(&mut self, err: impl Into<anyhow::Error>) -> anyhow::Error {
         let err = err.into();
-        let message = anyhow::anyhow!("projection {}: host database error: {err:#}", self.projection);
+        let message = anyhow::anyhow!(
+            "projection {}: host database error: {err:#}",
+            self.projection
+        );
         self.host_error = Some(err);
         message
     }
@@ -94,7 +112,9 @@ fn authorize_guest(ctx: &AuthContext<'_>) -> Authorization {
         | AuthAction::Pragma { .. }
         | AuthAction::CreateVtable { .. }
         | AuthAction::DropVtable { .. } => Authorization::Deny,
-        AuthAction::Function { function_name } if function_name.eq_ignore_ascii_case("load_extension") => {
+        AuthAction::Function { function_name }
+            if function_name.eq_ignore_ascii_case("load_extension") =>
+        {
             Authorization::Deny
         }
         AuthAction::Read { table_name, .. }
@@ -164,10 +184,14 @@ impl StateHost for GuestHost {
 impl SqlHost for GuestHost {
     fn execute(&mut self, statement: String, params: Vec<Value>) -> Result<Result<u64, String>> {
         Ok(self.as_guest(|db| {
-            let mut stmt = db.prepare_cached(&statement).map_err(|err| err.to_string())?;
+            let mut stmt = db
+                .prepare_cached(&statement)
+                .map_err(|err| err.to_string())?;
             let readonly = stmt.readonly();
             // Step through any rows (`RETURNING`) so every statement runs whole.
-            let mut rows = stmt.query(params_from_iter(&params)).map_err(|err| err.to_string())?;
+            let mut rows = stmt
+                .query(params_from_iter(&params))
+                .map_err(|err| err.to_string())?;
             while rows.next().map_err(|err| err.to_string())?.is_some() {}
             Ok(if readonly { 0 } else { db.changes() })
         }))
@@ -175,16 +199,21 @@ impl SqlHost for GuestHost {
 
     fn query(&mut self, statement: String, params: Vec<Value>) -> Result<Result<Rows, String>> {
         Ok(self.as_guest(|db| {
-            let mut stmt = db.prepare_cached(&statement).map_err(|err| err.to_string())?;
-            let columns: Vec<String> =
-                stmt.column_names().into_iter().map(String::from).collect();
+            let mut stmt = db
+                .prepare_cached(&statement)
+                .map_err(|err| err.to_string())?;
+            let columns: Vec<String> = stmt.column_names().map(String::from).collect();
             let width = columns.len();
-            let mut rows = stmt.query(params_from_iter(&params)).map_err(|err| err.to_string())?;
+            let mut rows = stmt
+                .query(params_from_iter(&params))
+                .map_err(|err| err.to_string())?;
             let mut out = Vec::new();
             while let Some(row) = rows.next().map_err(|err| err.to_string())? {
                 let mut values = Vec::with_capacity(width);
                 for i in 0..width {
-                    values.push(from_value_ref(row.get_ref(i).map_err(|err| err.to_string())?));
+                    values.push(from_value_ref(
+                        row.get_ref(i).map_err(|err| err.to_string())?,
+                    ));
                 }
                 out.push(values);
             }

@@ -69,14 +69,20 @@ pub fn status(config: &Config) -> Result<Vec<ProjectionStatus>> {
                     _ => recorded,
                 };
                 let dead_letters: i64 =
-                    db.query_row("SELECT count(*) FROM projector_dead_letters", [], |r| r.get(0))?;
+                    db.query_row("SELECT count(*) FROM projector_dead_letters", [], |r| {
+                        r.get(0)
+                    })?;
                 Ok(ProjectionStatus {
                     name: p.name.clone(),
                     module: projection_db::meta(&db, "module")?.or_else(|| file_sha256(&p.module)),
                     checkpoint,
                     head,
                     lag: head.saturating_sub(checkpoint),
-                    error: if state == "faulted" { projection_db::meta(&db, "error")? } else { None },
+                    error: if state == "faulted" {
+                        projection_db::meta(&db, "error")?
+                    } else {
+                        None
+                    },
                     state,
                     dead_letters: dead_letters as u64,
                 })
@@ -101,11 +107,18 @@ pub fn query(config: &Config, name: &str, sql: &str) -> Result<Vec<Value>> {
 
 /// The rows of `sql` as JSON objects keyed by column name; blobs as base64.
 pub fn rows_json(db: &Connection, sql: &str) -> Result<Vec<Value>> {
-    let mut stmt = db.prepare(sql).with_context(|| format!("invalid query {sql:?}"))?;
-    let columns: Vec<String> = stmt.column_names().into_iter().map(String::from).collect();
-    let mut rows = stmt.query([]).with_context(|| format!("query {sql:?} failed"))?;
+    let mut stmt = db
+        .prepare(sql)
+        .with_context(|| format!("invalid query {sql:?}"))?;
+    let columns: Vec<String> = stmt.column_names().map(String::from).collect();
+    let mut rows = stmt
+        .query([])
+        .with_context(|| format!("query {sql:?} failed"))?;
     let mut out = Vec::new();
-    while let Some(row) = rows.next().with_context(|| format!("query {sql:?} failed"))? {
+    while let Some(row) = rows
+        .next()
+        .with_context(|| format!("query {sql:?} failed"))?
+    {
         let mut object = Map::new();
         for (i, column) in columns.iter().enumerate() {
             object.insert(column.clone(), value_json(row.get_ref(i)?));
@@ -124,12 +137,13 @@ pub fn state_json(db: &Connection) -> Result<Value> {
     while let Some(row) = rows.next()? {
         let key: String = row.get(0)?;
         let bytes: Vec<u8> = row.get(1)?;
-        let value = serde_json::from_slice(&bytes).unwrap_or_else(|_| match String::from_utf8(bytes) {
-            Ok(text) => Value::String(text),
-            Err(err) => serde_json::json!({
-                "base64": base64::engine::general_purpose::STANDARD.encode(err.as_bytes())
-            }),
-        });
+        let value =
+            serde_json::from_slice(&bytes).unwrap_or_else(|_| match String::from_utf8(bytes) {
+                Ok(text) => Value::String(text),
+                Err(err) => serde_json::json!({
+                    "base64": base64::engine::general_purpose::STANDARD.encode(err.as_bytes())
+                }),
+            });
         object.insert(key, value);
     }
     Ok(Value::Object(object))
@@ -169,5 +183,7 @@ fn run_lock_held(data: &Path) -> bool {
 }
 
 fn file_sha256(path: &Path) -> Option<String> {
-    std::fs::read(path).ok().map(|bytes| hex::encode(Sha256::digest(bytes)))
+    std::fs::read(path)
+        .ok()
+        .map(|bytes| hex::encode(Sha256::digest(bytes)))
 }

@@ -114,7 +114,9 @@ fn execute(command: Command) -> Result<()> {
             projector::event_log::validate_stream_name(&stream)?;
             let (text, origin) = if file.as_os_str() == "-" {
                 let mut text = String::new();
-                std::io::stdin().read_to_string(&mut text).context("cannot read standard input")?;
+                std::io::stdin()
+                    .read_to_string(&mut text)
+                    .context("cannot read standard input")?;
                 (text, "stdin".to_string())
             } else {
                 let text = std::fs::read_to_string(&file)
@@ -126,13 +128,30 @@ fn execute(command: Command) -> Result<()> {
             println!("{}", serde_json::to_string(&outcome)?);
             Ok(())
         }
-        Command::Replay { module, events, stream, sql, batch } => {
-            let outcome = replay(&ReplayOptions { module, events, stream, sql, batch: batch as usize })?;
+        Command::Replay {
+            module,
+            events,
+            stream,
+            sql,
+            batch,
+        } => {
+            let outcome = replay(&ReplayOptions {
+                module,
+                events,
+                stream,
+                sql,
+                batch: batch as usize,
+            })?;
             if outcome.duplicates > 0 {
-                eprintln!("replay: skipped {} events whose id came earlier in the file", outcome.duplicates);
+                eprintln!(
+                    "replay: skipped {} events whose id came earlier in the file",
+                    outcome.duplicates
+                );
             }
             for (id, position, reason) in &outcome.dead_letters {
-                eprintln!("replay: event {id} (position {position}) parked as a dead letter: {reason}");
+                eprintln!(
+                    "replay: event {id} (position {position}) parked as a dead letter: {reason}"
+                );
             }
             println!("{}", serde_json::to_string_pretty(&outcome.output)?);
             Ok(())
@@ -142,7 +161,11 @@ fn execute(command: Command) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&status)?);
             Ok(())
         }
-        Command::Query { config, projection, sql } => {
+        Command::Query {
+            config,
+            projection,
+            sql,
+        } => {
             let rows = inspect::query(&Config::load(&config)?, &projection, &sql)?;
             println!("{}", serde_json::to_string_pretty(&rows)?);
             Ok(())

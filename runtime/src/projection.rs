@@ -109,7 +109,11 @@ impl ProjectionRunner {
         runner.instantiate(GuestHost::new(db, name)?)?;
         let db = runner.db();
         projection_db::set_meta(db, "module", Some(&runner.module.sha256))?;
-        projection_db::set_meta(db, "module_path", Some(&runner.module.path.to_string_lossy()))?;
+        projection_db::set_meta(
+            db,
+            "module_path",
+            Some(&runner.module.path.to_string_lossy()),
+        )?;
         projection_db::set_meta(db, "error", None)?;
         Ok(runner)
     }
@@ -141,7 +145,12 @@ impl ProjectionRunner {
 
     /// The projection's database (processing connection).
     pub fn db(&self) -> &Connection {
-        self.live.as_ref().expect("a live instance").store.data().db()
+        self.live
+            .as_ref()
+            .expect("a live instance")
+            .store
+            .data()
+            .db()
     }
 
     /// Process until the stop flag is set. The batch in flight commits or
@@ -164,7 +173,9 @@ impl ProjectionRunner {
 
     /// Read one batch and apply it.
     pub fn step(&mut self) -> Result<Step> {
-        let batch = self.reader.read_after(self.checkpoint, &self.filter, self.batch_size)?;
+        let batch = self
+            .reader
+            .read_after(self.checkpoint, &self.filter, self.batch_size)?;
         if batch.scanned_to == self.checkpoint {
             return Ok(Step::Idle);
         }
@@ -223,9 +234,17 @@ impl ProjectionRunner {
 
     /// One attempt: `BEGIN`, `handle`, checkpoint, `COMMIT`. Returns the
     /// guest's failure (a trap counts as a reject) after rolling back.
-    fn handle_in_transaction(&mut self, events: &[Event], checkpoint_after: u64) -> Result<Option<Failure>> {
+    fn handle_in_transaction(
+        &mut self,
+        events: &[Event],
+        checkpoint_after: u64,
+    ) -> Result<Option<Failure>> {
         let live = self.live.as_mut().expect("a live instance");
-        live.store.data().db().prepare_cached("BEGIN")?.execute([])?;
+        live.store
+            .data()
+            .db()
+            .prepare_cached("BEGIN")?
+            .execute([])?;
         live.store.data_mut().set_batch(events);
         let result = live.guest.call_handle(&mut live.store, events);
         let db = live.store.data().db();
@@ -263,7 +282,13 @@ impl ProjectionRunner {
     }
 
     /// Park `event` and move the checkpoint past it, in one transaction.
-    fn park(&mut self, event: &Event, reason: &str, attempts: u32, checkpoint_after: u64) -> Result<()> {
+    fn park(
+        &mut self,
+        event: &Event,
+        reason: &str,
+        attempts: u32,
+        checkpoint_after: u64,
+    ) -> Result<()> {
         let db = self.db();
         db.prepare_cached("BEGIN")?.execute([])?;
         projection_db::park(db, LOG_SOURCE, event, reason, &self.module.sha256, attempts)?;
@@ -296,7 +321,9 @@ impl ProjectionRunner {
         let version = guest
             .call_state_version(&mut store)
             .map_err(anyhow::Error::from)
-            .with_context(|| format!("projection {name}: module {shown} trapped in state-version"))?;
+            .with_context(|| {
+                format!("projection {name}: module {shown} trapped in state-version")
+            })?;
         let db = store.data().db();
         let found = projection_db::meta(db, "state_version")?
             .map(|v| v.parse::<u32>())

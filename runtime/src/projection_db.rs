@@ -56,7 +56,7 @@ pub fn open(path: &Path) -> Result<Connection> {
     let db = Connection::open(path)
         .with_context(|| format!("cannot open projection database {}", path.display()))?;
     db.execute_batch(
-        "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=5000;",
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=5000; PRAGMA cache_size=-65536;",
     )
     .and_then(|()| db.execute_batch(SCHEMA))
     .with_context(|| format!("cannot set up projection database {}", path.display()))?;

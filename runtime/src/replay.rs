@@ -57,16 +57,24 @@ pub fn replay(options: &ReplayOptions) -> Result<ReplayOutcome> {
         filter: Filter::default(),
         batch_size: options.batch,
     };
-    let mut runner = ProjectionRunner::start(engine, &spec, &log, Arc::new(AtomicBool::new(false)))?;
+    let mut runner =
+        ProjectionRunner::start(engine, &spec, &log, Arc::new(AtomicBool::new(false)))?;
     runner.catch_up()?;
     let db = runner.db();
     let output = match &options.sql {
         Some(sql) => Value::Array(inspect::rows_json(db, sql)?),
         None => inspect::state_json(db)?,
     };
-    let mut stmt = db.prepare("SELECT id, position, reason FROM projector_dead_letters ORDER BY position")?;
+    let mut stmt =
+        db.prepare("SELECT id, position, reason FROM projector_dead_letters ORDER BY position")?;
     let dead_letters = stmt
-        .query_map([], |row| Ok((row.get(0)?, row.get::<_, i64>(1)? as u64, row.get(2)?)))?
+        .query_map([], |row| {
+            Ok((row.get(0)?, row.get::<_, i64>(1)? as u64, row.get(2)?))
+        })?
         .collect::<rusqlite::Result<_>>()?;
-    Ok(ReplayOutcome { output, duplicates: appended.duplicates, dead_letters })
+    Ok(ReplayOutcome {
+        output,
+        duplicates: appended.duplicates,
+        dead_letters,
+    })
 }

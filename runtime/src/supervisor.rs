@@ -52,7 +52,10 @@ impl Supervisor {
                 name: p.name.clone(),
                 module: p.module.clone(),
                 database: config.database_path(&p.name),
-                filter: Filter { streams: p.streams.clone(), types: p.types.clone() },
+                filter: Filter {
+                    streams: p.streams.clone(),
+                    types: p.types.clone(),
+                },
                 batch_size: p.batch_size,
             };
             let (engine, log, stop) = (engine.clone(), log.clone(), stop.clone());
@@ -62,7 +65,12 @@ impl Supervisor {
                 .context("cannot start a projection thread")?;
             threads.push((p.name.clone(), thread));
         }
-        Ok(Supervisor { stop, log, threads, _lock: lock })
+        Ok(Supervisor {
+            stop,
+            log,
+            threads,
+            _lock: lock,
+        })
     }
 
     /// The event log the projections read.
@@ -84,7 +92,12 @@ impl Supervisor {
     }
 }
 
-fn run_projection(engine: Arc<ProjectorEngine>, spec: &ProjectionSpec, log: &EventLog, stop: &Arc<AtomicBool>) {
+fn run_projection(
+    engine: Arc<ProjectorEngine>,
+    spec: &ProjectionSpec,
+    log: &EventLog,
+    stop: &Arc<AtomicBool>,
+) {
     let name = spec.name.as_str();
     let result = ProjectionRunner::start(engine, spec, log, stop.clone()).and_then(|mut runner| {
         tracing::info!(
@@ -95,7 +108,11 @@ fn run_projection(engine: Arc<ProjectorEngine>, spec: &ProjectionSpec, log: &Eve
         );
         runner.run()?;
         projection_db::set_meta(runner.db(), "state", Some("stopped"))?;
-        tracing::info!(projection = name, checkpoint = runner.checkpoint(), "projection stopped");
+        tracing::info!(
+            projection = name,
+            checkpoint = runner.checkpoint(),
+            "projection stopped"
+        );
         Ok(())
     });
     if let Err(err) = result {

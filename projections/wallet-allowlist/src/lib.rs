@@ -54,18 +54,18 @@ impl Projection for WalletAllowlist {
     fn init(ctx: &Context, _found: Option<u32>) -> Result<(), String> {
         ctx.sql().execute(
             "CREATE TABLE IF NOT EXISTS allowlist (
-                wallet_address TEXT PRIMARY KEY,
+                wallet_address TEXT PRIMARY KEY NOT NULL,
                 user_id TEXT NOT NULL,
                 allowlisted_at TEXT
-            )",
+            ) WITHOUT ROWID",
             &[],
         )?;
         ctx.sql().execute(
             "CREATE TABLE IF NOT EXISTS users (
-                user_id TEXT PRIMARY KEY,
+                user_id TEXT PRIMARY KEY NOT NULL,
                 wallet_address TEXT,
                 kyc_verified_at TEXT
-            )",
+            ) WITHOUT ROWID",
             &[],
         )?;
         Ok(())
@@ -86,7 +86,9 @@ impl Projection for WalletAllowlist {
             "SELECT user_id FROM allowlist WHERE wallet_address = ?1",
             &[request.wallet_address.into()],
         )?;
-        let user_id = rows.first().and_then(|row| row[0].as_str().map(str::to_string));
+        let user_id = rows
+            .first()
+            .and_then(|row| row[0].as_str().map(str::to_string));
         let answer = serde_json::json!({ "allowlisted": user_id.is_some(), "user_id": user_id });
         Ok(answer.to_string().into_bytes())
     }
@@ -105,7 +107,11 @@ fn wallet_updated(ctx: &Context, event: &Event) -> Result<(), Failure> {
     if verified {
         ctx.sql().execute(
             ALLOWLIST,
-            &[(&*update.wallet_address).into(), (&*update.user_id).into(), at.into()],
+            &[
+                (&*update.wallet_address).into(),
+                (&*update.user_id).into(),
+                at.into(),
+            ],
         )?;
     }
     Ok(())
@@ -113,7 +119,11 @@ fn wallet_updated(ctx: &Context, event: &Event) -> Result<(), Failure> {
 
 fn kyc_verified(ctx: &Context, event: &Event) -> Result<(), Failure> {
     let kyc: KycVerified = event.data_json()?;
-    let at = kyc.kyc_verified_at.as_deref().or(event.time()).unwrap_or("");
+    let at = kyc
+        .kyc_verified_at
+        .as_deref()
+        .or(event.time())
+        .unwrap_or("");
     let user = ctx.sql().query(
         "INSERT INTO users (user_id, kyc_verified_at) VALUES (?1, ?2) \
          ON CONFLICT (user_id) DO UPDATE \
@@ -122,7 +132,10 @@ fn kyc_verified(ctx: &Context, event: &Event) -> Result<(), Failure> {
         &[(&*kyc.user_id).into(), at.into()],
     )?;
     if let Some(Value::Text(wallet)) = user.first().map(|row| &row[0]) {
-        ctx.sql().execute(ALLOWLIST, &[wallet.into(), (&*kyc.user_id).into(), at.into()])?;
+        ctx.sql().execute(
+            ALLOWLIST,
+            &[wallet.into(), (&*kyc.user_id).into(), at.into()],
+        )?;
     }
     Ok(())
 }
