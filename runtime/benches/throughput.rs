@@ -45,7 +45,7 @@ fn main() {
         }
         append.push(start.elapsed());
 
-        let engine = Arc::new(ProjectorEngine::new().unwrap());
+        let engine = Arc::new(ProjectorEngine::new(false).unwrap());
         let spec = ProjectionSpec {
             name: "wallet-allowlist".into(),
             module: module.clone(),
@@ -55,6 +55,8 @@ fn main() {
                 types: None,
             },
             batch_size: BATCH,
+            limits: Default::default(),
+            policy: Default::default(),
         };
         let mut runner =
             ProjectionRunner::start(engine, &spec, &log, Arc::new(AtomicBool::new(false))).unwrap();

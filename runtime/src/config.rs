@@ -35,9 +35,70 @@ pub struct Config {
     /// `data = "data"`
     #[serde(default = "default_data")]
     pub data: PathBuf,
+    /// Sandbox limits for every projection; a projection's own `limits`
+    /// override them field by field.
+    ///
+    /// `[limits]` / `memory_mib = 64`
+    #[serde(default)]
+    pub limits: LimitsConfig,
     /// The projections to run, one `[[projection]]` table each.
     #[serde(default, rename = "projection")]
     pub projections: Vec<ProjectionConfig>,
+}
+
+/// Sandbox limits; every field is optional and falls back to the config's
+/// `[limits]`, then to the built-in default.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Linear memory cap per instance, in MiB. Default 64.
+    ///
+    /// `memory_mib = 64`
+    pub memory_mib: Option<u64>,
+    /// Wall-clock deadline for one guest call (`handle` of a batch, `init`,
+    /// `query`), in milliseconds. Default 5000.
+    ///
+    /// `call_timeout_ms = 5000`
+    pub call_timeout_ms: Option<u64>,
+    /// Fuel (roughly, wasm instructions) per guest call. Absent: unmetered.
+    /// Metering costs ~10-17% speed.
+    ///
+    /// `fuel = 1_000_000_000`
+    pub fuel: Option<u64>,
+    /// Cap on table elements (function references) per table. Default 20000.
+    ///
+    /// `table_elements = 20000`
+    pub table_elements: Option<u64>,
+    /// Cap on wasm instances, tables and memories per store. Default 16.
+    ///
+    /// `instances = 16`
+    pub instances: Option<u64>,
+    /// Largest key + value a guest may store, and largest SQL text or blob
+    /// parameter, in KiB. Default 1024.
+    ///
+    /// `value_kib = 1024`
+    pub value_kib: Option<u64>,
+    /// Guest log lines per second (bursts up to one second's worth); lines
+    /// over it are dropped and counted. Default 100.
+    ///
+    /// `log_lines_per_second = 100`
+    pub log_lines_per_second: Option<u64>,
+    /// Longest guest log line in bytes; longer ones are cut. Default 4096.
+    ///
+    /// `log_line_bytes = 4096`
+    pub log_line_bytes: Option<u64>,
+}
+
+/// What happens to an event the module rejects or traps on.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailurePolicy {
+    /// Park it in the dead letters (in the transaction that moves the
+    /// checkpoint past it) and go on.
+    #[default]
+    DeadLetter,
+    /// Stop the projection as faulted, checkpoint just before the event.
+    Halt,
 }
 
 /// One `[[projection]]`.
@@ -70,6 +131,17 @@ pub struct ProjectionConfig {
     /// `batch_size = 1000`
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
+    /// What to do with an event the module rejects or traps on:
+    /// `"dead-letter"` (default) or `"halt"`.
+    ///
+    /// `on_failure = "dead-letter"`
+    #[serde(default)]
+    pub on_failure: FailurePolicy,
+    /// This projection's sandbox limits, overriding the config's `[limits]`.
+    ///
+    /// `[projection.limits]` / `call_timeout_ms = 1000`
+    #[serde(default)]
+    pub limits: LimitsConfig,
 }
 
 fn default_data() -> PathBuf {
@@ -177,6 +249,12 @@ impl Config {
                 )));
             }
         }
+        crate::engine::Limits::resolve(&config.limits, &LimitsConfig::default())
+            .map_err(|err| invalid(format!("[limits]: {err}")))?;
+        for p in &config.projections {
+            crate::engine::Limits::resolve(&config.limits, &p.limits)
+                .map_err(|err| invalid(format!("projection {:?}: limits: {err}", p.name)))?;
+        }
         config.data = base.join(&config.data);
         for p in &mut config.projections {
             p.module = base.join(&p.module);
@@ -196,6 +274,18 @@ impl Config {
                     known.join(", ")
                 )
             })
+    }
+
+    /// The limits projection `p` runs under.
+    pub fn limits(&self, p: &ProjectionConfig) -> crate::engine::Limits {
+        crate::engine::Limits::resolve(&self.limits, &p.limits).expect("limits checked at load")
+    }
+
+    /// Whether any projection meters fuel (the engine must then count it).
+    pub fn uses_fuel(&self) -> bool {
+        self.projections
+            .iter()
+            .any(|p| self.limits(p).fuel.is_some())
     }
 
     /// Where projection `name` keeps its database.
@@ -287,6 +377,23 @@ types = ["wallet_updated", "kyc_verified"]
             assert!(err.contains(expected), "expected {expected:?} in:\n{err}");
             assert!(err.starts_with("invalid config projector.toml"), "{err}");
         }
+    }
+
+    #[test]
+    fn limits_fall_back_from_projection_to_config_to_defaults() {
+        let text = GOOD.replace(
+            "data = \"state\"",
+            "data = \"state\"\n[limits]\nmemory_mib = 32\ncall_timeout_ms = 100",
+        ) + "on_failure = \"halt\"\n[projection.limits]\ncall_timeout_ms = 50\nfuel = 1000\n";
+        let config = parse(&text).unwrap();
+        let p = &config.projections[0];
+        assert_eq!(p.on_failure, FailurePolicy::Halt);
+        let limits = config.limits(p);
+        assert_eq!(limits.memory_bytes, 32 << 20);
+        assert_eq!(limits.call_timeout, std::time::Duration::from_millis(50));
+        assert_eq!(limits.fuel, Some(1000));
+        assert_eq!(limits.value_bytes, 1024 << 10);
+        assert!(config.uses_fuel());
     }
 
     #[test]

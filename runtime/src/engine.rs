@@ -5,19 +5,175 @@
 //! for `wasm32-unknown-unknown` that carries its component type; the latter
 //! is turned into a component here (wit-component), so a plain `cargo build`
 //! output deploys as is. Either way it must implement the `projection` world.
+//!
+//! The sandbox's limits live here too: [`Limits`] (memory, a wall-clock
+//! deadline per call through epoch interruption, optional fuel, tables,
+//! instances, value sizes, guest log rate) and how a broken limit reads.
 
 use crate::bindings::{Projection, ProjectionPre};
+use crate::config::LimitsConfig;
 use crate::guest_host::GuestHost;
 use anyhow::{Context as _, Result, bail};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 use wasmtime::component::{Component, HasSelf, Linker};
-use wasmtime::{Config, Engine};
+use wasmtime::{Config, Engine, Store, Trap};
 
-/// The engine, with the world's imports linked to [`GuestHost`].
+/// How often the engine's epoch advances: the resolution of call deadlines.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// The limits one projection's instances run under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Linear memory cap per instance, bytes.
+    pub memory_bytes: usize,
+    /// Wall-clock deadline per guest call.
+    pub call_timeout: Duration,
+    /// Fuel per guest call; `None`: unmetered.
+    pub fuel: Option<u64>,
+    /// Table elements cap per table.
+    pub table_elements: usize,
+    /// Instances, tables and memories cap per store.
+    pub instances: usize,
+    /// Largest key + value, SQL text or blob parameter, bytes.
+    pub value_bytes: usize,
+    /// Guest log lines per second.
+    pub log_lines_per_second: u64,
+    /// Longest guest log line, bytes.
+    pub log_line_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits::resolve(&LimitsConfig::default(), &LimitsConfig::default())
+            .expect("defaults are valid")
+    }
+}
+
+impl Limits {
+    /// `overrides`, falling back to `defaults`, then to the built-in values.
+    pub fn resolve(defaults: &LimitsConfig, overrides: &LimitsConfig) -> Result<Limits, String> {
+        fn pick(
+            name: &str,
+            a: Option<u64>,
+            b: Option<u64>,
+            builtin: u64,
+            max: u64,
+        ) -> Result<u64, String> {
+            let value = a.or(b).unwrap_or(builtin);
+            if value == 0 || value > max {
+                return Err(format!("{name} = {value} is out of range; use 1 to {max}"));
+            }
+            Ok(value)
+        }
+        let (o, d) = (overrides, defaults);
+        Ok(Limits {
+            memory_bytes: (pick("memory_mib", o.memory_mib, d.memory_mib, 64, 4096)? << 20)
+                as usize,
+            call_timeout: Duration::from_millis(pick(
+                "call_timeout_ms",
+                o.call_timeout_ms,
+                d.call_timeout_ms,
+                5000,
+                3_600_000,
+            )?),
+            fuel: match o.fuel.or(d.fuel) {
+                Some(0) => return Err("fuel = 0 is out of range; use at least 1".into()),
+                fuel => fuel,
+            },
+            table_elements: pick(
+                "table_elements",
+                o.table_elements,
+                d.table_elements,
+                20_000,
+                10_000_000,
+            )? as usize,
+            instances: pick("instances", o.instances, d.instances, 16, 10_000)? as usize,
+            value_bytes: (pick("value_kib", o.value_kib, d.value_kib, 1024, 1 << 20)? << 10)
+                as usize,
+            log_lines_per_second: pick(
+                "log_lines_per_second",
+                o.log_lines_per_second,
+                d.log_lines_per_second,
+                100,
+                1_000_000,
+            )?,
+            log_line_bytes: pick(
+                "log_line_bytes",
+                o.log_line_bytes,
+                d.log_line_bytes,
+                4096,
+                1 << 20,
+            )? as usize,
+        })
+    }
+
+    /// Arm `store` for one guest call: a fresh deadline and fuel.
+    pub fn arm(&self, store: &mut Store<GuestHost>, fuel_enabled: bool) -> Result<()> {
+        let ticks = self
+            .call_timeout
+            .as_millis()
+            .div_ceil(EPOCH_TICK.as_millis())
+            .max(1);
+        store.set_epoch_deadline(ticks as u64);
+        if fuel_enabled {
+            store
+                .set_fuel(self.fuel.unwrap_or(u64::MAX))
+                .map_err(anyhow::Error::from)?;
+        }
+        Ok(())
+    }
+
+    /// Say what a trap means, naming the limit it broke, if it broke one.
+    pub fn describe_trap(&self, err: wasmtime::Error) -> String {
+        match err.downcast_ref::<Trap>() {
+            Some(Trap::Interrupt) => format!(
+                "the call ran past its deadline of {} ms (limits.call_timeout_ms)",
+                self.call_timeout.as_millis()
+            ),
+            Some(Trap::OutOfFuel) => {
+                format!(
+                    "the call ran out of fuel ({} units, limits.fuel)",
+                    self.fuel.unwrap_or(0)
+                )
+            }
+            Some(Trap::StackOverflow) => "wasm stack overflow (unbounded recursion?)".to_string(),
+            Some(Trap::UnreachableCodeReached) => {
+                "module trapped: wasm `unreachable` executed (a panic or abort in the module)"
+                    .into()
+            }
+            Some(trap) => format!("module trapped: {trap}"),
+            // Not a wasm trap: an import refused (a broken limit) — its
+            // message says which. Keep the chain, without the backtrace.
+            None => {
+                let err = anyhow::Error::from(err);
+                let chain: Vec<String> = err
+                    .chain()
+                    .map(|cause| cause.to_string())
+                    .filter(|line| !line.starts_with("error while executing at wasm backtrace"))
+                    .collect();
+                format!("module trapped: {}", chain.join(": "))
+            }
+        }
+    }
+}
+
+/// The engine, with the world's imports linked to [`GuestHost`], and the
+/// thread that advances its epoch so call deadlines fire.
 pub struct ProjectorEngine {
     engine: Engine,
     linker: Linker<GuestHost>,
+    fuel: bool,
+    ticker_stop: Arc<AtomicBool>,
+}
+
+impl Drop for ProjectorEngine {
+    fn drop(&mut self) {
+        self.ticker_stop.store(true, Ordering::Relaxed);
+    }
 }
 
 /// A module compiled, linked and checked against the world.
@@ -32,10 +188,13 @@ pub struct LoadedModule {
 }
 
 impl ProjectorEngine {
-    /// An engine with the host's settings.
-    pub fn new() -> Result<Self> {
+    /// An engine with the host's settings; `fuel` turns on fuel metering
+    /// (needed when any projection sets `limits.fuel`).
+    pub fn new(fuel: bool) -> Result<Self> {
         let mut config = Config::new();
         config.cranelift_opt_level(wasmtime::OptLevel::Speed);
+        config.epoch_interruption(true);
+        config.consume_fuel(fuel);
         let engine = Engine::new(&config)
             .map_err(anyhow::Error::from)
             .context("creating the wasmtime engine")?;
@@ -43,7 +202,28 @@ impl ProjectorEngine {
         Projection::add_to_linker::<GuestHost, HasSelf<GuestHost>>(&mut linker, |host| host)
             .map_err(anyhow::Error::from)
             .context("linking the projection world's imports")?;
-        Ok(ProjectorEngine { engine, linker })
+        let ticker_stop = Arc::new(AtomicBool::new(false));
+        let (ticking, stop) = (engine.clone(), ticker_stop.clone());
+        std::thread::Builder::new()
+            .name("epoch-ticker".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    ticking.increment_epoch();
+                }
+            })
+            .context("cannot start the epoch ticker")?;
+        Ok(ProjectorEngine {
+            engine,
+            linker,
+            fuel,
+            ticker_stop,
+        })
+    }
+
+    /// Whether fuel is metered.
+    pub fn fuel_enabled(&self) -> bool {
+        self.fuel
     }
 
     /// The underlying engine.

@@ -7,14 +7,20 @@
 //! authorizer keeps guest SQL inside that contract: no transaction control,
 //! no ATTACH, no pragmas, no extension loading, and no access to the
 //! runtime's own tables.
+//!
+//! It is also the store's resource limiter: memory, tables and instances are
+//! capped by the projection's [`Limits`], and guest log lines are cut and
+//! rate-limited, with a count of what was dropped.
 
 use crate::bindings::{Event, Level, LogHost, Rows, SqlHost, StateHost, TypesHost, Value};
-use anyhow::Result;
+use crate::engine::Limits;
+use anyhow::{Result, bail};
 use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, ToSql, params_from_iter};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
 /// Tables the runtime owns inside a projection's database; the guest may
 /// neither read nor write them (it could forge its checkpoint or hide its
@@ -35,11 +41,15 @@ pub struct GuestHost {
     /// Set when an import failed because of the host (not the guest): the
     /// trap that follows is then the host's fault and must not dead-letter.
     host_error: Option<anyhow::Error>,
+    limits: Limits,
+    log_tokens: f64,
+    log_refilled: Instant,
+    log_dropped: u64,
 }
 
 impl GuestHost {
     /// Wrap the projection's database connection.
-    pub fn new(mut db: Connection, projection: Arc<str>) -> Result<Self> {
+    pub fn new(mut db: Connection, projection: Arc<str>, limits: Limits) -> Result<Self> {
         let guest_sql = Arc::new(AtomicBool::new(false));
         let flag = guest_sql.clone();
         db.authorizer(Some(move |ctx: AuthContext<'_>| {
@@ -56,7 +66,59 @@ impl GuestHost {
             guest_sql,
             batch: Vec::new(),
             host_error: None,
+            limits,
+            log_tokens: limits.log_lines_per_second as f64,
+            log_refilled: Instant::now(),
+            log_dropped: 0,
         })
+    }
+
+    /// The limits this instance runs under.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Guest log lines dropped over the rate limit since the last call.
+    pub fn take_log_dropped(&mut self) -> u64 {
+        std::mem::take(&mut self.log_dropped)
+    }
+
+    fn check_size(&self, what: &str, bytes: usize) -> Result<()> {
+        if bytes > self.limits.value_bytes {
+            bail!(
+                "{what} of {bytes} bytes is over the limit of {} bytes (limits.value_kib)",
+                self.limits.value_bytes
+            );
+        }
+        Ok(())
+    }
+
+    fn check_params(&self, params: &[Value]) -> Result<()> {
+        for value in params {
+            match value {
+                Value::Text(s) => self.check_size("an SQL text parameter", s.len())?,
+                Value::Blob(b) => self.check_size("an SQL blob parameter", b.len())?,
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a log line may go out now (a token bucket refilled at the
+    /// rate limit, holding one second's worth).
+    fn take_log_token(&mut self) -> bool {
+        let rate = self.limits.log_lines_per_second as f64;
+        let now = Instant::now();
+        let refill = now.duration_since(self.log_refilled).as_secs_f64() * rate;
+        self.log_tokens = (self.log_tokens + refill).min(rate);
+        self.log_refilled = now;
+        if self.log_tokens >= 1.0 {
+            self.log_tokens -= 1.0;
+            true
+        } else {
+            self.log_dropped += 1;
+            false
+        }
     }
 
     /// The projection's database.
@@ -151,6 +213,10 @@ impl StateHost for GuestHost {
     }
 
     fn set(&mut self, key: String, value: Vec<u8>) -> Result<()> {
+        self.check_size(
+            &format!("the state value for key {:?}", truncated(&key, 64)),
+            key.len() + value.len(),
+        )?;
         let result = self
             .db
             .prepare_cached("INSERT OR REPLACE INTO projector_kv (key, value) VALUES (?1, ?2)")
@@ -183,6 +249,7 @@ impl StateHost for GuestHost {
 
 impl SqlHost for GuestHost {
     fn execute(&mut self, statement: String, params: Vec<Value>) -> Result<Result<u64, String>> {
+        self.check_params(&params)?;
         Ok(self.as_guest(|db| {
             let mut stmt = db
                 .prepare_cached(&statement)
@@ -198,6 +265,7 @@ impl SqlHost for GuestHost {
     }
 
     fn query(&mut self, statement: String, params: Vec<Value>) -> Result<Result<Rows, String>> {
+        self.check_params(&params)?;
         Ok(self.as_guest(|db| {
             let mut stmt = db
                 .prepare_cached(&statement)
@@ -224,6 +292,17 @@ impl SqlHost for GuestHost {
 
 impl LogHost for GuestHost {
     fn write(&mut self, level: Level, message: String, position: Option<u64>) -> Result<()> {
+        if !self.take_log_token() {
+            return Ok(());
+        }
+        let message = match message.len() > self.limits.log_line_bytes {
+            true => format!(
+                "{}… ({} bytes cut, limits.log_line_bytes)",
+                truncated(&message, self.limits.log_line_bytes),
+                message.len() - truncated(&message, self.limits.log_line_bytes).len()
+            ),
+            false => message,
+        };
         let event = position.and_then(|p| {
             self.batch
                 .binary_search_by_key(&p, |(position, _, _)| *position)
@@ -255,6 +334,60 @@ impl LogHost for GuestHost {
         }
         Ok(())
     }
+}
+
+impl wasmtime::ResourceLimiter for GuestHost {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.limits.memory_bytes {
+            return Err(wasmtime::Error::from_anyhow(anyhow::anyhow!(
+                "linear memory would grow to {} MiB, over the limit of {} MiB (limits.memory_mib)",
+                desired.div_ceil(1 << 20),
+                self.limits.memory_bytes >> 20
+            )));
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.limits.table_elements {
+            return Err(wasmtime::Error::from_anyhow(anyhow::anyhow!(
+                "a table would grow to {desired} elements, over the limit of {} (limits.table_elements)",
+                self.limits.table_elements
+            )));
+        }
+        Ok(true)
+    }
+
+    fn instances(&self) -> usize {
+        self.limits.instances
+    }
+
+    fn tables(&self) -> usize {
+        self.limits.instances
+    }
+
+    fn memories(&self) -> usize {
+        self.limits.instances
+    }
+}
+
+/// The longest prefix of `s` of at most `max` bytes, on a char boundary.
+fn truncated(s: &str, max: usize) -> &str {
+    let mut end = max.min(s.len());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 impl ToSql for Value {

@@ -15,6 +15,7 @@ pub mod engine;
 pub mod event_log;
 pub mod guest_host;
 pub mod inspect;
+pub mod instance;
 pub mod projection;
 pub mod projection_db;
 pub mod replay;

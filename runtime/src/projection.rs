@@ -4,17 +4,17 @@
 //!    to are skipped in the read);
 //! 2. `BEGIN`; `handle(batch)`; write the new checkpoint; `COMMIT` — so the
 //!    effect on state is exactly once, whatever the source redelivers;
-//! 3. on `retry`: roll back, back off, try again; on `reject` or a trap: roll
-//!    back, split the batch to find the event, and park it as a dead letter
-//!    in the transaction that moves the checkpoint past it.
-//!
-//! A guest's linear memory is a cache, never the truth: an instance that
-//! trapped is thrown away and a fresh one made from its `InstancePre`.
+//! 3. on `retry`: roll back, back off, try again (shown in status); on
+//!    `reject` or a trap: roll back, split the batch to find the event, then
+//!    by policy park it as a dead letter in the transaction that moves the
+//!    checkpoint past it, or halt the projection as faulted before it.
 
-use crate::bindings::{Event, Failure, Projection};
-use crate::engine::{LoadedModule, ProjectorEngine};
+use crate::bindings::{Event, Failure};
+use crate::config::FailurePolicy;
+use crate::engine::{Limits, ProjectorEngine};
 use crate::event_log::{EventLog, Filter, LogReader, POLL_INTERVAL};
 use crate::guest_host::GuestHost;
+use crate::instance::{Attempt, GuestInstance};
 use crate::projection_db::{self, LOG_SOURCE};
 use anyhow::{Context as _, Result, bail};
 use rusqlite::Connection;
@@ -22,9 +22,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use wasmtime::Store;
 
-/// Where a projection's pieces are.
+/// Where a projection's pieces are, and how it runs.
 #[derive(Debug, Clone)]
 pub struct ProjectionSpec {
     /// The projection's name.
@@ -37,6 +36,10 @@ pub struct ProjectionSpec {
     pub filter: Filter,
     /// At most this many events per batch.
     pub batch_size: usize,
+    /// The sandbox's limits.
+    pub limits: Limits,
+    /// What to do with an event the module rejects or traps on.
+    pub policy: FailurePolicy,
 }
 
 /// What one step of the loop did.
@@ -55,24 +58,17 @@ const RETRY_BACKOFF_START: Duration = Duration::from_millis(10);
 /// …up to this.
 const RETRY_BACKOFF_CAP: Duration = Duration::from_secs(5);
 
-/// A live instance: its store (which owns the database connection) and
-/// the typed exports.
-struct Live {
-    store: Store<GuestHost>,
-    guest: Projection,
-}
-
 /// Runs one projection: a module over the event log into its database.
 pub struct ProjectionRunner {
     name: Arc<str>,
-    engine: Arc<ProjectorEngine>,
-    module: LoadedModule,
-    live: Option<Live>,
+    instance: GuestInstance,
     reader: LogReader,
     filter: Filter,
     batch_size: usize,
+    policy: FailurePolicy,
     checkpoint: u64,
     stop: Arc<AtomicBool>,
+    retrying: bool,
     handled: u64,
     parked: u64,
 }
@@ -93,29 +89,31 @@ impl ProjectionRunner {
             .load_file(&spec.module)
             .with_context(|| format!("projection {name}: cannot load its module"))?;
         let db = projection_db::open(&spec.database)?;
-        let mut runner = ProjectionRunner {
-            name: name.clone(),
-            engine,
-            module,
-            live: None,
-            reader: log.reader()?,
-            filter: spec.filter.clone(),
-            batch_size: spec.batch_size,
-            checkpoint: projection_db::checkpoint(&db, LOG_SOURCE)?,
-            stop,
-            handled: 0,
-            parked: 0,
-        };
-        runner.instantiate(GuestHost::new(db, name)?)?;
-        let db = runner.db();
-        projection_db::set_meta(db, "module", Some(&runner.module.sha256))?;
+        let checkpoint = projection_db::checkpoint(&db, LOG_SOURCE)?;
+        let host = GuestHost::new(db, name.clone(), spec.limits)?;
+        let instance = GuestInstance::new(engine, module, host)?;
+        let db = instance.db();
+        projection_db::set_meta(db, "module", Some(&instance.module().sha256))?;
         projection_db::set_meta(
             db,
             "module_path",
-            Some(&runner.module.path.to_string_lossy()),
+            Some(&instance.module().path.to_string_lossy()),
         )?;
         projection_db::set_meta(db, "error", None)?;
-        Ok(runner)
+        projection_db::set_meta(db, "retrying", None)?;
+        Ok(ProjectionRunner {
+            name,
+            instance,
+            reader: log.reader()?,
+            filter: spec.filter.clone(),
+            batch_size: spec.batch_size,
+            policy: spec.policy,
+            checkpoint,
+            stop,
+            retrying: false,
+            handled: 0,
+            parked: 0,
+        })
     }
 
     /// The projection's name.
@@ -125,7 +123,7 @@ impl ProjectionRunner {
 
     /// The sha256 of the running module.
     pub fn module_sha256(&self) -> &str {
-        &self.module.sha256
+        &self.instance.module().sha256
     }
 
     /// The position up to which every event's effect is committed.
@@ -145,12 +143,7 @@ impl ProjectionRunner {
 
     /// The projection's database (processing connection).
     pub fn db(&self) -> &Connection {
-        self.live
-            .as_ref()
-            .expect("a live instance")
-            .store
-            .data()
-            .db()
+        self.instance.db()
     }
 
     /// Process until the stop flag is set. The batch in flight commits or
@@ -181,8 +174,7 @@ impl ProjectionRunner {
         }
         if batch.events.is_empty() {
             // Only events of other streams or types: move past them.
-            let db = self.db();
-            projection_db::set_checkpoint(db, LOG_SOURCE, batch.scanned_to)?;
+            projection_db::set_checkpoint(self.db(), LOG_SOURCE, batch.scanned_to)?;
             self.checkpoint = batch.scanned_to;
             return Ok(Step::Advanced(0));
         }
@@ -198,14 +190,21 @@ impl ProjectionRunner {
         let mut attempts: u32 = 0;
         loop {
             attempts += 1;
-            let reason = match self.handle_in_transaction(events, checkpoint_after)? {
-                None => {
+            let attempt = self.instance.handle_in_transaction(events, |db| {
+                projection_db::set_checkpoint(db, LOG_SOURCE, checkpoint_after)
+            })?;
+            let reason = match attempt {
+                Attempt::Committed => {
+                    self.checkpoint = checkpoint_after;
                     self.handled += events.len() as u64;
+                    if std::mem::take(&mut self.retrying) {
+                        projection_db::set_meta(self.db(), "retrying", None)?;
+                    }
                     return Ok(true);
                 }
-                Some(Failure::Retry(reason)) => {
+                Attempt::Failed(Failure::Retry(reason)) => {
                     let wait = RETRY_BACKOFF_START
-                        .saturating_mul(1 << attempts.min(16))
+                        .saturating_mul(1 << (attempts - 1).min(16))
                         .min(RETRY_BACKOFF_CAP);
                     tracing::warn!(
                         projection = &*self.name,
@@ -214,12 +213,20 @@ impl ProjectionRunner {
                         attempts,
                         "module asked to retry: {reason}; retrying in {wait:?}"
                     );
+                    let retrying = serde_json::json!({
+                        "position": events[0].position,
+                        "attempts": attempts,
+                        "reason": reason,
+                    });
+                    projection_db::set_meta(self.db(), "retrying", Some(&retrying.to_string()))?;
+                    self.retrying = true;
                     if !self.sleep_unless_stopped(wait) {
                         return Ok(false);
                     }
                     continue;
                 }
-                Some(Failure::Reject(reason)) => reason,
+                Attempt::Failed(Failure::Reject(reason)) => reason,
+                Attempt::Trapped(reason) => reason,
             };
             if events.len() > 1 {
                 // Split to find the event: the halves commit on their own.
@@ -227,57 +234,20 @@ impl ProjectionRunner {
                 return Ok(self.apply(&events[..mid], events[mid - 1].position)?
                     && self.apply(&events[mid..], checkpoint_after)?);
             }
-            self.park(&events[0], &reason, attempts, checkpoint_after)?;
-            return Ok(true);
-        }
-    }
-
-    /// One attempt: `BEGIN`, `handle`, checkpoint, `COMMIT`. Returns the
-    /// guest's failure (a trap counts as a reject) after rolling back.
-    fn handle_in_transaction(
-        &mut self,
-        events: &[Event],
-        checkpoint_after: u64,
-    ) -> Result<Option<Failure>> {
-        let live = self.live.as_mut().expect("a live instance");
-        live.store
-            .data()
-            .db()
-            .prepare_cached("BEGIN")?
-            .execute([])?;
-        live.store.data_mut().set_batch(events);
-        let result = live.guest.call_handle(&mut live.store, events);
-        let db = live.store.data().db();
-        match result {
-            Ok(Ok(())) => {
-                projection_db::set_checkpoint(db, LOG_SOURCE, checkpoint_after)?;
-                db.prepare_cached("COMMIT")?
-                    .execute([])
-                    .with_context(|| format!("projection {}: cannot commit a batch", self.name))?;
-                self.checkpoint = checkpoint_after;
-                Ok(None)
-            }
-            Ok(Err(failure)) => {
-                db.prepare_cached("ROLLBACK")?.execute([])?;
-                Ok(Some(failure))
-            }
-            Err(trap) => {
-                db.prepare_cached("ROLLBACK")?.execute([])?;
-                let host_error = live.store.data_mut().take_host_error();
-                if let Some(err) = host_error {
-                    return Err(err.context(format!("projection {}: the host failed", self.name)));
+            let event = &events[0];
+            match self.policy {
+                FailurePolicy::DeadLetter => {
+                    self.park(event, &reason, attempts, checkpoint_after)?
                 }
-                let reason = format!("module trapped: {:#}", anyhow::Error::from(trap));
-                tracing::warn!(
-                    projection = &*self.name,
-                    first_position = events[0].position,
-                    events = events.len(),
-                    "{reason}; making a fresh instance"
-                );
-                let live = self.live.take().expect("a live instance");
-                self.instantiate(live.store.into_data())?;
-                Ok(Some(Failure::Reject(reason)))
+                FailurePolicy::Halt => bail!(
+                    "halted at event {} (position {}): {reason}; the checkpoint stays at {} \
+                     (on_failure = \"halt\"): fix the module or the event, then restart",
+                    event.id,
+                    event.position,
+                    self.checkpoint
+                ),
             }
+            return Ok(true);
         }
     }
 
@@ -289,9 +259,10 @@ impl ProjectionRunner {
         attempts: u32,
         checkpoint_after: u64,
     ) -> Result<()> {
+        let module = self.instance.module().sha256.clone();
         let db = self.db();
-        db.prepare_cached("BEGIN")?.execute([])?;
-        projection_db::park(db, LOG_SOURCE, event, reason, &self.module.sha256, attempts)?;
+        db.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+        projection_db::park(db, LOG_SOURCE, event, reason, &module, attempts)?;
         projection_db::set_checkpoint(db, LOG_SOURCE, checkpoint_after)?;
         db.prepare_cached("COMMIT")?.execute([])?;
         self.checkpoint = checkpoint_after;
@@ -303,59 +274,6 @@ impl ProjectionRunner {
             position = event.position,
             "event parked as a dead letter: {reason}"
         );
-        Ok(())
-    }
-
-    /// Make a fresh instance over `host` and run the module's `init` in a
-    /// transaction, recording the state version it builds.
-    fn instantiate(&mut self, host: GuestHost) -> Result<()> {
-        let name = &self.name;
-        let shown = self.module.path.display();
-        let mut store = Store::new(self.engine.engine(), host);
-        let guest = self
-            .module
-            .pre
-            .instantiate(&mut store)
-            .map_err(anyhow::Error::from)
-            .with_context(|| format!("projection {name}: module {shown} failed to instantiate"))?;
-        let version = guest
-            .call_state_version(&mut store)
-            .map_err(anyhow::Error::from)
-            .with_context(|| {
-                format!("projection {name}: module {shown} trapped in state-version")
-            })?;
-        let db = store.data().db();
-        let found = projection_db::meta(db, "state_version")?
-            .map(|v| v.parse::<u32>())
-            .transpose()
-            .context("the database's state_version is not a number")?;
-        if let Some(found) = found
-            && found != version
-        {
-            bail!(
-                "projection {name}: module {shown} builds state version {version} but the \
-                 database {} holds version {found}; remove the database to rebuild it from the log",
-                db.path().unwrap_or("?")
-            );
-        }
-        db.prepare_cached("BEGIN")?.execute([])?;
-        match guest.call_init(&mut store, found) {
-            Ok(Ok(())) => {
-                let db = store.data().db();
-                projection_db::set_meta(db, "state_version", Some(&version.to_string()))?;
-                db.prepare_cached("COMMIT")?.execute([])?;
-            }
-            Ok(Err(reason)) => {
-                store.data().db().prepare_cached("ROLLBACK")?.execute([])?;
-                bail!("projection {name}: module {shown} refused to init: {reason}");
-            }
-            Err(trap) => {
-                store.data().db().prepare_cached("ROLLBACK")?.execute([])?;
-                return Err(anyhow::Error::from(trap)
-                    .context(format!("projection {name}: module {shown} trapped in init")));
-            }
-        }
-        self.live = Some(Live { store, guest });
         Ok(())
     }
 

@@ -4,7 +4,8 @@
 //! fastest development loop, and what tests and CI drive.
 
 use crate::cloudevents;
-use crate::engine::ProjectorEngine;
+use crate::config::FailurePolicy;
+use crate::engine::{Limits, ProjectorEngine};
 use crate::event_log::{EventLog, Filter};
 use crate::inspect;
 use crate::projection::{ProjectionRunner, ProjectionSpec};
@@ -49,13 +50,15 @@ pub fn replay(options: &ReplayOptions) -> Result<ReplayOutcome> {
     let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
     let log = EventLog::open(dir.path())?;
     let appended = log.append(&options.stream, &events)?;
-    let engine = Arc::new(ProjectorEngine::new()?);
+    let engine = Arc::new(ProjectorEngine::new(false)?);
     let spec = ProjectionSpec {
         name: "replay".into(),
         module: options.module.clone(),
         database: dir.path().join("replay.db"),
         filter: Filter::default(),
         batch_size: options.batch,
+        limits: Limits::default(),
+        policy: FailurePolicy::DeadLetter,
     };
     let mut runner =
         ProjectionRunner::start(engine, &spec, &log, Arc::new(AtomicBool::new(false)))?;

@@ -44,7 +44,7 @@ impl Supervisor {
             )
         })?;
         let log = Arc::new(EventLog::open(&config.data)?);
-        let engine = Arc::new(ProjectorEngine::new()?);
+        let engine = Arc::new(ProjectorEngine::new(config.uses_fuel())?);
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
         for p in &config.projections {
@@ -57,6 +57,8 @@ impl Supervisor {
                     types: p.types.clone(),
                 },
                 batch_size: p.batch_size,
+                limits: config.limits(p),
+                policy: p.on_failure,
             };
             let (engine, log, stop) = (engine.clone(), log.clone(), stop.clone());
             let thread = std::thread::Builder::new()

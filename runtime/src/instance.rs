@@ -1,0 +1,211 @@
+//! [`GuestInstance`]: one live instance of a module over a projection's
+//! database — instantiate, check the state version, `init`, and call
+//! `handle` inside a transaction, each call armed with the projection's
+//! limits.
+//!
+//! A guest's linear memory is a cache, never the truth: an instance that
+//! trapped is thrown away and a fresh one made from its `InstancePre`.
+
+use crate::bindings::{Event, Failure, Projection};
+use crate::engine::{LoadedModule, ProjectorEngine};
+use crate::guest_host::GuestHost;
+use crate::projection_db;
+use anyhow::{Context as _, Result, bail};
+use rusqlite::Connection;
+use std::sync::Arc;
+use wasmtime::Store;
+
+/// How one `handle` call in a transaction ended.
+#[derive(Debug, Clone)]
+pub enum Attempt {
+    /// The batch's writes and whatever `before_commit` wrote are committed.
+    Committed,
+    /// The module returned a failure; everything was rolled back.
+    Failed(Failure),
+    /// The module trapped (the reason names a broken limit, if one was);
+    /// everything was rolled back and the instance re-made.
+    Trapped(String),
+}
+
+/// A live instance of a projection module.
+pub struct GuestInstance {
+    engine: Arc<ProjectorEngine>,
+    module: LoadedModule,
+    store: Store<GuestHost>,
+    guest: Projection,
+}
+
+impl GuestInstance {
+    /// Instantiate `module` over `host`'s database and run its `init`.
+    pub fn new(
+        engine: Arc<ProjectorEngine>,
+        module: LoadedModule,
+        host: GuestHost,
+    ) -> Result<Self> {
+        let (store, guest) = instantiate(&engine, &module, host)?;
+        Ok(GuestInstance {
+            engine,
+            module,
+            store,
+            guest,
+        })
+    }
+
+    /// The module this instance runs.
+    pub fn module(&self) -> &LoadedModule {
+        &self.module
+    }
+
+    /// The projection's database (this instance's connection).
+    pub fn db(&self) -> &Connection {
+        self.store.data().db()
+    }
+
+    /// `BEGIN`; `handle(events)`; on success `before_commit` (the
+    /// checkpoint, a dead letter's removal) and `COMMIT`; else `ROLLBACK`.
+    /// Fails only when the host itself fails (its database, a commit).
+    pub fn handle_in_transaction(
+        &mut self,
+        events: &[Event],
+        before_commit: impl FnOnce(&Connection) -> Result<()>,
+    ) -> Result<Attempt> {
+        let limits = *self.store.data().limits();
+        limits.arm(&mut self.store, self.engine.fuel_enabled())?;
+        self.db().prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+        self.store.data_mut().set_batch(events);
+        let result = self.guest.call_handle(&mut self.store, events);
+        let dropped = self.store.data_mut().take_log_dropped();
+        if dropped > 0 {
+            tracing::warn!(
+                projection = self.store.data().projection(),
+                dropped,
+                "guest log lines dropped over limits.log_lines_per_second"
+            );
+        }
+        match result {
+            Ok(Ok(())) => {
+                let committed = before_commit(self.db())
+                    .and_then(|()| Ok(self.db().prepare_cached("COMMIT")?.execute([])?));
+                if let Err(err) = committed {
+                    let _ = self.db().execute_batch("ROLLBACK");
+                    return Err(err.context(format!(
+                        "projection {}: cannot commit a batch",
+                        self.store.data().projection()
+                    )));
+                }
+                Ok(Attempt::Committed)
+            }
+            Ok(Err(failure)) => {
+                self.db().prepare_cached("ROLLBACK")?.execute([])?;
+                Ok(Attempt::Failed(failure))
+            }
+            Err(trap) => {
+                self.db().prepare_cached("ROLLBACK")?.execute([])?;
+                if let Some(err) = self.store.data_mut().take_host_error() {
+                    return Err(err.context(format!(
+                        "projection {}: the host failed",
+                        self.store.data().projection()
+                    )));
+                }
+                let reason = limits.describe_trap(trap);
+                tracing::warn!(
+                    projection = self.store.data().projection(),
+                    first_position = events.first().map_or(0, |e| e.position),
+                    events = events.len(),
+                    "{reason}; making a fresh instance"
+                );
+                self.remake()?;
+                Ok(Attempt::Trapped(reason))
+            }
+        }
+    }
+
+    /// Throw this instance away and make a fresh one over the same database.
+    fn remake(&mut self) -> Result<()> {
+        // A placeholder store holds nothing; it lives only while the old
+        // store's data moves into the new one.
+        let placeholder = GuestHost::new(
+            Connection::open_in_memory()?,
+            self.store.data().projection().into(),
+            *self.store.data().limits(),
+        )?;
+        let old = std::mem::replace(
+            &mut self.store,
+            Store::new(self.engine.engine(), placeholder),
+        );
+        let (store, guest) = instantiate(&self.engine, &self.module, old.into_data())?;
+        self.store = store;
+        self.guest = guest;
+        Ok(())
+    }
+}
+
+/// A fresh instance over `host`: instantiate, check the state version the
+/// database holds against the module's, run `init` in a transaction.
+fn instantiate(
+    engine: &ProjectorEngine,
+    module: &LoadedModule,
+    host: GuestHost,
+) -> Result<(Store<GuestHost>, Projection)> {
+    let name = host.projection().to_string();
+    let shown = module.path.display();
+    let limits = *host.limits();
+    let mut store = Store::new(engine.engine(), host);
+    store.limiter(|host| host);
+    store.epoch_deadline_trap();
+    limits.arm(&mut store, engine.fuel_enabled())?;
+    let guest = module
+        .pre
+        .instantiate(&mut store)
+        .map_err(anyhow::Error::from)
+        .with_context(|| format!("projection {name}: module {shown} failed to instantiate"))?;
+    let version = match guest.call_state_version(&mut store) {
+        Ok(version) => version,
+        Err(trap) => bail!(
+            "projection {name}: module {shown} trapped in state-version: {}",
+            limits.describe_trap(trap)
+        ),
+    };
+    let db = store.data().db();
+    let found = projection_db::meta(db, "state_version")?
+        .map(|v| v.parse::<u32>())
+        .transpose()
+        .context("the database's state_version is not a number")?;
+    if let Some(found) = found
+        && found != version
+    {
+        bail!(
+            "projection {name}: module {shown} builds state version {version} but the database \
+             {} holds version {found}; remove the database to rebuild it from the log",
+            db.path().unwrap_or("?")
+        );
+    }
+    limits.arm(&mut store, engine.fuel_enabled())?;
+    store
+        .data()
+        .db()
+        .prepare_cached("BEGIN IMMEDIATE")?
+        .execute([])?;
+    match guest.call_init(&mut store, found) {
+        Ok(Ok(())) => {
+            let db = store.data().db();
+            projection_db::set_meta(db, "state_version", Some(&version.to_string()))?;
+            db.prepare_cached("COMMIT")?.execute([])?;
+        }
+        Ok(Err(reason)) => {
+            store.data().db().prepare_cached("ROLLBACK")?.execute([])?;
+            bail!("projection {name}: module {shown} refused to init: {reason}");
+        }
+        Err(trap) => {
+            store.data().db().prepare_cached("ROLLBACK")?.execute([])?;
+            if let Some(err) = store.data_mut().take_host_error() {
+                return Err(err.context(format!("projection {name}: the host failed in init")));
+            }
+            bail!(
+                "projection {name}: module {shown} trapped in init: {}",
+                limits.describe_trap(trap)
+            );
+        }
+    }
+    Ok((store, guest))
+}
