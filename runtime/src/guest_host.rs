@@ -31,6 +31,9 @@ pub const RUNTIME_TABLES: [&str; 3] = [
     "projector_meta",
 ];
 
+/// Prepended to every guest statement; see [`GuestHost::as_guest`].
+const GUEST_SQL_PREFIX: &str = "/* guest */ ";
+
 /// The store data of one projection instance.
 pub struct GuestHost {
     db: Connection,
@@ -156,6 +159,13 @@ impl GuestHost {
         message
     }
 
+    /// Run `f` with the authorizer applying the guest's rules.
+    ///
+    /// Guest statements must be prepared as the guest's: the connection's
+    /// statement cache is shared with the host, and a cached host statement
+    /// (its `COMMIT`, its checkpoint update) was authorized as the host's.
+    /// So every guest statement is prepared under [`GUEST_SQL_PREFIX`], which
+    /// no host statement carries: a guest can never be handed one.
     fn as_guest<T>(&self, f: impl FnOnce(&Connection) -> T) -> T {
         self.guest_sql.store(true, Ordering::Relaxed);
         let result = f(&self.db);
@@ -252,7 +262,7 @@ impl SqlHost for GuestHost {
         self.check_params(&params)?;
         Ok(self.as_guest(|db| {
             let mut stmt = db
-                .prepare_cached(&statement)
+                .prepare_cached(&format!("{GUEST_SQL_PREFIX}{statement}"))
                 .map_err(|err| err.to_string())?;
             let readonly = stmt.readonly();
             // Step through any rows (`RETURNING`) so every statement runs whole.
@@ -268,7 +278,7 @@ impl SqlHost for GuestHost {
         self.check_params(&params)?;
         Ok(self.as_guest(|db| {
             let mut stmt = db
-                .prepare_cached(&statement)
+                .prepare_cached(&format!("{GUEST_SQL_PREFIX}{statement}"))
                 .map_err(|err| err.to_string())?;
             let columns: Vec<String> = stmt.column_names().map(String::from).collect();
             let width = columns.len();

@@ -35,6 +35,10 @@ pub struct ProjectionStatus {
     /// Why it faulted, if it did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// While the module keeps asking to retry a batch: its first
+    /// position, the attempts so far and the module's reason.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retrying: Option<Value>,
 }
 
 /// The status of every projection in `config`.
@@ -59,6 +63,7 @@ pub fn status(config: &Config) -> Result<Vec<ProjectionStatus>> {
                     state: "new".into(),
                     dead_letters: 0,
                     error: None,
+                    retrying: None,
                 });
             };
             let read = || -> Result<ProjectionStatus> {
@@ -82,6 +87,11 @@ pub fn status(config: &Config) -> Result<Vec<ProjectionStatus>> {
                         projection_db::meta(&db, "error")?
                     } else {
                         None
+                    },
+                    retrying: match state.as_str() {
+                        "running" => projection_db::meta(&db, "retrying")?
+                            .and_then(|text| serde_json::from_str(&text).ok()),
+                        _ => None,
                     },
                     state,
                     dead_letters: dead_letters as u64,

@@ -11,6 +11,7 @@
 pub mod bindings;
 pub mod cloudevents;
 pub mod config;
+pub mod dead_letters;
 pub mod engine;
 pub mod event_log;
 pub mod guest_host;

@@ -4,6 +4,7 @@
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 use projector::config::Config;
+use projector::dead_letters::{self, Selection};
 use projector::event_log::EventLog;
 use projector::replay::{ReplayOptions, replay};
 use projector::supervisor::Supervisor;
@@ -68,6 +69,12 @@ enum Command {
         #[arg(long, short, default_value = "projector.toml")]
         config: PathBuf,
     },
+    /// List, retry or discard a projection's dead letters (works while
+    /// `run` is running).
+    DeadLetters {
+        #[command(subcommand)]
+        action: DeadLetterAction,
+    },
     /// Run a read-only SQL query on a projection's database and print the
     /// rows as a JSON array of objects.
     Query {
@@ -79,6 +86,46 @@ enum Command {
         /// The query, e.g. "SELECT * FROM allowlist".
         #[arg(long)]
         sql: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeadLetterAction {
+    /// Print the dead letters as a JSON array (id, position, stream, type,
+    /// reason, module, attempts, parked_at, …).
+    List {
+        /// The config file (projector.toml).
+        #[arg(long, short, default_value = "projector.toml")]
+        config: PathBuf,
+        /// The projection's name.
+        projection: String,
+    },
+    /// Hand dead letters to the current module again: a success removes
+    /// one, a failure keeps it with attempts + 1. Prints
+    /// {"resolved": [...], "failed": [{"id", "reason"}]}.
+    Retry {
+        /// The config file (projector.toml).
+        #[arg(long, short, default_value = "projector.toml")]
+        config: PathBuf,
+        /// The projection's name.
+        projection: String,
+        /// The event ids to retry.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        ids: Vec<String>,
+        /// Retry every dead letter.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Remove dead letters for good. Prints {"discarded": N}.
+    Discard {
+        /// The config file (projector.toml).
+        #[arg(long, short, default_value = "projector.toml")]
+        config: PathBuf,
+        /// The projection's name.
+        projection: String,
+        /// The event ids to discard.
+        #[arg(required = true)]
+        ids: Vec<String>,
     },
 }
 
@@ -159,6 +206,38 @@ fn execute(command: Command) -> Result<()> {
         Command::Status { config } => {
             let status = inspect::status(&Config::load(&config)?)?;
             println!("{}", serde_json::to_string_pretty(&status)?);
+            Ok(())
+        }
+        Command::DeadLetters { action } => {
+            let output = match action {
+                DeadLetterAction::List { config, projection } => {
+                    serde_json::to_value(dead_letters::list(&Config::load(&config)?, &projection)?)?
+                }
+                DeadLetterAction::Retry {
+                    config,
+                    projection,
+                    ids,
+                    all,
+                } => {
+                    let selection = if all {
+                        Selection::All
+                    } else {
+                        Selection::Ids(ids)
+                    };
+                    let config = Config::load(&config)?;
+                    serde_json::to_value(dead_letters::retry(&config, &projection, &selection)?)?
+                }
+                DeadLetterAction::Discard {
+                    config,
+                    projection,
+                    ids,
+                } => {
+                    let discarded =
+                        dead_letters::discard(&Config::load(&config)?, &projection, &ids)?;
+                    serde_json::json!({ "discarded": discarded })
+                }
+            };
+            println!("{}", serde_json::to_string_pretty(&output)?);
             Ok(())
         }
         Command::Query {

@@ -162,3 +162,103 @@ pub fn park(
     ])?;
     Ok(())
 }
+
+/// A parked event, as `dead-letters list` shows it.
+#[derive(Debug, Clone, serde::Serialize, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// The event's id.
+    pub id: String,
+    /// Its position in the source.
+    pub position: u64,
+    /// Its stream.
+    pub stream: String,
+    /// Its type.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// Why it could not be applied (the last attempt's reason).
+    pub reason: String,
+    /// sha256 of the module that last failed on it.
+    pub module: String,
+    /// How many times it was tried.
+    pub attempts: u32,
+    /// When it was parked (RFC 3339).
+    pub parked_at: String,
+    /// Its subject.
+    pub subject: Option<String>,
+    /// Its time.
+    pub time: Option<String>,
+    /// Its correlation id.
+    pub correlation_id: Option<String>,
+    /// Its causation id.
+    pub causation_id: Option<String>,
+    /// Its payload.
+    #[serde(skip)]
+    pub data: Vec<u8>,
+}
+
+impl DeadLetter {
+    /// The event, to hand to a module again.
+    pub fn event(&self) -> Event {
+        Event {
+            stream: self.stream.clone(),
+            position: self.position,
+            id: self.id.clone(),
+            type_: self.event_type.clone(),
+            subject: self.subject.clone(),
+            time: self.time.clone(),
+            correlation_id: self.correlation_id.clone(),
+            causation_id: self.causation_id.clone(),
+            data: self.data.clone(),
+        }
+    }
+}
+
+/// Every dead letter of `source`, in position order.
+pub fn dead_letters(db: &Connection, source: &str) -> Result<Vec<DeadLetter>> {
+    let mut stmt = db.prepare(
+        "SELECT id, position, stream, type, reason, module, attempts, parked_at, subject, time, \
+         correlation_id, causation_id, data FROM projector_dead_letters WHERE source = ?1 \
+         ORDER BY position",
+    )?;
+    let rows = stmt.query_map([source], |row| {
+        Ok(DeadLetter {
+            id: row.get(0)?,
+            position: row.get::<_, i64>(1)? as u64,
+            stream: row.get(2)?,
+            event_type: row.get(3)?,
+            reason: row.get(4)?,
+            module: row.get(5)?,
+            attempts: row.get(6)?,
+            parked_at: row.get(7)?,
+            subject: row.get(8)?,
+            time: row.get(9)?,
+            correlation_id: row.get(10)?,
+            causation_id: row.get(11)?,
+            data: row.get(12)?,
+        })
+    })?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Remove the dead letter at `position` of `source`.
+pub fn remove_dead_letter(db: &Connection, source: &str, position: u64) -> Result<()> {
+    db.prepare_cached("DELETE FROM projector_dead_letters WHERE source = ?1 AND position = ?2")?
+        .execute(params![source, position as i64])?;
+    Ok(())
+}
+
+/// Record another failed attempt at the dead letter at `position`.
+pub fn record_failed_retry(
+    db: &Connection,
+    source: &str,
+    position: u64,
+    reason: &str,
+    module: &str,
+) -> Result<()> {
+    db.prepare_cached(
+        "UPDATE projector_dead_letters SET attempts = attempts + 1, reason = ?3, module = ?4 \
+         WHERE source = ?1 AND position = ?2",
+    )?
+    .execute(params![source, position as i64, reason, module])?;
+    Ok(())
+}

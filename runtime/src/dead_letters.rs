@@ -1,0 +1,139 @@
+//! Operating on dead letters from the files — list them, hand them to the
+//! current module again, discard them — so it works while `run` is running
+//! (SQLite serialises the writes; each retry is one transaction).
+
+use crate::bindings::Failure;
+use crate::config::Config;
+use crate::engine::ProjectorEngine;
+use crate::guest_host::GuestHost;
+use crate::instance::{Attempt, GuestInstance};
+use crate::projection_db::{self, DeadLetter, LOG_SOURCE};
+use anyhow::{Context as _, Result, bail};
+use serde::Serialize;
+use std::sync::Arc;
+
+/// Which dead letters to act on.
+#[derive(Debug, Clone)]
+pub enum Selection {
+    /// Every one.
+    All,
+    /// These event ids.
+    Ids(Vec<String>),
+}
+
+/// What a retry did.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct RetryOutcome {
+    /// Ids now applied and removed from the dead letters.
+    pub resolved: Vec<String>,
+    /// Ids that failed again (kept, attempts + 1), with the new reason.
+    pub failed: Vec<FailedRetry>,
+}
+
+/// A dead letter that failed again.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct FailedRetry {
+    /// The event's id.
+    pub id: String,
+    /// Why it failed this time.
+    pub reason: String,
+}
+
+/// The dead letters of projection `name`.
+pub fn list(config: &Config, name: &str) -> Result<Vec<DeadLetter>> {
+    config.projection(name)?;
+    let path = config.database_path(name);
+    match projection_db::open_read_only(&path)? {
+        Some(db) if projection_db::is_initialized(&db)? => {
+            projection_db::dead_letters(&db, LOG_SOURCE)
+        }
+        _ => Ok(Vec::new()),
+    }
+}
+
+/// Hand the selected dead letters of `name`, in position order, to the
+/// module the config names: a success removes one, a failure keeps it with
+/// attempts + 1 and the new reason.
+pub fn retry(config: &Config, name: &str, selection: &Selection) -> Result<RetryOutcome> {
+    let projection = config.projection(name)?;
+    let chosen = select(config, name, selection)?;
+    let mut outcome = RetryOutcome {
+        resolved: Vec::new(),
+        failed: Vec::new(),
+    };
+    if chosen.is_empty() {
+        return Ok(outcome);
+    }
+    let limits = config.limits(projection);
+    let engine = Arc::new(ProjectorEngine::new(limits.fuel.is_some())?);
+    let module = engine
+        .load_file(&projection.module)
+        .with_context(|| format!("projection {name}: cannot load its module"))?;
+    let db = projection_db::open(&config.database_path(name))?;
+    let mut instance =
+        GuestInstance::new(engine, module, GuestHost::new(db, name.into(), limits)?)?;
+    for letter in chosen {
+        let attempt = instance.handle_in_transaction(&[letter.event()], |db| {
+            projection_db::remove_dead_letter(db, LOG_SOURCE, letter.position)
+        })?;
+        let reason = match attempt {
+            Attempt::Committed => {
+                outcome.resolved.push(letter.id);
+                continue;
+            }
+            Attempt::Failed(Failure::Retry(reason) | Failure::Reject(reason)) => reason,
+            Attempt::Trapped(reason) => reason,
+        };
+        let module = instance.module().sha256.clone();
+        projection_db::record_failed_retry(
+            instance.db(),
+            LOG_SOURCE,
+            letter.position,
+            &reason,
+            &module,
+        )?;
+        outcome.failed.push(FailedRetry {
+            id: letter.id,
+            reason,
+        });
+    }
+    Ok(outcome)
+}
+
+/// Remove the dead letters with these ids from `name`; all must exist, or
+/// nothing is removed. Returns how many were removed.
+pub fn discard(config: &Config, name: &str, ids: &[String]) -> Result<usize> {
+    let chosen = select(config, name, &Selection::Ids(ids.to_vec()))?;
+    let mut db = projection_db::open(&config.database_path(name))?;
+    let tx = db.transaction()?;
+    for letter in &chosen {
+        projection_db::remove_dead_letter(&tx, LOG_SOURCE, letter.position)?;
+    }
+    tx.commit()?;
+    Ok(chosen.len())
+}
+
+fn select(config: &Config, name: &str, selection: &Selection) -> Result<Vec<DeadLetter>> {
+    let all = list(config, name)?;
+    match selection {
+        Selection::All => Ok(all),
+        Selection::Ids(ids) => {
+            if ids.is_empty() {
+                bail!("name the dead letters' event ids, or pass --all");
+            }
+            let missing: Vec<&str> = ids
+                .iter()
+                .filter(|id| !all.iter().any(|l| &&l.id == id))
+                .map(String::as_str)
+                .collect();
+            if !missing.is_empty() {
+                bail!(
+                    "projection {name:?} has no dead letter with id {}; `projector dead-letters \
+                     list` shows them",
+                    missing.join(", ")
+                );
+            }
+            Ok(all.into_iter().filter(|l| ids.contains(&l.id)).collect())
+        }
+    }
+}

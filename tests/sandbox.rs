@@ -1,0 +1,465 @@
+//! Hostile guests in a real `run`, each beside a well-behaved neighbour:
+//! every limit broken on purpose is contained, handled by policy with a
+//! clear reason, and the host and the neighbour carry on untouched.
+
+mod util;
+
+use serde_json::{Value, json};
+use std::time::Duration;
+use util::*;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A `run` with `hostile` (with extra config lines under its
+/// `[[projection]]`) and `neighbour` (the event recorder) on stream `s`.
+struct Scenario {
+    ws: Workspace,
+    host: Host,
+}
+
+impl Scenario {
+    fn start(hostile_extra: &str) -> Scenario {
+        let ws = Workspace::new();
+        std::fs::write(
+            ws.config(),
+            format!(
+                r#"version = 1
+
+[[projection]]
+name = "hostile"
+module = {hostile:?}
+streams = ["s"]
+{hostile_extra}
+
+[[projection]]
+name = "neighbour"
+module = {neighbour:?}
+streams = ["s"]
+"#,
+                hostile = guest("hostile"),
+                neighbour = guest("event_recorder"),
+            ),
+        )
+        .unwrap();
+        let host = ws.start();
+        Scenario { ws, host }
+    }
+
+    /// Append `types` (one event each, `data` as given) around 5 plain
+    /// events before and after; returns the head.
+    fn append(&self, name: &str, events: &[(&str, Value)]) -> u64 {
+        let mut lines: Vec<String> = (0..5)
+            .map(|i| cloud_event(&format!("{name}-before-{i}"), "plain", json!(i)))
+            .collect();
+        for (i, (event_type, data)) in events.iter().enumerate() {
+            lines.push(cloud_event(
+                &format!("{name}-{i}"),
+                event_type,
+                data.clone(),
+            ));
+        }
+        lines.extend((0..5).map(|i| cloud_event(&format!("{name}-after-{i}"), "plain", json!(i))));
+        let file = self.ws.write_events(&format!("{name}.jsonl"), &lines);
+        self.ws.append("s", &file);
+        self.head()
+    }
+
+    fn head(&self) -> u64 {
+        self.ws.status_of("neighbour")["head"].as_u64().unwrap()
+    }
+
+    fn wait_both_at(&self, head: u64) {
+        self.ws.wait_caught_up(head, WAIT);
+    }
+
+    fn dead_letters(&self) -> Vec<Value> {
+        json(&run_ok(&[
+            "dead-letters",
+            "list",
+            "--config",
+            &self.ws.config_str(),
+            "hostile",
+        ]))
+        .as_array()
+        .unwrap()
+        .clone()
+    }
+
+    /// The host is alive, the neighbour handled every event exactly once,
+    /// and the hostile projection recorded `hostile_handled` events.
+    fn assert_contained(&mut self, head: u64, hostile_handled: u64) {
+        assert!(
+            self.host.is_running(),
+            "the host died:\n{}",
+            self.host.logs()
+        );
+        let neighbour = self.ws.query(
+            "neighbour",
+            "SELECT count(*) AS n, count(DISTINCT position) AS d FROM handled",
+        );
+        assert_eq!(
+            neighbour,
+            json!([{"n": head, "d": head}]),
+            "the neighbour handled every event once"
+        );
+        let status = self.ws.status_of("neighbour");
+        assert_eq!(
+            (status["state"].as_str(), status["dead_letters"].as_u64()),
+            (Some("running"), Some(0))
+        );
+        let hostile = self
+            .ws
+            .query("hostile", "SELECT count(*) AS n FROM handled");
+        assert_eq!(
+            hostile,
+            json!([{"n": hostile_handled}]),
+            "the hostile projection's other events"
+        );
+    }
+
+    /// Exactly one dead letter, for the trigger event, with a reason
+    /// containing every one of `expected`.
+    fn assert_parked_one(&self, name: &str, expected: &[&str]) {
+        let letters = self.dead_letters();
+        assert_eq!(letters.len(), 1, "{letters:?}");
+        assert_eq!(letters[0]["id"], format!("{name}-0"));
+        let reason = letters[0]["reason"].as_str().unwrap();
+        for part in expected {
+            assert!(
+                reason.contains(part),
+                "reason {reason:?} should mention {part:?}"
+            );
+        }
+        assert_eq!(self.ws.status_of("hostile")["dead_letters"], 1);
+    }
+}
+
+#[test]
+fn an_infinite_loop_hits_the_call_deadline() {
+    let mut s = Scenario::start("[projection.limits]\ncall_timeout_ms = 200");
+    let head = s.append("loop", &[("h-loop", json!(null))]);
+    s.wait_both_at(head);
+    s.assert_parked_one("loop", &["deadline of 200 ms", "limits.call_timeout_ms"]);
+    s.assert_contained(head, head - 1);
+}
+
+#[test]
+fn an_infinite_loop_runs_out_of_fuel_when_fuel_is_metered() {
+    let mut s = Scenario::start("[projection.limits]\nfuel = 50_000_000");
+    let head = s.append("fuel", &[("h-loop", json!(null))]);
+    s.wait_both_at(head);
+    s.assert_parked_one("fuel", &["ran out of fuel", "50000000", "limits.fuel"]);
+    s.assert_contained(head, head - 1);
+}
+
+#[test]
+fn a_memory_bomb_hits_the_memory_cap() {
+    let mut s = Scenario::start("[projection.limits]\nmemory_mib = 16");
+    let head = s.append("memory", &[("h-memory", json!(null))]);
+    s.wait_both_at(head);
+    s.assert_parked_one(
+        "memory",
+        &[
+            "linear memory would grow",
+            "over the limit of 16 MiB",
+            "limits.memory_mib",
+        ],
+    );
+    s.assert_contained(head, head - 1);
+}
+
+#[test]
+fn unbounded_recursion_overflows_the_stack_and_is_contained() {
+    let mut s = Scenario::start("");
+    let head = s.append("recurse", &[("h-recurse", json!(null))]);
+    s.wait_both_at(head);
+    s.assert_parked_one("recurse", &["stack overflow"]);
+    s.assert_contained(head, head - 1);
+}
+
+#[test]
+fn a_panic_on_one_event_parks_that_event_only() {
+    let mut s = Scenario::start("");
+    let head = s.append("panic", &[("h-panic", json!(null))]);
+    s.wait_both_at(head);
+    s.assert_parked_one("panic", &["module trapped", "unreachable"]);
+    s.assert_contained(head, head - 1);
+}
+
+#[test]
+fn sql_that_attaches_another_projections_database_is_denied() {
+    let mut s = Scenario::start("");
+    // Let the neighbour create its database first.
+    let head = s.append("warmup", &[]);
+    s.wait_both_at(head);
+    let neighbour_db = s.ws.data().join("projections/neighbour.db");
+    let before = std::fs::read(&neighbour_db).unwrap();
+    let attach = format!("ATTACH DATABASE '{}' AS other", neighbour_db.display());
+    let head = s.append("attach", &[("h-sql", json!(attach))]);
+    s.wait_both_at(head);
+    s.assert_parked_one("attach", &["not authorized"]);
+    s.assert_contained(head, head - 1);
+    let rows = s.ws.query(
+        "neighbour",
+        "SELECT count(*) AS n FROM handled WHERE type = 'h-sql'",
+    );
+    assert_eq!(
+        rows,
+        json!([{"n": 1}]),
+        "the neighbour's own handling of the event, nothing more"
+    );
+    assert_ne!(
+        std::fs::read(&neighbour_db).unwrap().len(),
+        0,
+        "{}",
+        before.len()
+    );
+}
+
+#[test]
+fn sql_cannot_forge_the_checkpoint_hide_dead_letters_or_end_the_transaction() {
+    let mut s = Scenario::start("");
+    let statements = [
+        "UPDATE projector_checkpoints SET position = 0",
+        "DELETE FROM projector_dead_letters",
+        "SELECT * FROM projector_meta",
+        "COMMIT",
+        "PRAGMA journal_mode = DELETE",
+        "SELECT load_extension('/tmp/evil.so')",
+    ];
+    let events: Vec<(&str, Value)> = statements.iter().map(|sql| ("h-sql", json!(sql))).collect();
+    let head = s.append("forge", &events);
+    s.wait_both_at(head);
+    let letters = s.dead_letters();
+    assert_eq!(letters.len(), statements.len(), "{letters:?}");
+    for letter in &letters {
+        let reason = letter["reason"].as_str().unwrap();
+        assert!(
+            reason.contains("not authorized") || reason.contains("prohibited"),
+            "{}: {reason}",
+            letter["id"]
+        );
+    }
+    let status = s.ws.status_of("hostile");
+    assert_eq!(
+        status["checkpoint"], head,
+        "the checkpoint is the host's, not forged"
+    );
+    s.assert_contained(head, head - statements.len() as u64);
+}
+
+#[test]
+fn a_log_flood_is_cut_and_counted_and_the_event_still_applies() {
+    let mut s =
+        Scenario::start("[projection.limits]\nlog_lines_per_second = 50\nlog_line_bytes = 200");
+    let head = s.append("flood", &[("h-log-flood", json!(null))]);
+    s.wait_both_at(head);
+    assert!(s.dead_letters().is_empty());
+    s.assert_contained(head, head);
+    let logs = s.host.logs();
+    let guest_lines: Vec<&str> = logs.lines().filter(|l| l.contains("flood flood")).collect();
+    // A one-second burst, plus what the rate refills while the flood runs.
+    assert!(
+        guest_lines.len() <= 100,
+        "{} of 100000 guest lines got through the limit of 50/s",
+        guest_lines.len()
+    );
+    assert!(
+        guest_lines.iter().all(|l| l.len() < 1000),
+        "lines are cut to log_line_bytes"
+    );
+    assert!(
+        guest_lines[0].contains("bytes cut, limits.log_line_bytes"),
+        "{}",
+        guest_lines[0]
+    );
+    let dropped: u64 = logs
+        .split("dropped=")
+        .skip(1)
+        .map(|rest| {
+            rest.split(|c: char| !c.is_ascii_digit())
+                .next()
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(
+        dropped + guest_lines.len() as u64,
+        100_000,
+        "every line is either logged or counted as dropped"
+    );
+    assert!(
+        guest_lines[0].contains("event_id=\"flood-0\""),
+        "guest lines carry the event id: {}",
+        guest_lines[0]
+    );
+}
+
+#[test]
+fn a_retry_is_backed_off_shown_in_status_and_then_applied_once() {
+    let mut s = Scenario::start("");
+    let head = s.append("retry", &[("h-retry", json!(6))]);
+    wait_until(WAIT, "the retry to show in status", || {
+        s.ws.status_of("hostile").get("retrying").is_some()
+    });
+    let retrying = s.ws.status_of("hostile")["retrying"].clone();
+    assert!(
+        retrying["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("not yet: call"),
+        "{retrying}"
+    );
+    assert!(retrying["attempts"].as_u64().unwrap() >= 1);
+    s.wait_both_at(head);
+    assert!(s.dead_letters().is_empty());
+    assert!(
+        s.ws.status_of("hostile").get("retrying").is_none(),
+        "cleared once applied"
+    );
+    s.assert_contained(head, head);
+    let once = s.ws.query(
+        "hostile",
+        "SELECT count(*) AS n FROM handled WHERE type = 'h-retry'",
+    );
+    assert_eq!(once, json!([{"n": 1}]));
+    assert!(s.host.logs().matches("module asked to retry").count() >= 5);
+}
+
+#[test]
+fn rejecting_every_third_event_parks_exactly_those() {
+    let mut s = Scenario::start("");
+    let events: Vec<(&str, Value)> = (0..30).map(|i| ("h-thirds", json!(i))).collect();
+    let head = s.append("thirds", &events);
+    s.wait_both_at(head);
+    let parked: Vec<u64> = s
+        .dead_letters()
+        .iter()
+        .map(|l| l["position"].as_u64().unwrap())
+        .collect();
+    let thirds: Vec<u64> = (6..=35).filter(|p| p % 3 == 0).collect();
+    assert_eq!(parked, thirds);
+    s.assert_contained(head, head - thirds.len() as u64);
+}
+
+#[test]
+fn a_huge_value_is_refused_by_the_value_limit() {
+    let mut s = Scenario::start("[projection.limits]\nvalue_kib = 512\nmemory_mib = 64");
+    let head = s.append("huge", &[("h-huge", json!(4))]);
+    s.wait_both_at(head);
+    s.assert_parked_one(
+        "huge",
+        &["over the limit of 524288 bytes", "limits.value_kib"],
+    );
+    s.assert_contained(head, head - 1);
+    let kv =
+        s.ws.query("hostile", "SELECT count(*) AS n FROM projector_kv");
+    assert_eq!(kv, json!([{"n": 0}]));
+}
+
+#[test]
+fn the_halt_policy_faults_the_projection_before_the_event() {
+    let mut s = Scenario::start("on_failure = \"halt\"");
+    let head = s.append("halt", &[("h-panic", json!(null))]);
+    wait_until(WAIT, "the hostile projection to halt", || {
+        s.ws.status_of("hostile")["state"] == "faulted"
+    });
+    wait_until(WAIT, "the neighbour to catch up", || {
+        s.ws.status_of("neighbour")["checkpoint"] == head
+    });
+    let status = s.ws.status_of("hostile");
+    assert_eq!(
+        status["checkpoint"], 5,
+        "stopped just before the event at position 6"
+    );
+    let error = status["error"].as_str().unwrap();
+    assert!(
+        error.contains("halted at event halt-0 (position 6)") && error.contains("unreachable"),
+        "{error}"
+    );
+    assert!(s.dead_letters().is_empty());
+    assert!(s.host.is_running());
+}
+
+#[test]
+fn dead_letters_can_be_listed_retried_and_discarded_while_run_runs() {
+    let mut s = Scenario::start("");
+    let head = s.append(
+        "dl",
+        &[
+            ("h-needs-unlock", json!(null)),
+            ("h-panic", json!(null)),
+            ("h-needs-unlock", json!(null)),
+        ],
+    );
+    s.wait_both_at(head);
+    let letters = s.dead_letters();
+    let ids: Vec<&str> = letters.iter().map(|l| l["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["dl-0", "dl-1", "dl-2"]);
+    for letter in &letters {
+        assert_eq!(letter["attempts"], 1);
+        assert!(!letter["reason"].as_str().unwrap().is_empty());
+        assert_eq!(letter["type"].as_str().unwrap().starts_with("h-"), true);
+    }
+    let config = s.ws.config_str();
+
+    // Still locked: the retry fails and keeps it, attempts + 1.
+    let out = json(&run_ok(&[
+        "dead-letters",
+        "retry",
+        "--config",
+        &config,
+        "hostile",
+        "dl-0",
+    ]));
+    assert_eq!(out["resolved"], json!([]));
+    assert_eq!(out["failed"][0]["id"], "dl-0");
+    assert_eq!(s.dead_letters()[0]["attempts"], 2);
+
+    // Unlock through the log, then retry everything: the locked ones pass.
+    let head = s.append("unlock", &[("h-unlock", json!(null))]);
+    s.wait_both_at(head);
+    let out = json(&run_ok(&[
+        "dead-letters",
+        "retry",
+        "--config",
+        &config,
+        "hostile",
+        "--all",
+    ]));
+    assert_eq!(out["resolved"], json!(["dl-0", "dl-2"]));
+    assert_eq!(out["failed"][0]["id"], "dl-1");
+    let remaining = s.dead_letters();
+    assert_eq!(remaining.len(), 1);
+    assert_eq!(remaining[0]["attempts"], 2);
+    let applied = s.ws.query(
+        "hostile",
+        "SELECT id FROM handled WHERE type = 'h-needs-unlock' ORDER BY id",
+    );
+    assert_eq!(applied, json!([{"id": "dl-0"}, {"id": "dl-2"}]));
+
+    // Discarding names ids that exist, or changes nothing.
+    let err = run_err(&[
+        "dead-letters",
+        "discard",
+        "--config",
+        &config,
+        "hostile",
+        "dl-1",
+        "nope",
+    ]);
+    assert!(err.contains("no dead letter with id nope"), "{err}");
+    assert_eq!(s.dead_letters().len(), 1);
+    let out = json(&run_ok(&[
+        "dead-letters",
+        "discard",
+        "--config",
+        &config,
+        "hostile",
+        "dl-1",
+    ]));
+    assert_eq!(out, json!({"discarded": 1}));
+    assert!(s.dead_letters().is_empty());
+    assert!(s.host.is_running());
+}
