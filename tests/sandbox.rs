@@ -400,7 +400,7 @@ fn dead_letters_can_be_listed_retried_and_discarded_while_run_runs() {
     for letter in &letters {
         assert_eq!(letter["attempts"], 1);
         assert!(!letter["reason"].as_str().unwrap().is_empty());
-        assert_eq!(letter["type"].as_str().unwrap().starts_with("h-"), true);
+        assert!(letter["type"].as_str().unwrap().starts_with("h-"));
     }
     let config = s.ws.config_str();
 
