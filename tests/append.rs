@@ -12,22 +12,14 @@ fn head(ws: &Workspace) -> u64 {
         return 0;
     }
     let db = rusqlite::Connection::open(path).unwrap();
-    db.query_row("SELECT coalesce(max(position), 0) FROM events", [], |r| {
-        r.get::<_, i64>(0)
-    })
-    .unwrap() as u64
+    db.query_row("SELECT coalesce(max(position), 0) FROM events", [], |r| r.get::<_, i64>(0)).unwrap() as u64
 }
 
 #[test]
 fn append_counts_appended_and_duplicate_ids() {
     let ws = Workspace::new();
-    let first = ws.write_events(
-        "a.jsonl",
-        &[
-            cloud_event("e1", "t", json!(1)),
-            cloud_event("e2", "t", json!(2)),
-        ],
-    );
+    let first =
+        ws.write_events("a.jsonl", &[cloud_event("e1", "t", json!(1)), cloud_event("e2", "t", json!(2))]);
     assert_eq!(ws.append("s", &first), (2, 0));
     // The publisher retried: e2 again, plus a new e3, plus e3 twice in one file.
     let second = ws.write_events(
@@ -45,13 +37,7 @@ fn append_counts_appended_and_duplicate_ids() {
 #[test]
 fn positions_are_global_and_per_stream() {
     let ws = Workspace::new();
-    let a = ws.write_events(
-        "a.jsonl",
-        &[
-            cloud_event("a1", "t", json!(1)),
-            cloud_event("a2", "t", json!(2)),
-        ],
-    );
+    let a = ws.write_events("a.jsonl", &[cloud_event("a1", "t", json!(1)), cloud_event("a2", "t", json!(2))]);
     let b = ws.write_events("b.jsonl", &[cloud_event("b1", "t", json!(1))]);
     ws.append("alpha", &a);
     ws.append("beta", &b);
@@ -63,14 +49,7 @@ fn positions_are_global_and_per_stream() {
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
-    assert_eq!(
-        rows,
-        vec![
-            (1, "alpha".into(), 1),
-            (2, "alpha".into(), 2),
-            (3, "beta".into(), 1)
-        ]
-    );
+    assert_eq!(rows, vec![(1, "alpha".into(), 1), (2, "alpha".into(), 2), (3, "beta".into(), 1)]);
 }
 
 #[test]
@@ -100,14 +79,8 @@ fn every_kind_of_bad_line_is_reported_with_its_line_and_attribute() {
     let ws = Workspace::new();
     let cases = [
         ("not json at all", "line 1: not a CloudEvent: invalid JSON"),
-        (
-            r#"{"specversion":"1.0","source":"s","type":"t"}"#,
-            "line 1: missing required attribute `id`",
-        ),
-        (
-            r#"{"specversion":"1.0","id":"x","type":"t"}"#,
-            "line 1: missing required attribute `source`",
-        ),
+        (r#"{"specversion":"1.0","source":"s","type":"t"}"#, "line 1: missing required attribute `id`"),
+        (r#"{"specversion":"1.0","id":"x","type":"t"}"#, "line 1: missing required attribute `source`"),
         (
             r#"{"specversion":"1.0","id":"x","source":"s","type":3}"#,
             "line 1: attribute `type` must be a string, found a number",
@@ -128,36 +101,16 @@ fn every_kind_of_bad_line_is_reported_with_its_line_and_attribute() {
 #[test]
 fn append_reads_standard_input() {
     let ws = Workspace::new();
-    let input = format!(
-        "{}\n{}\n",
-        cloud_event("e1", "t", json!(1)),
-        cloud_event("e2", "t", json!(2))
-    );
+    let input = format!("{}\n{}\n", cloud_event("e1", "t", json!(1)), cloud_event("e2", "t", json!(2)));
     let out = run_with_stdin(&["append", "--data", &ws.data_str(), "s", "-"], &input);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        json(&String::from_utf8(out.stdout).unwrap()),
-        json!({"appended": 2, "duplicates": 0})
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(json(&String::from_utf8(out.stdout).unwrap()), json!({"appended": 2, "duplicates": 0}));
 }
 
 #[test]
 fn a_bad_stream_name_is_refused() {
     let ws = Workspace::new();
     let file = ws.write_events("e.jsonl", &[cloud_event("e1", "t", json!(1))]);
-    let err = run_err(&[
-        "append",
-        "--data",
-        &ws.data_str(),
-        "no spaces/please",
-        &file,
-    ]);
-    assert!(
-        err.contains("invalid stream name \"no spaces/please\""),
-        "{err}"
-    );
+    let err = run_err(&["append", "--data", &ws.data_str(), "no spaces/please", &file]);
+    assert!(err.contains("invalid stream name \"no spaces/please\""), "{err}");
 }

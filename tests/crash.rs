@@ -12,20 +12,14 @@ const TOTAL: usize = 120_000;
 const CHUNK: usize = 20_000;
 
 fn checkpoint(ws: &Workspace, projection: &str) -> u64 {
-    let path = ws
-        .data()
-        .join("projections")
-        .join(format!("{projection}.db"));
-    let Ok(db) =
-        rusqlite::Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+    let path = ws.data().join("projections").join(format!("{projection}.db"));
+    let Ok(db) = rusqlite::Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
     else {
         return 0;
     };
-    db.query_row(
-        "SELECT position FROM projector_checkpoints WHERE source = 'log'",
-        [],
-        |r| r.get::<_, i64>(0),
-    )
+    db.query_row("SELECT position FROM projector_checkpoints WHERE source = 'log'", [], |r| {
+        r.get::<_, i64>(0)
+    })
     .unwrap_or(0) as u64
 }
 
@@ -54,22 +48,13 @@ fn sigkill_mid_stream_loses_nothing_and_applies_nothing_twice() {
         let appended = ((i + 1) * CHUNK) as u64;
         if let Some(&(_, depth)) = kill_depths.iter().find(|(at, _)| *at == i) {
             let target = (i * CHUNK + depth) as u64;
-            wait_until(
-                Duration::from_secs(60),
-                &format!("recorder past {target}"),
-                || checkpoint(&ws, "recorder") >= target,
-            );
+            wait_until(Duration::from_secs(60), &format!("recorder past {target}"), || {
+                checkpoint(&ws, "recorder") >= target
+            });
             host.kill();
             let at = checkpoint(&ws, "recorder");
-            assert!(
-                at < appended,
-                "the kill landed mid-stream (checkpoint {at} of {appended})"
-            );
-            assert_eq!(
-                ws.status_of("recorder")["state"],
-                "stopped",
-                "a killed host is not reported running"
-            );
+            assert!(at < appended, "the kill landed mid-stream (checkpoint {at} of {appended})");
+            assert_eq!(ws.status_of("recorder")["state"], "stopped", "a killed host is not reported running");
             killed_at.push(at);
             host = ws.start();
         }
@@ -88,10 +73,8 @@ fn sigkill_mid_stream_loses_nothing_and_applies_nothing_twice() {
         json!([{"handled": TOTAL, "positions": TOTAL, "first": 1, "last": TOTAL}]),
         "killed at {killed_at:?}"
     );
-    let count = ws.query(
-        "recorder",
-        "SELECT CAST(value AS TEXT) AS count FROM projector_kv WHERE key = 'count'",
-    );
+    let count =
+        ws.query("recorder", "SELECT CAST(value AS TEXT) AS count FROM projector_kv WHERE key = 'count'");
     assert_eq!(count, json!([{"count": TOTAL.to_string()}]));
 
     // The state equals an uninterrupted replay of the same events.
@@ -99,23 +82,10 @@ fn sigkill_mid_stream_loses_nothing_and_applies_nothing_twice() {
         "SELECT wallet_address, user_id, allowlisted_at FROM allowlist ORDER BY wallet_address",
         "SELECT user_id, wallet_address, kyc_verified_at FROM users ORDER BY user_id",
     ] {
-        let replayed = json(&run_ok(&[
-            "replay",
-            "--module",
-            wallet.to_str().unwrap(),
-            "--events",
-            &all,
-            "--sql",
-            sql,
-        ]));
+        let replayed =
+            json(&run_ok(&["replay", "--module", wallet.to_str().unwrap(), "--events", &all, "--sql", sql]));
         let live = ws.query("wallet-allowlist", sql);
-        assert!(
-            replayed.as_array().unwrap().len() > 1000,
-            "the scenario allowlists many wallets"
-        );
-        assert!(
-            live == replayed,
-            "{sql}: live state differs from the replay (killed at {killed_at:?})"
-        );
+        assert!(replayed.as_array().unwrap().len() > 1000, "the scenario allowlists many wallets");
+        assert!(live == replayed, "{sql}: live state differs from the replay (killed at {killed_at:?})");
     }
 }

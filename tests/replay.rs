@@ -10,16 +10,11 @@ const ALLOWLIST_SQL: &str =
     "SELECT wallet_address, user_id, allowlisted_at FROM allowlist ORDER BY wallet_address";
 
 fn fixture(name: &str) -> String {
-    root()
-        .join("projections/wallet-allowlist/fixtures")
-        .join(name)
-        .to_string_lossy()
-        .into_owned()
+    root().join("projections/wallet-allowlist/fixtures").join(name).to_string_lossy().into_owned()
 }
 
 fn expected_allowlist() -> Value {
-    serde_json::from_str(&std::fs::read_to_string(fixture("expected-allowlist.json")).unwrap())
-        .unwrap()
+    serde_json::from_str(&std::fs::read_to_string(fixture("expected-allowlist.json")).unwrap()).unwrap()
 }
 
 #[test]
@@ -46,19 +41,9 @@ fn replay_prints_the_key_value_state_by_default() {
     let ws = Workspace::new();
     let events = ws.write_events(
         "events.jsonl",
-        &[
-            cloud_event("a", "x", json!(1)),
-            cloud_event("b", "y", json!(2)),
-            cloud_event("c", "x", json!(3)),
-        ],
+        &[cloud_event("a", "x", json!(1)), cloud_event("b", "y", json!(2)), cloud_event("c", "x", json!(3))],
     );
-    let out = run_ok(&[
-        "replay",
-        "--module",
-        guest("event_recorder").to_str().unwrap(),
-        "--events",
-        &events,
-    ]);
+    let out = run_ok(&["replay", "--module", guest("event_recorder").to_str().unwrap(), "--events", &events]);
     assert_eq!(json(&out), json!({"count": 3}));
 }
 
@@ -67,43 +52,20 @@ fn a_repeated_event_id_is_applied_once() {
     let ws = Workspace::new();
     let seed = std::fs::read_to_string(fixture("seed.jsonl")).unwrap();
     // The outbox retried every publish: each event arrives twice.
-    let twice: Vec<String> = seed
-        .lines()
-        .flat_map(|l| [l.to_string(), l.to_string()])
-        .collect();
+    let twice: Vec<String> = seed.lines().flat_map(|l| [l.to_string(), l.to_string()]).collect();
     let events = ws.write_events("twice.jsonl", &twice);
     let module = guest("wallet_allowlist");
     let out = projector()
-        .args([
-            "replay",
-            "--module",
-            module.to_str().unwrap(),
-            "--events",
-            &events,
-            "--sql",
-            ALLOWLIST_SQL,
-        ])
+        .args(["replay", "--module", module.to_str().unwrap(), "--events", &events, "--sql", ALLOWLIST_SQL])
         .output()
         .unwrap();
     assert!(out.status.success());
-    assert_eq!(
-        json(&String::from_utf8(out.stdout).unwrap()),
-        expected_allowlist()
-    );
+    assert_eq!(json(&String::from_utf8(out.stdout).unwrap()), expected_allowlist());
     let stderr = String::from_utf8(out.stderr).unwrap();
-    assert!(
-        stderr.contains("skipped 10 events whose id came earlier"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("skipped 10 events whose id came earlier"), "{stderr}");
 
     let recorder = guest("event_recorder");
-    let out = run_ok(&[
-        "replay",
-        "--module",
-        recorder.to_str().unwrap(),
-        "--events",
-        &events,
-    ]);
+    let out = run_ok(&["replay", "--module", recorder.to_str().unwrap(), "--events", &events]);
     assert_eq!(json(&out), json!({"count": 10}));
 }
 
@@ -117,17 +79,9 @@ fn a_bad_line_in_the_events_file_names_the_line_and_attribute() {
             r#"{"specversion":"1.0","id":"b","source":"tests","data":{}}"#.to_string(),
         ],
     );
-    let err = run_err(&[
-        "replay",
-        "--module",
-        guest("event_recorder").to_str().unwrap(),
-        "--events",
-        &events,
-    ]);
-    assert!(
-        err.contains("bad.jsonl: line 2: missing required attribute `type`"),
-        "{err}"
-    );
+    let err =
+        run_err(&["replay", "--module", guest("event_recorder").to_str().unwrap(), "--events", &events]);
+    assert!(err.contains("bad.jsonl: line 2: missing required attribute `type`"), "{err}");
 }
 
 #[test]
@@ -136,18 +90,9 @@ fn a_file_that_is_not_wasm_is_refused_clearly() {
     let module = ws.path("module.wasm");
     std::fs::write(&module, "this is not wasm").unwrap();
     let events = ws.write_events("e.jsonl", &[cloud_event("a", "x", json!(1))]);
-    let err = run_err(&[
-        "replay",
-        "--module",
-        module.to_str().unwrap(),
-        "--events",
-        &events,
-    ]);
+    let err = run_err(&["replay", "--module", module.to_str().unwrap(), "--events", &events]);
     assert!(err.contains("is not a WebAssembly file"), "{err}");
-    assert!(
-        err.contains("module.wasm"),
-        "the error names the file: {err}"
-    );
+    assert!(err.contains("module.wasm"), "the error names the file: {err}");
 }
 
 #[test]
@@ -162,34 +107,20 @@ fn a_wasm_that_does_not_implement_the_world_is_refused_clearly() {
             "does not implement the projection world",
         ),
         // A component of another world: exports nothing the host needs.
-        (
-            "component.wasm",
-            wat::parse_str("(component)").unwrap(),
-            "does not implement the projection world",
-        ),
+        ("component.wasm", wat::parse_str("(component)").unwrap(), "does not implement the projection world"),
         // A component that imports something the world does not provide.
         (
             "imports.wasm",
-            wat::parse_str(r#"(component (import "read-file" (func (param "path" string))))"#)
-                .unwrap(),
+            wat::parse_str(r#"(component (import "read-file" (func (param "path" string))))"#).unwrap(),
             "imports something the projection world does not provide",
         ),
     ];
     for (name, bytes, expected) in cases {
         let module = ws.path(name);
         std::fs::write(&module, bytes).unwrap();
-        let err = run_err(&[
-            "replay",
-            "--module",
-            module.to_str().unwrap(),
-            "--events",
-            &events,
-        ]);
+        let err = run_err(&["replay", "--module", module.to_str().unwrap(), "--events", &events]);
         assert!(err.contains(expected), "{name}: {err}");
-        assert!(
-            err.contains(name),
-            "{name}: the error names the file: {err}"
-        );
+        assert!(err.contains(name), "{name}: the error names the file: {err}");
     }
 }
 
@@ -220,67 +151,33 @@ fn a_rejected_event_is_parked_and_every_other_event_applied() {
         .output()
         .unwrap();
     assert!(out.status.success());
-    assert_eq!(
-        json(&String::from_utf8(out.stdout).unwrap()),
-        json!([{"id": "a"}, {"id": "c"}, {"id": "e"}])
-    );
+    assert_eq!(json(&String::from_utf8(out.stdout).unwrap()), json!([{"id": "a"}, {"id": "c"}, {"id": "e"}]));
     let stderr = String::from_utf8(out.stderr).unwrap();
-    assert!(
-        stderr.contains("event b (position 2) parked as a dead letter: poison event b"),
-        "{stderr}"
-    );
-    assert!(
-        stderr.contains("event d (position 4) parked as a dead letter: module trapped"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("event b (position 2) parked as a dead letter: poison event b"), "{stderr}");
+    assert!(stderr.contains("event d (position 4) parked as a dead letter: module trapped"), "{stderr}");
 }
 
 #[test]
 fn wallet_allowlist_parks_exactly_the_events_it_can_never_apply() {
     let ws = Workspace::new();
-    let mut lines: Vec<String> = std::fs::read_to_string(fixture("seed.jsonl"))
-        .unwrap()
-        .lines()
-        .map(String::from)
-        .collect();
-    lines.insert(
-        3,
-        cloud_event("bad-1", "wallet_updated", json!("not an object")),
-    );
-    lines.insert(
-        6,
-        cloud_event("bad-2", "wallet_updated", json!({"user_id": "user-1"})),
-    );
+    let mut lines: Vec<String> =
+        std::fs::read_to_string(fixture("seed.jsonl")).unwrap().lines().map(String::from).collect();
+    lines.insert(3, cloud_event("bad-1", "wallet_updated", json!("not an object")));
+    lines.insert(6, cloud_event("bad-2", "wallet_updated", json!({"user_id": "user-1"})));
     lines.push(cloud_event("bad-3", "kyc_verified", json!({"user_id": 42})));
     let events = ws.write_events("e.jsonl", &lines);
     let module = guest("wallet_allowlist");
     let out = projector()
-        .args([
-            "replay",
-            "--module",
-            module.to_str().unwrap(),
-            "--events",
-            &events,
-            "--sql",
-            ALLOWLIST_SQL,
-        ])
+        .args(["replay", "--module", module.to_str().unwrap(), "--events", &events, "--sql", ALLOWLIST_SQL])
         .output()
         .unwrap();
     assert!(out.status.success());
-    assert_eq!(
-        json(&String::from_utf8(out.stdout).unwrap()),
-        expected_allowlist()
-    );
+    assert_eq!(json(&String::from_utf8(out.stdout).unwrap()), expected_allowlist());
     let stderr = String::from_utf8(out.stderr).unwrap();
-    let parked: Vec<&str> = stderr
-        .lines()
-        .filter(|l| l.starts_with("replay:") && l.contains("parked"))
-        .collect();
+    let parked: Vec<&str> =
+        stderr.lines().filter(|l| l.starts_with("replay:") && l.contains("parked")).collect();
     assert_eq!(parked.len(), 3, "{stderr}");
-    assert!(
-        parked[0].contains("event bad-1") && parked[0].contains("invalid type: string"),
-        "{stderr}"
-    );
+    assert!(parked[0].contains("event bad-1") && parked[0].contains("invalid type: string"), "{stderr}");
     assert!(
         parked[1].contains("event bad-2") && parked[1].contains("missing field `wallet_address`"),
         "{stderr}"

@@ -85,17 +85,11 @@ types = ["kept"]
     let host = ws.start();
     let a = ws.write_events(
         "a.jsonl",
-        &[
-            cloud_event("a1", "kept", json!(1)),
-            cloud_event("a2", "other", json!(2)),
-        ],
+        &[cloud_event("a1", "kept", json!(1)), cloud_event("a2", "other", json!(2))],
     );
     let b = ws.write_events(
         "b.jsonl",
-        &[
-            cloud_event("b1", "kept", json!(1)),
-            cloud_event("b2", "other", json!(2)),
-        ],
+        &[cloud_event("b1", "kept", json!(1)), cloud_event("b2", "other", json!(2))],
     );
     ws.append("alpha", &a);
     ws.append("beta", &b);
@@ -113,9 +107,7 @@ fn a_restart_resumes_from_the_checkpoint_without_reapplying() {
     // Events appended before the host starts are caught up at start.
     let first = ws.write_events(
         "1.jsonl",
-        &(0..500)
-            .map(|i| cloud_event(&format!("a{i}"), "t", json!(i)))
-            .collect::<Vec<_>>(),
+        &(0..500).map(|i| cloud_event(&format!("a{i}"), "t", json!(i))).collect::<Vec<_>>(),
     );
     ws.append("s", &first);
     let host = ws.start();
@@ -124,9 +116,7 @@ fn a_restart_resumes_from_the_checkpoint_without_reapplying() {
 
     let second = ws.write_events(
         "2.jsonl",
-        &(0..300)
-            .map(|i| cloud_event(&format!("b{i}"), "t", json!(i)))
-            .collect::<Vec<_>>(),
+        &(0..300).map(|i| cloud_event(&format!("b{i}"), "t", json!(i))).collect::<Vec<_>>(),
     );
     ws.append("s", &second);
     let host = ws.start();
@@ -144,14 +134,9 @@ fn a_second_run_on_the_same_data_is_refused() {
     let ws = Workspace::new();
     ws.write_config(&[("recorder", &guest("event_recorder"), &["s"])]);
     let host = ws.start();
-    wait_until(WAIT, "the first run to start", || {
-        ws.status_of("recorder")["state"] == "running"
-    });
+    wait_until(WAIT, "the first run to start", || ws.status_of("recorder")["state"] == "running");
     let err = run_err(&["run", "--config", &ws.config_str()]);
-    assert!(
-        err.contains("another `projector run` is already using"),
-        "{err}"
-    );
+    assert!(err.contains("another `projector run` is already using"), "{err}");
     drop(host);
 }
 
@@ -160,25 +145,16 @@ fn a_projection_whose_module_cannot_load_is_faulted_and_the_others_run() {
     let ws = Workspace::new();
     let broken = ws.path("broken.wasm");
     std::fs::write(&broken, b"\0asm\x01\0\0\0garbage").unwrap();
-    ws.write_config(&[
-        ("broken", &broken, &["s"]),
-        ("recorder", &guest("event_recorder"), &["s"]),
-    ]);
+    ws.write_config(&[("broken", &broken, &["s"]), ("recorder", &guest("event_recorder"), &["s"])]);
     let host = ws.start();
     let file = ws.write_events("e.jsonl", &[cloud_event("e1", "t", json!(1))]);
     ws.append("s", &file);
-    wait_until(WAIT, "recorder to catch up", || {
-        ws.status_of("recorder")["checkpoint"] == 1
-    });
+    wait_until(WAIT, "recorder to catch up", || ws.status_of("recorder")["checkpoint"] == 1);
     let status = ws.status_of("broken");
     assert_eq!(status["state"], "faulted");
     let error = status["error"].as_str().unwrap();
     assert!(error.contains("broken.wasm"), "{error}");
-    assert!(
-        host.logs().contains("projection faulted"),
-        "{}",
-        host.logs()
-    );
+    assert!(host.logs().contains("projection faulted"), "{}", host.logs());
     drop(host);
 }
 
@@ -195,8 +171,5 @@ fn a_bad_config_is_refused_with_the_exact_problem() {
     assert!(err.contains("projector.toml"), "{err}");
     assert!(!ws.data().exists(), "a refused config changes nothing");
     let missing = run_err(&["status", "--config", ws.path("nope.toml").to_str().unwrap()]);
-    assert!(
-        missing.contains("cannot read config") && missing.contains("nope.toml"),
-        "{missing}"
-    );
+    assert!(missing.contains("cannot read config") && missing.contains("nope.toml"), "{missing}");
 }

@@ -48,15 +48,10 @@ streams = ["s"]
     /// Append `types` (one event each, `data` as given) around 5 plain
     /// events before and after; returns the head.
     fn append(&self, name: &str, events: &[(&str, Value)]) -> u64 {
-        let mut lines: Vec<String> = (0..5)
-            .map(|i| cloud_event(&format!("{name}-before-{i}"), "plain", json!(i)))
-            .collect();
+        let mut lines: Vec<String> =
+            (0..5).map(|i| cloud_event(&format!("{name}-before-{i}"), "plain", json!(i))).collect();
         for (i, (event_type, data)) in events.iter().enumerate() {
-            lines.push(cloud_event(
-                &format!("{name}-{i}"),
-                event_type,
-                data.clone(),
-            ));
+            lines.push(cloud_event(&format!("{name}-{i}"), event_type, data.clone()));
         }
         lines.extend((0..5).map(|i| cloud_event(&format!("{name}-after-{i}"), "plain", json!(i))));
         let file = self.ws.write_events(&format!("{name}.jsonl"), &lines);
@@ -73,48 +68,23 @@ streams = ["s"]
     }
 
     fn dead_letters(&self) -> Vec<Value> {
-        json(&run_ok(&[
-            "dead-letters",
-            "list",
-            "--config",
-            &self.ws.config_str(),
-            "hostile",
-        ]))
-        .as_array()
-        .unwrap()
-        .clone()
+        json(&run_ok(&["dead-letters", "list", "--config", &self.ws.config_str(), "hostile"]))
+            .as_array()
+            .unwrap()
+            .clone()
     }
 
     /// The host is alive, the neighbour handled every event exactly once,
     /// and the hostile projection recorded `hostile_handled` events.
     fn assert_contained(&mut self, head: u64, hostile_handled: u64) {
-        assert!(
-            self.host.is_running(),
-            "the host died:\n{}",
-            self.host.logs()
-        );
-        let neighbour = self.ws.query(
-            "neighbour",
-            "SELECT count(*) AS n, count(DISTINCT position) AS d FROM handled",
-        );
-        assert_eq!(
-            neighbour,
-            json!([{"n": head, "d": head}]),
-            "the neighbour handled every event once"
-        );
+        assert!(self.host.is_running(), "the host died:\n{}", self.host.logs());
+        let neighbour =
+            self.ws.query("neighbour", "SELECT count(*) AS n, count(DISTINCT position) AS d FROM handled");
+        assert_eq!(neighbour, json!([{"n": head, "d": head}]), "the neighbour handled every event once");
         let status = self.ws.status_of("neighbour");
-        assert_eq!(
-            (status["state"].as_str(), status["dead_letters"].as_u64()),
-            (Some("running"), Some(0))
-        );
-        let hostile = self
-            .ws
-            .query("hostile", "SELECT count(*) AS n FROM handled");
-        assert_eq!(
-            hostile,
-            json!([{"n": hostile_handled}]),
-            "the hostile projection's other events"
-        );
+        assert_eq!((status["state"].as_str(), status["dead_letters"].as_u64()), (Some("running"), Some(0)));
+        let hostile = self.ws.query("hostile", "SELECT count(*) AS n FROM handled");
+        assert_eq!(hostile, json!([{"n": hostile_handled}]), "the hostile projection's other events");
     }
 
     /// Exactly one dead letter, for the trigger event, with a reason
@@ -125,10 +95,7 @@ streams = ["s"]
         assert_eq!(letters[0]["id"], format!("{name}-0"));
         let reason = letters[0]["reason"].as_str().unwrap();
         for part in expected {
-            assert!(
-                reason.contains(part),
-                "reason {reason:?} should mention {part:?}"
-            );
+            assert!(reason.contains(part), "reason {reason:?} should mention {part:?}");
         }
         assert_eq!(self.ws.status_of("hostile")["dead_letters"], 1);
     }
@@ -159,11 +126,7 @@ fn a_memory_bomb_hits_the_memory_cap() {
     s.wait_both_at(head);
     s.assert_parked_one(
         "memory",
-        &[
-            "linear memory would grow",
-            "over the limit of 16 MiB",
-            "limits.memory_mib",
-        ],
+        &["linear memory would grow", "over the limit of 16 MiB", "limits.memory_mib"],
     );
     s.assert_contained(head, head - 1);
 }
@@ -199,21 +162,9 @@ fn sql_that_attaches_another_projections_database_is_denied() {
     s.wait_both_at(head);
     s.assert_parked_one("attach", &["not authorized"]);
     s.assert_contained(head, head - 1);
-    let rows = s.ws.query(
-        "neighbour",
-        "SELECT count(*) AS n FROM handled WHERE type = 'h-sql'",
-    );
-    assert_eq!(
-        rows,
-        json!([{"n": 1}]),
-        "the neighbour's own handling of the event, nothing more"
-    );
-    assert_ne!(
-        std::fs::read(&neighbour_db).unwrap().len(),
-        0,
-        "{}",
-        before.len()
-    );
+    let rows = s.ws.query("neighbour", "SELECT count(*) AS n FROM handled WHERE type = 'h-sql'");
+    assert_eq!(rows, json!([{"n": 1}]), "the neighbour's own handling of the event, nothing more");
+    assert_ne!(std::fs::read(&neighbour_db).unwrap().len(), 0, "{}", before.len());
 }
 
 #[test]
@@ -241,17 +192,13 @@ fn sql_cannot_forge_the_checkpoint_hide_dead_letters_or_end_the_transaction() {
         );
     }
     let status = s.ws.status_of("hostile");
-    assert_eq!(
-        status["checkpoint"], head,
-        "the checkpoint is the host's, not forged"
-    );
+    assert_eq!(status["checkpoint"], head, "the checkpoint is the host's, not forged");
     s.assert_contained(head, head - statements.len() as u64);
 }
 
 #[test]
 fn a_log_flood_is_cut_and_counted_and_the_event_still_applies() {
-    let mut s =
-        Scenario::start("[projection.limits]\nlog_lines_per_second = 50\nlog_line_bytes = 200");
+    let mut s = Scenario::start("[projection.limits]\nlog_lines_per_second = 50\nlog_line_bytes = 200");
     let head = s.append("flood", &[("h-log-flood", json!(null))]);
     s.wait_both_at(head);
     assert!(s.dead_letters().is_empty());
@@ -264,25 +211,12 @@ fn a_log_flood_is_cut_and_counted_and_the_event_still_applies() {
         "{} of 100000 guest lines got through the limit of 50/s",
         guest_lines.len()
     );
-    assert!(
-        guest_lines.iter().all(|l| l.len() < 1000),
-        "lines are cut to log_line_bytes"
-    );
-    assert!(
-        guest_lines[0].contains("bytes cut, limits.log_line_bytes"),
-        "{}",
-        guest_lines[0]
-    );
+    assert!(guest_lines.iter().all(|l| l.len() < 1000), "lines are cut to log_line_bytes");
+    assert!(guest_lines[0].contains("bytes cut, limits.log_line_bytes"), "{}", guest_lines[0]);
     let dropped: u64 = logs
         .split("dropped=")
         .skip(1)
-        .map(|rest| {
-            rest.split(|c: char| !c.is_ascii_digit())
-                .next()
-                .unwrap()
-                .parse::<u64>()
-                .unwrap()
-        })
+        .map(|rest| rest.split(|c: char| !c.is_ascii_digit()).next().unwrap().parse::<u64>().unwrap())
         .sum();
     assert_eq!(
         dropped + guest_lines.len() as u64,
@@ -300,29 +234,15 @@ fn a_log_flood_is_cut_and_counted_and_the_event_still_applies() {
 fn a_retry_is_backed_off_shown_in_status_and_then_applied_once() {
     let mut s = Scenario::start("");
     let head = s.append("retry", &[("h-retry", json!(6))]);
-    wait_until(WAIT, "the retry to show in status", || {
-        s.ws.status_of("hostile").get("retrying").is_some()
-    });
+    wait_until(WAIT, "the retry to show in status", || s.ws.status_of("hostile").get("retrying").is_some());
     let retrying = s.ws.status_of("hostile")["retrying"].clone();
-    assert!(
-        retrying["reason"]
-            .as_str()
-            .unwrap()
-            .starts_with("not yet: call"),
-        "{retrying}"
-    );
+    assert!(retrying["reason"].as_str().unwrap().starts_with("not yet: call"), "{retrying}");
     assert!(retrying["attempts"].as_u64().unwrap() >= 1);
     s.wait_both_at(head);
     assert!(s.dead_letters().is_empty());
-    assert!(
-        s.ws.status_of("hostile").get("retrying").is_none(),
-        "cleared once applied"
-    );
+    assert!(s.ws.status_of("hostile").get("retrying").is_none(), "cleared once applied");
     s.assert_contained(head, head);
-    let once = s.ws.query(
-        "hostile",
-        "SELECT count(*) AS n FROM handled WHERE type = 'h-retry'",
-    );
+    let once = s.ws.query("hostile", "SELECT count(*) AS n FROM handled WHERE type = 'h-retry'");
     assert_eq!(once, json!([{"n": 1}]));
     assert!(s.host.logs().matches("module asked to retry").count() >= 5);
 }
@@ -333,11 +253,7 @@ fn rejecting_every_third_event_parks_exactly_those() {
     let events: Vec<(&str, Value)> = (0..30).map(|i| ("h-thirds", json!(i))).collect();
     let head = s.append("thirds", &events);
     s.wait_both_at(head);
-    let parked: Vec<u64> = s
-        .dead_letters()
-        .iter()
-        .map(|l| l["position"].as_u64().unwrap())
-        .collect();
+    let parked: Vec<u64> = s.dead_letters().iter().map(|l| l["position"].as_u64().unwrap()).collect();
     let thirds: Vec<u64> = (6..=35).filter(|p| p % 3 == 0).collect();
     assert_eq!(parked, thirds);
     s.assert_contained(head, head - thirds.len() as u64);
@@ -348,13 +264,9 @@ fn a_huge_value_is_refused_by_the_value_limit() {
     let mut s = Scenario::start("[projection.limits]\nvalue_kib = 512\nmemory_mib = 64");
     let head = s.append("huge", &[("h-huge", json!(4))]);
     s.wait_both_at(head);
-    s.assert_parked_one(
-        "huge",
-        &["over the limit of 524288 bytes", "limits.value_kib"],
-    );
+    s.assert_parked_one("huge", &["over the limit of 524288 bytes", "limits.value_kib"]);
     s.assert_contained(head, head - 1);
-    let kv =
-        s.ws.query("hostile", "SELECT count(*) AS n FROM projector_kv");
+    let kv = s.ws.query("hostile", "SELECT count(*) AS n FROM projector_kv");
     assert_eq!(kv, json!([{"n": 0}]));
 }
 
@@ -362,17 +274,10 @@ fn a_huge_value_is_refused_by_the_value_limit() {
 fn the_halt_policy_faults_the_projection_before_the_event() {
     let mut s = Scenario::start("on_failure = \"halt\"");
     let head = s.append("halt", &[("h-panic", json!(null))]);
-    wait_until(WAIT, "the hostile projection to halt", || {
-        s.ws.status_of("hostile")["state"] == "faulted"
-    });
-    wait_until(WAIT, "the neighbour to catch up", || {
-        s.ws.status_of("neighbour")["checkpoint"] == head
-    });
+    wait_until(WAIT, "the hostile projection to halt", || s.ws.status_of("hostile")["state"] == "faulted");
+    wait_until(WAIT, "the neighbour to catch up", || s.ws.status_of("neighbour")["checkpoint"] == head);
     let status = s.ws.status_of("hostile");
-    assert_eq!(
-        status["checkpoint"], 5,
-        "stopped just before the event at position 6"
-    );
+    assert_eq!(status["checkpoint"], 5, "stopped just before the event at position 6");
     let error = status["error"].as_str().unwrap();
     assert!(
         error.contains("halted at event halt-0 (position 6)") && error.contains("unreachable"),
@@ -387,11 +292,7 @@ fn dead_letters_can_be_listed_retried_and_discarded_while_run_runs() {
     let mut s = Scenario::start("");
     let head = s.append(
         "dl",
-        &[
-            ("h-needs-unlock", json!(null)),
-            ("h-panic", json!(null)),
-            ("h-needs-unlock", json!(null)),
-        ],
+        &[("h-needs-unlock", json!(null)), ("h-panic", json!(null)), ("h-needs-unlock", json!(null))],
     );
     s.wait_both_at(head);
     let letters = s.dead_letters();
@@ -405,14 +306,7 @@ fn dead_letters_can_be_listed_retried_and_discarded_while_run_runs() {
     let config = s.ws.config_str();
 
     // Still locked: the retry fails and keeps it, attempts + 1.
-    let out = json(&run_ok(&[
-        "dead-letters",
-        "retry",
-        "--config",
-        &config,
-        "hostile",
-        "dl-0",
-    ]));
+    let out = json(&run_ok(&["dead-letters", "retry", "--config", &config, "hostile", "dl-0"]));
     assert_eq!(out["resolved"], json!([]));
     assert_eq!(out["failed"][0]["id"], "dl-0");
     assert_eq!(s.dead_letters()[0]["attempts"], 2);
@@ -420,45 +314,20 @@ fn dead_letters_can_be_listed_retried_and_discarded_while_run_runs() {
     // Unlock through the log, then retry everything: the locked ones pass.
     let head = s.append("unlock", &[("h-unlock", json!(null))]);
     s.wait_both_at(head);
-    let out = json(&run_ok(&[
-        "dead-letters",
-        "retry",
-        "--config",
-        &config,
-        "hostile",
-        "--all",
-    ]));
+    let out = json(&run_ok(&["dead-letters", "retry", "--config", &config, "hostile", "--all"]));
     assert_eq!(out["resolved"], json!(["dl-0", "dl-2"]));
     assert_eq!(out["failed"][0]["id"], "dl-1");
     let remaining = s.dead_letters();
     assert_eq!(remaining.len(), 1);
     assert_eq!(remaining[0]["attempts"], 2);
-    let applied = s.ws.query(
-        "hostile",
-        "SELECT id FROM handled WHERE type = 'h-needs-unlock' ORDER BY id",
-    );
+    let applied = s.ws.query("hostile", "SELECT id FROM handled WHERE type = 'h-needs-unlock' ORDER BY id");
     assert_eq!(applied, json!([{"id": "dl-0"}, {"id": "dl-2"}]));
 
     // Discarding names ids that exist, or changes nothing.
-    let err = run_err(&[
-        "dead-letters",
-        "discard",
-        "--config",
-        &config,
-        "hostile",
-        "dl-1",
-        "nope",
-    ]);
+    let err = run_err(&["dead-letters", "discard", "--config", &config, "hostile", "dl-1", "nope"]);
     assert!(err.contains("no dead letter with id nope"), "{err}");
     assert_eq!(s.dead_letters().len(), 1);
-    let out = json(&run_ok(&[
-        "dead-letters",
-        "discard",
-        "--config",
-        &config,
-        "hostile",
-        "dl-1",
-    ]));
+    let out = json(&run_ok(&["dead-letters", "discard", "--config", &config, "hostile", "dl-1"]));
     assert_eq!(out, json!({"discarded": 1}));
     assert!(s.dead_letters().is_empty());
     assert!(s.host.is_running());

@@ -10,17 +10,12 @@ use std::time::{Duration, Instant};
 
 /// The workspace root.
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
 /// A guest module built from source by `scripts/build-guests`.
 pub fn guest(crate_name: &str) -> PathBuf {
-    let path = root()
-        .join("target/projections")
-        .join(format!("{crate_name}.wasm"));
+    let path = root().join("target/projections").join(format!("{crate_name}.wasm"));
     assert!(
         path.exists(),
         "{} is missing: run scripts/build-guests (scripts/test does) before the tests",
@@ -67,12 +62,7 @@ pub fn run_with_stdin(args: &[&str], input: &str) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
     child.wait_with_output().unwrap()
 }
 
@@ -83,8 +73,7 @@ pub fn json(stdout: &str) -> Value {
 
 /// One CloudEvent as a JSON line.
 pub fn cloud_event(id: &str, event_type: &str, data: Value) -> String {
-    json!({"specversion": "1.0", "id": id, "source": "tests", "type": event_type, "data": data})
-        .to_string()
+    json!({"specversion": "1.0", "id": id, "source": "tests", "type": event_type, "data": data}).to_string()
 }
 
 /// A deterministic stream of wallet events: `n` events over `users` users,
@@ -118,9 +107,7 @@ pub struct Workspace {
 
 impl Workspace {
     pub fn new() -> Self {
-        Workspace {
-            dir: tempfile::tempdir().unwrap(),
-        }
+        Workspace { dir: tempfile::tempdir().unwrap() }
     }
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
@@ -158,68 +145,44 @@ impl Workspace {
     }
     /// `projector append` to `stream`; returns (appended, duplicates).
     pub fn append(&self, stream: &str, file: &str) -> (u64, u64) {
-        let out = json(&run_ok(&[
-            "append",
-            "--data",
-            &self.data_str(),
-            stream,
-            file,
-        ]));
-        (
-            out["appended"].as_u64().unwrap(),
-            out["duplicates"].as_u64().unwrap(),
-        )
+        let out = json(&run_ok(&["append", "--data", &self.data_str(), stream, file]));
+        (out["appended"].as_u64().unwrap(), out["duplicates"].as_u64().unwrap())
     }
     /// `projector status`, parsed.
     pub fn status(&self) -> Vec<Value> {
-        json(&run_ok(&["status", "--config", &self.config_str()]))
-            .as_array()
-            .unwrap()
-            .clone()
+        json(&run_ok(&["status", "--config", &self.config_str()])).as_array().unwrap().clone()
     }
     /// The status entry of projection `name`.
     pub fn status_of(&self, name: &str) -> Value {
-        self.status()
-            .into_iter()
-            .find(|s| s["name"] == name)
-            .unwrap()
+        self.status().into_iter().find(|s| s["name"] == name).unwrap()
     }
     /// `projector query`, parsed.
     pub fn query(&self, projection: &str, sql: &str) -> Value {
-        json(&run_ok(&[
-            "query",
-            "--config",
-            &self.config_str(),
-            projection,
-            "--sql",
-            sql,
-        ]))
+        json(&run_ok(&["query", "--config", &self.config_str(), projection, "--sql", sql]))
     }
-    /// Start `projector run` on this workspace's config.
+    /// Start `projector run` on this workspace's config, its HTTP API on a
+    /// free loopback port.
     pub fn start(&self) -> Host {
+        self.start_with(&[])
+    }
+    /// [`Workspace::start`] with extra arguments for `run`.
+    pub fn start_with(&self, extra: &[&str]) -> Host {
+        let _ = std::fs::remove_file(self.data().join("listen.addr"));
         let log = std::fs::File::create(self.path("run.log")).unwrap();
         let child = projector()
-            .args(["run", "--config", &self.config_str()])
+            .args(["run", "--config", &self.config_str(), "--listen", "127.0.0.1:0"])
+            .args(extra)
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .unwrap();
-        Host {
-            child: Some(child),
-            log: self.path("run.log"),
-        }
+        Host { child: Some(child), log: self.path("run.log"), addr_file: self.data().join("listen.addr") }
     }
     /// Wait until every projection's lag is 0 and its checkpoint is `head`.
     pub fn wait_caught_up(&self, head: u64, timeout: Duration) {
-        wait_until(
-            timeout,
-            &format!("every projection at position {head}"),
-            || {
-                self.status()
-                    .iter()
-                    .all(|s| s["checkpoint"] == head && s["lag"] == 0)
-            },
-        );
+        wait_until(timeout, &format!("every projection at position {head}"), || {
+            self.status().iter().all(|s| s["checkpoint"] == head && s["lag"] == 0)
+        });
     }
 }
 
@@ -227,6 +190,7 @@ impl Workspace {
 pub struct Host {
     child: Option<Child>,
     pub log: PathBuf,
+    addr_file: PathBuf,
 }
 
 impl Host {
@@ -242,12 +206,14 @@ impl Host {
     /// SIGTERM, then wait for a clean exit; returns the exit status.
     pub fn terminate(mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().unwrap();
-        let status = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap();
+        let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
         assert!(status.success());
         child.wait().unwrap()
+    }
+    /// The base URL of the host's HTTP API, once it listens.
+    pub fn url(&self) -> String {
+        wait_until(Duration::from_secs(30), "the HTTP API to listen", || self.addr_file.exists());
+        format!("http://{}", std::fs::read_to_string(&self.addr_file).unwrap().trim())
     }
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
@@ -271,10 +237,7 @@ impl Drop for Host {
 pub fn wait_until(timeout: Duration, what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !condition() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
         std::thread::sleep(Duration::from_millis(20));
     }
 }

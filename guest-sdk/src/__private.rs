@@ -46,10 +46,7 @@ impl Backend for WasmBackend {
         let rows = sql::query(statement, &to_wit_values(params))?;
         Ok(Rows::new(
             rows.columns,
-            rows.rows
-                .into_iter()
-                .map(|row| row.into_iter().map(from_wit_value).collect())
-                .collect(),
+            rows.rows.into_iter().map(|row| row.into_iter().map(from_wit_value).collect()).collect(),
         ))
     }
     fn log(&self, level: Level, message: &str, position: Option<u64>) {

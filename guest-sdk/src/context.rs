@@ -33,38 +33,25 @@ pub struct Context<'a> {
 impl<'a> Context<'a> {
     #[doc(hidden)]
     pub fn new(backend: &'a dyn Backend) -> Self {
-        Context {
-            backend,
-            event: None,
-        }
+        Context { backend, event: None }
     }
     /// This context, about `event`: log lines then carry the event's id and
     /// correlation id. The default [`crate::Projection::handle_batch`] does
     /// this for every event.
     pub fn for_event(&self, event: &'a Event) -> Context<'a> {
-        Context {
-            backend: self.backend,
-            event: Some(event),
-        }
+        Context { backend: self.backend, event: Some(event) }
     }
     /// Key/value state, values stored as JSON.
     pub fn state(&self) -> State<'a> {
-        State {
-            backend: self.backend,
-        }
+        State { backend: self.backend }
     }
     /// SQL on the projection's own database.
     pub fn sql(&self) -> Sql<'a> {
-        Sql {
-            backend: self.backend,
-        }
+        Sql { backend: self.backend }
     }
     /// The host's log; lines carry the projection and the event's ids.
     pub fn log(&self) -> Log<'a> {
-        Log {
-            backend: self.backend,
-            position: self.event.map(Event::position),
-        }
+        Log { backend: self.backend, position: self.event.map(Event::position) }
     }
 }
 
@@ -79,9 +66,7 @@ impl State<'_> {
     pub fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StateError> {
         match self.backend.get(key) {
             None => Ok(None),
-            Some(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|err| StateError::new(key, err)),
+            Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|err| StateError::new(key, err)),
         }
     }
     /// Store `value` under `key` as JSON.
@@ -132,9 +117,7 @@ pub struct StateError {
 
 impl StateError {
     fn new(key: &str, err: serde_json::Error) -> Self {
-        StateError {
-            message: format!("state key {key:?}: {err}"),
-        }
+        StateError { message: format!("state key {key:?}: {err}") }
     }
 }
 
@@ -168,15 +151,11 @@ pub struct Sql<'a> {
 impl Sql<'_> {
     /// Run one statement; returns the number of rows changed.
     pub fn execute(&self, statement: &str, params: &[Value]) -> Result<u64, SqlError> {
-        self.backend
-            .execute(statement, params)
-            .map_err(|message| SqlError { message })
+        self.backend.execute(statement, params).map_err(|message| SqlError { message })
     }
     /// Run one query and return its rows.
     pub fn query(&self, statement: &str, params: &[Value]) -> Result<Rows, SqlError> {
-        self.backend
-            .query(statement, params)
-            .map_err(|message| SqlError { message })
+        self.backend.query(statement, params).map_err(|message| SqlError { message })
     }
 }
 

@@ -136,8 +136,5 @@ impl Event {
 fn short_type_name<T>() -> &'static str {
     let full = std::any::type_name::<T>();
     let without_generics = full.split('<').next().unwrap_or(full);
-    without_generics
-        .rsplit("::")
-        .next()
-        .unwrap_or(without_generics)
+    without_generics.rsplit("::").next().unwrap_or(without_generics)
 }

@@ -65,9 +65,7 @@ pub trait Projection {
     /// Apply a batch of events in order; by default one [`Projection::handle`]
     /// call each. Override it to amortise work across a batch.
     fn handle_batch(ctx: &Context, events: &[Event]) -> Result<(), Failure> {
-        events
-            .iter()
-            .try_for_each(|event| Self::handle(&ctx.for_event(event), event))
+        events.iter().try_for_each(|event| Self::handle(&ctx.for_event(event), event))
     }
 
     /// Serve a read. The request and response are opaque bytes (JSON by

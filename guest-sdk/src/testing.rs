@@ -59,26 +59,17 @@ impl<P: Projection> Harness<P> {
     /// compare native logic with the module in the host.
     pub fn open(path: &Path) -> Result<Self, String> {
         let conn = Connection::open(path).map_err(|err| format!("{}: {err}", path.display()))?;
-        conn.execute_batch(
-            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA cache_size=-65536;",
-        )
-        .map_err(|err| format!("{}: {err}", path.display()))?;
+        conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA cache_size=-65536;")
+            .map_err(|err| format!("{}: {err}", path.display()))?;
         Self::with_connection(conn)
     }
 
     fn with_connection(conn: Connection) -> Result<Self, String> {
         conn.set_prepared_statement_cache_capacity(256);
-        conn.execute_batch(KV_SCHEMA)
-            .map_err(|err| err.to_string())?;
-        let harness = Harness {
-            conn,
-            next_position: 1,
-            logs: RefCell::new(Vec::new()),
-            projection: PhantomData,
-        };
-        harness.in_transaction(|ctx| {
-            P::init(ctx, None).map_err(|err| format!("init failed: {err}"))
-        })?;
+        conn.execute_batch(KV_SCHEMA).map_err(|err| err.to_string())?;
+        let harness =
+            Harness { conn, next_position: 1, logs: RefCell::new(Vec::new()), projection: PhantomData };
+        harness.in_transaction(|ctx| P::init(ctx, None).map_err(|err| format!("init failed: {err}")))?;
         Ok(harness)
     }
 
@@ -90,10 +81,7 @@ impl<P: Projection> Harness<P> {
     /// Apply a batch in one transaction: all of it, or on failure none of it.
     /// Events without a stream, id or position get them filled in.
     pub fn handle_batch(&mut self, events: Vec<Event>) -> Result<(), Failure> {
-        let events: Vec<Event> = events
-            .into_iter()
-            .map(|event| self.complete(event))
-            .collect();
+        let events: Vec<Event> = events.into_iter().map(|event| self.complete(event)).collect();
         self.in_transaction(|ctx| P::handle_batch(ctx, &events))
     }
 
@@ -110,10 +98,7 @@ impl<P: Projection> Harness<P> {
 
     /// The state value under `key`, deserialized from JSON.
     pub fn state<T: serde::de::DeserializeOwned>(&self, key: &str) -> Option<T> {
-        Context::new(&self.backend())
-            .state()
-            .get(key)
-            .unwrap_or_else(|err| panic!("{err}"))
+        Context::new(&self.backend()).state().get(key).unwrap_or_else(|err| panic!("{err}"))
     }
 
     /// Up to `limit` raw key/value entries whose key starts with `prefix`,
@@ -124,9 +109,7 @@ impl<P: Projection> Harness<P> {
 
     /// Run a query on the projection's database; panics on a bad statement.
     pub fn rows(&self, statement: &str) -> Rows {
-        self.backend()
-            .query(statement, &[])
-            .unwrap_or_else(|err| panic!("{statement}: {err}"))
+        self.backend().query(statement, &[]).unwrap_or_else(|err| panic!("{statement}: {err}"))
     }
 
     /// The lines the projection logged, in order.
@@ -149,16 +132,11 @@ impl<P: Projection> Harness<P> {
     }
 
     fn backend(&self) -> SqliteBackend<'_> {
-        SqliteBackend {
-            conn: &self.conn,
-            logs: &self.logs,
-        }
+        SqliteBackend { conn: &self.conn, logs: &self.logs }
     }
 
     fn in_transaction<T, E>(&self, f: impl FnOnce(&Context) -> Result<T, E>) -> Result<T, E> {
-        self.conn
-            .execute_batch("BEGIN")
-            .expect("begin a transaction");
+        self.conn.execute_batch("BEGIN").expect("begin a transaction");
         let backend = self.backend();
         let result = f(&Context::new(&backend));
         let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
@@ -185,9 +163,7 @@ impl Backend for SqliteBackend<'_> {
             .prepare_cached("SELECT value FROM projector_kv WHERE key = ?1")
             .expect("prepare state get");
         let mut rows = stmt.query([key]).expect("state get");
-        rows.next()
-            .expect("state get")
-            .map(|row| row.get(0).expect("state value"))
+        rows.next().expect("state get").map(|row| row.get(0).expect("state value"))
     }
     fn set(&self, key: &str, value: &[u8]) {
         self.conn
@@ -214,24 +190,14 @@ impl Backend for SqliteBackend<'_> {
             .expect("state scan")
     }
     fn execute(&self, statement: &str, params: &[Value]) -> Result<u64, String> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(statement)
-            .map_err(|err| err.to_string())?;
-        stmt.execute(params_from_iter(params))
-            .map(|changed| changed as u64)
-            .map_err(|err| err.to_string())
+        let mut stmt = self.conn.prepare_cached(statement).map_err(|err| err.to_string())?;
+        stmt.execute(params_from_iter(params)).map(|changed| changed as u64).map_err(|err| err.to_string())
     }
     fn query(&self, statement: &str, params: &[Value]) -> Result<Rows, String> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(statement)
-            .map_err(|err| err.to_string())?;
+        let mut stmt = self.conn.prepare_cached(statement).map_err(|err| err.to_string())?;
         let columns: Vec<String> = stmt.column_names().map(String::from).collect();
         let width = columns.len();
-        let mut rows = stmt
-            .query(params_from_iter(params))
-            .map_err(|err| err.to_string())?;
+        let mut rows = stmt.query(params_from_iter(params)).map_err(|err| err.to_string())?;
         let mut out = Vec::new();
         while let Some(row) = rows.next().map_err(|err| err.to_string())? {
             let values = (0..width)

@@ -26,29 +26,11 @@ const HOSTILE: &[(&str, &str, &str, &str, &str)] = &[
         "null",
         "[projection.limits]\ncall_timeout_ms = 100",
     ),
-    (
-        "infinite loop, metered",
-        "fuel (20M)",
-        "h-loop",
-        "null",
-        "[projection.limits]\nfuel = 20_000_000",
-    ),
-    (
-        "memory bomb",
-        "memory cap (16 MiB)",
-        "h-memory",
-        "null",
-        "[projection.limits]\nmemory_mib = 16",
-    ),
+    ("infinite loop, metered", "fuel (20M)", "h-loop", "null", "[projection.limits]\nfuel = 20_000_000"),
+    ("memory bomb", "memory cap (16 MiB)", "h-memory", "null", "[projection.limits]\nmemory_mib = 16"),
     ("unbounded recursion", "wasm stack", "h-recurse", "null", ""),
     ("panic on one event", "trap", "h-panic", "null", ""),
-    (
-        "SQL ATTACH",
-        "SQL authorizer",
-        "h-sql",
-        "\"ATTACH DATABASE 'x.db' AS x\"",
-        "",
-    ),
+    ("SQL ATTACH", "SQL authorizer", "h-sql", "\"ATTACH DATABASE 'x.db' AS x\"", ""),
     (
         "SQL writes checkpoint",
         "SQL authorizer",
@@ -56,31 +38,16 @@ const HOSTILE: &[(&str, &str, &str, &str, &str)] = &[
         "\"UPDATE projector_checkpoints SET position = 0\"",
         "",
     ),
-    (
-        "log flood (100k lines)",
-        "log rate (100/s)",
-        "h-log-flood",
-        "null",
-        "",
-    ),
+    ("log flood (100k lines)", "log rate (100/s)", "h-log-flood", "null", ""),
     ("retry 3x then ok", "none: backoff", "h-retry", "3", ""),
     ("rejects every 3rd", "none: reject", "h-thirds", "null", ""),
-    (
-        "huge value (8 MiB)",
-        "value size (1 MiB)",
-        "h-huge",
-        "8",
-        "",
-    ),
+    ("huge value (8 MiB)", "value size (1 MiB)", "h-huge", "8", ""),
 ];
 
 const TRIGGERS: usize = 10;
 
 fn main() {
-    let n: usize = std::env::var("BENCH_EVENTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100_000);
+    let n: usize = std::env::var("BENCH_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
     println!(
         "neighbour (event-recorder) throughput beside hostile guests: {n} plain events, {TRIGGERS} triggers each"
     );
@@ -91,10 +58,7 @@ fn main() {
     println!("| --- | --- | --- | --- | --- |");
     for &(name, limit, trigger, data, extra) in HOSTILE {
         let (rate, outcome) = run(n, Some((trigger, data, extra)));
-        println!(
-            "| {name} | {limit} | {outcome} | {rate:.0} | {:.2} |",
-            rate / alone.0
-        );
+        println!("| {name} | {limit} | {outcome} | {rate:.0} | {:.2} |", rate / alone.0);
     }
 }
 
@@ -140,10 +104,7 @@ fn run(n: usize, hostile: Option<(&str, &str, &str)>) -> (f64, String) {
     let supervisor = Supervisor::start(&config).unwrap();
     let neighbour_db = config.database_path("neighbour");
     while checkpoint(&neighbour_db) < head {
-        assert!(
-            start.elapsed() < Duration::from_secs(300),
-            "the neighbour stalled"
-        );
+        assert!(start.elapsed() < Duration::from_secs(300), "the neighbour stalled");
         std::thread::sleep(Duration::from_millis(2));
     }
     let rate = head as f64 / start.elapsed().as_secs_f64();
@@ -152,10 +113,7 @@ fn run(n: usize, hostile: Option<(&str, &str, &str)>) -> (f64, String) {
         let hostile_db = config.database_path("hostile");
         let deadline = Instant::now() + Duration::from_secs(300);
         while checkpoint(&hostile_db) < head && Instant::now() < deadline {
-            let faulted = inspect::status(&config)
-                .unwrap()
-                .iter()
-                .any(|s| s.state == "faulted");
+            let faulted = inspect::status(&config).unwrap().iter().any(|s| s.state == "faulted");
             if faulted {
                 break;
             }
@@ -163,16 +121,9 @@ fn run(n: usize, hostile: Option<(&str, &str, &str)>) -> (f64, String) {
         }
         let status = inspect::status(&config).unwrap();
         let s = status.iter().find(|s| s.name == "hostile").unwrap();
-        let reasons = inspect::query(
-            &config,
-            "hostile",
-            "SELECT reason FROM projector_dead_letters LIMIT 1",
-        )
-        .unwrap();
-        let reason = reasons
-            .first()
-            .and_then(|r| r["reason"].as_str())
-            .unwrap_or("");
+        let reasons =
+            inspect::query(&config, "hostile", "SELECT reason FROM projector_dead_letters LIMIT 1").unwrap();
+        let reason = reasons.first().and_then(|r| r["reason"].as_str()).unwrap_or("");
         let reason: String = reason.chars().take(60).collect();
         format!("{}, {} dead letters ({reason})", s.state, s.dead_letters)
     } else {
@@ -183,15 +134,12 @@ fn run(n: usize, hostile: Option<(&str, &str, &str)>) -> (f64, String) {
 }
 
 fn checkpoint(db: &Path) -> u64 {
-    let Ok(conn) =
-        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+    let Ok(conn) = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
     else {
         return 0;
     };
-    conn.query_row(
-        "SELECT position FROM projector_checkpoints WHERE source = 'log'",
-        [],
-        |r| r.get::<_, i64>(0),
-    )
+    conn.query_row("SELECT position FROM projector_checkpoints WHERE source = 'log'", [], |r| {
+        r.get::<_, i64>(0)
+    })
     .unwrap_or(0) as u64
 }

@@ -24,10 +24,7 @@ const BATCH: usize = 1000;
 const RUNS: usize = 3;
 
 fn main() {
-    let n: usize = std::env::var("BENCH_EVENTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200_000);
+    let n: usize = std::env::var("BENCH_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(200_000);
     let module = util::guest("wallet_allowlist");
     let lines = util::wallet_events(n, n / 10, "bench");
     let events = cloudevents::parse_lines(&lines.join("\n"), "generated").unwrap();
@@ -50,16 +47,14 @@ fn main() {
             name: "wallet-allowlist".into(),
             module: module.clone(),
             database: dir.path().join("wallet-allowlist.db"),
-            filter: Filter {
-                streams: vec!["wallets".into()],
-                types: None,
-            },
+            filter: Filter { streams: vec!["wallets".into()], types: None },
             batch_size: BATCH,
             limits: Default::default(),
             policy: Default::default(),
         };
+        let live = Arc::new(projector::live::LiveProjection::new("wallet-allowlist", Arc::default()));
         let mut runner =
-            ProjectionRunner::start(engine, &spec, &log, Arc::new(AtomicBool::new(false))).unwrap();
+            ProjectionRunner::start(engine, &spec, &log, Arc::new(AtomicBool::new(false)), live).unwrap();
         let start = Instant::now();
         runner.catch_up().unwrap();
         wasm.push(start.elapsed());
@@ -83,15 +78,9 @@ fn main() {
         }
         native.push(start.elapsed());
         let rows = |sql: &str| harness.rows(sql).first().unwrap()[0].as_i64().unwrap();
-        let wasm_rows: i64 = runner
-            .db()
-            .query_row("SELECT count(*) FROM allowlist", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(
-            rows("SELECT count(*) FROM allowlist"),
-            wasm_rows,
-            "both built the same state"
-        );
+        let wasm_rows: i64 =
+            runner.db().query_row("SELECT count(*) FROM allowlist", [], |r| r.get(0)).unwrap();
+        assert_eq!(rows("SELECT count(*) FROM allowlist"), wasm_rows, "both built the same state");
     }
 
     let rate = |runs: &[Duration]| n as f64 / runs.iter().min().unwrap().as_secs_f64();

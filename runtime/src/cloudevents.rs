@@ -47,23 +47,26 @@ pub fn parse_lines(text: &str, origin: &str) -> Result<Vec<NewEvent>, LineError>
         .enumerate()
         .filter(|(_, line)| !line.trim().is_empty())
         .map(|(i, line)| {
-            parse_event(line).map_err(|error| LineError {
-                origin: origin.to_string(),
-                line: i + 1,
-                error,
-            })
+            parse_event(line).map_err(|error| LineError { origin: origin.to_string(), line: i + 1, error })
         })
         .collect()
+}
+
+/// Give every event without a correlation id this one (the request id of
+/// the HTTP call that brought them, or a fresh id for a file append).
+pub fn fill_correlation_ids(events: &mut [NewEvent], correlation_id: &str) {
+    for event in events.iter_mut().filter(|e| e.correlation_id.is_none()) {
+        event.correlation_id = Some(correlation_id.to_string());
+    }
 }
 
 /// Parse one CloudEvent from its JSON text.
 pub fn parse_event(json: &str) -> Result<NewEvent, CloudEventError> {
     match serde_json::from_str::<Value>(json) {
         Ok(Value::Object(object)) => from_object(object),
-        Ok(other) => Err(CloudEventError::NotAnEvent(format!(
-            "expected a JSON object, found {}",
-            kind(&other)
-        ))),
+        Ok(other) => {
+            Err(CloudEventError::NotAnEvent(format!("expected a JSON object, found {}", kind(&other))))
+        }
         Err(err) => Err(CloudEventError::NotAnEvent(format!("invalid JSON: {err}"))),
     }
 }
@@ -72,10 +75,7 @@ pub fn parse_event(json: &str) -> Result<NewEvent, CloudEventError> {
 pub fn from_object(mut object: Map<String, Value>) -> Result<NewEvent, CloudEventError> {
     let specversion = required(&mut object, "specversion")?;
     if specversion != "1.0" {
-        return Err(invalid(
-            "specversion",
-            format!("must be \"1.0\", found {specversion:?}"),
-        ));
+        return Err(invalid("specversion", format!("must be \"1.0\", found {specversion:?}")));
     }
     let id = required(&mut object, "id")?;
     let source = required(&mut object, "source")?;
@@ -91,23 +91,15 @@ pub fn from_object(mut object: Map<String, Value>) -> Result<NewEvent, CloudEven
     let causation_id = optional(&mut object, "causationid")?;
     let data = match (object.remove("data"), object.remove("data_base64")) {
         (Some(_), Some(_)) => {
-            return Err(invalid(
-                "data_base64",
-                "cannot be given together with `data`".into(),
-            ));
+            return Err(invalid("data_base64", "cannot be given together with `data`".into()));
         }
         (None, Some(Value::String(encoded))) => base64::engine::general_purpose::STANDARD
             .decode(encoded.as_bytes())
             .map_err(|err| invalid("data_base64", format!("is not valid base64 ({err})")))?,
         (None, Some(other)) => {
-            return Err(invalid(
-                "data_base64",
-                format!("must be a string, found {}", kind(&other)),
-            ));
+            return Err(invalid("data_base64", format!("must be a string, found {}", kind(&other))));
         }
-        (Some(Value::String(text)), None) if !is_json(datacontenttype.as_deref()) => {
-            text.into_bytes()
-        }
+        (Some(Value::String(text)), None) if !is_json(datacontenttype.as_deref()) => text.into_bytes(),
         (Some(value), None) => serde_json::to_vec(&value).expect("a JSON value serializes"),
         (None, None) => Vec::new(),
     };
@@ -130,51 +122,31 @@ fn is_json(content_type: Option<&str>) -> bool {
     match content_type {
         None => true,
         Some(t) => {
-            let essence = t
-                .split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase();
+            let essence = t.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
             essence == "application/json" || essence.ends_with("+json") || essence == "text/json"
         }
     }
 }
 
-fn required(
-    object: &mut Map<String, Value>,
-    name: &'static str,
-) -> Result<String, CloudEventError> {
+fn required(object: &mut Map<String, Value>, name: &'static str) -> Result<String, CloudEventError> {
     match object.remove(name) {
         None | Some(Value::Null) => Err(CloudEventError::Missing(name)),
         Some(Value::String(s)) if s.is_empty() => Err(invalid(name, "must not be empty".into())),
         Some(Value::String(s)) => Ok(s),
-        Some(other) => Err(invalid(
-            name,
-            format!("must be a string, found {}", kind(&other)),
-        )),
+        Some(other) => Err(invalid(name, format!("must be a string, found {}", kind(&other)))),
     }
 }
 
-fn optional(
-    object: &mut Map<String, Value>,
-    name: &'static str,
-) -> Result<Option<String>, CloudEventError> {
+fn optional(object: &mut Map<String, Value>, name: &'static str) -> Result<Option<String>, CloudEventError> {
     match object.remove(name) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
-        Some(other) => Err(invalid(
-            name,
-            format!("must be a string, found {}", kind(&other)),
-        )),
+        Some(other) => Err(invalid(name, format!("must be a string, found {}", kind(&other)))),
     }
 }
 
 fn invalid(attribute: &str, problem: String) -> CloudEventError {
-    CloudEventError::Invalid {
-        attribute: attribute.to_string(),
-        problem,
-    }
+    CloudEventError::Invalid { attribute: attribute.to_string(), problem }
 }
 
 fn kind(value: &Value) -> &'static str {
@@ -192,8 +164,7 @@ fn kind(value: &Value) -> &'static str {
 mod tests {
     use super::*;
 
-    const GOOD: &str =
-        r#"{"specversion":"1.0","id":"e1","source":"api","type":"t","data":{"a":1}}"#;
+    const GOOD: &str = r#"{"specversion":"1.0","id":"e1","source":"api","type":"t","data":{"a":1}}"#;
 
     #[test]
     fn a_minimal_event_parses_with_json_data() {
@@ -219,10 +190,9 @@ mod tests {
 
     #[test]
     fn base64_and_text_data_are_stored_as_bytes() {
-        let b64 = parse_event(
-            r#"{"specversion":"1.0","id":"e1","source":"s","type":"t","data_base64":"aGk="}"#,
-        )
-        .unwrap();
+        let b64 =
+            parse_event(r#"{"specversion":"1.0","id":"e1","source":"s","type":"t","data_base64":"aGk="}"#)
+                .unwrap();
         assert_eq!(b64.data, b"hi");
         let text = parse_event(
             r#"{"specversion":"1.0","id":"e1","source":"s","type":"t","datacontenttype":"text/plain","data":"hi"}"#,
@@ -234,34 +204,19 @@ mod tests {
     #[test]
     fn each_bad_attribute_is_named() {
         let cases = [
-            (
-                r#"{"id":"e1","source":"s","type":"t"}"#,
-                "missing required attribute `specversion`",
-            ),
+            (r#"{"id":"e1","source":"s","type":"t"}"#, "missing required attribute `specversion`"),
             (
                 r#"{"specversion":"0.3","id":"e1","source":"s","type":"t"}"#,
                 "attribute `specversion` must be \"1.0\"",
             ),
-            (
-                r#"{"specversion":"1.0","source":"s","type":"t"}"#,
-                "missing required attribute `id`",
-            ),
-            (
-                r#"{"specversion":"1.0","id":"e1","type":"t"}"#,
-                "missing required attribute `source`",
-            ),
-            (
-                r#"{"specversion":"1.0","id":"e1","source":"s"}"#,
-                "missing required attribute `type`",
-            ),
+            (r#"{"specversion":"1.0","source":"s","type":"t"}"#, "missing required attribute `id`"),
+            (r#"{"specversion":"1.0","id":"e1","type":"t"}"#, "missing required attribute `source`"),
+            (r#"{"specversion":"1.0","id":"e1","source":"s"}"#, "missing required attribute `type`"),
             (
                 r#"{"specversion":"1.0","id":7,"source":"s","type":"t"}"#,
                 "attribute `id` must be a string, found a number",
             ),
-            (
-                r#"{"specversion":"1.0","id":"","source":"s","type":"t"}"#,
-                "attribute `id` must not be empty",
-            ),
+            (r#"{"specversion":"1.0","id":"","source":"s","type":"t"}"#, "attribute `id` must not be empty"),
             (
                 r#"{"specversion":"1.0","id":"e","source":"s","type":"t","time":"yesterday"}"#,
                 "attribute `time` is not an RFC 3339",
@@ -283,24 +238,15 @@ mod tests {
         ];
         for (line, expected) in cases {
             let err = parse_event(line).unwrap_err().to_string();
-            assert!(
-                err.contains(expected),
-                "{line}: {err:?} should contain {expected:?}"
-            );
+            assert!(err.contains(expected), "{line}: {err:?} should contain {expected:?}");
         }
     }
 
     #[test]
     fn one_bad_line_fails_the_whole_input_naming_the_line() {
-        let input = format!(
-            "{GOOD}\n\n{}\n",
-            r#"{"specversion":"1.0","id":"e2","source":"s"}"#
-        );
+        let input = format!("{GOOD}\n\n{}\n", r#"{"specversion":"1.0","id":"e2","source":"s"}"#);
         let err = parse_lines(&input, "events.jsonl").unwrap_err();
         assert_eq!(err.line, 3);
-        assert_eq!(
-            err.to_string(),
-            "events.jsonl: line 3: missing required attribute `type`"
-        );
+        assert_eq!(err.to_string(), "events.jsonl: line 3: missing required attribute `type`");
     }
 }

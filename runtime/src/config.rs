@@ -186,10 +186,8 @@ impl Config {
     /// Read, parse and check `path`, resolving relative paths against its
     /// folder.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
         let base = path.parent().unwrap_or(Path::new("."));
         Config::parse(&text, path, base)
     }
@@ -201,10 +199,7 @@ impl Config {
             path: path.to_path_buf(),
             message: err.to_string().trim_end().to_string(),
         })?;
-        let invalid = |message: String| ConfigError::Invalid {
-            path: path.to_path_buf(),
-            message,
-        };
+        let invalid = |message: String| ConfigError::Invalid { path: path.to_path_buf(), message };
         if config.version != VERSION {
             return Err(invalid(format!(
                 "version = {} is not supported; this projector reads version = {VERSION}",
@@ -264,16 +259,10 @@ impl Config {
 
     /// The projection called `name`, or an error listing the ones there are.
     pub fn projection(&self, name: &str) -> anyhow::Result<&ProjectionConfig> {
-        self.projections
-            .iter()
-            .find(|p| p.name == name)
-            .ok_or_else(|| {
-                let known: Vec<&str> = self.projections.iter().map(|p| p.name.as_str()).collect();
-                anyhow::anyhow!(
-                    "no projection named {name:?} in the config; it has: {}",
-                    known.join(", ")
-                )
-            })
+        self.projections.iter().find(|p| p.name == name).ok_or_else(|| {
+            let known: Vec<&str> = self.projections.iter().map(|p| p.name.as_str()).collect();
+            anyhow::anyhow!("no projection named {name:?} in the config; it has: {}", known.join(", "))
+        })
     }
 
     /// The limits projection `p` runs under.
@@ -283,9 +272,7 @@ impl Config {
 
     /// Whether any projection meters fuel (the engine must then count it).
     pub fn uses_fuel(&self) -> bool {
-        self.projections
-            .iter()
-            .any(|p| self.limits(p).fuel.is_some())
+        self.projections.iter().any(|p| self.limits(p).fuel.is_some())
     }
 
     /// Where projection `name` keeps its database.
@@ -335,16 +322,10 @@ types = ["wallet_updated", "kyc_verified"]
             ),
             (GOOD.replace("version = 1\n", ""), "missing field `version`"),
             (
-                GOOD.replace(
-                    "streams = [\"wallets\"]",
-                    "streams = [\"wallets\"]\nstreems = []",
-                ),
+                GOOD.replace("streams = [\"wallets\"]", "streams = [\"wallets\"]\nstreems = []"),
                 "unknown field `streems`",
             ),
-            (
-                GOOD.replace("streams = [\"wallets\"]", "streams = []"),
-                "`streams` is empty",
-            ),
+            (GOOD.replace("streams = [\"wallets\"]", "streams = []"), "`streams` is empty"),
             (
                 GOOD.replace("streams = [\"wallets\"]", "streams = \"wallets\""),
                 "invalid type: string \"wallets\", expected a sequence",
@@ -356,21 +337,12 @@ types = ["wallet_updated", "kyc_verified"]
             (
                 format!(
                     "{GOOD}{}",
-                    GOOD.split("[[projection]]")
-                        .nth(1)
-                        .map(|p| format!("[[projection]]{p}"))
-                        .unwrap()
+                    GOOD.split("[[projection]]").nth(1).map(|p| format!("[[projection]]{p}")).unwrap()
                 ),
                 "listed twice",
             ),
-            (
-                GOOD.replace("[\"wallets\"]", "[\"wal lets\"]"),
-                "invalid stream name \"wal lets\"",
-            ),
-            (
-                format!("{GOOD}batch_size = 0\n"),
-                "batch_size = 0 is out of range",
-            ),
+            (GOOD.replace("[\"wallets\"]", "[\"wal lets\"]"), "invalid stream name \"wal lets\""),
+            (format!("{GOOD}batch_size = 0\n"), "batch_size = 0 is out of range"),
         ];
         for (text, expected) in cases {
             let err = parse(&text).unwrap_err().to_string();
@@ -398,8 +370,7 @@ types = ["wallet_updated", "kyc_verified"]
 
     #[test]
     fn a_parse_error_gives_the_line() {
-        let err =
-            parse(&GOOD.replace("streams = [\"wallets\"]", "streams = [\"wallets\"")).unwrap_err();
+        let err = parse(&GOOD.replace("streams = [\"wallets\"]", "streams = [\"wallets\"")).unwrap_err();
         assert!(err.to_string().contains("line 8"), "{err}");
     }
 }

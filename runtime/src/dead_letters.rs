@@ -44,9 +44,7 @@ pub fn list(config: &Config, name: &str) -> Result<Vec<DeadLetter>> {
     config.projection(name)?;
     let path = config.database_path(name);
     match projection_db::open_read_only(&path)? {
-        Some(db) if projection_db::is_initialized(&db)? => {
-            projection_db::dead_letters(&db, LOG_SOURCE)
-        }
+        Some(db) if projection_db::is_initialized(&db)? => projection_db::dead_letters(&db, LOG_SOURCE),
         _ => Ok(Vec::new()),
     }
 }
@@ -57,10 +55,7 @@ pub fn list(config: &Config, name: &str) -> Result<Vec<DeadLetter>> {
 pub fn retry(config: &Config, name: &str, selection: &Selection) -> Result<RetryOutcome> {
     let projection = config.projection(name)?;
     let chosen = select(config, name, selection)?;
-    let mut outcome = RetryOutcome {
-        resolved: Vec::new(),
-        failed: Vec::new(),
-    };
+    let mut outcome = RetryOutcome { resolved: Vec::new(), failed: Vec::new() };
     if chosen.is_empty() {
         return Ok(outcome);
     }
@@ -70,8 +65,7 @@ pub fn retry(config: &Config, name: &str, selection: &Selection) -> Result<Retry
         .load_file(&projection.module)
         .with_context(|| format!("projection {name}: cannot load its module"))?;
     let db = projection_db::open(&config.database_path(name))?;
-    let mut instance =
-        GuestInstance::new(engine, module, GuestHost::new(db, name.into(), limits)?)?;
+    let mut instance = GuestInstance::new(engine, module, GuestHost::new(db, name.into(), limits)?)?;
     for letter in chosen {
         let attempt = instance.handle_in_transaction(&[letter.event()], |db| {
             projection_db::remove_dead_letter(db, LOG_SOURCE, letter.position)
@@ -85,17 +79,8 @@ pub fn retry(config: &Config, name: &str, selection: &Selection) -> Result<Retry
             Attempt::Trapped(reason) => reason,
         };
         let module = instance.module().sha256.clone();
-        projection_db::record_failed_retry(
-            instance.db(),
-            LOG_SOURCE,
-            letter.position,
-            &reason,
-            &module,
-        )?;
-        outcome.failed.push(FailedRetry {
-            id: letter.id,
-            reason,
-        });
+        projection_db::record_failed_retry(instance.db(), LOG_SOURCE, letter.position, &reason, &module)?;
+        outcome.failed.push(FailedRetry { id: letter.id, reason });
     }
     Ok(outcome)
 }
@@ -121,11 +106,8 @@ fn select(config: &Config, name: &str, selection: &Selection) -> Result<Vec<Dead
             if ids.is_empty() {
                 bail!("name the dead letters' event ids, or pass --all");
             }
-            let missing: Vec<&str> = ids
-                .iter()
-                .filter(|id| !all.iter().any(|l| &&l.id == id))
-                .map(String::as_str)
-                .collect();
+            let missing: Vec<&str> =
+                ids.iter().filter(|id| !all.iter().any(|l| &&l.id == id)).map(String::as_str).collect();
             if !missing.is_empty() {
                 bail!(
                     "projection {name:?} has no dead letter with id {}; `projector dead-letters \

@@ -48,21 +48,14 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits::resolve(&LimitsConfig::default(), &LimitsConfig::default())
-            .expect("defaults are valid")
+        Limits::resolve(&LimitsConfig::default(), &LimitsConfig::default()).expect("defaults are valid")
     }
 }
 
 impl Limits {
     /// `overrides`, falling back to `defaults`, then to the built-in values.
     pub fn resolve(defaults: &LimitsConfig, overrides: &LimitsConfig) -> Result<Limits, String> {
-        fn pick(
-            name: &str,
-            a: Option<u64>,
-            b: Option<u64>,
-            builtin: u64,
-            max: u64,
-        ) -> Result<u64, String> {
+        fn pick(name: &str, a: Option<u64>, b: Option<u64>, builtin: u64, max: u64) -> Result<u64, String> {
             let value = a.or(b).unwrap_or(builtin);
             if value == 0 || value > max {
                 return Err(format!("{name} = {value} is out of range; use 1 to {max}"));
@@ -71,8 +64,7 @@ impl Limits {
         }
         let (o, d) = (overrides, defaults);
         Ok(Limits {
-            memory_bytes: (pick("memory_mib", o.memory_mib, d.memory_mib, 64, 4096)? << 20)
-                as usize,
+            memory_bytes: (pick("memory_mib", o.memory_mib, d.memory_mib, 64, 4096)? << 20) as usize,
             call_timeout: Duration::from_millis(pick(
                 "call_timeout_ms",
                 o.call_timeout_ms,
@@ -84,16 +76,10 @@ impl Limits {
                 Some(0) => return Err("fuel = 0 is out of range; use at least 1".into()),
                 fuel => fuel,
             },
-            table_elements: pick(
-                "table_elements",
-                o.table_elements,
-                d.table_elements,
-                20_000,
-                10_000_000,
-            )? as usize,
-            instances: pick("instances", o.instances, d.instances, 16, 10_000)? as usize,
-            value_bytes: (pick("value_kib", o.value_kib, d.value_kib, 1024, 1 << 20)? << 10)
+            table_elements: pick("table_elements", o.table_elements, d.table_elements, 20_000, 10_000_000)?
                 as usize,
+            instances: pick("instances", o.instances, d.instances, 16, 10_000)? as usize,
+            value_bytes: (pick("value_kib", o.value_kib, d.value_kib, 1024, 1 << 20)? << 10) as usize,
             log_lines_per_second: pick(
                 "log_lines_per_second",
                 o.log_lines_per_second,
@@ -101,28 +87,17 @@ impl Limits {
                 100,
                 1_000_000,
             )?,
-            log_line_bytes: pick(
-                "log_line_bytes",
-                o.log_line_bytes,
-                d.log_line_bytes,
-                4096,
-                1 << 20,
-            )? as usize,
+            log_line_bytes: pick("log_line_bytes", o.log_line_bytes, d.log_line_bytes, 4096, 1 << 20)?
+                as usize,
         })
     }
 
     /// Arm `store` for one guest call: a fresh deadline and fuel.
     pub fn arm(&self, store: &mut Store<GuestHost>, fuel_enabled: bool) -> Result<()> {
-        let ticks = self
-            .call_timeout
-            .as_millis()
-            .div_ceil(EPOCH_TICK.as_millis())
-            .max(1);
+        let ticks = self.call_timeout.as_millis().div_ceil(EPOCH_TICK.as_millis()).max(1);
         store.set_epoch_deadline(ticks as u64);
         if fuel_enabled {
-            store
-                .set_fuel(self.fuel.unwrap_or(u64::MAX))
-                .map_err(anyhow::Error::from)?;
+            store.set_fuel(self.fuel.unwrap_or(u64::MAX)).map_err(anyhow::Error::from)?;
         }
         Ok(())
     }
@@ -135,15 +110,11 @@ impl Limits {
                 self.call_timeout.as_millis()
             ),
             Some(Trap::OutOfFuel) => {
-                format!(
-                    "the call ran out of fuel ({} units, limits.fuel)",
-                    self.fuel.unwrap_or(0)
-                )
+                format!("the call ran out of fuel ({} units, limits.fuel)", self.fuel.unwrap_or(0))
             }
             Some(Trap::StackOverflow) => "wasm stack overflow (unbounded recursion?)".to_string(),
             Some(Trap::UnreachableCodeReached) => {
-                "module trapped: wasm `unreachable` executed (a panic or abort in the module)"
-                    .into()
+                "module trapped: wasm `unreachable` executed (a panic or abort in the module)".into()
             }
             Some(trap) => format!("module trapped: {trap}"),
             // Not a wasm trap: an import refused (a broken limit) — its
@@ -195,9 +166,8 @@ impl ProjectorEngine {
         config.cranelift_opt_level(wasmtime::OptLevel::Speed);
         config.epoch_interruption(true);
         config.consume_fuel(fuel);
-        let engine = Engine::new(&config)
-            .map_err(anyhow::Error::from)
-            .context("creating the wasmtime engine")?;
+        let engine =
+            Engine::new(&config).map_err(anyhow::Error::from).context("creating the wasmtime engine")?;
         let mut linker = Linker::new(&engine);
         Projection::add_to_linker::<GuestHost, HasSelf<GuestHost>>(&mut linker, |host| host)
             .map_err(anyhow::Error::from)
@@ -213,12 +183,7 @@ impl ProjectorEngine {
                 }
             })
             .context("cannot start the epoch ticker")?;
-        Ok(ProjectorEngine {
-            engine,
-            linker,
-            fuel,
-            ticker_stop,
-        })
+        Ok(ProjectorEngine { engine, linker, fuel, ticker_stop })
     }
 
     /// Whether fuel is metered.
@@ -233,8 +198,7 @@ impl ProjectorEngine {
 
     /// Read, compile, link and check the module at `path`.
     pub fn load_file(&self, path: &Path) -> Result<LoadedModule> {
-        let bytes = std::fs::read(path)
-            .with_context(|| format!("cannot read module {}", path.display()))?;
+        let bytes = std::fs::read(path).with_context(|| format!("cannot read module {}", path.display()))?;
         self.load_bytes(&bytes, path)
     }
 
@@ -264,11 +228,8 @@ impl ProjectorEngine {
         let component = Component::from_binary(&self.engine, &component)
             .map_err(anyhow::Error::from)
             .with_context(|| format!("module {shown} does not compile"))?;
-        let pre = self
-            .linker
-            .instantiate_pre(&component)
-            .map_err(anyhow::Error::from)
-            .with_context(|| {
+        let pre =
+            self.linker.instantiate_pre(&component).map_err(anyhow::Error::from).with_context(|| {
                 format!("module {shown} imports something the projection world does not provide")
             })?;
         let pre = ProjectionPre::new(pre).map_err(anyhow::Error::from).with_context(|| {
@@ -277,11 +238,7 @@ impl ProjectorEngine {
                  init, handle, query); build it with projector-sdk"
             )
         })?;
-        Ok(LoadedModule {
-            path: path.to_path_buf(),
-            sha256,
-            pre,
-        })
+        Ok(LoadedModule { path: path.to_path_buf(), sha256, pre })
     }
 }
 

@@ -111,19 +111,13 @@ impl EventLog {
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
         let path = data_dir.join("events.db");
-        let writer = Connection::open(&path)
-            .with_context(|| format!("cannot open event log {}", path.display()))?;
+        let writer =
+            Connection::open(&path).with_context(|| format!("cannot open event log {}", path.display()))?;
         writer
-            .execute_batch(
-                "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=10000;",
-            )
+            .execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=10000;")
             .and_then(|()| writer.execute_batch(SCHEMA))
             .with_context(|| format!("cannot set up event log {}", path.display()))?;
-        Ok(EventLog {
-            path,
-            writer: Mutex::new(writer),
-            signal: Arc::default(),
-        })
+        Ok(EventLog { path, writer: Mutex::new(writer), signal: Arc::default() })
     }
 
     /// The file behind the log.
@@ -139,17 +133,10 @@ impl EventLog {
         let tx = db
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .with_context(|| format!("cannot start an append to {}", self.path.display()))?;
-        let mut outcome = AppendOutcome {
-            appended: 0,
-            duplicates: 0,
-        };
+        let mut outcome = AppendOutcome { appended: 0, duplicates: 0 };
         {
             let mut head: i64 = tx
-                .query_row(
-                    "SELECT head FROM streams WHERE name = ?1",
-                    [stream],
-                    |row| row.get(0),
-                )
+                .query_row("SELECT head FROM streams WHERE name = ?1", [stream], |row| row.get(0))
                 .optional()?
                 .unwrap_or(0);
             let mut insert = tx.prepare_cached(
@@ -187,15 +174,10 @@ impl EventLog {
                 )?;
             }
         }
-        tx.commit()
-            .with_context(|| format!("cannot commit an append to {}", self.path.display()))?;
+        tx.commit().with_context(|| format!("cannot commit an append to {}", self.path.display()))?;
         drop(db);
         if outcome.appended > 0 {
-            *self
-                .signal
-                .appends
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()) += 1;
+            *self.signal.appends.lock().unwrap_or_else(|e| e.into_inner()) += 1;
             self.signal.woken.notify_all();
         }
         Ok(outcome)
@@ -216,10 +198,7 @@ impl EventLog {
         .with_context(|| format!("cannot open event log {}", self.path.display()))?;
         db.execute_batch("PRAGMA busy_timeout=10000;")?;
         db.set_prepared_statement_cache_capacity(32);
-        Ok(LogReader {
-            db,
-            signal: self.signal.clone(),
-        })
+        Ok(LogReader { db, signal: self.signal.clone() })
     }
 }
 
@@ -234,24 +213,19 @@ impl LogReader {
     pub fn read_after(&mut self, after: u64, filter: &Filter, limit: usize) -> Result<Batch> {
         let head = head(&self.db)?;
         if head <= after {
-            return Ok(Batch {
-                events: Vec::new(),
-                scanned_to: after,
-            });
+            return Ok(Batch { events: Vec::new(), scanned_to: after });
         }
         let mut sql = String::from(
             "SELECT position, stream, id, type, subject, time, correlation_id, causation_id, data \
              FROM events WHERE position > ?1 AND position <= ?2",
         );
-        let mut args: Vec<rusqlite::types::Value> =
-            vec![(after as i64).into(), (head as i64).into()];
+        let mut args: Vec<rusqlite::types::Value> = vec![(after as i64).into(), (head as i64).into()];
         // `+column` keeps SQLite on the position range: with the
         // (stream, stream_position) index it would scan and sort the whole
         // stream for every batch.
         let mut only = |column: &str, values: &[String]| {
-            let placeholders: Vec<String> = (0..values.len())
-                .map(|i| format!("?{}", args.len() + i + 1))
-                .collect();
+            let placeholders: Vec<String> =
+                (0..values.len()).map(|i| format!("?{}", args.len() + i + 1)).collect();
             sql.push_str(&format!(" AND +{column} IN ({})", placeholders.join(", ")));
             args.extend(values.iter().map(|v| v.clone().into()));
         };
@@ -294,11 +268,7 @@ impl LogReader {
     /// Wait until this process appends, or `timeout` passes (appends from
     /// other processes are found by the caller's next read).
     pub fn wait(&self, timeout: Duration) {
-        let appends = self
-            .signal
-            .appends
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let appends = self.signal.appends.lock().unwrap_or_else(|e| e.into_inner());
         let seen = *appends;
         let _ = self
             .signal
@@ -309,11 +279,7 @@ impl LogReader {
 
     /// Wake every reader of this log (used to stop promptly).
     pub fn wake_all(&self) {
-        *self
-            .signal
-            .appends
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) += 1;
+        *self.signal.appends.lock().unwrap_or_else(|e| e.into_inner()) += 1;
         self.signal.woken.notify_all();
     }
 }
@@ -330,13 +296,9 @@ fn head(db: &Connection) -> Result<u64> {
 pub fn validate_stream_name(stream: &str) -> Result<()> {
     let ok = !stream.is_empty()
         && stream.len() <= 128
-        && stream
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        && stream.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
     if !ok {
-        bail!(
-            "invalid stream name {stream:?}: use 1 to 128 ASCII letters, digits, '-', '_' or '.'"
-        );
+        bail!("invalid stream name {stream:?}: use 1 to 128 ASCII letters, digits, '-', '_' or '.'");
     }
     Ok(())
 }

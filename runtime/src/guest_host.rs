@@ -25,11 +25,7 @@ use std::time::Instant;
 /// Tables the runtime owns inside a projection's database; the guest may
 /// neither read nor write them (it could forge its checkpoint or hide its
 /// dead letters). `projector_kv` is the guest's own key/value state.
-pub const RUNTIME_TABLES: [&str; 3] = [
-    "projector_checkpoints",
-    "projector_dead_letters",
-    "projector_meta",
-];
+pub const RUNTIME_TABLES: [&str; 3] = ["projector_checkpoints", "projector_dead_letters", "projector_meta"];
 
 /// Prepended to every guest statement; see [`GuestHost::as_guest`].
 const GUEST_SQL_PREFIX: &str = "/* guest */ ";
@@ -56,11 +52,7 @@ impl GuestHost {
         let guest_sql = Arc::new(AtomicBool::new(false));
         let flag = guest_sql.clone();
         db.authorizer(Some(move |ctx: AuthContext<'_>| {
-            if flag.load(Ordering::Relaxed) {
-                authorize_guest(&ctx)
-            } else {
-                Authorization::Allow
-            }
+            if flag.load(Ordering::Relaxed) { authorize_guest(&ctx) } else { Authorization::Allow }
         }))?;
         db.set_prepared_statement_cache_capacity(256);
         Ok(GuestHost {
@@ -137,11 +129,7 @@ impl GuestHost {
     /// Remember the events of the batch about to be handled.
     pub fn set_batch(&mut self, events: &[Event]) {
         self.batch.clear();
-        self.batch.extend(
-            events
-                .iter()
-                .map(|e| (e.position, e.id.clone(), e.correlation_id.clone())),
-        );
+        self.batch.extend(events.iter().map(|e| (e.position, e.id.clone(), e.correlation_id.clone())));
     }
 
     /// Take the host-side error behind the last trap, if there was one.
@@ -151,10 +139,7 @@ impl GuestHost {
 
     fn host_failed(&mut self, err: impl Into<anyhow::Error>) -> anyhow::Error {
         let err = err.into();
-        let message = anyhow::anyhow!(
-            "projection {}: host database error: {err:#}",
-            self.projection
-        );
+        let message = anyhow::anyhow!("projection {}: host database error: {err:#}", self.projection);
         self.host_error = Some(err);
         message
     }
@@ -184,9 +169,7 @@ fn authorize_guest(ctx: &AuthContext<'_>) -> Authorization {
         | AuthAction::Pragma { .. }
         | AuthAction::CreateVtable { .. }
         | AuthAction::DropVtable { .. } => Authorization::Deny,
-        AuthAction::Function { function_name }
-            if function_name.eq_ignore_ascii_case("load_extension") =>
-        {
+        AuthAction::Function { function_name } if function_name.eq_ignore_ascii_case("load_extension") => {
             Authorization::Deny
         }
         AuthAction::Read { table_name, .. }
@@ -212,10 +195,8 @@ impl TypesHost for GuestHost {}
 
 impl StateHost for GuestHost {
     fn get(&mut self, key: String) -> Result<Option<Vec<u8>>> {
-        let result = self
-            .db
-            .prepare_cached("SELECT value FROM projector_kv WHERE key = ?1")
-            .and_then(|mut stmt| {
+        let result =
+            self.db.prepare_cached("SELECT value FROM projector_kv WHERE key = ?1").and_then(|mut stmt| {
                 let mut rows = stmt.query([&key])?;
                 rows.next()?.map(|row| row.get(0)).transpose()
             });
@@ -250,8 +231,7 @@ impl StateHost for GuestHost {
                  ORDER BY key LIMIT ?2",
             )
             .and_then(|mut stmt| {
-                stmt.query_map((&prefix, limit), |row| Ok((row.get(0)?, row.get(1)?)))?
-                    .collect()
+                stmt.query_map((&prefix, limit), |row| Ok((row.get(0)?, row.get(1)?)))?.collect()
             });
         result.map_err(|err| self.host_failed(err))
     }
@@ -266,9 +246,7 @@ impl SqlHost for GuestHost {
                 .map_err(|err| err.to_string())?;
             let readonly = stmt.readonly();
             // Step through any rows (`RETURNING`) so every statement runs whole.
-            let mut rows = stmt
-                .query(params_from_iter(&params))
-                .map_err(|err| err.to_string())?;
+            let mut rows = stmt.query(params_from_iter(&params)).map_err(|err| err.to_string())?;
             while rows.next().map_err(|err| err.to_string())?.is_some() {}
             Ok(if readonly { 0 } else { db.changes() })
         }))
@@ -282,16 +260,12 @@ impl SqlHost for GuestHost {
                 .map_err(|err| err.to_string())?;
             let columns: Vec<String> = stmt.column_names().map(String::from).collect();
             let width = columns.len();
-            let mut rows = stmt
-                .query(params_from_iter(&params))
-                .map_err(|err| err.to_string())?;
+            let mut rows = stmt.query(params_from_iter(&params)).map_err(|err| err.to_string())?;
             let mut out = Vec::new();
             while let Some(row) = rows.next().map_err(|err| err.to_string())? {
                 let mut values = Vec::with_capacity(width);
                 for i in 0..width {
-                    values.push(from_value_ref(
-                        row.get_ref(i).map_err(|err| err.to_string())?,
-                    ));
+                    values.push(from_value_ref(row.get_ref(i).map_err(|err| err.to_string())?));
                 }
                 out.push(values);
             }
@@ -314,10 +288,7 @@ impl LogHost for GuestHost {
             false => message,
         };
         let event = position.and_then(|p| {
-            self.batch
-                .binary_search_by_key(&p, |(position, _, _)| *position)
-                .ok()
-                .map(|i| &self.batch[i])
+            self.batch.binary_search_by_key(&p, |(position, _, _)| *position).ok().map(|i| &self.batch[i])
         });
         let (event_id, correlation_id) = match event {
             Some((_, id, correlation)) => (id.as_str(), correlation.as_deref().unwrap_or("")),

@@ -74,20 +74,14 @@ pub fn status(config: &Config) -> Result<Vec<ProjectionStatus>> {
                     _ => recorded,
                 };
                 let dead_letters: i64 =
-                    db.query_row("SELECT count(*) FROM projector_dead_letters", [], |r| {
-                        r.get(0)
-                    })?;
+                    db.query_row("SELECT count(*) FROM projector_dead_letters", [], |r| r.get(0))?;
                 Ok(ProjectionStatus {
                     name: p.name.clone(),
                     module: projection_db::meta(&db, "module")?.or_else(|| file_sha256(&p.module)),
                     checkpoint,
                     head,
                     lag: head.saturating_sub(checkpoint),
-                    error: if state == "faulted" {
-                        projection_db::meta(&db, "error")?
-                    } else {
-                        None
-                    },
+                    error: if state == "faulted" { projection_db::meta(&db, "error")? } else { None },
                     retrying: match state.as_str() {
                         "running" => projection_db::meta(&db, "retrying")?
                             .and_then(|text| serde_json::from_str(&text).ok()),
@@ -107,28 +101,18 @@ pub fn query(config: &Config, name: &str, sql: &str) -> Result<Vec<Value>> {
     config.projection(name)?;
     let path = config.database_path(name);
     let db = projection_db::open_read_only(&path)?.with_context(|| {
-        format!(
-            "projection {name:?} has no database yet ({}); start `projector run` first",
-            path.display()
-        )
+        format!("projection {name:?} has no database yet ({}); start `projector run` first", path.display())
     })?;
     rows_json(&db, sql).with_context(|| format!("projection {name:?}"))
 }
 
 /// The rows of `sql` as JSON objects keyed by column name; blobs as base64.
 pub fn rows_json(db: &Connection, sql: &str) -> Result<Vec<Value>> {
-    let mut stmt = db
-        .prepare(sql)
-        .with_context(|| format!("invalid query {sql:?}"))?;
+    let mut stmt = db.prepare(sql).with_context(|| format!("invalid query {sql:?}"))?;
     let columns: Vec<String> = stmt.column_names().map(String::from).collect();
-    let mut rows = stmt
-        .query([])
-        .with_context(|| format!("query {sql:?} failed"))?;
+    let mut rows = stmt.query([]).with_context(|| format!("query {sql:?} failed"))?;
     let mut out = Vec::new();
-    while let Some(row) = rows
-        .next()
-        .with_context(|| format!("query {sql:?} failed"))?
-    {
+    while let Some(row) = rows.next().with_context(|| format!("query {sql:?} failed"))? {
         let mut object = Map::new();
         for (i, column) in columns.iter().enumerate() {
             object.insert(column.clone(), value_json(row.get_ref(i)?));
@@ -147,13 +131,12 @@ pub fn state_json(db: &Connection) -> Result<Value> {
     while let Some(row) = rows.next()? {
         let key: String = row.get(0)?;
         let bytes: Vec<u8> = row.get(1)?;
-        let value =
-            serde_json::from_slice(&bytes).unwrap_or_else(|_| match String::from_utf8(bytes) {
-                Ok(text) => Value::String(text),
-                Err(err) => serde_json::json!({
-                    "base64": base64::engine::general_purpose::STANDARD.encode(err.as_bytes())
-                }),
-            });
+        let value = serde_json::from_slice(&bytes).unwrap_or_else(|_| match String::from_utf8(bytes) {
+            Ok(text) => Value::String(text),
+            Err(err) => serde_json::json!({
+                "base64": base64::engine::general_purpose::STANDARD.encode(err.as_bytes())
+            }),
+        });
         object.insert(key, value);
     }
     Ok(Value::Object(object))
@@ -193,7 +176,27 @@ fn run_lock_held(data: &Path) -> bool {
 }
 
 fn file_sha256(path: &Path) -> Option<String> {
-    std::fs::read(path)
-        .ok()
-        .map(|bytes| hex::encode(Sha256::digest(bytes)))
+    std::fs::read(path).ok().map(|bytes| hex::encode(Sha256::digest(bytes)))
+}
+
+/// Call projection `name`'s `query` export with `request`, on a read-only
+/// instance over a read-only connection (works while `run` is running).
+pub fn guest_query(config: &Config, name: &str, request: &[u8]) -> Result<Vec<u8>> {
+    use crate::engine::ProjectorEngine;
+    use crate::guest_host::GuestHost;
+    use crate::instance::{GuestInstance, QueryOutcome};
+    let projection = config.projection(name)?;
+    let limits = config.limits(projection);
+    let path = config.database_path(name);
+    let db = projection_db::open_read_only(&path)?.with_context(|| {
+        format!("projection {name:?} has no database yet ({}); start `projector run` first", path.display())
+    })?;
+    let engine = std::sync::Arc::new(ProjectorEngine::new(limits.fuel.is_some())?);
+    let module = engine.load_file(&projection.module)?;
+    let mut instance = GuestInstance::reader(engine, module, GuestHost::new(db, name.into(), limits)?)?;
+    match instance.query(request)? {
+        QueryOutcome::Answer(answer) => Ok(answer),
+        QueryOutcome::Refused(reason) => anyhow::bail!("projection {name:?} refused the query: {reason}"),
+        QueryOutcome::Trapped(reason) => anyhow::bail!("projection {name:?} failed the query: {reason}"),
+    }
 }

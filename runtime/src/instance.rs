@@ -33,22 +33,54 @@ pub struct GuestInstance {
     module: LoadedModule,
     store: Store<GuestHost>,
     guest: Projection,
+    reader: bool,
+}
+
+/// How one `query` call ended.
+#[derive(Debug, Clone)]
+pub enum QueryOutcome {
+    /// The module's answer.
+    Answer(Vec<u8>),
+    /// The module refused the request, with its reason.
+    Refused(String),
+    /// The module trapped; the instance was re-made.
+    Trapped(String),
 }
 
 impl GuestInstance {
     /// Instantiate `module` over `host`'s database and run its `init`.
-    pub fn new(
-        engine: Arc<ProjectorEngine>,
-        module: LoadedModule,
-        host: GuestHost,
-    ) -> Result<Self> {
-        let (store, guest) = instantiate(&engine, &module, host)?;
-        Ok(GuestInstance {
-            engine,
-            module,
-            store,
-            guest,
-        })
+    pub fn new(engine: Arc<ProjectorEngine>, module: LoadedModule, host: GuestHost) -> Result<Self> {
+        let (store, guest) = instantiate(&engine, &module, host, true)?;
+        Ok(GuestInstance { engine, module, store, guest, reader: false })
+    }
+
+    /// An instance for serving `query` over a read-only connection: no
+    /// `init` (it would write), and every call reads one snapshot.
+    pub fn reader(engine: Arc<ProjectorEngine>, module: LoadedModule, host: GuestHost) -> Result<Self> {
+        let (store, guest) = instantiate(&engine, &module, host, false)?;
+        Ok(GuestInstance { engine, module, store, guest, reader: true })
+    }
+
+    /// Call the module's `query` with `request`, inside one read
+    /// transaction, under the projection's limits.
+    pub fn query(&mut self, request: &[u8]) -> Result<QueryOutcome> {
+        let limits = *self.store.data().limits();
+        limits.arm(&mut self.store, self.engine.fuel_enabled())?;
+        self.db().prepare_cached("BEGIN")?.execute([])?;
+        let result = self.guest.call_query(&mut self.store, request);
+        self.db().prepare_cached("ROLLBACK")?.execute([])?;
+        match result {
+            Ok(Ok(answer)) => Ok(QueryOutcome::Answer(answer)),
+            Ok(Err(reason)) => Ok(QueryOutcome::Refused(reason)),
+            Err(trap) => {
+                if let Some(err) = self.store.data_mut().take_host_error() {
+                    return Err(err.context("the host failed serving a query"));
+                }
+                let reason = limits.describe_trap(trap);
+                self.remake()?;
+                Ok(QueryOutcome::Trapped(reason))
+            }
+        }
     }
 
     /// The module this instance runs.
@@ -102,10 +134,8 @@ impl GuestInstance {
             Err(trap) => {
                 self.db().prepare_cached("ROLLBACK")?.execute([])?;
                 if let Some(err) = self.store.data_mut().take_host_error() {
-                    return Err(err.context(format!(
-                        "projection {}: the host failed",
-                        self.store.data().projection()
-                    )));
+                    return Err(err
+                        .context(format!("projection {}: the host failed", self.store.data().projection())));
                 }
                 let reason = limits.describe_trap(trap);
                 tracing::warn!(
@@ -129,23 +159,22 @@ impl GuestInstance {
             self.store.data().projection().into(),
             *self.store.data().limits(),
         )?;
-        let old = std::mem::replace(
-            &mut self.store,
-            Store::new(self.engine.engine(), placeholder),
-        );
-        let (store, guest) = instantiate(&self.engine, &self.module, old.into_data())?;
+        let old = std::mem::replace(&mut self.store, Store::new(self.engine.engine(), placeholder));
+        let (store, guest) = instantiate(&self.engine, &self.module, old.into_data(), !self.reader)?;
         self.store = store;
         self.guest = guest;
         Ok(())
     }
 }
 
-/// A fresh instance over `host`: instantiate, check the state version the
-/// database holds against the module's, run `init` in a transaction.
+/// A fresh instance over `host`: instantiate, and unless it only serves
+/// reads, check the state version the database holds against the module's
+/// and run `init` in a transaction.
 fn instantiate(
     engine: &ProjectorEngine,
     module: &LoadedModule,
     host: GuestHost,
+    init: bool,
 ) -> Result<(Store<GuestHost>, Projection)> {
     let name = host.projection().to_string();
     let shown = module.path.display();
@@ -159,6 +188,9 @@ fn instantiate(
         .instantiate(&mut store)
         .map_err(anyhow::Error::from)
         .with_context(|| format!("projection {name}: module {shown} failed to instantiate"))?;
+    if !init {
+        return Ok((store, guest));
+    }
     let version = match guest.call_state_version(&mut store) {
         Ok(version) => version,
         Err(trap) => bail!(
@@ -181,11 +213,7 @@ fn instantiate(
         );
     }
     limits.arm(&mut store, engine.fuel_enabled())?;
-    store
-        .data()
-        .db()
-        .prepare_cached("BEGIN IMMEDIATE")?
-        .execute([])?;
+    store.data().db().prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
     match guest.call_init(&mut store, found) {
         Ok(Ok(())) => {
             let db = store.data().db();
@@ -201,10 +229,7 @@ fn instantiate(
             if let Some(err) = store.data_mut().take_host_error() {
                 return Err(err.context(format!("projection {name}: the host failed in init")));
             }
-            bail!(
-                "projection {name}: module {shown} trapped in init: {}",
-                limits.describe_trap(trap)
-            );
+            bail!("projection {name}: module {shown} trapped in init: {}", limits.describe_trap(trap));
         }
     }
     Ok((store, guest))

@@ -1,17 +1,22 @@
 //! The `projector` command line: run the host, append to the event log,
-//! replay a module offline, and inspect projections.
+//! replay a module offline, and inspect and operate projections — from the
+//! files, or with `--url` through a running host's HTTP API.
 
 use anyhow::{Context as _, Result};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use projector::config::Config;
 use projector::dead_letters::{self, Selection};
 use projector::event_log::EventLog;
+use projector::http::{Api, router};
+use projector::remote::Remote;
 use projector::replay::{ReplayOptions, replay};
 use projector::supervisor::Supervisor;
 use projector::{cloudevents, inspect};
+use serde_json::{Value, json};
 use std::io::{IsTerminal as _, Read as _};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 /// Feed event streams to sandboxed WebAssembly projection modules, each
 /// building its own SQLite state.
@@ -22,16 +27,37 @@ struct Cli {
     command: Command,
 }
 
+/// Where to find the projections: the config's files, or a running host.
+#[derive(Args)]
+struct Target {
+    /// The config file (projector.toml).
+    #[arg(long, short, default_value = "projector.toml")]
+    config: PathBuf,
+    /// Talk to a running `projector run` at this URL (e.g.
+    /// http://127.0.0.1:7070) instead of reading the files.
+    #[arg(long)]
+    url: Option<String>,
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Run every projection of a config until SIGINT or SIGTERM.
+    /// Run every projection of a config, and the HTTP API, until SIGINT or
+    /// SIGTERM.
     Run {
         /// The config file (projector.toml).
         #[arg(long, short, default_value = "projector.toml")]
         config: PathBuf,
+        /// Serve the HTTP API on this address (port 0 picks a free one; the
+        /// address is written to <data>/listen.addr).
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        listen: String,
+        /// Refuse HTTP request bodies larger than this, in KiB.
+        #[arg(long, default_value_t = 16 * 1024)]
+        max_body_kib: usize,
     },
     /// Append CloudEvents (JSON, one per line) to a stream of the event log.
-    /// All or nothing: one bad line appends nothing. Prints
+    /// All or nothing: one bad line appends nothing. Events without a
+    /// correlation id get one id for this append. Prints
     /// {"appended": N, "duplicates": M}.
     Append {
         /// The data folder holding events.db (the config's `data`).
@@ -65,27 +91,29 @@ enum Command {
     /// Print every projection's status as a JSON array: name, module
     /// (sha256), checkpoint, head, lag, state, dead_letters.
     Status {
-        /// The config file (projector.toml).
-        #[arg(long, short, default_value = "projector.toml")]
-        config: PathBuf,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Read a projection: a read-only SQL query (rows as a JSON array of
+    /// objects), or a request to the module's own `query`.
+    Query {
+        #[command(flatten)]
+        target: Target,
+        /// The projection's name.
+        projection: String,
+        /// A read-only SQL query, e.g. "SELECT * FROM allowlist".
+        #[arg(long, required_unless_present = "request", conflicts_with = "request")]
+        sql: Option<String>,
+        /// A request for the module's `query` export, e.g.
+        /// '{"wallet_address": "0xA1"}'.
+        #[arg(long)]
+        request: Option<String>,
     },
     /// List, retry or discard a projection's dead letters (works while
     /// `run` is running).
     DeadLetters {
         #[command(subcommand)]
         action: DeadLetterAction,
-    },
-    /// Run a read-only SQL query on a projection's database and print the
-    /// rows as a JSON array of objects.
-    Query {
-        /// The config file (projector.toml).
-        #[arg(long, short, default_value = "projector.toml")]
-        config: PathBuf,
-        /// The projection's name.
-        projection: String,
-        /// The query, e.g. "SELECT * FROM allowlist".
-        #[arg(long)]
-        sql: String,
     },
 }
 
@@ -94,9 +122,8 @@ enum DeadLetterAction {
     /// Print the dead letters as a JSON array (id, position, stream, type,
     /// reason, module, attempts, parked_at, …).
     List {
-        /// The config file (projector.toml).
-        #[arg(long, short, default_value = "projector.toml")]
-        config: PathBuf,
+        #[command(flatten)]
+        target: Target,
         /// The projection's name.
         projection: String,
     },
@@ -104,9 +131,8 @@ enum DeadLetterAction {
     /// one, a failure keeps it with attempts + 1. Prints
     /// {"resolved": [...], "failed": [{"id", "reason"}]}.
     Retry {
-        /// The config file (projector.toml).
-        #[arg(long, short, default_value = "projector.toml")]
-        config: PathBuf,
+        #[command(flatten)]
+        target: Target,
         /// The projection's name.
         projection: String,
         /// The event ids to retry.
@@ -118,9 +144,8 @@ enum DeadLetterAction {
     },
     /// Remove dead letters for good. Prints {"discarded": N}.
     Discard {
-        /// The config file (projector.toml).
-        #[arg(long, short, default_value = "projector.toml")]
-        config: PathBuf,
+        #[command(flatten)]
+        target: Target,
         /// The projection's name.
         projection: String,
         /// The event ids to discard.
@@ -154,126 +179,157 @@ fn main() -> ExitCode {
     }
 }
 
+fn print(value: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// `/projections/{name}` with the name escaped for a URL path.
+fn path(name: &str, rest: &str) -> String {
+    let escaped: String = name
+        .bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    format!("/projections/{escaped}{rest}")
+}
+
 fn execute(command: Command) -> Result<()> {
     match command {
-        Command::Run { config } => run(&Config::load(&config)?),
+        Command::Run { config, listen, max_body_kib } => {
+            run(&Config::load(&config)?, &listen, max_body_kib << 10)
+        }
         Command::Append { data, stream, file } => {
             projector::event_log::validate_stream_name(&stream)?;
             let (text, origin) = if file.as_os_str() == "-" {
                 let mut text = String::new();
-                std::io::stdin()
-                    .read_to_string(&mut text)
-                    .context("cannot read standard input")?;
+                std::io::stdin().read_to_string(&mut text).context("cannot read standard input")?;
                 (text, "stdin".to_string())
             } else {
                 let text = std::fs::read_to_string(&file)
                     .with_context(|| format!("cannot read {}", file.display()))?;
                 (text, file.display().to_string())
             };
-            let events = cloudevents::parse_lines(&text, &origin)?;
-            let outcome = EventLog::open(&data)?.append(&stream, &events)?;
-            println!("{}", serde_json::to_string(&outcome)?);
-            Ok(())
+            let mut events = cloudevents::parse_lines(&text, &origin)?;
+            cloudevents::fill_correlation_ids(&mut events, &uuid::Uuid::new_v4().to_string());
+            print(&EventLog::open(&data)?.append(&stream, &events)?)
         }
-        Command::Replay {
-            module,
-            events,
-            stream,
-            sql,
-            batch,
-        } => {
-            let outcome = replay(&ReplayOptions {
-                module,
-                events,
-                stream,
-                sql,
-                batch: batch as usize,
-            })?;
+        Command::Replay { module, events, stream, sql, batch } => {
+            let outcome = replay(&ReplayOptions { module, events, stream, sql, batch: batch as usize })?;
             if outcome.duplicates > 0 {
-                eprintln!(
-                    "replay: skipped {} events whose id came earlier in the file",
-                    outcome.duplicates
-                );
+                eprintln!("replay: skipped {} events whose id came earlier in the file", outcome.duplicates);
             }
             for (id, position, reason) in &outcome.dead_letters {
-                eprintln!(
-                    "replay: event {id} (position {position}) parked as a dead letter: {reason}"
-                );
+                eprintln!("replay: event {id} (position {position}) parked as a dead letter: {reason}");
             }
-            println!("{}", serde_json::to_string_pretty(&outcome.output)?);
-            Ok(())
+            print(&outcome.output)
         }
-        Command::Status { config } => {
-            let status = inspect::status(&Config::load(&config)?)?;
-            println!("{}", serde_json::to_string_pretty(&status)?);
-            Ok(())
-        }
-        Command::DeadLetters { action } => {
-            let output = match action {
-                DeadLetterAction::List { config, projection } => {
-                    serde_json::to_value(dead_letters::list(&Config::load(&config)?, &projection)?)?
+        Command::Status { target } => match &target.url {
+            Some(url) => print(&Remote::new(url).get("/projections")?),
+            None => print(&inspect::status(&Config::load(&target.config)?)?),
+        },
+        Command::Query { target, projection, sql, request } => {
+            let remote = target.url.as_deref().map(Remote::new);
+            match (remote, sql, request) {
+                (Some(remote), Some(sql), _) => {
+                    print(&remote.post_json(&path(&projection, "/sql"), &json!({ "sql": sql }))?)
                 }
-                DeadLetterAction::Retry {
-                    config,
-                    projection,
-                    ids,
-                    all,
-                } => {
-                    let selection = if all {
-                        Selection::All
-                    } else {
-                        Selection::Ids(ids)
-                    };
-                    let config = Config::load(&config)?;
-                    serde_json::to_value(dead_letters::retry(&config, &projection, &selection)?)?
+                (Some(remote), None, Some(request)) => {
+                    print(&remote.post_bytes(&path(&projection, "/query"), request.as_bytes())?)
                 }
-                DeadLetterAction::Discard {
-                    config,
-                    projection,
-                    ids,
-                } => {
-                    let discarded =
-                        dead_letters::discard(&Config::load(&config)?, &projection, &ids)?;
-                    serde_json::json!({ "discarded": discarded })
+                (None, Some(sql), _) => {
+                    print(&inspect::query(&Config::load(&target.config)?, &projection, &sql)?)
                 }
-            };
-            println!("{}", serde_json::to_string_pretty(&output)?);
-            Ok(())
+                (None, None, Some(request)) => {
+                    let answer = inspect::guest_query(
+                        &Config::load(&target.config)?,
+                        &projection,
+                        request.as_bytes(),
+                    )?;
+                    match serde_json::from_slice::<Value>(&answer) {
+                        Ok(value) => print(&value),
+                        Err(_) => {
+                            println!("{}", String::from_utf8_lossy(&answer));
+                            Ok(())
+                        }
+                    }
+                }
+                (_, None, None) => unreachable!("clap requires --sql or --request"),
+            }
         }
-        Command::Query {
-            config,
-            projection,
-            sql,
-        } => {
-            let rows = inspect::query(&Config::load(&config)?, &projection, &sql)?;
-            println!("{}", serde_json::to_string_pretty(&rows)?);
-            Ok(())
-        }
+        Command::DeadLetters { action } => match action {
+            DeadLetterAction::List { target, projection } => match &target.url {
+                Some(url) => print(&Remote::new(url).get(&path(&projection, "/dead-letters"))?),
+                None => print(&dead_letters::list(&Config::load(&target.config)?, &projection)?),
+            },
+            DeadLetterAction::Retry { target, projection, ids, all } => match &target.url {
+                Some(url) => print(&Remote::new(url).post_json(
+                    &path(&projection, "/dead-letters/retry"),
+                    &json!({ "ids": ids, "all": all }),
+                )?),
+                None => {
+                    let selection = if all { Selection::All } else { Selection::Ids(ids) };
+                    print(&dead_letters::retry(&Config::load(&target.config)?, &projection, &selection)?)
+                }
+            },
+            DeadLetterAction::Discard { target, projection, ids } => match &target.url {
+                Some(url) => print(
+                    &Remote::new(url)
+                        .post_json(&path(&projection, "/dead-letters/discard"), &json!({ "ids": ids }))?,
+                ),
+                None => {
+                    let discarded = dead_letters::discard(&Config::load(&target.config)?, &projection, &ids)?;
+                    print(&json!({ "discarded": discarded }))
+                }
+            },
+        },
     }
 }
 
-fn run(config: &Config) -> Result<()> {
+fn run(config: &Config, listen: &str, max_body: usize) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    // Bind first: a busy port must not leave projections half started.
+    let listener = runtime.block_on(tokio::net::TcpListener::bind(listen)).with_context(|| {
+        format!("cannot listen on {listen}; pass --listen <addr:port> (port 0 picks a free one)")
+    })?;
+    let address = listener.local_addr()?;
     let supervisor = Supervisor::start(config)?;
+    let api = Arc::new(Api::new(
+        config.clone(),
+        supervisor.log().clone(),
+        supervisor.engine().clone(),
+        supervisor.metrics().clone(),
+        supervisor.projections(),
+        max_body,
+    ));
+    std::fs::write(config.data.join("listen.addr"), address.to_string())
+        .with_context(|| format!("cannot write {}", config.data.join("listen.addr").display()))?;
     tracing::info!(
         projections = config.projections.len(),
         data = %config.data.display(),
-        "projector running; stop with Ctrl-C or SIGTERM"
+        "projector running, HTTP API on http://{address}/; stop with Ctrl-C or SIGTERM"
     );
-    runtime.block_on(async {
+    let served = runtime.block_on(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("cannot listen for SIGTERM")?;
-        tokio::select! {
-            result = tokio::signal::ctrl_c() => result.context("cannot listen for SIGINT")?,
-            _ = term.recv() => {}
-        }
-        anyhow::Ok(())
-    })?;
+        let shutdown = async move {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        };
+        axum::serve(listener, router(api))
+            .with_graceful_shutdown(shutdown)
+            .await
+            .context("the HTTP API failed")
+    });
     tracing::info!("stopping: finishing the batches in flight");
     supervisor.stop();
-    Ok(())
+    served
 }

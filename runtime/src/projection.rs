@@ -15,6 +15,7 @@ use crate::engine::{Limits, ProjectorEngine};
 use crate::event_log::{EventLog, Filter, LogReader, POLL_INTERVAL};
 use crate::guest_host::GuestHost;
 use crate::instance::{Attempt, GuestInstance};
+use crate::live::LiveProjection;
 use crate::projection_db::{self, LOG_SOURCE};
 use anyhow::{Context as _, Result, bail};
 use rusqlite::Connection;
@@ -68,6 +69,7 @@ pub struct ProjectionRunner {
     policy: FailurePolicy,
     checkpoint: u64,
     stop: Arc<AtomicBool>,
+    live: Arc<LiveProjection>,
     retrying: bool,
     handled: u64,
     parked: u64,
@@ -77,12 +79,13 @@ impl ProjectionRunner {
     /// Load the module, open the database, instantiate and `init`.
     ///
     /// `stop`, when set, makes [`ProjectionRunner::run`] return after the
-    /// batch in flight.
+    /// batch in flight; `live` is what it shares with the HTTP API.
     pub fn start(
         engine: Arc<ProjectorEngine>,
         spec: &ProjectionSpec,
         log: &EventLog,
         stop: Arc<AtomicBool>,
+        live: Arc<LiveProjection>,
     ) -> Result<Self> {
         let name: Arc<str> = spec.name.as_str().into();
         let module = engine
@@ -94,13 +97,10 @@ impl ProjectionRunner {
         let instance = GuestInstance::new(engine, module, host)?;
         let db = instance.db();
         projection_db::set_meta(db, "module", Some(&instance.module().sha256))?;
-        projection_db::set_meta(
-            db,
-            "module_path",
-            Some(&instance.module().path.to_string_lossy()),
-        )?;
+        projection_db::set_meta(db, "module_path", Some(&instance.module().path.to_string_lossy()))?;
         projection_db::set_meta(db, "error", None)?;
         projection_db::set_meta(db, "retrying", None)?;
+        live.set_module(instance.module().clone());
         Ok(ProjectionRunner {
             name,
             instance,
@@ -110,6 +110,7 @@ impl ProjectionRunner {
             policy: spec.policy,
             checkpoint,
             stop,
+            live,
             retrying: false,
             handled: 0,
             parked: 0,
@@ -150,8 +151,17 @@ impl ProjectionRunner {
     /// rolls back as a whole; nothing is half-applied.
     pub fn run(&mut self) -> Result<()> {
         projection_db::set_meta(self.db(), "state", Some("running"))?;
+        let mut paused = false;
         while !self.stop.load(Ordering::Relaxed) {
-            if self.step()? == Step::Idle {
+            if self.live.is_paused() != paused {
+                paused = !paused;
+                let state = if paused { "paused" } else { "running" };
+                projection_db::set_meta(self.db(), "state", Some(state))?;
+                tracing::info!(projection = &*self.name, checkpoint = self.checkpoint, "{state}");
+            }
+            if paused {
+                std::thread::sleep(POLL_INTERVAL);
+            } else if self.step()? == Step::Idle {
                 self.reader.wait(POLL_INTERVAL);
             }
         }
@@ -160,15 +170,22 @@ impl ProjectionRunner {
 
     /// Process until the checkpoint reaches the log's head.
     pub fn catch_up(&mut self) -> Result<()> {
-        while !matches!(self.step()?, Step::Idle | Step::Stopped) {}
+        self.catch_up_with(|_, _| {})
+    }
+
+    /// [`ProjectionRunner::catch_up`], calling `progress(checkpoint, head)`
+    /// after every batch.
+    pub fn catch_up_with(&mut self, mut progress: impl FnMut(u64, u64)) -> Result<()> {
+        let head = self.reader.head()?;
+        while !matches!(self.step()?, Step::Idle | Step::Stopped) {
+            progress(self.checkpoint, head.max(self.checkpoint));
+        }
         Ok(())
     }
 
     /// Read one batch and apply it.
     pub fn step(&mut self) -> Result<Step> {
-        let batch = self
-            .reader
-            .read_after(self.checkpoint, &self.filter, self.batch_size)?;
+        let batch = self.reader.read_after(self.checkpoint, &self.filter, self.batch_size)?;
         if batch.scanned_to == self.checkpoint {
             return Ok(Step::Idle);
         }
@@ -190,9 +207,26 @@ impl ProjectionRunner {
         let mut attempts: u32 = 0;
         loop {
             attempts += 1;
+            let started = std::time::Instant::now();
             let attempt = self.instance.handle_in_transaction(events, |db| {
                 projection_db::set_checkpoint(db, LOG_SOURCE, checkpoint_after)
             })?;
+            let metrics = &self.live.metrics;
+            match &attempt {
+                Attempt::Committed => self.live.record_batch(events.len(), started.elapsed()),
+                Attempt::Failed(Failure::Retry(reason)) => {
+                    metrics.guest_error(&self.name, "retry");
+                    self.live.set_last_error(Some(format!("retry: {reason}")));
+                }
+                Attempt::Failed(Failure::Reject(reason)) => {
+                    metrics.guest_error(&self.name, "reject");
+                    self.live.set_last_error(Some(format!("reject: {reason}")));
+                }
+                Attempt::Trapped(reason) => {
+                    metrics.guest_error(&self.name, "trap");
+                    self.live.set_last_error(Some(reason.clone()));
+                }
+            }
             let reason = match attempt {
                 Attempt::Committed => {
                     self.checkpoint = checkpoint_after;
@@ -236,9 +270,7 @@ impl ProjectionRunner {
             }
             let event = &events[0];
             match self.policy {
-                FailurePolicy::DeadLetter => {
-                    self.park(event, &reason, attempts, checkpoint_after)?
-                }
+                FailurePolicy::DeadLetter => self.park(event, &reason, attempts, checkpoint_after)?,
                 FailurePolicy::Halt => bail!(
                     "halted at event {} (position {}): {reason}; the checkpoint stays at {} \
                      (on_failure = \"halt\"): fix the module or the event, then restart",
@@ -252,13 +284,7 @@ impl ProjectionRunner {
     }
 
     /// Park `event` and move the checkpoint past it, in one transaction.
-    fn park(
-        &mut self,
-        event: &Event,
-        reason: &str,
-        attempts: u32,
-        checkpoint_after: u64,
-    ) -> Result<()> {
+    fn park(&mut self, event: &Event, reason: &str, attempts: u32, checkpoint_after: u64) -> Result<()> {
         let module = self.instance.module().sha256.clone();
         let db = self.db();
         db.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;

@@ -50,8 +50,7 @@ pub const LOG_SOURCE: &str = "log";
 /// Open (creating if needed) a projection's database for processing.
 pub fn open(path: &Path) -> Result<Connection> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create directory {}", dir.display()))?;
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create directory {}", dir.display()))?;
     }
     let db = Connection::open(path)
         .with_context(|| format!("cannot open projection database {}", path.display()))?;
@@ -69,11 +68,9 @@ pub fn open_read_only(path: &Path) -> Result<Option<Connection>> {
     if !path.exists() {
         return Ok(None);
     }
-    let db = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .with_context(|| format!("cannot open projection database {}", path.display()))?;
+    let db =
+        Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+            .with_context(|| format!("cannot open projection database {}", path.display()))?;
     db.execute_batch("PRAGMA busy_timeout=5000; PRAGMA query_only=1;")?;
     Ok(Some(db))
 }

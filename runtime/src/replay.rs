@@ -8,6 +8,7 @@ use crate::config::FailurePolicy;
 use crate::engine::{Limits, ProjectorEngine};
 use crate::event_log::{EventLog, Filter};
 use crate::inspect;
+use crate::live::LiveProjection;
 use crate::projection::{ProjectionRunner, ProjectionSpec};
 use anyhow::{Context as _, Result};
 use serde_json::Value;
@@ -41,6 +42,21 @@ pub struct ReplayOutcome {
     pub dead_letters: Vec<(String, u64, String)>,
 }
 
+/// A progress bar on stderr when stdout is a terminal; none otherwise, so
+/// piped output stays exactly the JSON.
+pub fn progress_bar(total: u64) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal as _;
+    if !std::io::stdout().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::with_draw_target(Some(total), indicatif::ProgressDrawTarget::stderr());
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} events ({per_sec}, eta {eta})")
+            .expect("a valid progress template"),
+    );
+    Some(bar)
+}
+
 /// Replay `options.events` through `options.module`.
 pub fn replay(options: &ReplayOptions) -> Result<ReplayOutcome> {
     let origin = options.events.display().to_string();
@@ -60,24 +76,26 @@ pub fn replay(options: &ReplayOptions) -> Result<ReplayOutcome> {
         limits: Limits::default(),
         policy: FailurePolicy::DeadLetter,
     };
-    let mut runner =
-        ProjectionRunner::start(engine, &spec, &log, Arc::new(AtomicBool::new(false)))?;
-    runner.catch_up()?;
+    let live = Arc::new(LiveProjection::new("replay", Arc::default()));
+    let mut runner = ProjectionRunner::start(engine, &spec, &log, Arc::new(AtomicBool::new(false)), live)?;
+    let bar = progress_bar(appended.appended);
+    runner.catch_up_with(|checkpoint, head| {
+        if let Some(bar) = &bar {
+            bar.set_length(head);
+            bar.set_position(checkpoint);
+        }
+    })?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
     let db = runner.db();
     let output = match &options.sql {
         Some(sql) => Value::Array(inspect::rows_json(db, sql)?),
         None => inspect::state_json(db)?,
     };
-    let mut stmt =
-        db.prepare("SELECT id, position, reason FROM projector_dead_letters ORDER BY position")?;
+    let mut stmt = db.prepare("SELECT id, position, reason FROM projector_dead_letters ORDER BY position")?;
     let dead_letters = stmt
-        .query_map([], |row| {
-            Ok((row.get(0)?, row.get::<_, i64>(1)? as u64, row.get(2)?))
-        })?
+        .query_map([], |row| Ok((row.get(0)?, row.get::<_, i64>(1)? as u64, row.get(2)?)))?
         .collect::<rusqlite::Result<_>>()?;
-    Ok(ReplayOutcome {
-        output,
-        duplicates: appended.duplicates,
-        dead_letters,
-    })
+    Ok(ReplayOutcome { output, duplicates: appended.duplicates, dead_letters })
 }

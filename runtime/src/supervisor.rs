@@ -5,6 +5,8 @@
 use crate::config::Config;
 use crate::engine::ProjectorEngine;
 use crate::event_log::{EventLog, Filter};
+use crate::live::LiveProjection;
+use crate::metrics::Metrics;
 use crate::projection::{ProjectionRunner, ProjectionSpec};
 use crate::projection_db;
 use anyhow::{Context as _, Result};
@@ -18,6 +20,9 @@ use std::thread::JoinHandle;
 pub struct Supervisor {
     stop: Arc<AtomicBool>,
     log: Arc<EventLog>,
+    engine: Arc<ProjectorEngine>,
+    metrics: Arc<Metrics>,
+    live: Vec<Arc<LiveProjection>>,
     threads: Vec<(String, JoinHandle<()>)>,
     _lock: File,
 }
@@ -35,8 +40,8 @@ impl Supervisor {
         std::fs::create_dir_all(&config.data)
             .with_context(|| format!("cannot create data directory {}", config.data.display()))?;
         let lock_file = lock_path(&config.data);
-        let lock = File::create(&lock_file)
-            .with_context(|| format!("cannot create {}", lock_file.display()))?;
+        let lock =
+            File::create(&lock_file).with_context(|| format!("cannot create {}", lock_file.display()))?;
         lock.try_lock().map_err(|_| {
             anyhow::anyhow!(
                 "another `projector run` is already using {}; stop it first",
@@ -46,38 +51,49 @@ impl Supervisor {
         let log = Arc::new(EventLog::open(&config.data)?);
         let engine = Arc::new(ProjectorEngine::new(config.uses_fuel())?);
         let stop = Arc::new(AtomicBool::new(false));
+        let metrics = Arc::new(Metrics::default());
         let mut threads = Vec::new();
+        let mut live = Vec::new();
         for p in &config.projections {
             let spec = ProjectionSpec {
                 name: p.name.clone(),
                 module: p.module.clone(),
                 database: config.database_path(&p.name),
-                filter: Filter {
-                    streams: p.streams.clone(),
-                    types: p.types.clone(),
-                },
+                filter: Filter { streams: p.streams.clone(), types: p.types.clone() },
                 batch_size: p.batch_size,
                 limits: config.limits(p),
                 policy: p.on_failure,
             };
+            let shared = Arc::new(LiveProjection::new(&p.name, metrics.clone()));
+            live.push(shared.clone());
             let (engine, log, stop) = (engine.clone(), log.clone(), stop.clone());
             let thread = std::thread::Builder::new()
                 .name(format!("projection-{}", p.name))
-                .spawn(move || run_projection(engine, &spec, &log, &stop))
+                .spawn(move || run_projection(engine, &spec, &log, &stop, shared))
                 .context("cannot start a projection thread")?;
             threads.push((p.name.clone(), thread));
         }
-        Ok(Supervisor {
-            stop,
-            log,
-            threads,
-            _lock: lock,
-        })
+        Ok(Supervisor { stop, log, engine, metrics, live, threads, _lock: lock })
     }
 
     /// The event log the projections read.
     pub fn log(&self) -> &Arc<EventLog> {
         &self.log
+    }
+
+    /// The engine the projections run on.
+    pub fn engine(&self) -> &Arc<ProjectorEngine> {
+        &self.engine
+    }
+
+    /// The host's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Every projection's shared state, in config order.
+    pub fn projections(&self) -> &[Arc<LiveProjection>] {
+        &self.live
     }
 
     /// Stop every projection after its batch in flight, and wait for them.
@@ -99,9 +115,11 @@ fn run_projection(
     spec: &ProjectionSpec,
     log: &EventLog,
     stop: &Arc<AtomicBool>,
+    live: Arc<LiveProjection>,
 ) {
     let name = spec.name.as_str();
-    let result = ProjectionRunner::start(engine, spec, log, stop.clone()).and_then(|mut runner| {
+    let shared = live.clone();
+    let result = ProjectionRunner::start(engine, spec, log, stop.clone(), live).and_then(|mut runner| {
         tracing::info!(
             projection = name,
             module = runner.module_sha256(),
@@ -110,15 +128,12 @@ fn run_projection(
         );
         runner.run()?;
         projection_db::set_meta(runner.db(), "state", Some("stopped"))?;
-        tracing::info!(
-            projection = name,
-            checkpoint = runner.checkpoint(),
-            "projection stopped"
-        );
+        tracing::info!(projection = name, checkpoint = runner.checkpoint(), "projection stopped");
         Ok(())
     });
     if let Err(err) = result {
         tracing::error!(projection = name, "projection faulted: {err:#}");
+        shared.set_last_error(Some(format!("{err:#}")));
         let marked = projection_db::open(&spec.database).and_then(|db| {
             projection_db::set_meta(&db, "state", Some("faulted"))?;
             projection_db::set_meta(&db, "error", Some(&format!("{err:#}")))

@@ -86,9 +86,7 @@ impl Projection for WalletAllowlist {
             "SELECT user_id FROM allowlist WHERE wallet_address = ?1",
             &[request.wallet_address.into()],
         )?;
-        let user_id = rows
-            .first()
-            .and_then(|row| row[0].as_str().map(str::to_string));
+        let user_id = rows.first().and_then(|row| row[0].as_str().map(str::to_string));
         let answer = serde_json::json!({ "allowlisted": user_id.is_some(), "user_id": user_id });
         Ok(answer.to_string().into_bytes())
     }
@@ -105,25 +103,15 @@ fn wallet_updated(ctx: &Context, event: &Event) -> Result<(), Failure> {
     )?;
     let verified = user.first().is_some_and(|row| !row[0].is_null());
     if verified {
-        ctx.sql().execute(
-            ALLOWLIST,
-            &[
-                (&*update.wallet_address).into(),
-                (&*update.user_id).into(),
-                at.into(),
-            ],
-        )?;
+        ctx.sql()
+            .execute(ALLOWLIST, &[(&*update.wallet_address).into(), (&*update.user_id).into(), at.into()])?;
     }
     Ok(())
 }
 
 fn kyc_verified(ctx: &Context, event: &Event) -> Result<(), Failure> {
     let kyc: KycVerified = event.data_json()?;
-    let at = kyc
-        .kyc_verified_at
-        .as_deref()
-        .or(event.time())
-        .unwrap_or("");
+    let at = kyc.kyc_verified_at.as_deref().or(event.time()).unwrap_or("");
     let user = ctx.sql().query(
         "INSERT INTO users (user_id, kyc_verified_at) VALUES (?1, ?2) \
          ON CONFLICT (user_id) DO UPDATE \
@@ -132,10 +120,7 @@ fn kyc_verified(ctx: &Context, event: &Event) -> Result<(), Failure> {
         &[(&*kyc.user_id).into(), at.into()],
     )?;
     if let Some(Value::Text(wallet)) = user.first().map(|row| &row[0]) {
-        ctx.sql().execute(
-            ALLOWLIST,
-            &[wallet.into(), (&*kyc.user_id).into(), at.into()],
-        )?;
+        ctx.sql().execute(ALLOWLIST, &[wallet.into(), (&*kyc.user_id).into(), at.into()])?;
     }
     Ok(())
 }

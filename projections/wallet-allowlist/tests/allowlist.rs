@@ -13,30 +13,19 @@ fn wallet(user: &str, address: &str) -> Event {
 }
 
 fn kyc(user: &str) -> Event {
-    Event::json(
-        "kyc_verified",
-        &json!({"user_id": user, "kyc_verified_at": "2026-01-02T00:00:00Z"}),
-    )
+    Event::json("kyc_verified", &json!({"user_id": user, "kyc_verified_at": "2026-01-02T00:00:00Z"}))
 }
 
 fn allowlist(harness: &Harness<WalletAllowlist>) -> Vec<(String, String)> {
     harness
         .rows("SELECT wallet_address, user_id FROM allowlist ORDER BY wallet_address")
         .iter()
-        .map(|row| {
-            (
-                row[0].as_str().unwrap().to_string(),
-                row[1].as_str().unwrap().to_string(),
-            )
-        })
+        .map(|row| (row[0].as_str().unwrap().to_string(), row[1].as_str().unwrap().to_string()))
         .collect()
 }
 
 fn pairs(expected: &[(&str, &str)]) -> Vec<(String, String)> {
-    expected
-        .iter()
-        .map(|(w, u)| (w.to_string(), u.to_string()))
-        .collect()
+    expected.iter().map(|(w, u)| (w.to_string(), u.to_string())).collect()
 }
 
 #[test]
@@ -51,36 +40,21 @@ fn kyc_allowlists_the_current_wallet() {
 #[test]
 fn a_verified_users_new_wallets_are_allowlisted_and_old_ones_stay() {
     let mut h = Harness::<WalletAllowlist>::new();
-    h.handle_batch(vec![
-        wallet("u1", "0xA"),
-        kyc("u1"),
-        wallet("u1", "0xB"),
-        wallet("u1", "0xC"),
-    ])
-    .unwrap();
-    assert_eq!(
-        allowlist(&h),
-        pairs(&[("0xA", "u1"), ("0xB", "u1"), ("0xC", "u1")])
-    );
+    h.handle_batch(vec![wallet("u1", "0xA"), kyc("u1"), wallet("u1", "0xB"), wallet("u1", "0xC")]).unwrap();
+    assert_eq!(allowlist(&h), pairs(&[("0xA", "u1"), ("0xB", "u1"), ("0xC", "u1")]));
 }
 
 #[test]
 fn a_wallet_replaced_before_kyc_is_never_allowlisted() {
     let mut h = Harness::<WalletAllowlist>::new();
-    h.handle_batch(vec![
-        wallet("u1", "0xOld"),
-        wallet("u1", "0xNew"),
-        kyc("u1"),
-    ])
-    .unwrap();
+    h.handle_batch(vec![wallet("u1", "0xOld"), wallet("u1", "0xNew"), kyc("u1")]).unwrap();
     assert_eq!(allowlist(&h), pairs(&[("0xNew", "u1")]));
 }
 
 #[test]
 fn kyc_before_any_wallet_allowlists_the_first_wallet() {
     let mut h = Harness::<WalletAllowlist>::new();
-    h.handle_batch(vec![kyc("u1"), wallet("u1", "0xA")])
-        .unwrap();
+    h.handle_batch(vec![kyc("u1"), wallet("u1", "0xA")]).unwrap();
     assert_eq!(allowlist(&h), pairs(&[("0xA", "u1")]));
 }
 
@@ -88,54 +62,28 @@ fn kyc_before_any_wallet_allowlists_the_first_wallet() {
 fn repeated_kyc_keeps_the_first_verification_time() {
     let mut h = Harness::<WalletAllowlist>::new();
     h.handle(kyc("u1")).unwrap();
-    let later = Event::json(
-        "kyc_verified",
-        &json!({"user_id": "u1", "kyc_verified_at": "2030-01-01T00:00:00Z"}),
-    );
+    let later =
+        Event::json("kyc_verified", &json!({"user_id": "u1", "kyc_verified_at": "2030-01-01T00:00:00Z"}));
     h.handle(later).unwrap();
     let rows = h.rows("SELECT kyc_verified_at FROM users WHERE user_id = 'u1'");
-    assert_eq!(
-        rows.first().unwrap()[0].as_str(),
-        Some("2026-01-02T00:00:00Z")
-    );
+    assert_eq!(rows.first().unwrap()[0].as_str(), Some("2026-01-02T00:00:00Z"));
 }
 
 #[test]
 fn other_event_types_are_ignored() {
     let mut h = Harness::<WalletAllowlist>::new();
-    h.handle(Event::new("profile_renamed", "not even json"))
-        .unwrap();
+    h.handle(Event::new("profile_renamed", "not even json")).unwrap();
     assert!(h.rows("SELECT * FROM users").is_empty());
 }
 
 #[test]
 fn events_it_can_never_apply_are_rejected_with_a_reason_and_change_nothing() {
     let cases = [
-        (
-            "wallet_updated",
-            json!("a string, not an object"),
-            "invalid type",
-        ),
-        (
-            "wallet_updated",
-            json!({"user_id": "u1"}),
-            "missing field `wallet_address`",
-        ),
-        (
-            "wallet_updated",
-            json!({"wallet_address": "0xA"}),
-            "missing field `user_id`",
-        ),
-        (
-            "wallet_updated",
-            json!({"user_id": 7, "wallet_address": "0xA"}),
-            "invalid type: integer `7`",
-        ),
-        (
-            "wallet_updated",
-            json!({"user_id": "u1", "wallet_address": null}),
-            "invalid type: null",
-        ),
+        ("wallet_updated", json!("a string, not an object"), "invalid type"),
+        ("wallet_updated", json!({"user_id": "u1"}), "missing field `wallet_address`"),
+        ("wallet_updated", json!({"wallet_address": "0xA"}), "missing field `user_id`"),
+        ("wallet_updated", json!({"user_id": 7, "wallet_address": "0xA"}), "invalid type: integer `7`"),
+        ("wallet_updated", json!({"user_id": "u1", "wallet_address": null}), "invalid type: null"),
         ("kyc_verified", json!([1, 2]), "invalid type"),
         ("kyc_verified", json!({}), "missing field `user_id`"),
     ];
@@ -152,10 +100,7 @@ fn events_it_can_never_apply_are_rejected_with_a_reason_and_change_nothing() {
             ),
             other => panic!("{event_type} {data}: expected a reject, got {other:?}"),
         }
-        assert!(
-            allowlist(&h).is_empty(),
-            "{event_type} {data}: a rejected batch changed state"
-        );
+        assert!(allowlist(&h).is_empty(), "{event_type} {data}: a rejected batch changed state");
     }
 }
 
@@ -163,24 +108,16 @@ fn events_it_can_never_apply_are_rejected_with_a_reason_and_change_nothing() {
 fn data_that_is_not_json_is_rejected() {
     let mut h = Harness::<WalletAllowlist>::new();
     let result = h.handle(Event::new("kyc_verified", "{not json").with_id("e-bad"));
-    let Err(Failure::Reject(reason)) = result else {
-        panic!("expected a reject, got {result:?}")
-    };
-    assert!(
-        reason.contains("e-bad"),
-        "the reason names the event: {reason}"
-    );
+    let Err(Failure::Reject(reason)) = result else { panic!("expected a reject, got {result:?}") };
+    assert!(reason.contains("e-bad"), "the reason names the event: {reason}");
 }
 
 #[test]
 fn query_answers_whether_a_wallet_is_allowlisted() {
     let mut h = Harness::<WalletAllowlist>::new();
-    h.handle_batch(vec![wallet("u1", "0xA"), kyc("u1"), wallet("u2", "0xB")])
-        .unwrap();
+    h.handle_batch(vec![wallet("u1", "0xA"), kyc("u1"), wallet("u2", "0xB")]).unwrap();
     let ask = |address: &str| -> Value {
-        let answer = h
-            .query(json!({"wallet_address": address}).to_string().as_bytes())
-            .unwrap();
+        let answer = h.query(json!({"wallet_address": address}).to_string().as_bytes()).unwrap();
         serde_json::from_slice(&answer).unwrap()
     };
     assert_eq!(ask("0xA"), json!({"allowlisted": true, "user_id": "u1"}));

@@ -47,9 +47,7 @@ impl Projection for EventRecorder {
 
     fn query(ctx: &Context, _request: &[u8]) -> Result<Vec<u8>, String> {
         let count: u64 = ctx.state().get("count")?.unwrap_or(0);
-        Ok(serde_json::json!({ "count": count })
-            .to_string()
-            .into_bytes())
+        Ok(serde_json::json!({ "count": count }).to_string().into_bytes())
     }
 }
 

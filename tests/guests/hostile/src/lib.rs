@@ -43,11 +43,7 @@ impl Projection for Hostile {
     }
 
     fn handle(ctx: &Context, event: &Event) -> Result<(), Failure> {
-        let text = || {
-            String::from_utf8_lossy(event.data())
-                .trim_matches('"')
-                .to_string()
-        };
+        let text = || String::from_utf8_lossy(event.data()).trim_matches('"').to_string();
         match event.event_type() {
             "h-loop" => loop {
                 black_box(0u64);
@@ -63,9 +59,7 @@ impl Projection for Hostile {
             }
             "h-panic" => panic!("event {} asked for a panic", event.id()),
             "h-sql" => {
-                ctx.sql()
-                    .execute(&text(), &[])
-                    .map_err(|err| Failure::reject(err.to_string()))?;
+                ctx.sql().execute(&text(), &[]).map_err(|err| Failure::reject(err.to_string()))?;
             }
             "h-log-flood" => {
                 let line = "flood ".repeat(2000);
@@ -85,10 +79,7 @@ impl Projection for Hostile {
                 ctx.state().set_bytes("huge", &vec![7u8; mib << 20]);
             }
             "h-thirds" if event.position().is_multiple_of(3) => {
-                return Err(Failure::reject(format!(
-                    "position {} is a multiple of 3",
-                    event.position()
-                )));
+                return Err(Failure::reject(format!("position {} is a multiple of 3", event.position())));
             }
             "h-needs-unlock" if ctx.state().get_bytes("unlocked").is_none() => {
                 return Err(Failure::reject("locked: no h-unlock event yet"));
@@ -98,11 +89,7 @@ impl Projection for Hostile {
         }
         ctx.sql().execute(
             "INSERT INTO handled (position, id, type) VALUES (?1, ?2, ?3)",
-            &[
-                (event.position() as i64).into(),
-                event.id().into(),
-                event.event_type().into(),
-            ],
+            &[(event.position() as i64).into(), event.id().into(), event.event_type().into()],
         )?;
         Ok(())
     }

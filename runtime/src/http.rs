@@ -1,0 +1,452 @@
+//! The HTTP API that `projector run` serves (axum, loopback by default):
+//! status, reads (state by key, the guest's `query`, read-only SQL), ingest,
+//! dead letters, pause/resume, `/metrics`, and the status page at `/`.
+//!
+//! SQLite and wasm run on tokio's blocking pool, each read on connections
+//! and instances of its own, so serving never waits for a batch and never
+//! slows processing beyond sharing the CPU. Every error is a JSON
+//! `{"error": …}` with a 4xx for a bad request, and changes nothing.
+
+use crate::cloudevents;
+use crate::config::Config;
+use crate::dead_letters::{self, Selection};
+use crate::engine::{Limits, ProjectorEngine};
+use crate::event_log::{EventLog, NewEvent, validate_stream_name};
+use crate::guest_host::GuestHost;
+use crate::inspect;
+use crate::instance::{GuestInstance, QueryOutcome};
+use crate::live::LiveProjection;
+use crate::metrics::Metrics;
+use crate::projection_db;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, JsonRejection};
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use rusqlite::Connection;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+/// Everything the handlers share.
+pub struct Api {
+    config: Config,
+    log: Arc<EventLog>,
+    engine: Arc<ProjectorEngine>,
+    metrics: Arc<Metrics>,
+    projections: BTreeMap<String, Served>,
+    max_body: usize,
+}
+
+/// One projection, as the API serves it.
+struct Served {
+    live: Arc<LiveProjection>,
+    limits: Limits,
+    database: PathBuf,
+    /// Read-only connection for state by key and SQL.
+    reads: Mutex<Option<Connection>>,
+    /// Read-only instance for the guest's `query`.
+    queries: Mutex<Option<GuestInstance>>,
+}
+
+impl Api {
+    /// The API over a running host's pieces; request bodies over
+    /// `max_body` bytes are refused.
+    pub fn new(
+        config: Config,
+        log: Arc<EventLog>,
+        engine: Arc<ProjectorEngine>,
+        metrics: Arc<Metrics>,
+        live: &[Arc<LiveProjection>],
+        max_body: usize,
+    ) -> Self {
+        let projections = config
+            .projections
+            .iter()
+            .zip(live)
+            .map(|(p, live)| {
+                let served = Served {
+                    live: live.clone(),
+                    limits: config.limits(p),
+                    database: config.database_path(&p.name),
+                    reads: Mutex::new(None),
+                    queries: Mutex::new(None),
+                };
+                (p.name.clone(), served)
+            })
+            .collect();
+        Api { config, log, engine, metrics, projections, max_body }
+    }
+}
+
+/// The routes.
+pub fn router(api: Arc<Api>) -> Router {
+    let max_body = api.max_body;
+    Router::new()
+        .route("/", get(status_page))
+        .route("/healthz", get(|| async { axum::Json(json!({"status": "ok"})) }))
+        .route("/metrics", get(metrics))
+        .route("/projections", get(list_projections))
+        .route("/projections/{name}", get(get_projection))
+        .route("/projections/{name}/state/{*key}", get(get_state))
+        .route("/projections/{name}/query", post(query))
+        .route("/projections/{name}/sql", post(sql))
+        .route("/projections/{name}/dead-letters", get(list_dead_letters))
+        .route("/projections/{name}/dead-letters/retry", post(retry_dead_letters))
+        .route("/projections/{name}/dead-letters/discard", post(discard_dead_letters))
+        .route("/projections/{name}/pause", post(pause))
+        .route("/projections/{name}/resume", post(resume))
+        .route("/streams/{stream}/events", post(ingest))
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "no such endpoint; see the README's HTTP API")
+        })
+        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(api)
+}
+
+/// A JSON error response.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError { status, message: message.into() }
+    }
+    fn bad_request(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, axum::Json(json!({ "error": self.message }))).into_response()
+    }
+}
+
+impl From<anyhow::Error> for ApiError {
+    fn from(err: anyhow::Error) -> Self {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{err:#}"))
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        ApiError::new(rejection.status(), rejection.body_text())
+    }
+}
+
+impl From<BytesRejection> for ApiError {
+    fn from(rejection: BytesRejection) -> Self {
+        let message = match rejection.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => {
+                "the request body is over the server's limit (--max-body-kib)".into()
+            }
+            _ => rejection.body_text(),
+        };
+        ApiError::new(rejection.status(), message)
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// Run blocking work (SQLite, wasm) off the async threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> ApiResult<T> + Send + 'static) -> ApiResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|err| ApiError::from(anyhow::anyhow!("a handler panicked: {err}")))?
+}
+
+impl Api {
+    fn served(&self, name: &str) -> ApiResult<&Served> {
+        self.projections.get(name).ok_or_else(|| {
+            let known: Vec<&str> = self.projections.keys().map(String::as_str).collect();
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("no projection named {name:?}; there are: {}", known.join(", ")),
+            )
+        })
+    }
+
+    /// `projector status`'s objects, with the live rate, pause and last error.
+    fn statuses(&self) -> ApiResult<Vec<Value>> {
+        let statuses = inspect::status(&self.config)?;
+        Ok(statuses
+            .into_iter()
+            .map(|status| {
+                let mut value = serde_json::to_value(&status).expect("a status serializes");
+                if let (Some(served), Value::Object(object)) =
+                    (self.projections.get(&status.name), &mut value)
+                {
+                    object.insert("events_per_second".into(), json!(served.live.events_per_second().round()));
+                    object.insert("last_error".into(), json!(served.live.last_error()));
+                }
+                value
+            })
+            .collect())
+    }
+
+    fn with_reads<T>(&self, name: &str, f: impl FnOnce(&Connection) -> ApiResult<T>) -> ApiResult<T> {
+        let served = self.served(name)?;
+        let mut reads = served.reads.lock().unwrap_or_else(|e| e.into_inner());
+        if reads.is_none() {
+            *reads = Some(open_reads(name, &served.database)?);
+        }
+        f(reads.as_ref().expect("just opened"))
+    }
+
+    fn call_query(&self, name: &str, request: &[u8]) -> ApiResult<QueryOutcome> {
+        let served = self.served(name)?;
+        let module = served.live.module().ok_or_else(|| {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("projection {name:?} has not started"))
+        })?;
+        let mut queries = served.queries.lock().unwrap_or_else(|e| e.into_inner());
+        // A new module (or none yet): a fresh reader instance for it.
+        if queries.as_ref().is_none_or(|q| q.module().sha256 != module.sha256) {
+            let db = open_reads(name, &served.database)?;
+            let host = GuestHost::new(db, name.into(), served.limits)?;
+            *queries = Some(GuestInstance::reader(self.engine.clone(), module, host)?);
+        }
+        Ok(queries.as_mut().expect("just made").query(request)?)
+    }
+}
+
+fn open_reads(name: &str, database: &std::path::Path) -> ApiResult<Connection> {
+    projection_db::open_read_only(database)?.ok_or_else(|| {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("projection {name:?} has no database yet"))
+    })
+}
+
+async fn status_page() -> Html<&'static str> {
+    Html(include_str!("status_page.html"))
+}
+
+async fn metrics(State(api): State<Arc<Api>>) -> ApiResult<Response> {
+    let text = blocking(move || {
+        for status in inspect::status(&api.config)? {
+            let label = Metrics::label(&status.name);
+            api.metrics.lag.get_or_create(&label).set(status.lag as i64);
+            api.metrics.dead_letters.get_or_create(&label).set(status.dead_letters as i64);
+        }
+        Ok(api.metrics.encode())
+    })
+    .await?;
+    let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+    Ok(([(header::CONTENT_TYPE, content_type)], text).into_response())
+}
+
+async fn list_projections(State(api): State<Arc<Api>>) -> ApiResult<axum::Json<Vec<Value>>> {
+    blocking(move || api.statuses().map(axum::Json)).await
+}
+
+async fn get_projection(
+    State(api): State<Arc<Api>>,
+    Path(name): Path<String>,
+) -> ApiResult<axum::Json<Value>> {
+    blocking(move || {
+        api.served(&name)?;
+        let status = api.statuses()?.into_iter().find(|s| s["name"] == name.as_str());
+        Ok(axum::Json(status.expect("a configured projection has a status")))
+    })
+    .await
+}
+
+async fn get_state(
+    State(api): State<Arc<Api>>,
+    Path((name, key)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    blocking(move || {
+        let value: Option<Vec<u8>> = api.with_reads(&name, |db| {
+            let mut stmt = db
+                .prepare_cached("SELECT value FROM projector_kv WHERE key = ?1")
+                .map_err(anyhow::Error::from)?;
+            let mut rows = stmt.query([&key]).map_err(anyhow::Error::from)?;
+            Ok(rows
+                .next()
+                .map_err(anyhow::Error::from)?
+                .map(|row| row.get(0))
+                .transpose()
+                .map_err(anyhow::Error::from)?)
+        })?;
+        let value = value.ok_or_else(|| {
+            ApiError::new(StatusCode::NOT_FOUND, format!("projection {name:?} has no state key {key:?}"))
+        })?;
+        Ok(bytes_response(value))
+    })
+    .await
+}
+
+/// Bytes as JSON when they are JSON, else as octet-stream.
+fn bytes_response(bytes: Vec<u8>) -> Response {
+    let content_type = if serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_ok() {
+        "application/json"
+    } else {
+        "application/octet-stream"
+    };
+    ([(header::CONTENT_TYPE, content_type)], bytes).into_response()
+}
+
+async fn query(
+    State(api): State<Arc<Api>>,
+    Path(name): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let body = body?;
+    blocking(move || match api.call_query(&name, &body)? {
+        QueryOutcome::Answer(answer) => Ok(bytes_response(answer)),
+        QueryOutcome::Refused(reason) => Err(ApiError::bad_request(reason)),
+        QueryOutcome::Trapped(reason) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, reason)),
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SqlRequest {
+    sql: String,
+}
+
+async fn sql(
+    State(api): State<Arc<Api>>,
+    Path(name): Path<String>,
+    request: Result<axum::Json<SqlRequest>, JsonRejection>,
+) -> ApiResult<axum::Json<Vec<Value>>> {
+    let axum::Json(request) = request?;
+    blocking(move || {
+        api.with_reads(&name, |db| {
+            inspect::rows_json(db, &request.sql)
+                .map(axum::Json)
+                .map_err(|err| ApiError::bad_request(format!("{err:#}")))
+        })
+    })
+    .await
+}
+
+async fn list_dead_letters(
+    State(api): State<Arc<Api>>,
+    Path(name): Path<String>,
+) -> ApiResult<axum::Json<Value>> {
+    blocking(move || {
+        api.served(&name)?;
+        Ok(axum::Json(serde_json::to_value(dead_letters::list(&api.config, &name)?).expect("serializes")))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeadLetterRequest {
+    #[serde(default)]
+    ids: Vec<String>,
+    #[serde(default)]
+    all: bool,
+}
+
+async fn retry_dead_letters(
+    State(api): State<Arc<Api>>,
+    Path(name): Path<String>,
+    request: Result<axum::Json<DeadLetterRequest>, JsonRejection>,
+) -> ApiResult<axum::Json<Value>> {
+    let axum::Json(request) = request?;
+    blocking(move || {
+        api.served(&name)?;
+        let selection = if request.all { Selection::All } else { Selection::Ids(request.ids) };
+        let outcome = dead_letters::retry(&api.config, &name, &selection)
+            .map_err(|err| ApiError::bad_request(format!("{err:#}")))?;
+        Ok(axum::Json(serde_json::to_value(outcome).expect("serializes")))
+    })
+    .await
+}
+
+async fn discard_dead_letters(
+    State(api): State<Arc<Api>>,
+    Path(name): Path<String>,
+    request: Result<axum::Json<DeadLetterRequest>, JsonRejection>,
+) -> ApiResult<axum::Json<Value>> {
+    let axum::Json(request) = request?;
+    blocking(move || {
+        api.served(&name)?;
+        let discarded = dead_letters::discard(&api.config, &name, &request.ids)
+            .map_err(|err| ApiError::bad_request(format!("{err:#}")))?;
+        Ok(axum::Json(json!({ "discarded": discarded })))
+    })
+    .await
+}
+
+async fn pause(State(api): State<Arc<Api>>, Path(name): Path<String>) -> ApiResult<axum::Json<Value>> {
+    api.served(&name)?.live.set_paused(true);
+    Ok(axum::Json(json!({ "paused": true })))
+}
+
+async fn resume(State(api): State<Arc<Api>>, Path(name): Path<String>) -> ApiResult<axum::Json<Value>> {
+    api.served(&name)?.live.set_paused(false);
+    Ok(axum::Json(json!({ "paused": false })))
+}
+
+async fn ingest(
+    State(api): State<Arc<Api>>,
+    Path(stream): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let request_id = headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .map(String::from)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let body = body?;
+    validate_stream_name(&stream).map_err(|err| ApiError::bad_request(format!("{err:#}")))?;
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let mut events = parse_body(content_type, &body)?;
+    cloudevents::fill_correlation_ids(&mut events, &request_id);
+    let outcome = blocking(move || Ok(api.log.append(&stream, &events)?)).await?;
+    let mut response = axum::Json(outcome).into_response();
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert("x-request-id", value);
+    }
+    Ok(response)
+}
+
+/// The events of an ingest request, by its content type; all or nothing.
+fn parse_body(content_type: &str, body: &[u8]) -> ApiResult<Vec<NewEvent>> {
+    let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let text = std::str::from_utf8(body)
+        .map_err(|err| ApiError::bad_request(format!("the body is not UTF-8: {err}")))?;
+    match essence.as_str() {
+        "application/cloudevents+json" => cloudevents::parse_event(text)
+            .map(|event| vec![event])
+            .map_err(|err| ApiError::bad_request(format!("request body: {err}"))),
+        "application/cloudevents-batch+json" => {
+            let items: Vec<Value> = serde_json::from_str(text).map_err(|err| {
+                ApiError::bad_request(format!("request body: expected a JSON array of CloudEvents: {err}"))
+            })?;
+            items
+                .into_iter()
+                .enumerate()
+                .map(|(i, item)| {
+                    match item {
+                        Value::Object(object) => cloudevents::from_object(object),
+                        _ => Err(cloudevents::CloudEventError::NotAnEvent("expected a JSON object".into())),
+                    }
+                    .map_err(|err| ApiError::bad_request(format!("request body: event {}: {err}", i + 1)))
+                })
+                .collect()
+        }
+        "application/x-ndjson" => cloudevents::parse_lines(text, "request body")
+            .map_err(|err| ApiError::bad_request(err.to_string())),
+        _ => Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!(
+                "unsupported content type {content_type:?}; send application/cloudevents+json (one event), \
+                 application/cloudevents-batch+json (a JSON array) or application/x-ndjson (one event per line)"
+            ),
+        )),
+    }
+}

@@ -1,0 +1,96 @@
+//! [`Metrics`]: the Prometheus metrics `/metrics` serves, in the OpenMetrics
+//! text format (prometheus-client), which Prometheus scrapes natively.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels of a per-projection metric.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProjectionLabel {
+    /// The projection's name.
+    pub projection: String,
+}
+
+/// Labels of a guest error: the projection and the kind (`retry`,
+/// `reject`, `trap`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GuestErrorLabel {
+    /// The projection's name.
+    pub projection: String,
+    /// `retry`, `reject` or `trap`.
+    pub kind: String,
+}
+
+/// Every metric of one host.
+pub struct Metrics {
+    registry: Registry,
+    /// Events handed to a module and committed.
+    pub events_processed: Family<ProjectionLabel, Counter>,
+    /// Log head minus checkpoint, refreshed at each scrape.
+    pub lag: Family<ProjectionLabel, Gauge>,
+    /// Wall-clock time of one batch's transaction.
+    pub batch_seconds: Histogram,
+    /// Events parked as dead letters, refreshed at each scrape.
+    pub dead_letters: Family<ProjectionLabel, Gauge>,
+    /// Modules swapped in while running.
+    pub module_swaps: Family<ProjectionLabel, Counter>,
+    /// Failed guest calls by kind.
+    pub guest_errors: Family<GuestErrorLabel, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let events_processed = Family::<ProjectionLabel, Counter>::default();
+        let lag = Family::<ProjectionLabel, Gauge>::default();
+        let batch_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
+        let dead_letters = Family::<ProjectionLabel, Gauge>::default();
+        let module_swaps = Family::<ProjectionLabel, Counter>::default();
+        let guest_errors = Family::<GuestErrorLabel, Counter>::default();
+        registry.register(
+            "projector_events_processed",
+            "Events handed to a projection's module and committed",
+            events_processed.clone(),
+        );
+        registry.register("projector_lag", "Event log head minus the projection's checkpoint", lag.clone());
+        registry.register(
+            "projector_batch_seconds",
+            "Time to handle and commit one batch",
+            batch_seconds.clone(),
+        );
+        registry.register("projector_dead_letters", "Events parked as dead letters", dead_letters.clone());
+        registry.register("projector_module_swaps", "Modules swapped in while running", module_swaps.clone());
+        registry.register(
+            "projector_guest_errors",
+            "Failed guest calls by kind (retry, reject, trap)",
+            guest_errors.clone(),
+        );
+        Metrics { registry, events_processed, lag, batch_seconds, dead_letters, module_swaps, guest_errors }
+    }
+}
+
+impl Metrics {
+    /// The label of projection `name`.
+    pub fn label(name: &str) -> ProjectionLabel {
+        ProjectionLabel { projection: name.to_string() }
+    }
+
+    /// Count a failed guest call of `kind` for `projection`.
+    pub fn guest_error(&self, projection: &str, kind: &str) {
+        self.guest_errors
+            .get_or_create(&GuestErrorLabel { projection: projection.to_string(), kind: kind.to_string() })
+            .inc();
+    }
+
+    /// Everything, in the OpenMetrics text format.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .expect("writing to a String cannot fail");
+        text
+    }
+}
