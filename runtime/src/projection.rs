@@ -101,6 +101,9 @@ impl ProjectionRunner {
         projection_db::set_meta(db, "error", None)?;
         projection_db::set_meta(db, "retrying", None)?;
         live.set_module(instance.module().clone());
+        // Every series exists from the start, at zero.
+        let _ = live.metrics.module_swaps.get_or_create(&crate::metrics::Metrics::label(&name));
+        let _ = live.metrics.events_processed.get_or_create(&crate::metrics::Metrics::label(&name));
         Ok(ProjectionRunner {
             name,
             instance,
