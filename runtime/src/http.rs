@@ -47,10 +47,11 @@ struct Served {
     live: Arc<LiveProjection>,
     limits: Limits,
     database: PathBuf,
-    /// Read-only connection for state by key and SQL.
-    reads: Mutex<Option<Connection>>,
-    /// Read-only instance for the guest's `query`.
-    queries: Mutex<Option<GuestInstance>>,
+    /// Idle read-only connections for state by key and SQL; one per
+    /// concurrent reader at most, so reads never queue behind each other.
+    reads: Mutex<Vec<Connection>>,
+    /// Idle read-only instances for the guest's `query`, likewise.
+    queries: Mutex<Vec<GuestInstance>>,
 }
 
 impl Api {
@@ -73,8 +74,8 @@ impl Api {
                     live: live.clone(),
                     limits: config.limits(p),
                     database: config.database_path(&p.name),
-                    reads: Mutex::new(None),
-                    queries: Mutex::new(None),
+                    reads: Mutex::new(Vec::new()),
+                    queries: Mutex::new(Vec::new()),
                 };
                 (p.name.clone(), served)
             })
@@ -194,11 +195,14 @@ impl Api {
 
     fn with_reads<T>(&self, name: &str, f: impl FnOnce(&Connection) -> ApiResult<T>) -> ApiResult<T> {
         let served = self.served(name)?;
-        let mut reads = served.reads.lock().unwrap_or_else(|e| e.into_inner());
-        if reads.is_none() {
-            *reads = Some(open_reads(name, &served.database)?);
-        }
-        f(reads.as_ref().expect("just opened"))
+        let idle = served.reads.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let db = match idle {
+            Some(db) => db,
+            None => open_reads(name, &served.database)?,
+        };
+        let result = f(&db);
+        served.reads.lock().unwrap_or_else(|e| e.into_inner()).push(db);
+        result
     }
 
     fn call_query(&self, name: &str, request: &[u8]) -> ApiResult<QueryOutcome> {
@@ -206,14 +210,19 @@ impl Api {
         let module = served.live.module().ok_or_else(|| {
             ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("projection {name:?} has not started"))
         })?;
-        let mut queries = served.queries.lock().unwrap_or_else(|e| e.into_inner());
-        // A new module (or none yet): a fresh reader instance for it.
-        if queries.as_ref().is_none_or(|q| q.module().sha256 != module.sha256) {
-            let db = open_reads(name, &served.database)?;
-            let host = GuestHost::new(db, name.into(), served.limits)?;
-            *queries = Some(GuestInstance::reader(self.engine.clone(), module, host)?);
-        }
-        Ok(queries.as_mut().expect("just made").query(request)?)
+        let idle = served.queries.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        // An instance of an older module is dropped, not reused.
+        let mut instance = match idle.filter(|q| q.module().sha256 == module.sha256) {
+            Some(instance) => instance,
+            None => {
+                let db = open_reads(name, &served.database)?;
+                let host = GuestHost::new(db, name.into(), served.limits)?;
+                GuestInstance::reader(self.engine.clone(), module, host)?
+            }
+        };
+        let outcome = instance.query(request);
+        served.queries.lock().unwrap_or_else(|e| e.into_inner()).push(instance);
+        Ok(outcome?)
     }
 }
 
@@ -403,10 +412,16 @@ async fn ingest(
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let body = body?;
     validate_stream_name(&stream).map_err(|err| ApiError::bad_request(format!("{err:#}")))?;
-    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
-    let mut events = parse_body(content_type, &body)?;
-    cloudevents::fill_correlation_ids(&mut events, &request_id);
-    let outcome = blocking(move || Ok(api.log.append(&stream, &events)?)).await?;
+    let content_type =
+        headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    let correlation_id = request_id.clone();
+    // Parsing a large body is CPU work: off the async threads, like the append.
+    let outcome = blocking(move || {
+        let mut events = parse_body(&content_type, &body)?;
+        cloudevents::fill_correlation_ids(&mut events, &correlation_id);
+        Ok(api.log.append(&stream, &events)?)
+    })
+    .await?;
     let mut response = axum::Json(outcome).into_response();
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert("x-request-id", value);
