@@ -101,7 +101,7 @@ fn run(n: usize, hostile: Option<(&str, &str, &str)>) -> (f64, String) {
     };
 
     let start = Instant::now();
-    let supervisor = Supervisor::start(&config).unwrap();
+    let supervisor = Supervisor::start(&config, None).unwrap();
     let neighbour_db = config.database_path("neighbour");
     while checkpoint(&neighbour_db) < head {
         assert!(start.elapsed() < Duration::from_secs(300), "the neighbour stalled");

@@ -139,6 +139,7 @@ pub struct ProjectorEngine {
     linker: Linker<GuestHost>,
     fuel: bool,
     ticker_stop: Arc<AtomicBool>,
+    cache: Option<PathBuf>,
 }
 
 impl Drop for ProjectorEngine {
@@ -156,6 +157,8 @@ pub struct LoadedModule {
     pub sha256: String,
     /// Ready to instantiate; cheap to do again after a trap.
     pub pre: ProjectionPre<GuestHost>,
+    /// Whether it came from the compiled-module cache (not compiled now).
+    pub from_cache: bool,
 }
 
 impl ProjectorEngine {
@@ -183,7 +186,14 @@ impl ProjectorEngine {
                 }
             })
             .context("cannot start the epoch ticker")?;
-        Ok(ProjectorEngine { engine, linker, fuel, ticker_stop })
+        Ok(ProjectorEngine { engine, linker, fuel, ticker_stop, cache: None })
+    }
+
+    /// Keep compiled modules in `dir`, keyed by the module's sha256, so a
+    /// module already seen is deserialized instead of compiled again.
+    pub fn with_cache(mut self, dir: PathBuf) -> Self {
+        self.cache = Some(dir);
+        self
     }
 
     /// Whether fuel is metered.
@@ -225,9 +235,7 @@ impl ProjectorEngine {
                  `cargo build --target wasm32-unknown-unknown` wrote"
             ),
         };
-        let component = Component::from_binary(&self.engine, &component)
-            .map_err(anyhow::Error::from)
-            .with_context(|| format!("module {shown} does not compile"))?;
+        let (component, from_cache) = self.compile(&component, &sha256, path)?;
         let pre =
             self.linker.instantiate_pre(&component).map_err(anyhow::Error::from).with_context(|| {
                 format!("module {shown} imports something the projection world does not provide")
@@ -238,8 +246,63 @@ impl ProjectorEngine {
                  init, handle, query); build it with projector-sdk"
             )
         })?;
-        Ok(LoadedModule { path: path.to_path_buf(), sha256, pre })
+        Ok(LoadedModule { path: path.to_path_buf(), sha256, pre, from_cache })
     }
+
+    /// Compile `component`, or deserialize it from the cache when a module
+    /// with this sha256 was compiled before with these engine settings.
+    fn compile(&self, component: &[u8], sha256: &str, path: &Path) -> Result<(Component, bool)> {
+        let shown = path.display();
+        let started = std::time::Instant::now();
+        let Some(dir) = &self.cache else {
+            let compiled = Component::from_binary(&self.engine, component)
+                .map_err(anyhow::Error::from)
+                .with_context(|| format!("module {shown} does not compile"))?;
+            return Ok((compiled, false));
+        };
+        let cached = dir.join(format!("{sha256}{}.cwasm", if self.fuel { "-fuel" } else { "" }));
+        if cached.exists() {
+            match deserialize(&self.engine, &std::fs::read(&cached)?) {
+                Ok(component) => {
+                    tracing::info!(module = %shown, sha256, "module loaded from the compiled-module cache");
+                    return Ok((component, true));
+                }
+                // Another wasmtime or other settings wrote it: compile anew.
+                Err(err) => {
+                    tracing::info!(module = %shown, "cached compilation unusable ({err:#}); compiling")
+                }
+            }
+        }
+        let compiled = self
+            .engine
+            .precompile_component(component)
+            .map_err(anyhow::Error::from)
+            .with_context(|| format!("module {shown} does not compile"))?;
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let partial = cached.with_extension(format!("partial-{}", std::process::id()));
+        std::fs::write(&partial, &compiled)
+            .and_then(|()| std::fs::rename(&partial, &cached))
+            .with_context(|| format!("cannot write {}", cached.display()))?;
+        let component = deserialize(&self.engine, &compiled)?;
+        tracing::info!(
+            module = %shown,
+            sha256,
+            millis = started.elapsed().as_millis() as u64,
+            "module compiled and cached"
+        );
+        Ok((component, false))
+    }
+}
+
+/// Load a compiled component.
+#[allow(unsafe_code)]
+fn deserialize(engine: &Engine, compiled: &[u8]) -> Result<Component> {
+    // SAFETY: wasmtime requires the bytes to be its own precompiled output.
+    // They are: this host wrote them (precompile_component, then an atomic
+    // rename) into the data folder, named by the module's sha256, and
+    // wasmtime checks its version and settings before using them. Whoever
+    // can write the data folder can replace the modules themselves anyway.
+    unsafe { Component::deserialize(engine, compiled) }.map_err(anyhow::Error::from)
 }
 
 enum WasmKind {

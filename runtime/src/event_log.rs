@@ -189,6 +189,13 @@ impl EventLog {
         head(&db)
     }
 
+    /// Wake every reader of this log in this process (to stop, or to take
+    /// a module update, promptly).
+    pub fn wake(&self) {
+        *self.signal.appends.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        self.signal.woken.notify_all();
+    }
+
     /// A reader with its own connection, woken by this log's appends.
     pub fn reader(&self) -> Result<LogReader> {
         let db = Connection::open_with_flags(

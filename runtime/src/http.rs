@@ -18,6 +18,7 @@ use crate::instance::{GuestInstance, QueryOutcome};
 use crate::live::LiveProjection;
 use crate::metrics::Metrics;
 use crate::projection_db;
+use crate::supervisor::HostView;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, JsonRejection};
@@ -28,17 +29,17 @@ use axum::routing::{get, post};
 use rusqlite::Connection;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// Everything the handlers share.
 pub struct Api {
-    config: Config,
+    view: Arc<RwLock<HostView>>,
     log: Arc<EventLog>,
     engine: Arc<ProjectorEngine>,
     metrics: Arc<Metrics>,
-    projections: BTreeMap<String, Served>,
+    served: Mutex<HashMap<String, Arc<Served>>>,
     max_body: usize,
 }
 
@@ -58,29 +59,18 @@ impl Api {
     /// The API over a running host's pieces; request bodies over
     /// `max_body` bytes are refused.
     pub fn new(
-        config: Config,
+        view: Arc<RwLock<HostView>>,
         log: Arc<EventLog>,
         engine: Arc<ProjectorEngine>,
         metrics: Arc<Metrics>,
-        live: &[Arc<LiveProjection>],
         max_body: usize,
     ) -> Self {
-        let projections = config
-            .projections
-            .iter()
-            .zip(live)
-            .map(|(p, live)| {
-                let served = Served {
-                    live: live.clone(),
-                    limits: config.limits(p),
-                    database: config.database_path(&p.name),
-                    reads: Mutex::new(Vec::new()),
-                    queries: Mutex::new(Vec::new()),
-                };
-                (p.name.clone(), served)
-            })
-            .collect();
-        Api { config, log, engine, metrics, projections, max_body }
+        Api { view, log, engine, metrics, served: Mutex::new(HashMap::new()), max_body }
+    }
+
+    /// The config in force.
+    fn config(&self) -> Config {
+        self.view.read().unwrap_or_else(|e| e.into_inner()).config.clone()
     }
 }
 
@@ -165,28 +155,44 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> ApiResult<T> + Send + '
 }
 
 impl Api {
-    fn served(&self, name: &str) -> ApiResult<&Served> {
-        self.projections.get(name).ok_or_else(|| {
-            let known: Vec<&str> = self.projections.keys().map(String::as_str).collect();
-            ApiError::new(
+    /// The running projection `name`, with its read pools (fresh ones when
+    /// it was restarted since).
+    fn served(&self, name: &str) -> ApiResult<Arc<Served>> {
+        let view = self.view.read().unwrap_or_else(|e| e.into_inner());
+        let (Some(live), Ok(p)) = (view.projections.get(name), view.config.projection(name)) else {
+            let known: Vec<&str> = view.projections.keys().map(String::as_str).collect();
+            return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
                 format!("no projection named {name:?}; there are: {}", known.join(", ")),
-            )
-        })
+            ));
+        };
+        let mut served = self.served.lock().unwrap_or_else(|e| e.into_inner());
+        let current = served.get(name).filter(|s| Arc::ptr_eq(&s.live, live)).cloned();
+        Ok(current.unwrap_or_else(|| {
+            let fresh = Arc::new(Served {
+                live: live.clone(),
+                limits: view.config.limits(p),
+                database: view.config.database_path(name),
+                reads: Mutex::new(Vec::new()),
+                queries: Mutex::new(Vec::new()),
+            });
+            served.insert(name.to_string(), fresh.clone());
+            fresh
+        }))
     }
 
     /// `projector status`'s objects, with the live rate, pause and last error.
     fn statuses(&self) -> ApiResult<Vec<Value>> {
-        let statuses = inspect::status(&self.config)?;
+        let statuses = inspect::status(&self.config())?;
+        let view = self.view.read().unwrap_or_else(|e| e.into_inner());
         Ok(statuses
             .into_iter()
             .map(|status| {
                 let mut value = serde_json::to_value(&status).expect("a status serializes");
-                if let (Some(served), Value::Object(object)) =
-                    (self.projections.get(&status.name), &mut value)
+                if let (Some(live), Value::Object(object)) = (view.projections.get(&status.name), &mut value)
                 {
-                    object.insert("events_per_second".into(), json!(served.live.events_per_second().round()));
-                    object.insert("last_error".into(), json!(served.live.last_error()));
+                    object.insert("events_per_second".into(), json!(live.events_per_second().round()));
+                    object.insert("last_error".into(), json!(live.last_error()));
                 }
                 value
             })
@@ -238,7 +244,7 @@ async fn status_page() -> Html<&'static str> {
 
 async fn metrics(State(api): State<Arc<Api>>) -> ApiResult<Response> {
     let text = blocking(move || {
-        for status in inspect::status(&api.config)? {
+        for status in inspect::status(&api.config())? {
             let label = Metrics::label(&status.name);
             api.metrics.lag.get_or_create(&label).set(status.lag as i64);
             api.metrics.dead_letters.get_or_create(&label).set(status.dead_letters as i64);
@@ -343,7 +349,7 @@ async fn list_dead_letters(
 ) -> ApiResult<axum::Json<Value>> {
     blocking(move || {
         api.served(&name)?;
-        Ok(axum::Json(serde_json::to_value(dead_letters::list(&api.config, &name)?).expect("serializes")))
+        Ok(axum::Json(serde_json::to_value(dead_letters::list(&api.config(), &name)?).expect("serializes")))
     })
     .await
 }
@@ -366,7 +372,7 @@ async fn retry_dead_letters(
     blocking(move || {
         api.served(&name)?;
         let selection = if request.all { Selection::All } else { Selection::Ids(request.ids) };
-        let outcome = dead_letters::retry(&api.config, &name, &selection)
+        let outcome = dead_letters::retry(&api.config(), &name, &selection)
             .map_err(|err| ApiError::bad_request(format!("{err:#}")))?;
         Ok(axum::Json(serde_json::to_value(outcome).expect("serializes")))
     })
@@ -381,7 +387,7 @@ async fn discard_dead_letters(
     let axum::Json(request) = request?;
     blocking(move || {
         api.served(&name)?;
-        let discarded = dead_letters::discard(&api.config, &name, &request.ids)
+        let discarded = dead_letters::discard(&api.config(), &name, &request.ids)
             .map_err(|err| ApiError::bad_request(format!("{err:#}")))?;
         Ok(axum::Json(json!({ "discarded": discarded })))
     })

@@ -39,6 +39,10 @@ pub struct ProjectionStatus {
     /// position, the attempts so far and the module's reason.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retrying: Option<Value>,
+    /// The last module file refused (`module` sha256, `path`, `reason`),
+    /// until a good module arrives.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused: Option<Value>,
 }
 
 /// The status of every projection in `config`.
@@ -64,6 +68,7 @@ pub fn status(config: &Config) -> Result<Vec<ProjectionStatus>> {
                     dead_letters: 0,
                     error: None,
                     retrying: None,
+                    refused: None,
                 });
             };
             let read = || -> Result<ProjectionStatus> {
@@ -82,6 +87,8 @@ pub fn status(config: &Config) -> Result<Vec<ProjectionStatus>> {
                     head,
                     lag: head.saturating_sub(checkpoint),
                     error: if state == "faulted" { projection_db::meta(&db, "error")? } else { None },
+                    refused: projection_db::meta(&db, "refused")?
+                        .and_then(|text| serde_json::from_str(&text).ok()),
                     retrying: match state.as_str() {
                         "running" => projection_db::meta(&db, "retrying")?
                             .and_then(|text| serde_json::from_str(&text).ok()),

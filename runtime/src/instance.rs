@@ -61,6 +61,16 @@ impl GuestInstance {
         Ok(GuestInstance { engine, module, store, guest, reader: true })
     }
 
+    /// The state version the module declares.
+    pub fn state_version(&mut self) -> Result<u32> {
+        let limits = *self.store.data().limits();
+        limits.arm(&mut self.store, self.engine.fuel_enabled())?;
+        match self.guest.call_state_version(&mut self.store) {
+            Ok(version) => Ok(version),
+            Err(trap) => bail!("the module trapped in state-version: {}", limits.describe_trap(trap)),
+        }
+    }
+
     /// Call the module's `query` with `request`, inside one read
     /// transaction, under the projection's limits.
     pub fn query(&mut self, request: &[u8]) -> Result<QueryOutcome> {

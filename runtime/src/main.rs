@@ -199,7 +199,7 @@ fn path(name: &str, rest: &str) -> String {
 fn execute(command: Command) -> Result<()> {
     match command {
         Command::Run { config, listen, max_body_kib } => {
-            run(&Config::load(&config)?, &listen, max_body_kib << 10)
+            run(&Config::load(&config)?, &config, &listen, max_body_kib << 10)
         }
         Command::Append { data, stream, file } => {
             projector::event_log::validate_stream_name(&stream)?;
@@ -288,7 +288,7 @@ fn execute(command: Command) -> Result<()> {
     }
 }
 
-fn run(config: &Config, listen: &str, max_body: usize) -> Result<()> {
+fn run(config: &Config, config_path: &std::path::Path, listen: &str, max_body: usize) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -299,13 +299,12 @@ fn run(config: &Config, listen: &str, max_body: usize) -> Result<()> {
         format!("cannot listen on {listen}; pass --listen <addr:port> (port 0 picks a free one)")
     })?;
     let address = listener.local_addr()?;
-    let supervisor = Supervisor::start(config)?;
+    let supervisor = Supervisor::start(config, Some(config_path))?;
     let api = Arc::new(Api::new(
-        config.clone(),
+        supervisor.view().clone(),
         supervisor.log().clone(),
         supervisor.engine().clone(),
         supervisor.metrics().clone(),
-        supervisor.projections(),
         max_body,
     ));
     std::fs::write(config.data.join("listen.addr"), address.to_string())

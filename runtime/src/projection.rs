@@ -11,7 +11,7 @@
 
 use crate::bindings::{Event, Failure};
 use crate::config::FailurePolicy;
-use crate::engine::{Limits, ProjectorEngine};
+use crate::engine::{Limits, LoadedModule, ProjectorEngine};
 use crate::event_log::{EventLog, Filter, LogReader, POLL_INTERVAL};
 use crate::guest_host::GuestHost;
 use crate::instance::{Attempt, GuestInstance};
@@ -43,6 +43,24 @@ pub struct ProjectionSpec {
     pub policy: FailurePolicy,
 }
 
+/// What the module watcher (or an operator) hands a projection's thread;
+/// applied between two batches.
+#[derive(Clone)]
+pub enum ModuleUpdate {
+    /// A module file changed and its new contents compiled, linked and
+    /// implement the world: swap it in.
+    Ready(LoadedModule),
+    /// A module file changed but cannot be used; the running module stays.
+    Refused {
+        /// sha256 of the refused file.
+        sha256: String,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
 /// What one step of the loop did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
@@ -62,6 +80,10 @@ const RETRY_BACKOFF_CAP: Duration = Duration::from_secs(5);
 /// Runs one projection: a module over the event log into its database.
 pub struct ProjectionRunner {
     name: Arc<str>,
+    engine: Arc<ProjectorEngine>,
+    database: PathBuf,
+    limits: Limits,
+    updates: Option<std::sync::mpsc::Receiver<ModuleUpdate>>,
     instance: GuestInstance,
     reader: LogReader,
     filter: Filter,
@@ -94,7 +116,7 @@ impl ProjectionRunner {
         let db = projection_db::open(&spec.database)?;
         let checkpoint = projection_db::checkpoint(&db, LOG_SOURCE)?;
         let host = GuestHost::new(db, name.clone(), spec.limits)?;
-        let instance = GuestInstance::new(engine, module, host)?;
+        let instance = GuestInstance::new(engine.clone(), module, host)?;
         let db = instance.db();
         projection_db::set_meta(db, "module", Some(&instance.module().sha256))?;
         projection_db::set_meta(db, "module_path", Some(&instance.module().path.to_string_lossy()))?;
@@ -104,8 +126,13 @@ impl ProjectionRunner {
         // Every series exists from the start, at zero.
         let _ = live.metrics.module_swaps.get_or_create(&crate::metrics::Metrics::label(&name));
         let _ = live.metrics.events_processed.get_or_create(&crate::metrics::Metrics::label(&name));
+        projection_db::set_meta(db, "refused", None)?;
         Ok(ProjectionRunner {
             name,
+            engine,
+            database: spec.database.clone(),
+            limits: spec.limits,
+            updates: None,
             instance,
             reader: log.reader()?,
             filter: spec.filter.clone(),
@@ -118,6 +145,12 @@ impl ProjectionRunner {
             handled: 0,
             parked: 0,
         })
+    }
+
+    /// Take module updates from `updates`, between batches.
+    pub fn with_updates(mut self, updates: std::sync::mpsc::Receiver<ModuleUpdate>) -> Self {
+        self.updates = Some(updates);
+        self
     }
 
     /// The projection's name.
@@ -162,6 +195,7 @@ impl ProjectionRunner {
                 projection_db::set_meta(self.db(), "state", Some(state))?;
                 tracing::info!(projection = &*self.name, checkpoint = self.checkpoint, "{state}");
             }
+            self.take_updates()?;
             if paused {
                 std::thread::sleep(POLL_INTERVAL);
             } else if self.step()? == Step::Idle {
@@ -284,6 +318,95 @@ impl ProjectionRunner {
             }
             return Ok(true);
         }
+    }
+
+    /// Apply the module updates waiting, if any: this is the swap point,
+    /// between two batches.
+    fn take_updates(&mut self) -> Result<()> {
+        loop {
+            let update = match &self.updates {
+                Some(updates) => match updates.try_recv() {
+                    Ok(update) => update,
+                    Err(_) => return Ok(()),
+                },
+                None => return Ok(()),
+            };
+            match update {
+                ModuleUpdate::Ready(module) => self.swap(module)?,
+                ModuleUpdate::Refused { sha256, path, reason } => self.refuse(&sha256, &path, &reason)?,
+            }
+        }
+    }
+
+    /// Swap `module` in: every event before this point was handled by the
+    /// old module, every event after by the new one.
+    pub fn swap(&mut self, module: LoadedModule) -> Result<()> {
+        if module.sha256 == self.instance.module().sha256 {
+            // The running module's bytes again (say, after a refused file
+            // was put back): nothing to swap, nothing refused any more.
+            projection_db::set_meta(self.db(), "refused", None)?;
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        let (sha256, path) = (module.sha256.clone(), module.path.clone());
+        let found = projection_db::meta(self.db(), "state_version")?;
+        let declared =
+            GuestHost::new(rusqlite::Connection::open_in_memory()?, self.name.clone(), self.limits)
+                .and_then(|host| GuestInstance::reader(self.engine.clone(), module.clone(), host))
+                .and_then(|mut probe| probe.state_version());
+        let declared = match declared {
+            Ok(version) => version,
+            Err(err) => return self.refuse(&sha256, &path, &format!("{err:#}")),
+        };
+        if found.as_deref() != Some(declared.to_string().as_str()) {
+            return self.refuse(
+                &sha256,
+                &path,
+                &format!(
+                    "it builds state version {declared} but the database holds version {};                      a rebuild from the log is needed",
+                    found.unwrap_or_default()
+                ),
+            );
+        }
+        // init runs on a connection of its own, so a module that fails it
+        // leaves the running one untouched.
+        let swapped = projection_db::open(&self.database)
+            .and_then(|db| GuestHost::new(db, self.name.clone(), self.limits))
+            .and_then(|host| GuestInstance::new(self.engine.clone(), module.clone(), host));
+        let instance = match swapped {
+            Ok(instance) => instance,
+            Err(err) => return self.refuse(&sha256, &path, &format!("{err:#}")),
+        };
+        self.instance = instance;
+        let db = self.db();
+        projection_db::set_meta(db, "module", Some(&sha256))?;
+        projection_db::set_meta(db, "module_path", Some(&path.to_string_lossy()))?;
+        projection_db::set_meta(db, "refused", None)?;
+        self.live.set_module(module);
+        self.live.metrics.module_swaps.get_or_create(&crate::metrics::Metrics::label(&self.name)).inc();
+        tracing::info!(
+            projection = &*self.name,
+            module = %sha256,
+            checkpoint = self.checkpoint,
+            pause_micros = started.elapsed().as_micros() as u64,
+            "module swapped in"
+        );
+        Ok(())
+    }
+
+    /// Record that the module file at `path` was refused; the running
+    /// module keeps processing.
+    fn refuse(&mut self, sha256: &str, path: &std::path::Path, reason: &str) -> Result<()> {
+        tracing::warn!(
+            projection = &*self.name,
+            module = %path.display(),
+            sha256,
+            "module refused, the running module stays: {reason}"
+        );
+        let refused = serde_json::json!({ "module": sha256, "path": path, "reason": reason });
+        projection_db::set_meta(self.db(), "refused", Some(&refused.to_string()))?;
+        self.live.set_last_error(Some(format!("module {} refused: {reason}", path.display())));
+        Ok(())
     }
 
     /// Park `event` and move the checkpoint past it, in one transaction.

@@ -1,42 +1,88 @@
 //! [`Supervisor`]: runs every projection of a config, each on its own
-//! thread, until asked to stop; marks each database running, stopped or
-//! faulted so `status` can tell from another process.
+//! thread, and keeps the running set in step with the files while it runs.
+//!
+//! A control thread owns the running set. A debounced watcher over the
+//! module files and the config file tells it what changed:
+//! - a module file whose bytes changed is compiled and linked here, off the
+//!   projection threads, and handed to each projection running it, which
+//!   swaps it in between two batches (or records why it was refused);
+//! - a changed config adds projections (from the start of their streams),
+//!   removes them (their databases are kept) and restarts the ones whose
+//!   settings changed; a config that does not load is refused whole.
+//!
+//! Each database is marked running, stopped or faulted so `status` can tell
+//! from another process.
 
-use crate::config::Config;
+use crate::config::{Config, ProjectionConfig};
 use crate::engine::ProjectorEngine;
 use crate::event_log::{EventLog, Filter};
 use crate::live::LiveProjection;
 use crate::metrics::Metrics;
-use crate::projection::{ProjectionRunner, ProjectionSpec};
+use crate::projection::{ModuleUpdate, ProjectionRunner, ProjectionSpec};
 use crate::projection_db;
 use anyhow::{Context as _, Result};
+use notify_debouncer_full::notify::RecursiveMode;
+use notify_debouncer_full::{DebounceEventResult, new_debouncer};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// How long the watcher waits for a burst of writes to settle.
+pub const WATCH_DEBOUNCE: Duration = Duration::from_millis(50);
+
+/// The running set as the HTTP API sees it: the config now in force and
+/// each running projection's shared state.
+pub struct HostView {
+    /// The config in force.
+    pub config: Config,
+    /// The running projections.
+    pub projections: BTreeMap<String, Arc<LiveProjection>>,
+}
 
 /// Runs the projections of one config.
 pub struct Supervisor {
-    stop: Arc<AtomicBool>,
+    view: Arc<RwLock<HostView>>,
     log: Arc<EventLog>,
     engine: Arc<ProjectorEngine>,
     metrics: Arc<Metrics>,
-    live: Vec<Arc<LiveProjection>>,
-    threads: Vec<(String, JoinHandle<()>)>,
+    control: Sender<Control>,
+    control_thread: Option<JoinHandle<()>>,
     _lock: File,
+}
+
+enum Control {
+    /// These files changed.
+    Changed(Vec<PathBuf>),
+    /// Stop everything and return.
+    Stop,
+}
+
+/// One running projection, as the control thread holds it.
+struct Running {
+    config: ProjectionConfig,
+    stop: Arc<AtomicBool>,
+    updates: Sender<ModuleUpdate>,
+    thread: JoinHandle<()>,
 }
 
 /// The lock file `run` holds while it runs; `status` checks it to tell a
 /// running projection from one whose host was killed.
-pub fn lock_path(data: &Path) -> std::path::PathBuf {
+pub fn lock_path(data: &Path) -> PathBuf {
     data.join("run.lock")
 }
 
 impl Supervisor {
-    /// Start every projection of `config`. A projection that cannot start
-    /// is marked faulted with the reason; the others run.
-    pub fn start(config: &Config) -> Result<Self> {
+    /// Start every projection of `config` (read from `config_path`, which
+    /// is watched, as are the module files, unless `watch` is false). A
+    /// projection that cannot start is marked faulted with the reason; the
+    /// others run.
+    pub fn start(config: &Config, config_path: Option<&Path>) -> Result<Self> {
         std::fs::create_dir_all(&config.data)
             .with_context(|| format!("cannot create data directory {}", config.data.display()))?;
         let lock_file = lock_path(&config.data);
@@ -49,31 +95,42 @@ impl Supervisor {
             )
         })?;
         let log = Arc::new(EventLog::open(&config.data)?);
-        let engine = Arc::new(ProjectorEngine::new(config.uses_fuel())?);
-        let stop = Arc::new(AtomicBool::new(false));
+        let engine =
+            Arc::new(ProjectorEngine::new(config.uses_fuel())?.with_cache(config.data.join("cache")));
         let metrics = Arc::new(Metrics::default());
-        let mut threads = Vec::new();
-        let mut live = Vec::new();
+        let view = Arc::new(RwLock::new(HostView { config: config.clone(), projections: BTreeMap::new() }));
+        let (control, commands) = channel();
+        let mut state = ControlState {
+            config: config.clone(),
+            config_path: config_path.map(absolute),
+            log: log.clone(),
+            engine: engine.clone(),
+            metrics: metrics.clone(),
+            view: view.clone(),
+            running: BTreeMap::new(),
+            seen: HashMap::new(),
+        };
         for p in &config.projections {
-            let spec = ProjectionSpec {
-                name: p.name.clone(),
-                module: p.module.clone(),
-                database: config.database_path(&p.name),
-                filter: Filter { streams: p.streams.clone(), types: p.types.clone() },
-                batch_size: p.batch_size,
-                limits: config.limits(p),
-                policy: p.on_failure,
-            };
-            let shared = Arc::new(LiveProjection::new(&p.name, metrics.clone()));
-            live.push(shared.clone());
-            let (engine, log, stop) = (engine.clone(), log.clone(), stop.clone());
-            let thread = std::thread::Builder::new()
-                .name(format!("projection-{}", p.name))
-                .spawn(move || run_projection(engine, &spec, &log, &stop, shared))
-                .context("cannot start a projection thread")?;
-            threads.push((p.name.clone(), thread));
+            state.start_projection(p.clone());
         }
-        Ok(Supervisor { stop, log, engine, metrics, live, threads, _lock: lock })
+        state.publish();
+        let watcher = match config_path {
+            Some(_) => Some(state.watch(control.clone())?),
+            None => None,
+        };
+        let control_thread = std::thread::Builder::new()
+            .name("supervisor".into())
+            .spawn(move || state.serve(commands, watcher))
+            .context("cannot start the supervisor thread")?;
+        Ok(Supervisor {
+            view,
+            log,
+            engine,
+            metrics,
+            control,
+            control_thread: Some(control_thread),
+            _lock: lock,
+        })
     }
 
     /// The event log the projections read.
@@ -91,22 +148,232 @@ impl Supervisor {
         &self.metrics
     }
 
-    /// Every projection's shared state, in config order.
-    pub fn projections(&self) -> &[Arc<LiveProjection>] {
-        &self.live
+    /// The running set, kept current as the config changes.
+    pub fn view(&self) -> &Arc<RwLock<HostView>> {
+        &self.view
     }
 
     /// Stop every projection after its batch in flight, and wait for them.
-    pub fn stop(self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Ok(reader) = self.log.reader() {
-            reader.wake_all();
+    pub fn stop(mut self) {
+        let _ = self.control.send(Control::Stop);
+        if let Some(thread) = self.control_thread.take()
+            && thread.join().is_err()
+        {
+            tracing::error!("the supervisor thread panicked");
         }
-        for (name, thread) in self.threads {
-            if thread.join().is_err() {
-                tracing::error!(projection = %name, "projection thread panicked");
+    }
+}
+
+/// What the control thread owns.
+struct ControlState {
+    config: Config,
+    config_path: Option<PathBuf>,
+    log: Arc<EventLog>,
+    engine: Arc<ProjectorEngine>,
+    metrics: Arc<Metrics>,
+    view: Arc<RwLock<HostView>>,
+    running: BTreeMap<String, Running>,
+    /// The sha256 last seen per module file, so touching a file with the
+    /// same bytes does nothing.
+    seen: HashMap<PathBuf, String>,
+}
+
+type Watcher = notify_debouncer_full::Debouncer<
+    notify_debouncer_full::notify::RecommendedWatcher,
+    notify_debouncer_full::RecommendedCache,
+>;
+
+impl ControlState {
+    fn serve(mut self, commands: Receiver<Control>, mut watcher: Option<Watcher>) {
+        while let Ok(command) = commands.recv() {
+            match command {
+                Control::Stop => break,
+                Control::Changed(paths) => {
+                    self.changed(&paths);
+                    if let Some(watcher) = &mut watcher {
+                        self.watch_dirs(watcher);
+                    }
+                }
             }
         }
+        for (name, running) in std::mem::take(&mut self.running) {
+            stop_projection(&name, running, &self.log);
+        }
+    }
+
+    fn spec(&self, p: &ProjectionConfig) -> ProjectionSpec {
+        ProjectionSpec {
+            name: p.name.clone(),
+            module: p.module.clone(),
+            database: self.config.database_path(&p.name),
+            filter: Filter { streams: p.streams.clone(), types: p.types.clone() },
+            batch_size: p.batch_size,
+            limits: self.config.limits(p),
+            policy: p.on_failure,
+        }
+    }
+
+    fn start_projection(&mut self, p: ProjectionConfig) {
+        let spec = self.spec(&p);
+        let live = Arc::new(LiveProjection::new(&p.name, self.metrics.clone()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (updates, receiver) = channel();
+        let (engine, log, thread_stop, thread_live) =
+            (self.engine.clone(), self.log.clone(), stop.clone(), live.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("projection-{}", p.name))
+            .spawn(move || run_projection(engine, &spec, &log, thread_stop, thread_live, receiver))
+            .expect("the OS starts a thread");
+        if let Ok(bytes) = std::fs::read(&p.module) {
+            self.seen.insert(absolute(&p.module), hex::encode(Sha256::digest(bytes)));
+        }
+        self.view.write().unwrap_or_else(|e| e.into_inner()).projections.insert(p.name.clone(), live);
+        self.running.insert(p.name.clone(), Running { config: p, stop, updates, thread });
+    }
+
+    fn publish(&self) {
+        self.view.write().unwrap_or_else(|e| e.into_inner()).config = self.config.clone();
+    }
+
+    /// A watcher over the folders of the config and every module file.
+    fn watch(&self, control: Sender<Control>) -> Result<Watcher> {
+        let mut watcher =
+            new_debouncer(WATCH_DEBOUNCE, None, move |result: DebounceEventResult| match result {
+                Ok(events) => {
+                    let paths: HashSet<PathBuf> =
+                        events.iter().flat_map(|e| e.paths.iter().cloned()).collect();
+                    if !paths.is_empty() {
+                        let _ = control.send(Control::Changed(paths.into_iter().collect()));
+                    }
+                }
+                Err(errors) => {
+                    for err in errors {
+                        tracing::warn!("file watcher: {err}");
+                    }
+                }
+            })
+            .context("cannot start the file watcher")?;
+        self.watch_dirs(&mut watcher);
+        Ok(watcher)
+    }
+
+    /// Watch the folders (not the files: an editor's rename-over replaces
+    /// the file) of the config and of every module.
+    fn watch_dirs(&self, watcher: &mut Watcher) {
+        let files = self
+            .config_path
+            .iter()
+            .cloned()
+            .chain(self.config.projections.iter().map(|p| absolute(&p.module)));
+        let dirs: HashSet<PathBuf> = files.filter_map(|f| f.parent().map(Path::to_path_buf)).collect();
+        for dir in dirs {
+            if let Err(err) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
+                tracing::warn!(dir = %dir.display(), "cannot watch: {err}");
+            }
+        }
+    }
+
+    fn changed(&mut self, paths: &[PathBuf]) {
+        let paths: HashSet<PathBuf> = paths.iter().map(|p| absolute(p)).collect();
+        if let Some(config_path) = self.config_path.clone()
+            && paths.contains(&config_path)
+        {
+            self.reload_config(&config_path);
+        }
+        let modules: HashSet<PathBuf> =
+            self.running.values().map(|r| absolute(&r.config.module)).filter(|m| paths.contains(m)).collect();
+        for module in modules {
+            self.module_changed(&module);
+        }
+    }
+
+    /// Hash the module file; if its bytes are new, compile and link it here
+    /// and hand it (or the refusal) to every projection running it.
+    fn module_changed(&mut self, path: &Path) {
+        let Ok(bytes) = std::fs::read(path) else {
+            // Mid-rename or deleted: the next event brings the new file.
+            return;
+        };
+        let sha256 = hex::encode(Sha256::digest(&bytes));
+        if self.seen.get(path) == Some(&sha256) {
+            return;
+        }
+        self.seen.insert(path.to_path_buf(), sha256.clone());
+        let update = match self.engine.load_bytes(&bytes, path) {
+            Ok(module) => ModuleUpdate::Ready(module),
+            Err(err) => {
+                ModuleUpdate::Refused { sha256, path: path.to_path_buf(), reason: format!("{err:#}") }
+            }
+        };
+        for running in self.running.values().filter(|r| absolute(&r.config.module) == path) {
+            let _ = running.updates.send(update.clone());
+        }
+        // Wake idle projections so they take the update now.
+        self.log.wake();
+    }
+
+    /// Load the changed config and bring the running set in line with it;
+    /// a config that does not load changes nothing.
+    fn reload_config(&mut self, path: &Path) {
+        let config = match Config::load(path) {
+            Ok(config) => config,
+            Err(err) => {
+                tracing::error!("config refused, the running projections are unchanged: {err}");
+                return;
+            }
+        };
+        if config.data != self.config.data {
+            tracing::error!(
+                "config refused: `data` changed from {} to {}; that needs a restart",
+                self.config.data.display(),
+                config.data.display()
+            );
+            return;
+        }
+        let old = std::mem::replace(&mut self.config, config);
+        let wanted: BTreeMap<String, ProjectionConfig> =
+            self.config.projections.iter().map(|p| (p.name.clone(), p.clone())).collect();
+        let names: Vec<String> = self.running.keys().cloned().collect();
+        for name in names {
+            let unchanged = wanted.get(&name).is_some_and(|p| {
+                *p == self.running[&name].config
+                    && self.config.limits(p) == old.limits(&self.running[&name].config)
+            });
+            if !unchanged {
+                let running = self.running.remove(&name).expect("listed");
+                stop_projection(&name, running, &self.log);
+                self.view.write().unwrap_or_else(|e| e.into_inner()).projections.remove(&name);
+                if !wanted.contains_key(&name) {
+                    tracing::info!(projection = %name, "projection removed from the config; its database is kept");
+                }
+            }
+        }
+        for (name, p) in wanted {
+            if !self.running.contains_key(&name) {
+                tracing::info!(projection = %name, "projection (re)started from the config");
+                self.start_projection(p);
+            }
+        }
+        self.publish();
+        tracing::info!(projections = self.running.len(), "config reloaded");
+    }
+}
+
+/// A path made absolute and its folder resolved, so the watcher's paths
+/// and the config's compare equal.
+fn absolute(path: &Path) -> PathBuf {
+    let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    match (path.parent().and_then(|d| d.canonicalize().ok()), path.file_name()) {
+        (Some(dir), Some(name)) => dir.join(name),
+        _ => path,
+    }
+}
+
+fn stop_projection(name: &str, running: Running, log: &EventLog) {
+    running.stop.store(true, Ordering::Relaxed);
+    log.wake();
+    if running.thread.join().is_err() {
+        tracing::error!(projection = %name, "projection thread panicked");
     }
 }
 
@@ -114,12 +381,14 @@ fn run_projection(
     engine: Arc<ProjectorEngine>,
     spec: &ProjectionSpec,
     log: &EventLog,
-    stop: &Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
     live: Arc<LiveProjection>,
+    updates: Receiver<ModuleUpdate>,
 ) {
     let name = spec.name.as_str();
     let shared = live.clone();
-    let result = ProjectionRunner::start(engine, spec, log, stop.clone(), live).and_then(|mut runner| {
+    let result = ProjectionRunner::start(engine, spec, log, stop, live).and_then(|runner| {
+        let mut runner = runner.with_updates(updates);
         tracing::info!(
             projection = name,
             module = runner.module_sha256(),
