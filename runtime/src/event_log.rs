@@ -19,6 +19,7 @@ use std::time::Duration;
 pub const POLL_INTERVAL: Duration = Duration::from_millis(25);
 
 const SCHEMA: &str = "
+BEGIN;
 CREATE TABLE IF NOT EXISTS events (
     position INTEGER PRIMARY KEY,
     stream TEXT NOT NULL,
@@ -38,6 +39,7 @@ CREATE TABLE IF NOT EXISTS streams (
     name TEXT PRIMARY KEY NOT NULL,
     head INTEGER NOT NULL
 );
+COMMIT;
 ";
 
 /// An event to append, as parsed from a CloudEvent.
@@ -113,8 +115,11 @@ impl EventLog {
         let path = data_dir.join("events.db");
         let writer =
             Connection::open(&path).with_context(|| format!("cannot open event log {}", path.display()))?;
+        // The busy timeout first: switching to WAL needs a moment of
+        // exclusive access, which another process may be holding.
         writer
-            .execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=10000;")
+            .busy_timeout(Duration::from_secs(10))
+            .and_then(|()| writer.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"))
             .and_then(|()| writer.execute_batch(SCHEMA))
             .with_context(|| format!("cannot set up event log {}", path.display()))?;
         Ok(EventLog { path, writer: Mutex::new(writer), signal: Arc::default() })

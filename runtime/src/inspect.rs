@@ -168,6 +168,15 @@ fn log_head(data: &Path) -> Result<u64> {
     let db = Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
         .with_context(|| format!("cannot open event log {}", path.display()))?;
     db.execute_batch("PRAGMA busy_timeout=5000;")?;
+    let created: i64 = db.query_row(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'events'",
+        [],
+        |row| row.get(0),
+    )?;
+    if created == 0 {
+        // `run` or `append` is creating it this instant.
+        return Ok(0);
+    }
     let head: Option<i64> = db
         .query_row("SELECT max(position) FROM events", [], |row| row.get(0))
         .with_context(|| format!("cannot read event log {}", path.display()))?;

@@ -54,11 +54,14 @@ pub fn open(path: &Path) -> Result<Connection> {
     }
     let db = Connection::open(path)
         .with_context(|| format!("cannot open projection database {}", path.display()))?;
-    db.execute_batch(
-        "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=5000; PRAGMA cache_size=-65536;",
-    )
-    .and_then(|()| db.execute_batch(SCHEMA))
-    .with_context(|| format!("cannot set up projection database {}", path.display()))?;
+    // The busy timeout first: switching to WAL needs a moment of exclusive
+    // access, which a reader (`status`, `query`) may be holding.
+    db.busy_timeout(std::time::Duration::from_secs(5))
+        .and_then(|()| {
+            db.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA cache_size=-65536;")
+        })
+        .and_then(|()| db.execute_batch(SCHEMA))
+        .with_context(|| format!("cannot set up projection database {}", path.display()))?;
     Ok(db)
 }
 

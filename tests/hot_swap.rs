@@ -1,0 +1,262 @@
+//! Hot swap in a real `run`: modules replaced under continuous appends
+//! (every event handled exactly once, by the old module before the swap
+//! point and the new one after), refusals, bursts, live config changes and
+//! the compiled-module cache.
+
+mod util;
+
+use serde_json::{Value, json};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use util::*;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn module_bytes(version: u32) -> Vec<u8> {
+    std::fs::read(guest(&format!("swap_v{version}"))).unwrap()
+}
+
+fn sha(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// Replace `path` by rename-over (what editors and deploy tools do).
+fn rename_over(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Appends 20 events every few milliseconds over HTTP until stopped.
+fn appender(base: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+        let mut sent = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            let lines: Vec<String> =
+                (0..20).map(|i| cloud_event(&format!("e{sent}-{i}"), "t", json!(i))).collect();
+            let response = agent
+                .post(&format!("{base}/streams/s/events"))
+                .header("content-type", "application/x-ndjson")
+                .send(lines.join("\n").as_str())
+                .unwrap();
+            assert_eq!(response.status().as_u16(), 200);
+            sent += 20;
+            std::thread::sleep(Duration::from_millis(3));
+        }
+        sent
+    })
+}
+
+fn swap_workspace(initial: u32) -> (Workspace, std::path::PathBuf) {
+    let ws = Workspace::new();
+    let module = ws.path("module.wasm");
+    std::fs::write(&module, module_bytes(initial)).unwrap();
+    ws.write_config(&[("swap", &module, &["s"])]);
+    (ws, module)
+}
+
+fn versions_seen(ws: &Workspace) -> Vec<i64> {
+    ws.query("swap", "SELECT version FROM handled ORDER BY position")
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["version"].as_i64().unwrap())
+        .collect()
+}
+
+#[test]
+fn swaps_under_continuous_appends_handle_every_event_exactly_once() {
+    let (ws, module) = swap_workspace(1);
+    let host = ws.start();
+    let stop = Arc::new(AtomicBool::new(false));
+    let appending = appender(host.url(), stop.clone());
+    let sequence = [2, 1, 2, 1, 2, 1, 2];
+    for (i, version) in sequence.iter().enumerate() {
+        std::thread::sleep(Duration::from_millis(150));
+        let bytes = module_bytes(*version);
+        if i % 2 == 0 {
+            rename_over(&module, &bytes)
+        } else {
+            std::fs::write(&module, &bytes).unwrap()
+        }
+        let want = sha(&bytes);
+        wait_until(WAIT, &format!("v{version} to be live"), || {
+            ws.status_of("swap")["module"] == want.as_str()
+        });
+        wait_until(WAIT, &format!("an event handled by v{version}"), || {
+            versions_seen(&ws).last() == Some(&(*version as i64))
+        });
+    }
+    stop.store(true, Ordering::Relaxed);
+    let sent = appending.join().unwrap();
+    ws.wait_caught_up(sent, WAIT);
+
+    let counts = ws.query("swap", "SELECT count(*) AS n, count(DISTINCT position) AS d, min(position) AS lo, max(position) AS hi FROM handled");
+    assert_eq!(counts, json!([{"n": sent, "d": sent, "lo": 1, "hi": sent}]), "every position exactly once");
+    let mut runs: Vec<i64> = versions_seen(&ws);
+    runs.dedup();
+    let mut expected = vec![1i64];
+    expected.extend(sequence.iter().map(|v| *v as i64));
+    assert_eq!(runs, expected, "versions form one contiguous run per swap");
+    assert!(host.logs().matches("module swapped in").count() >= sequence.len());
+    assert!(ws.status_of("swap").get("refused").is_none());
+}
+
+#[test]
+fn bad_modules_are_refused_and_the_running_module_keeps_processing() {
+    let (ws, module) = swap_workspace(1);
+    let host = ws.start();
+    let url = host.url();
+    let v1 = sha(&module_bytes(1));
+    let mut appended = 0u64;
+    let mut append = |ws: &Workspace| {
+        let lines: Vec<String> =
+            (0..5).map(|i| cloud_event(&format!("r{appended}-{i}"), "t", json!(i))).collect();
+        appended += 5;
+        let file = ws.write_events("more.jsonl", &lines);
+        ws.append("s", &file);
+        appended
+    };
+    let refusals: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("garbage", b"definitely not wasm".to_vec(), "is not a WebAssembly file"),
+        ("another world", wat::parse_str("(component)").unwrap(), "does not implement the projection world"),
+        (
+            "failing init",
+            std::fs::read(guest("bad_init")).unwrap(),
+            "refused to init: this module refuses to init",
+        ),
+    ];
+    for (what, bytes, expected) in refusals {
+        rename_over(&module, &bytes);
+        wait_until(WAIT, &format!("the {what} module to be refused"), || {
+            ws.status_of("swap")["refused"]["module"] == sha(&bytes).as_str()
+        });
+        let status = ws.status_of("swap");
+        let reason = status["refused"]["reason"].as_str().unwrap();
+        assert!(reason.contains(expected), "{what}: {reason}");
+        assert_eq!(status["module"], v1.as_str(), "{what}: the old module keeps running");
+        let head = append(&ws);
+        ws.wait_caught_up(head, WAIT);
+        assert_eq!(versions_seen(&ws).last(), Some(&1), "{what}: processed by v1");
+        assert!(host.logs().contains("module refused, the running module stays"));
+    }
+    let v2 = module_bytes(2);
+    rename_over(&module, &v2);
+    wait_until(WAIT, "v2 to be live", || ws.status_of("swap")["module"] == sha(&v2).as_str());
+    assert!(ws.status_of("swap").get("refused").is_none(), "a good module clears the refusal");
+    let head = append(&ws);
+    ws.wait_caught_up(head, WAIT);
+    assert_eq!(versions_seen(&ws).last(), Some(&2));
+    let _ = url;
+}
+
+#[test]
+fn same_bytes_do_nothing_and_a_burst_of_writes_swaps_once() {
+    let (ws, module) = swap_workspace(1);
+    let host = ws.start();
+    let base = host.url();
+    wait_until(WAIT, "the projection to start", || ws.status_of("swap")["state"] == "running");
+    let swaps = || -> f64 {
+        let text = ureq::get(&format!("{base}/metrics")).call().unwrap().body_mut().read_to_string().unwrap();
+        text.lines()
+            .find(|l| l.starts_with("projector_module_swaps_total{projection=\"swap\"}"))
+            .and_then(|l| l.rsplit(' ').next())
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    // Touch: the same bytes written again.
+    std::fs::write(&module, module_bytes(1)).unwrap();
+    rename_over(&module, &module_bytes(1));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(swaps(), 0.0, "the same bytes swap nothing");
+    // A burst: v2 written five times in a row, in pieces.
+    let v2 = module_bytes(2);
+    for _ in 0..5 {
+        let (head, tail) = v2.split_at(v2.len() / 2);
+        let mut file = std::fs::File::create(&module).unwrap();
+        std::io::Write::write_all(&mut file, head).unwrap();
+        std::io::Write::write_all(&mut file, tail).unwrap();
+        drop(file);
+    }
+    wait_until(WAIT, "v2 to be live", || ws.status_of("swap")["module"] == sha(&v2).as_str());
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(swaps(), 1.0, "a burst of writes gives one swap");
+}
+
+#[test]
+fn config_changes_add_remove_and_reconfigure_projections_live() {
+    let ws = Workspace::new();
+    let recorder = guest("event_recorder");
+    let write_config = |text: &str| rename_over(&ws.config(), format!("version = 1\n{text}").as_bytes());
+    let a = format!("[[projection]]\nname = \"a\"\nmodule = {recorder:?}\nstreams = [\"s\"]\n");
+    write_config(&a);
+    let host = ws.start();
+    let events = |name: &str, n: usize| {
+        ws.write_events(
+            &format!("{name}.jsonl"),
+            &(0..n)
+                .map(|i| {
+                    cloud_event(&format!("{name}{i}"), if i % 2 == 0 { "even" } else { "odd" }, json!(i))
+                })
+                .collect::<Vec<_>>(),
+        )
+    };
+    ws.append("s", &events("first", 10));
+    ws.wait_caught_up(10, WAIT);
+
+    // Add b: it starts from the beginning of its streams.
+    let b = format!("[[projection]]\nname = \"b\"\nmodule = {recorder:?}\nstreams = [\"s\"]\n");
+    write_config(&format!("{a}\n{b}"));
+    wait_until(WAIT, "b to catch up", || {
+        ws.status().iter().any(|s| s["name"] == "b" && s["checkpoint"] == 10)
+    });
+    assert_eq!(ws.query("b", "SELECT count(*) AS n FROM handled"), json!([{"n": 10}]));
+
+    // A broken config is refused; the running set is unchanged.
+    write_config("[[projection]]\nname = ");
+    wait_until(WAIT, "the refusal", || {
+        host.logs().contains("config refused, the running projections are unchanged")
+    });
+    ws.append("s", &events("second", 4));
+    wait_until(WAIT, "a and b to go on", || {
+        let status = json(&run_ok(&["status", "--url", &host.url()]));
+        status.as_array().unwrap().iter().filter(|s| s["checkpoint"] == 14).count() == 2
+    });
+
+    // Remove a (its database stays), and change b to odd events of stream t.
+    let b_changed = format!(
+        "[[projection]]\nname = \"b\"\nmodule = {recorder:?}\nstreams = [\"t\"]\ntypes = [\"odd\"]\n"
+    );
+    write_config(&b_changed);
+    wait_until(WAIT, "a to stop", || ws.status().iter().all(|s| s["name"] != "a"));
+    assert!(ws.data().join("projections/a.db").exists(), "a removed projection's database is kept");
+    wait_until(WAIT, "b to restart", || {
+        host.logs().matches("projection (re)started from the config").count() >= 2
+    });
+    ws.append("s", &events("third", 4));
+    ws.append("t", &events("fourth", 6));
+    ws.wait_caught_up(24, WAIT);
+    let ids = ws.query("b", "SELECT id FROM handled WHERE position > 14 ORDER BY position");
+    assert_eq!(ids, json!([{"id": "fourth1"}, {"id": "fourth3"}, {"id": "fourth5"}]));
+    let status: Value = json(&run_ok(&["status", "--url", &host.url()]));
+    assert_eq!(status.as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn a_restart_with_unchanged_modules_compiles_nothing() {
+    let (ws, _module) = swap_workspace(1);
+    let host = ws.start();
+    wait_until(WAIT, "the first start", || ws.status_of("swap")["state"] == "running");
+    assert!(host.logs().contains("module compiled and cached"), "{}", host.logs());
+    assert!(host.terminate().success());
+    let host = ws.start();
+    wait_until(WAIT, "the second start", || ws.status_of("swap")["state"] == "running");
+    let logs = host.logs();
+    assert!(logs.contains("module loaded from the compiled-module cache"), "{logs}");
+    assert!(!logs.contains("module compiled and cached"), "{logs}");
+}
