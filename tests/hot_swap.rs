@@ -260,3 +260,134 @@ fn a_restart_with_unchanged_modules_compiles_nothing() {
     assert!(logs.contains("module loaded from the compiled-module cache"), "{logs}");
     assert!(!logs.contains("module compiled and cached"), "{logs}");
 }
+
+/// Appends numbered events over HTTP until stopped; returns every line sent.
+fn recorded_appender(base: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Vec<String>> {
+    std::thread::spawn(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+        let mut sent = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            let lines: Vec<String> =
+                (0..50).map(|i| cloud_event(&format!("g{}-{i}", sent.len()), "t", json!(i))).collect();
+            let response = agent
+                .post(&format!("{base}/streams/s/events"))
+                .header("content-type", "application/x-ndjson")
+                .send(lines.join("\n").as_str())
+                .unwrap();
+            assert_eq!(response.status().as_u16(), 200);
+            sent.extend(lines);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        sent
+    })
+}
+
+#[test]
+fn a_state_version_change_rebuilds_blue_green_and_readers_never_see_half_a_state() {
+    let (ws, module) = swap_workspace(1);
+    // A log long enough that the rebuild takes a while.
+    let prefill: Vec<String> = (0..40_000).map(|i| cloud_event(&format!("p{i}"), "t", json!(i))).collect();
+    let prefill_file = ws.write_events("prefill.jsonl", &prefill);
+    ws.append("s", &prefill_file);
+    let host = ws.start();
+    let base = host.url();
+    ws.wait_caught_up(40_000, WAIT);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let appending = recorded_appender(base.clone(), stop.clone());
+    // A reader over HTTP: every state it sees is complete (one row per
+    // event up to its checkpoint) and never goes back.
+    let reading = {
+        let (base, stop) = (base.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+            let (mut last, mut reads) = (0u64, 0u64);
+            let sql = json!({"sql": "SELECT (SELECT count(*) FROM handled) AS n, (SELECT position FROM projector_checkpoints) AS cp"});
+            while !stop.load(Ordering::Relaxed) {
+                let mut response =
+                    agent.post(&format!("{base}/projections/swap/sql")).send_json(&sql).unwrap();
+                let rows: Value =
+                    serde_json::from_str(&response.body_mut().read_to_string().unwrap()).unwrap();
+                let (n, cp) = (rows[0]["n"].as_u64().unwrap(), rows[0]["cp"].as_u64().unwrap());
+                assert_eq!(n, cp, "a complete state: one row per event up to the checkpoint");
+                assert!(
+                    cp >= last,
+                    "the state never goes back ({cp} after {last}): no half-built database is served"
+                );
+                last = cp;
+                reads += 1;
+            }
+            reads
+        })
+    };
+
+    let v3 = module_bytes(3);
+    rename_over(&module, &v3);
+    let mut saw_rebuilding = false;
+    wait_until(WAIT, "v3 to take over", || {
+        let status = ws.status_of("swap");
+        if status["state"] == "rebuilding" {
+            assert!(
+                status["rebuilding"]["position"].as_u64().unwrap()
+                    <= status["rebuilding"]["head"].as_u64().unwrap()
+            );
+            assert_eq!(status["module"], sha(&module_bytes(1)), "the old module serves until the takeover");
+            saw_rebuilding = true;
+        }
+        status["module"] == sha(&v3).as_str()
+    });
+    assert!(saw_rebuilding, "status showed the rebuild under way");
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let sent = appending.join().unwrap();
+    let reads = reading.join().unwrap();
+    assert!(reads > 10, "the reader kept reading ({reads} reads)");
+    let head = 40_000 + sent.len() as u64;
+    ws.wait_caught_up(head, WAIT);
+
+    // The state equals a replay of every event with the new module.
+    let all: Vec<String> = prefill.into_iter().chain(sent).collect();
+    let all_file = ws.write_events("all.jsonl", &all);
+    let sql = "SELECT position, version FROM handled ORDER BY position";
+    let replayed = json(&run_ok(&[
+        "replay",
+        "--module",
+        guest("swap_v3").to_str().unwrap(),
+        "--events",
+        &all_file,
+        "--sql",
+        sql,
+    ]));
+    assert_eq!(ws.query("swap", sql), replayed);
+    assert_eq!(replayed.as_array().unwrap().len() as u64, head);
+    assert!(!ws.data().join("projections/swap.db").exists(), "the old database is removed");
+    assert_eq!(std::fs::read_to_string(ws.data().join("projections/swap.current")).unwrap(), "swap.1.db");
+    assert!(host.logs().contains("rebuild caught up and took over"));
+}
+
+#[test]
+fn projector_rebuild_works_against_a_running_host_and_offline() {
+    let (ws, _module) = swap_workspace(1);
+    let events: Vec<String> = (0..2_000).map(|i| cloud_event(&format!("r{i}"), "t", json!(i))).collect();
+    let file = ws.write_events("events.jsonl", &events);
+    ws.append("s", &file);
+    let host = ws.start();
+    ws.wait_caught_up(2_000, WAIT);
+    let complete = json!([{"n": 2000, "d": 2000}]);
+    let counts = "SELECT count(*) AS n, count(DISTINCT position) AS d FROM handled";
+
+    let out = json(&run_ok(&["rebuild", "--config", &ws.config_str(), "swap"]));
+    assert_eq!(out["rebuilt"], "swap");
+    assert!(out["database"].as_str().unwrap().ends_with("swap.1.db"), "{out}");
+    assert_eq!(ws.query("swap", counts), complete);
+    assert!(host.logs().contains("rebuild requested"));
+    assert!(host.terminate().success());
+
+    // With no host running, the command rebuilds by itself.
+    let out = json(&run_ok(&["rebuild", "--config", &ws.config_str(), "swap"]));
+    assert!(out["database"].as_str().unwrap().ends_with("swap.2.db"), "{out}");
+    assert_eq!(ws.query("swap", counts), complete);
+    assert!(!ws.data().join("projections/swap.1.db").exists());
+    let err = run_err(&["rebuild", "--config", &ws.config_str(), "nope"]);
+    assert!(err.contains("no projection named \"nope\""), "{err}");
+}

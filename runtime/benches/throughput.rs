@@ -35,7 +35,7 @@ fn main() {
     let mut native = Vec::new();
     for _ in 0..RUNS {
         let dir = tempfile::tempdir().unwrap();
-        let log = EventLog::open(dir.path()).unwrap();
+        let log = Arc::new(EventLog::open(dir.path()).unwrap());
         let start = Instant::now();
         for chunk in events.chunks(10_000) {
             log.append("wallets", chunk).unwrap();

@@ -276,8 +276,17 @@ impl Config {
     }
 
     /// Where projection `name` keeps its database.
+    ///
+    /// A rebuild makes a new generation of the database and then points
+    /// `projections/<name>.current` at it in one rename, so this is the
+    /// file that pointer names, or `projections/<name>.db` before the first
+    /// rebuild.
     pub fn database_path(&self, name: &str) -> PathBuf {
-        self.data.join("projections").join(format!("{name}.db"))
+        let dir = self.data.join("projections");
+        match std::fs::read_to_string(crate::rebuild::pointer_path(&dir, name)) {
+            Ok(file) if !file.trim().is_empty() => dir.join(file.trim()),
+            _ => dir.join(format!("{name}.db")),
+        }
     }
 }
 

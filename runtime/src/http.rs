@@ -91,6 +91,7 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/projections/{name}/dead-letters/discard", post(discard_dead_letters))
         .route("/projections/{name}/pause", post(pause))
         .route("/projections/{name}/resume", post(resume))
+        .route("/projections/{name}/rebuild", post(request_rebuild))
         .route("/streams/{stream}/events", post(ingest))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "no such endpoint; see the README's HTTP API")
@@ -167,12 +168,16 @@ impl Api {
             ));
         };
         let mut served = self.served.lock().unwrap_or_else(|e| e.into_inner());
-        let current = served.get(name).filter(|s| Arc::ptr_eq(&s.live, live)).cloned();
+        // A restarted projection, or a rebuilt one (a new database file):
+        // fresh pools.
+        let database = view.config.database_path(name);
+        let current =
+            served.get(name).filter(|s| Arc::ptr_eq(&s.live, live) && s.database == database).cloned();
         Ok(current.unwrap_or_else(|| {
             let fresh = Arc::new(Served {
                 live: live.clone(),
                 limits: view.config.limits(p),
-                database: view.config.database_path(name),
+                database,
                 reads: Mutex::new(Vec::new()),
                 queries: Mutex::new(Vec::new()),
             });
@@ -402,6 +407,13 @@ async fn pause(State(api): State<Arc<Api>>, Path(name): Path<String>) -> ApiResu
 async fn resume(State(api): State<Arc<Api>>, Path(name): Path<String>) -> ApiResult<axum::Json<Value>> {
     api.served(&name)?.live.set_paused(false);
     Ok(axum::Json(json!({ "paused": false })))
+}
+
+async fn request_rebuild(State(api): State<Arc<Api>>, Path(name): Path<String>) -> ApiResult<Response> {
+    api.served(&name)?;
+    let config = api.config();
+    blocking(move || Ok(crate::rebuild::request(&config, &name)?)).await?;
+    Ok((StatusCode::ACCEPTED, axum::Json(json!({ "rebuild": "requested" }))).into_response())
 }
 
 async fn ingest(

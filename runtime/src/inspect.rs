@@ -43,6 +43,10 @@ pub struct ProjectionStatus {
     /// until a good module arrives.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub refused: Option<Value>,
+    /// While a rebuild runs: the module building the new state, and how far
+    /// it has got (`position` of `head`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rebuilding: Option<Value>,
 }
 
 /// The status of every projection in `config`.
@@ -69,13 +73,20 @@ pub fn status(config: &Config) -> Result<Vec<ProjectionStatus>> {
                     error: None,
                     retrying: None,
                     refused: None,
+                    rebuilding: None,
                 });
             };
             let read = || -> Result<ProjectionStatus> {
                 let checkpoint = projection_db::checkpoint(&db, LOG_SOURCE)?;
                 let recorded = projection_db::meta(&db, "state")?.unwrap_or_else(|| "new".into());
+                let rebuilding = match (recorded.as_str(), host_running) {
+                    ("running", true) => projection_db::meta(&db, "rebuilding")?
+                        .and_then(|text| serde_json::from_str(&text).ok()),
+                    _ => None,
+                };
                 let state = match recorded.as_str() {
                     "running" if !host_running => "stopped".to_string(),
+                    "running" if rebuilding.is_some() => "rebuilding".to_string(),
                     _ => recorded,
                 };
                 let dead_letters: i64 =
@@ -87,10 +98,11 @@ pub fn status(config: &Config) -> Result<Vec<ProjectionStatus>> {
                     head,
                     lag: head.saturating_sub(checkpoint),
                     error: if state == "faulted" { projection_db::meta(&db, "error")? } else { None },
+                    rebuilding,
                     refused: projection_db::meta(&db, "refused")?
                         .and_then(|text| serde_json::from_str(&text).ok()),
                     retrying: match state.as_str() {
-                        "running" => projection_db::meta(&db, "retrying")?
+                        "running" | "rebuilding" => projection_db::meta(&db, "retrying")?
                             .and_then(|text| serde_json::from_str(&text).ok()),
                         _ => None,
                     },
@@ -184,7 +196,7 @@ fn log_head(data: &Path) -> Result<u64> {
 }
 
 /// Whether a `projector run` holds the data folder's lock.
-fn run_lock_held(data: &Path) -> bool {
+pub fn run_lock_held(data: &Path) -> bool {
     match File::open(lock_path(data)) {
         Ok(file) => file.try_lock_shared().is_err(),
         Err(_) => false,

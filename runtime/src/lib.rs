@@ -22,6 +22,7 @@ pub mod live;
 pub mod metrics;
 pub mod projection;
 pub mod projection_db;
+pub mod rebuild;
 pub mod remote;
 pub mod replay;
 pub mod supervisor;

@@ -109,6 +109,16 @@ enum Command {
         #[arg(long)]
         request: Option<String>,
     },
+    /// Rebuild a projection's state from the log with its module: into a
+    /// new database that takes over when caught up, while the old one keeps
+    /// serving. Asks a running `run` to do it, or does it here.
+    Rebuild {
+        /// The config file (projector.toml).
+        #[arg(long, short, default_value = "projector.toml")]
+        config: PathBuf,
+        /// The projection's name.
+        projection: String,
+    },
     /// List, retry or discard a projection's dead letters (works while
     /// `run` is running).
     DeadLetters {
@@ -259,6 +269,7 @@ fn execute(command: Command) -> Result<()> {
                 (_, None, None) => unreachable!("clap requires --sql or --request"),
             }
         }
+        Command::Rebuild { config, projection } => rebuild(&Config::load(&config)?, &projection),
         Command::DeadLetters { action } => match action {
             DeadLetterAction::List { target, projection } => match &target.url {
                 Some(url) => print(&Remote::new(url).get(&path(&projection, "/dead-letters"))?),
@@ -286,6 +297,43 @@ fn execute(command: Command) -> Result<()> {
             },
         },
     }
+}
+
+/// `projector rebuild`: by the running host if there is one, else here;
+/// with a progress bar on a terminal.
+fn rebuild(config: &Config, name: &str) -> Result<()> {
+    config.projection(name)?;
+    let before = config.database_path(name);
+    let bar = projector::replay::progress_bar(0);
+    let show = |position: u64, head: u64| {
+        if let Some(bar) = &bar {
+            bar.set_length(head);
+            bar.set_position(position);
+        }
+    };
+    if inspect::run_lock_held(&config.data) {
+        projector::rebuild::request(config, name)?;
+        eprintln!("rebuild: requested from the running host; waiting for it to take over");
+        while config.database_path(name) == before {
+            let status = inspect::status(config)?;
+            if let Some(s) = status.iter().find(|s| s.name == name)
+                && let Some(progress) = &s.rebuilding
+            {
+                show(progress["position"].as_u64().unwrap_or(0), progress["head"].as_u64().unwrap_or(0));
+            }
+            if !inspect::run_lock_held(&config.data) {
+                anyhow::bail!("the running host stopped before the rebuild took over");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    } else {
+        projector::rebuild::offline(config, name, show)?;
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let status = inspect::status(config)?.into_iter().find(|s| s.name == name);
+    print(&json!({ "rebuilt": name, "database": config.database_path(name), "status": status }))
 }
 
 fn run(config: &Config, config_path: &std::path::Path, listen: &str, max_body: usize) -> Result<()> {

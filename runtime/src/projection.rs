@@ -17,6 +17,7 @@ use crate::guest_host::GuestHost;
 use crate::instance::{Attempt, GuestInstance};
 use crate::live::LiveProjection;
 use crate::projection_db::{self, LOG_SOURCE};
+use crate::rebuild::{self, Rebuild};
 use anyhow::{Context as _, Result, bail};
 use rusqlite::Connection;
 use std::path::PathBuf;
@@ -81,6 +82,10 @@ const RETRY_BACKOFF_CAP: Duration = Duration::from_secs(5);
 pub struct ProjectionRunner {
     name: Arc<str>,
     engine: Arc<ProjectorEngine>,
+    spec: ProjectionSpec,
+    log: Arc<EventLog>,
+    rebuild: Option<Rebuild>,
+    last_rebuild_check: std::time::Instant,
     database: PathBuf,
     limits: Limits,
     updates: Option<std::sync::mpsc::Receiver<ModuleUpdate>>,
@@ -105,14 +110,26 @@ impl ProjectionRunner {
     pub fn start(
         engine: Arc<ProjectorEngine>,
         spec: &ProjectionSpec,
-        log: &EventLog,
+        log: &Arc<EventLog>,
+        stop: Arc<AtomicBool>,
+        live: Arc<LiveProjection>,
+    ) -> Result<Self> {
+        let module = engine
+            .load_file(&spec.module)
+            .with_context(|| format!("projection {}: cannot load its module", spec.name))?;
+        Self::start_with_module(engine, spec, module, log, stop, live)
+    }
+
+    /// [`ProjectionRunner::start`] with a module already loaded.
+    pub fn start_with_module(
+        engine: Arc<ProjectorEngine>,
+        spec: &ProjectionSpec,
+        module: LoadedModule,
+        log: &Arc<EventLog>,
         stop: Arc<AtomicBool>,
         live: Arc<LiveProjection>,
     ) -> Result<Self> {
         let name: Arc<str> = spec.name.as_str().into();
-        let module = engine
-            .load_file(&spec.module)
-            .with_context(|| format!("projection {name}: cannot load its module"))?;
         let db = projection_db::open(&spec.database)?;
         let checkpoint = projection_db::checkpoint(&db, LOG_SOURCE)?;
         let host = GuestHost::new(db, name.clone(), spec.limits)?;
@@ -130,6 +147,10 @@ impl ProjectionRunner {
         Ok(ProjectionRunner {
             name,
             engine,
+            spec: spec.clone(),
+            log: log.clone(),
+            rebuild: None,
+            last_rebuild_check: std::time::Instant::now(),
             database: spec.database.clone(),
             limits: spec.limits,
             updates: None,
@@ -196,16 +217,23 @@ impl ProjectionRunner {
                 tracing::info!(projection = &*self.name, checkpoint = self.checkpoint, "{state}");
             }
             self.take_updates()?;
+            self.tend_rebuild()?;
             if paused {
                 std::thread::sleep(POLL_INTERVAL);
             } else if self.step()? == Step::Idle {
                 self.reader.wait(POLL_INTERVAL);
             }
         }
+        if let Some(rebuild) = self.rebuild.take() {
+            rebuild.cancel();
+            projection_db::set_meta(self.db(), "rebuilding", None)?;
+        }
         Ok(())
     }
 
-    /// Process until the checkpoint reaches the log's head.
+    /// Process until the checkpoint reaches the log's head as it is now
+    /// (events appended meanwhile are left for later: under continuous
+    /// appends, "until idle" might never come).
     pub fn catch_up(&mut self) -> Result<()> {
         self.catch_up_with(|_, _| {})
     }
@@ -214,10 +242,23 @@ impl ProjectionRunner {
     /// after every batch.
     pub fn catch_up_with(&mut self, mut progress: impl FnMut(u64, u64)) -> Result<()> {
         let head = self.reader.head()?;
-        while !matches!(self.step()?, Step::Idle | Step::Stopped) {
+        while self.checkpoint < head && !self.stop.load(Ordering::Relaxed) {
+            if matches!(self.step()?, Step::Idle | Step::Stopped) {
+                break;
+            }
             progress(self.checkpoint, head.max(self.checkpoint));
         }
         Ok(())
+    }
+
+    /// Events in the log after the checkpoint.
+    pub fn behind(&self) -> Result<u64> {
+        Ok(self.reader.head()?.saturating_sub(self.checkpoint))
+    }
+
+    /// The batch size.
+    pub fn batch_size(&self) -> usize {
+        self.batch_size
     }
 
     /// Read one batch and apply it.
@@ -358,15 +399,22 @@ impl ProjectionRunner {
             Ok(version) => version,
             Err(err) => return self.refuse(&sha256, &path, &format!("{err:#}")),
         };
-        if found.as_deref() != Some(declared.to_string().as_str()) {
-            return self.refuse(
-                &sha256,
-                &path,
-                &format!(
-                    "it builds state version {declared} but the database holds version {};                      a rebuild from the log is needed",
-                    found.unwrap_or_default()
-                ),
+        if let Some(rebuild) = self.rebuild.take() {
+            tracing::info!(
+                projection = &*self.name,
+                "a newer module arrived: the rebuild under way is dropped"
             );
+            rebuild.cancel();
+            projection_db::set_meta(self.db(), "rebuilding", None)?;
+        }
+        if found.as_deref() != Some(declared.to_string().as_str()) {
+            tracing::info!(
+                projection = &*self.name,
+                module = %sha256,
+                "the module builds state version {declared}, the database holds {}: rebuilding from the log",
+                found.unwrap_or_default()
+            );
+            return self.start_rebuild(module);
         }
         // init runs on a connection of its own, so a module that fails it
         // leaves the running one untouched.
@@ -392,6 +440,93 @@ impl ProjectionRunner {
             "module swapped in"
         );
         Ok(())
+    }
+
+    /// Start building the next generation of the database with `module`,
+    /// in the background; the running module keeps processing.
+    pub fn start_rebuild(&mut self, module: LoadedModule) -> Result<()> {
+        let mut spec = self.spec.clone();
+        spec.database = rebuild::next_generation(&self.database, &self.name);
+        spec.module = module.path.clone();
+        let sha256 = module.sha256.clone();
+        let (engine, log) = (self.engine.clone(), self.log.clone());
+        // The module is loaded already; the rebuild thread instantiates it.
+        let rebuild = Rebuild::start_with(engine, spec, log, module);
+        tracing::info!(projection = &*self.name, module = %sha256, into = %rebuild.database.display(), "rebuild started");
+        self.rebuild = Some(rebuild);
+        self.report_rebuild()?;
+        Ok(())
+    }
+
+    /// Between batches: pick up a rebuild request, report a rebuild's
+    /// progress, and take over when it has caught up.
+    fn tend_rebuild(&mut self) -> Result<()> {
+        if self.last_rebuild_check.elapsed() < std::time::Duration::from_millis(100) {
+            return Ok(());
+        }
+        self.last_rebuild_check = std::time::Instant::now();
+        let dir = self.database.parent().map(std::path::Path::to_path_buf).unwrap_or_default();
+        let request = rebuild::request_path(&dir, &self.name);
+        if request.exists() {
+            let _ = std::fs::remove_file(&request);
+            if self.rebuild.is_none() {
+                tracing::info!(projection = &*self.name, "rebuild requested");
+                let module = self.instance.module().clone();
+                self.start_rebuild(module)?;
+            }
+        }
+        let Some(rebuild) = &self.rebuild else { return Ok(()) };
+        if !rebuild.is_finished() {
+            return self.report_rebuild();
+        }
+        let rebuild = self.rebuild.take().expect("checked");
+        let (database, module) = (rebuild.database.clone(), rebuild.module.clone());
+        let green = rebuild.finish().and_then(|mut green| {
+            // The events appended since, on this thread: the old module is
+            // not processing meanwhile, so nothing is handled twice.
+            green.catch_up()?;
+            Ok(green)
+        });
+        let mut green = match green {
+            Ok(green) => green,
+            Err(err) => {
+                rebuild::remove_database(&database);
+                projection_db::set_meta(self.db(), "rebuilding", None)?;
+                let path = self.spec.module.clone();
+                return self.refuse(&module, &path, &format!("the rebuild failed: {err:#}"));
+            }
+        };
+        rebuild::switch_to(&self.name, &database)?;
+        let old = std::mem::replace(&mut self.database, database);
+        std::mem::swap(&mut self.instance, &mut green.instance);
+        std::mem::swap(&mut self.reader, &mut green.reader);
+        self.checkpoint = green.checkpoint;
+        drop(green);
+        rebuild::remove_database(&old);
+        let db = self.db();
+        projection_db::set_meta(db, "state", Some("running"))?;
+        projection_db::set_meta(db, "rebuilding", None)?;
+        projection_db::set_meta(db, "refused", None)?;
+        self.live.set_module(self.instance.module().clone());
+        self.live.metrics.module_swaps.get_or_create(&crate::metrics::Metrics::label(&self.name)).inc();
+        tracing::info!(
+            projection = &*self.name,
+            module = %module,
+            checkpoint = self.checkpoint,
+            database = %self.database.display(),
+            "rebuild caught up and took over"
+        );
+        Ok(())
+    }
+
+    fn report_rebuild(&self) -> Result<()> {
+        let Some(rebuild) = &self.rebuild else { return Ok(()) };
+        let progress = serde_json::json!({
+            "module": rebuild.module,
+            "position": rebuild.position.load(Ordering::Relaxed),
+            "head": self.reader.head()?,
+        });
+        projection_db::set_meta(self.db(), "rebuilding", Some(&progress.to_string()))
     }
 
     /// Record that the module file at `path` was refused; the running

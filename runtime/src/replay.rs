@@ -64,7 +64,7 @@ pub fn replay(options: &ReplayOptions) -> Result<ReplayOutcome> {
         .with_context(|| format!("cannot read events file {origin}"))?;
     let events = cloudevents::parse_lines(&text, &origin)?;
     let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
-    let log = EventLog::open(dir.path())?;
+    let log = Arc::new(EventLog::open(dir.path())?);
     let appended = log.append(&options.stream, &events)?;
     let engine = Arc::new(ProjectorEngine::new(false)?);
     let spec = ProjectionSpec {

@@ -380,7 +380,7 @@ fn stop_projection(name: &str, running: Running, log: &EventLog) {
 fn run_projection(
     engine: Arc<ProjectorEngine>,
     spec: &ProjectionSpec,
-    log: &EventLog,
+    log: &Arc<EventLog>,
     stop: Arc<AtomicBool>,
     live: Arc<LiveProjection>,
     updates: Receiver<ModuleUpdate>,
