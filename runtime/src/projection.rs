@@ -51,6 +51,15 @@ pub enum ModuleUpdate {
     /// A module file changed and its new contents compiled, linked and
     /// implement the world: swap it in.
     Ready(LoadedModule),
+    /// The same, prepared off the projection's thread: an instance over a
+    /// connection of its own to `database`, its `init` already run, so the
+    /// swap itself is only a hand-over.
+    Prepared {
+        /// The new module's instance.
+        instance: Arc<std::sync::Mutex<Option<GuestInstance>>>,
+        /// The database it was prepared over.
+        database: PathBuf,
+    },
     /// A module file changed but cannot be used; the running module stays.
     Refused {
         /// sha256 of the refused file.
@@ -60,6 +69,50 @@ pub enum ModuleUpdate {
         /// Why.
         reason: String,
     },
+}
+
+/// Prepare `module` for the projection `name` over `database`, off the
+/// projection's thread: check the state version it declares, and if it is
+/// the one the database holds, make its instance and run its `init` on a
+/// connection of its own. A module with another state version is handed
+/// over as is (the projection's thread starts a rebuild).
+pub fn prepare_update(
+    engine: &Arc<ProjectorEngine>,
+    name: &str,
+    database: &std::path::Path,
+    limits: Limits,
+    module: LoadedModule,
+) -> ModuleUpdate {
+    let refused = |reason: String| ModuleUpdate::Refused {
+        sha256: module.sha256.clone(),
+        path: module.path.clone(),
+        reason,
+    };
+    let declared = GuestHost::new(
+        rusqlite::Connection::open_in_memory().expect("an in-memory database"),
+        name.into(),
+        limits,
+    )
+    .and_then(|host| GuestInstance::reader(engine.clone(), module.clone(), host))
+    .and_then(|mut probe| probe.state_version());
+    let declared = match declared {
+        Ok(version) => version,
+        Err(err) => return refused(format!("{err:#}")),
+    };
+    let Ok(db) = projection_db::open(database) else { return ModuleUpdate::Ready(module) };
+    match projection_db::meta(&db, "state_version") {
+        Ok(Some(found)) if found == declared.to_string() => {}
+        _ => return ModuleUpdate::Ready(module),
+    }
+    match GuestHost::new(db, name.into(), limits)
+        .and_then(|host| GuestInstance::new(engine.clone(), module.clone(), host))
+    {
+        Ok(instance) => ModuleUpdate::Prepared {
+            instance: Arc::new(std::sync::Mutex::new(Some(instance))),
+            database: database.to_path_buf(),
+        },
+        Err(err) => refused(format!("{err:#}")),
+    }
 }
 
 /// What one step of the loop did.
@@ -374,6 +427,27 @@ impl ProjectionRunner {
             };
             match update {
                 ModuleUpdate::Ready(module) => self.swap(module)?,
+                ModuleUpdate::Prepared { instance, database } => {
+                    let Some(instance) = instance.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+                        continue;
+                    };
+                    if let Some(rebuild) = self.rebuild.take() {
+                        tracing::info!(
+                            projection = &*self.name,
+                            "a newer module arrived: the rebuild under way is dropped"
+                        );
+                        rebuild.cancel();
+                        projection_db::set_meta(self.db(), "rebuilding", None)?;
+                    }
+                    if database == self.database {
+                        self.install(instance, std::time::Instant::now())?;
+                    } else {
+                        // A rebuild took over meanwhile: prepare again here.
+                        let module = instance.module().clone();
+                        drop(instance);
+                        self.swap(module)?;
+                    }
+                }
                 ModuleUpdate::Refused { sha256, path, reason } => self.refuse(&sha256, &path, &reason)?,
             }
         }
@@ -425,11 +499,26 @@ impl ProjectionRunner {
             Ok(instance) => instance,
             Err(err) => return self.refuse(&sha256, &path, &format!("{err:#}")),
         };
-        self.instance = instance;
-        let db = self.db();
-        projection_db::set_meta(db, "module", Some(&sha256))?;
-        projection_db::set_meta(db, "module_path", Some(&path.to_string_lossy()))?;
-        projection_db::set_meta(db, "refused", None)?;
+        self.install(instance, started)
+    }
+
+    /// Put `instance` (of a new module, over this database, `init` run) in
+    /// place of the running one, and record it.
+    fn install(&mut self, instance: GuestInstance, started: std::time::Instant) -> Result<()> {
+        let old = std::mem::replace(&mut self.instance, instance);
+        // Tearing the old instance down (its memory, its connection) is not
+        // the processing thread's work.
+        std::thread::spawn(move || drop(old));
+        let module = self.instance.module().clone();
+        projection_db::set_metas(
+            self.db(),
+            &[
+                ("module", Some(&module.sha256)),
+                ("module_path", Some(&module.path.to_string_lossy())),
+                ("refused", None),
+            ],
+        )?;
+        let sha256 = module.sha256.clone();
         self.live.set_module(module);
         self.live.metrics.module_swaps.get_or_create(&crate::metrics::Metrics::label(&self.name)).inc();
         tracing::info!(

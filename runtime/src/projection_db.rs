@@ -126,6 +126,22 @@ pub fn set_meta(db: &Connection, key: &str, value: Option<&str>) -> Result<()> {
     Ok(())
 }
 
+/// Set several metadata values in one transaction.
+pub fn set_metas(db: &Connection, values: &[(&str, Option<&str>)]) -> Result<()> {
+    db.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+    let written = values.iter().try_for_each(|(key, value)| set_meta(db, key, *value));
+    match written {
+        Ok(()) => {
+            db.prepare_cached("COMMIT")?.execute([])?;
+            Ok(())
+        }
+        Err(err) => {
+            let _ = db.execute_batch("ROLLBACK");
+            Err(err)
+        }
+    }
+}
+
 /// Park `event` as a dead letter; call inside the transaction that moves
 /// the checkpoint past it.
 pub fn park(

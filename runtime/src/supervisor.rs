@@ -18,7 +18,7 @@ use crate::engine::ProjectorEngine;
 use crate::event_log::{EventLog, Filter};
 use crate::live::LiveProjection;
 use crate::metrics::Metrics;
-use crate::projection::{ModuleUpdate, ProjectionRunner, ProjectionSpec};
+use crate::projection::{ModuleUpdate, ProjectionRunner, ProjectionSpec, prepare_update};
 use crate::projection_db;
 use anyhow::{Context as _, Result};
 use notify_debouncer_full::notify::RecursiveMode;
@@ -34,7 +34,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 /// How long the watcher waits for a burst of writes to settle.
-pub const WATCH_DEBOUNCE: Duration = Duration::from_millis(50);
+pub const WATCH_DEBOUNCE: Duration = Duration::from_millis(30);
 
 /// The running set as the HTTP API sees it: the config now in force and
 /// each running projection's shared state.
@@ -299,14 +299,23 @@ impl ControlState {
             return;
         }
         self.seen.insert(path.to_path_buf(), sha256.clone());
-        let update = match self.engine.load_bytes(&bytes, path) {
-            Ok(module) => ModuleUpdate::Ready(module),
-            Err(err) => {
-                ModuleUpdate::Refused { sha256, path: path.to_path_buf(), reason: format!("{err:#}") }
-            }
-        };
-        for running in self.running.values().filter(|r| absolute(&r.config.module) == path) {
-            let _ = running.updates.send(update.clone());
+        let loaded = self.engine.load_bytes(&bytes, path);
+        for (name, running) in self.running.iter().filter(|(_, r)| absolute(&r.config.module) == path) {
+            let update = match &loaded {
+                Ok(module) => prepare_update(
+                    &self.engine,
+                    name,
+                    &self.config.database_path(name),
+                    self.config.limits(&running.config),
+                    module.clone(),
+                ),
+                Err(err) => ModuleUpdate::Refused {
+                    sha256: sha256.clone(),
+                    path: path.to_path_buf(),
+                    reason: format!("{err:#}"),
+                },
+            };
+            let _ = running.updates.send(update);
         }
         // Wake idle projections so they take the update now.
         self.log.wake();
