@@ -30,22 +30,23 @@ fn rename_over(path: &Path, bytes: &[u8]) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
-/// Appends 20 events every few milliseconds over HTTP until stopped.
-fn appender(base: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
+/// Appends events over HTTP, `per_post` at a time every few milliseconds,
+/// until stopped; returns every line sent.
+fn appender(base: String, stop: Arc<AtomicBool>, per_post: usize) -> std::thread::JoinHandle<Vec<String>> {
     std::thread::spawn(move || {
         let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
-        let mut sent = 0u64;
+        let mut sent = Vec::new();
         while !stop.load(Ordering::Relaxed) {
             let lines: Vec<String> =
-                (0..20).map(|i| cloud_event(&format!("e{sent}-{i}"), "t", json!(i))).collect();
+                (0..per_post).map(|i| cloud_event(&format!("g{}-{i}", sent.len()), "t", json!(i))).collect();
             let response = agent
                 .post(&format!("{base}/streams/s/events"))
                 .header("content-type", "application/x-ndjson")
                 .send(lines.join("\n").as_str())
                 .unwrap();
             assert_eq!(response.status().as_u16(), 200);
-            sent += 20;
-            std::thread::sleep(Duration::from_millis(3));
+            sent.extend(lines);
+            std::thread::sleep(Duration::from_millis(4));
         }
         sent
     })
@@ -73,7 +74,7 @@ fn swaps_under_continuous_appends_handle_every_event_exactly_once() {
     let (ws, module) = swap_workspace(1);
     let host = ws.start();
     let stop = Arc::new(AtomicBool::new(false));
-    let appending = appender(host.url(), stop.clone());
+    let appending = appender(host.url(), stop.clone(), 20);
     let sequence = [2, 1, 2, 1, 2, 1, 2];
     for (i, version) in sequence.iter().enumerate() {
         std::thread::sleep(Duration::from_millis(150));
@@ -92,7 +93,7 @@ fn swaps_under_continuous_appends_handle_every_event_exactly_once() {
         });
     }
     stop.store(true, Ordering::Relaxed);
-    let sent = appending.join().unwrap();
+    let sent = appending.join().unwrap().len() as u64;
     ws.wait_caught_up(sent, WAIT);
 
     let counts = ws.query("swap", "SELECT count(*) AS n, count(DISTINCT position) AS d, min(position) AS lo, max(position) AS hi FROM handled");
@@ -261,27 +262,6 @@ fn a_restart_with_unchanged_modules_compiles_nothing() {
     assert!(!logs.contains("module compiled and cached"), "{logs}");
 }
 
-/// Appends numbered events over HTTP until stopped; returns every line sent.
-fn recorded_appender(base: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Vec<String>> {
-    std::thread::spawn(move || {
-        let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
-        let mut sent = Vec::new();
-        while !stop.load(Ordering::Relaxed) {
-            let lines: Vec<String> =
-                (0..50).map(|i| cloud_event(&format!("g{}-{i}", sent.len()), "t", json!(i))).collect();
-            let response = agent
-                .post(&format!("{base}/streams/s/events"))
-                .header("content-type", "application/x-ndjson")
-                .send(lines.join("\n").as_str())
-                .unwrap();
-            assert_eq!(response.status().as_u16(), 200);
-            sent.extend(lines);
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        sent
-    })
-}
-
 #[test]
 fn a_state_version_change_rebuilds_blue_green_and_readers_never_see_half_a_state() {
     let (ws, module) = swap_workspace(1);
@@ -294,7 +274,7 @@ fn a_state_version_change_rebuilds_blue_green_and_readers_never_see_half_a_state
     ws.wait_caught_up(40_000, WAIT);
 
     let stop = Arc::new(AtomicBool::new(false));
-    let appending = recorded_appender(base.clone(), stop.clone());
+    let appending = appender(base.clone(), stop.clone(), 50);
     // A reader over HTTP: every state it sees is complete (one row per
     // event up to its checkpoint) and never goes back.
     let reading = {

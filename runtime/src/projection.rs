@@ -431,14 +431,7 @@ impl ProjectionRunner {
                     let Some(instance) = instance.lock().unwrap_or_else(|e| e.into_inner()).take() else {
                         continue;
                     };
-                    if let Some(rebuild) = self.rebuild.take() {
-                        tracing::info!(
-                            projection = &*self.name,
-                            "a newer module arrived: the rebuild under way is dropped"
-                        );
-                        rebuild.cancel();
-                        projection_db::set_meta(self.db(), "rebuilding", None)?;
-                    }
+                    self.drop_rebuild()?;
                     if database == self.database {
                         self.install(instance, std::time::Instant::now())?;
                     } else {
@@ -473,14 +466,7 @@ impl ProjectionRunner {
             Ok(version) => version,
             Err(err) => return self.refuse(&sha256, &path, &format!("{err:#}")),
         };
-        if let Some(rebuild) = self.rebuild.take() {
-            tracing::info!(
-                projection = &*self.name,
-                "a newer module arrived: the rebuild under way is dropped"
-            );
-            rebuild.cancel();
-            projection_db::set_meta(self.db(), "rebuilding", None)?;
-        }
+        self.drop_rebuild()?;
         if found.as_deref() != Some(declared.to_string().as_str()) {
             tracing::info!(
                 projection = &*self.name,
@@ -528,6 +514,19 @@ impl ProjectionRunner {
             pause_micros = started.elapsed().as_micros() as u64,
             "module swapped in"
         );
+        Ok(())
+    }
+
+    /// A newer module arrived: the rebuild under way (if any) is dropped.
+    fn drop_rebuild(&mut self) -> Result<()> {
+        if let Some(rebuild) = self.rebuild.take() {
+            tracing::info!(
+                projection = &*self.name,
+                "a newer module arrived: the rebuild under way is dropped"
+            );
+            rebuild.cancel();
+            projection_db::set_meta(self.db(), "rebuilding", None)?;
+        }
         Ok(())
     }
 
