@@ -234,7 +234,7 @@ fn a_log_flood_is_cut_and_counted_and_the_event_still_applies() {
 #[test]
 fn a_retry_is_backed_off_shown_in_status_and_then_applied_once() {
     let mut s = Scenario::start("");
-    let head = s.append("retry", &[("h-retry", json!(6))]);
+    let head = s.append("retry", &[("h-retry", json!(8))]);
     wait_until(WAIT, "the retry to show in status", || s.ws.status_of("hostile").get("retrying").is_some());
     let retrying = s.ws.status_of("hostile")["retrying"].clone();
     assert!(retrying["reason"].as_str().unwrap().starts_with("not yet: call"), "{retrying}");
