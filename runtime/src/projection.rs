@@ -1,7 +1,8 @@
 //! [`ProjectionRunner`]: one projection's processing loop.
 //!
 //! 1. read the next batch after the checkpoint (types it does not subscribe
-//!    to are skipped in the read);
+//!    to are skipped in the read; while a full batch is applied, the next one
+//!    is read ahead on a thread of its own);
 //! 2. `BEGIN`; `handle(batch)`; write the new checkpoint; `COMMIT` — so the
 //!    effect on state is exactly once, whatever the source redelivers;
 //! 3. on `retry`: roll back, back off, try again (shown in status); on
@@ -16,6 +17,7 @@ use crate::event_log::{EventLog, Filter, LogReader, POLL_INTERVAL};
 use crate::guest_host::GuestHost;
 use crate::instance::{Attempt, GuestInstance};
 use crate::live::LiveProjection;
+use crate::prefetch::Prefetcher;
 use crate::projection_db::{self, LOG_SOURCE};
 use crate::rebuild::{self, Rebuild};
 use anyhow::{Context as _, Result, bail};
@@ -144,6 +146,7 @@ pub struct ProjectionRunner {
     updates: Option<std::sync::mpsc::Receiver<ModuleUpdate>>,
     instance: GuestInstance,
     reader: LogReader,
+    prefetch: Prefetcher,
     filter: Filter,
     batch_size: usize,
     policy: FailurePolicy,
@@ -209,6 +212,7 @@ impl ProjectionRunner {
             updates: None,
             instance,
             reader: log.reader()?,
+            prefetch: Prefetcher::start(log, spec.filter.clone(), spec.batch_size, &spec.name)?,
             filter: spec.filter.clone(),
             batch_size: spec.batch_size,
             policy: spec.policy,
@@ -316,7 +320,14 @@ impl ProjectionRunner {
 
     /// Read one batch and apply it.
     pub fn step(&mut self) -> Result<Step> {
-        let batch = self.reader.read_after(self.checkpoint, &self.filter, self.batch_size)?;
+        let batch = match self.prefetch.take(self.checkpoint) {
+            Some(batch) => batch?,
+            None => self.reader.read_after(self.checkpoint, &self.filter, self.batch_size)?,
+        };
+        if batch.events.len() == self.batch_size {
+            // A full batch: more is waiting. Read it while this one is applied.
+            self.prefetch.request(batch.scanned_to);
+        }
         if batch.scanned_to == self.checkpoint {
             return Ok(Step::Idle);
         }
