@@ -154,6 +154,10 @@ pub struct ProjectionRunner {
     stop: Arc<AtomicBool>,
     live: Arc<LiveProjection>,
     retrying: bool,
+    /// Status a swap changed (`module`, …), written with the next commit so
+    /// the swap itself writes nothing: a commit of its own could meet a WAL
+    /// checkpoint and hold processing up for milliseconds.
+    unwritten: Vec<(&'static str, Option<String>)>,
     handled: u64,
     parked: u64,
 }
@@ -220,6 +224,7 @@ impl ProjectionRunner {
             stop,
             live,
             retrying: false,
+            unwritten: Vec::new(),
             handled: 0,
             parked: 0,
         })
@@ -285,6 +290,17 @@ impl ProjectionRunner {
             rebuild.cancel();
             projection_db::set_meta(self.db(), "rebuilding", None)?;
         }
+        self.write_unwritten()
+    }
+
+    /// Write the status a swap changed now, in a transaction of its own.
+    fn write_unwritten(&mut self) -> Result<()> {
+        if !self.unwritten.is_empty() {
+            let values: Vec<(&str, Option<&str>)> =
+                self.unwritten.iter().map(|(key, value)| (*key, value.as_deref())).collect();
+            projection_db::set_metas(self.db(), &values)?;
+            self.unwritten.clear();
+        }
         Ok(())
     }
 
@@ -329,9 +345,12 @@ impl ProjectionRunner {
             self.prefetch.request(batch.scanned_to);
         }
         if batch.scanned_to == self.checkpoint {
+            // Nothing to process, so nothing waits on this write.
+            self.write_unwritten()?;
             return Ok(Step::Idle);
         }
         if batch.events.is_empty() {
+            self.write_unwritten()?;
             // Only events of other streams or types: move past them.
             projection_db::set_checkpoint(self.db(), LOG_SOURCE, batch.scanned_to)?;
             self.checkpoint = batch.scanned_to;
@@ -350,7 +369,11 @@ impl ProjectionRunner {
         loop {
             attempts += 1;
             let started = std::time::Instant::now();
+            let unwritten = &self.unwritten;
             let attempt = self.instance.handle_in_transaction(events, |db| {
+                for (key, value) in unwritten {
+                    projection_db::set_meta(db, key, value.as_deref())?;
+                }
                 projection_db::set_checkpoint(db, LOG_SOURCE, checkpoint_after)
             })?;
             let metrics = &self.live.metrics;
@@ -371,6 +394,7 @@ impl ProjectionRunner {
             }
             let reason = match attempt {
                 Attempt::Committed => {
+                    self.unwritten.clear();
                     self.checkpoint = checkpoint_after;
                     self.handled += events.len() as u64;
                     if std::mem::take(&mut self.retrying) {
@@ -507,14 +531,12 @@ impl ProjectionRunner {
         // the processing thread's work.
         std::thread::spawn(move || drop(old));
         let module = self.instance.module().clone();
-        projection_db::set_metas(
-            self.db(),
-            &[
-                ("module", Some(&module.sha256)),
-                ("module_path", Some(&module.path.to_string_lossy())),
-                ("refused", None),
-            ],
-        )?;
+        self.unwritten.retain(|(key, _)| !matches!(*key, "module" | "module_path" | "refused"));
+        self.unwritten.extend([
+            ("module", Some(module.sha256.clone())),
+            ("module_path", Some(module.path.to_string_lossy().into_owned())),
+            ("refused", None),
+        ]);
         let sha256 = module.sha256.clone();
         self.live.set_module(module);
         self.live.metrics.module_swaps.get_or_create(&crate::metrics::Metrics::label(&self.name)).inc();
@@ -600,6 +622,8 @@ impl ProjectionRunner {
         std::mem::swap(&mut self.instance, &mut green.instance);
         std::mem::swap(&mut self.reader, &mut green.reader);
         self.checkpoint = green.checkpoint;
+        // The green database holds its own module's status.
+        self.unwritten.clear();
         drop(green);
         rebuild::remove_database(&old);
         let db = self.db();
@@ -637,6 +661,7 @@ impl ProjectionRunner {
             sha256,
             "module refused, the running module stays: {reason}"
         );
+        self.unwritten.retain(|(key, _)| *key != "refused");
         let refused = serde_json::json!({ "module": sha256, "path": path, "reason": reason });
         projection_db::set_meta(self.db(), "refused", Some(&refused.to_string()))?;
         self.live.set_last_error(Some(format!("module {} refused: {reason}", path.display())));
@@ -648,9 +673,13 @@ impl ProjectionRunner {
         let module = self.instance.module().sha256.clone();
         let db = self.db();
         db.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+        for (key, value) in &self.unwritten {
+            projection_db::set_meta(db, key, value.as_deref())?;
+        }
         projection_db::park(db, LOG_SOURCE, event, reason, &module, attempts)?;
         projection_db::set_checkpoint(db, LOG_SOURCE, checkpoint_after)?;
         db.prepare_cached("COMMIT")?.execute([])?;
+        self.unwritten.clear();
         self.checkpoint = checkpoint_after;
         self.parked += 1;
         tracing::warn!(
