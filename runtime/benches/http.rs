@@ -78,10 +78,12 @@ fn readers(
 fn report(what: &str, mut latencies: Vec<Duration>) {
     latencies.sort();
     println!(
-        "  {what}: {} queries, p50 {:.3} ms, p99 {:.3} ms",
+        "  {what}: {} queries, p50 {:.3} ms, p90 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
         latencies.len(),
         percentile(&latencies, 0.50).as_secs_f64() * 1e3,
-        percentile(&latencies, 0.99).as_secs_f64() * 1e3
+        percentile(&latencies, 0.90).as_secs_f64() * 1e3,
+        percentile(&latencies, 0.99).as_secs_f64() * 1e3,
+        latencies.last().map_or(0.0, |l| l.as_secs_f64() * 1e3)
     );
 }
 
@@ -158,12 +160,16 @@ fn main() {
         ws.wait_caught_up(n as u64 + 10, Duration::from_secs(600));
         let rate = n as f64 / start.elapsed().as_secs_f64();
         stop.store(true, Ordering::Relaxed);
-        let answered: usize = running.into_iter().map(|r| r.join().unwrap().len()).sum();
+        let latencies: Vec<Duration> = running.into_iter().flat_map(|r| r.join().unwrap()).collect();
+        let answered = latencies.len();
         let label = match pace {
             Some(0) => "no readers".to_string(),
             Some(q) => format!("{READERS} paced readers at {q}/s ({answered} queries)"),
             None => format!("{READERS} saturating readers ({answered} queries)"),
         };
         println!("  processing a filled log, {label}: {rate:.0} events/s");
+        if pace == Some(qps) {
+            report("query latency, paced, while a filled log is processed", latencies);
+        }
     }
 }
