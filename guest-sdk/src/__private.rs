@@ -9,6 +9,9 @@ pub mod bindings {
     wit_bindgen::generate!({
         path: "wit",
         world: "projection",
+        // Import parameters borrow the guest's values: no copy of a string
+        // or blob just to hand it to the host.
+        ownership: Borrowing { duplicate_if_necessary: true },
         pub_export_macro: true,
         export_macro_name: "__export_projection",
         default_bindings_module: "::projector_sdk::__private::bindings",
@@ -61,26 +64,26 @@ impl Backend for WasmBackend {
     }
 }
 
-fn to_wit_values(params: &[Value]) -> Vec<sql::Value> {
+fn to_wit_values(params: &[Value]) -> Vec<sql::ValueParam<'_>> {
     params
         .iter()
         .map(|value| match value {
-            Value::Null => sql::Value::Null,
-            Value::Integer(n) => sql::Value::Integer(*n),
-            Value::Real(x) => sql::Value::Real(*x),
-            Value::Text(s) => sql::Value::Text(s.clone()),
-            Value::Blob(b) => sql::Value::Blob(b.clone()),
+            Value::Null => sql::ValueParam::Null,
+            Value::Integer(n) => sql::ValueParam::Integer(*n),
+            Value::Real(x) => sql::ValueParam::Real(*x),
+            Value::Text(s) => sql::ValueParam::Text(s),
+            Value::Blob(b) => sql::ValueParam::Blob(b),
         })
         .collect()
 }
 
-fn from_wit_value(value: sql::Value) -> Value {
+fn from_wit_value(value: sql::ValueResult) -> Value {
     match value {
-        sql::Value::Null => Value::Null,
-        sql::Value::Integer(n) => Value::Integer(n),
-        sql::Value::Real(x) => Value::Real(x),
-        sql::Value::Text(s) => Value::Text(s),
-        sql::Value::Blob(b) => Value::Blob(b),
+        sql::ValueResult::Null => Value::Null,
+        sql::ValueResult::Integer(n) => Value::Integer(n),
+        sql::ValueResult::Real(x) => Value::Real(x),
+        sql::ValueResult::Text(s) => Value::Text(s),
+        sql::ValueResult::Blob(b) => Value::Blob(b),
     }
 }
 
