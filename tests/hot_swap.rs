@@ -371,3 +371,64 @@ fn projector_rebuild_works_against_a_running_host_and_offline() {
     let err = run_err(&["rebuild", "--config", &ws.config_str(), "nope"]);
     assert!(err.contains("no projection named \"nope\""), "{err}");
 }
+
+#[test]
+fn a_restart_with_a_module_of_another_state_version_rebuilds_before_processing() {
+    let (ws, module) = swap_workspace(1);
+    let events: Vec<String> = (0..5_000).map(|i| cloud_event(&format!("v{i}"), "t", json!(i))).collect();
+    ws.append("s", &ws.write_events("events.jsonl", &events));
+    let host = ws.start();
+    ws.wait_caught_up(5_000, WAIT);
+    assert!(host.terminate().success());
+
+    // The module file now builds state version 2 (v3); the database holds 1.
+    let v3 = module_bytes(3);
+    rename_over(&module, &v3);
+    let host = ws.start();
+    wait_until(WAIT, "v3 to take over", || {
+        let status = ws.status_of("swap");
+        status["module"] == sha(&v3).as_str() && status["state"] == "running" && status["lag"] == 0
+    });
+    let versions = versions_seen(&ws);
+    assert_eq!(versions.len(), 5_000, "every event applied once, by the new module");
+    assert!(versions.iter().all(|v| *v == 3), "the state was rebuilt from the log with v3");
+    let logs = host.logs();
+    assert!(logs.contains("rebuilding from the log before processing"), "{logs}");
+    assert!(logs.contains("rebuild caught up and took over"), "{logs}");
+    assert!(!ws.data().join("projections/swap.db").exists(), "the old database is removed");
+    assert_eq!(std::fs::read_to_string(ws.data().join("projections/swap.current")).unwrap(), "swap.1.db");
+
+    // And it keeps processing.
+    let more: Vec<String> = (0..10).map(|i| cloud_event(&format!("w{i}"), "t", json!(i))).collect();
+    ws.append("s", &ws.write_events("more.jsonl", &more));
+    ws.wait_caught_up(5_010, WAIT);
+}
+
+#[test]
+fn a_faulted_projection_restarts_when_a_fixed_module_arrives() {
+    let ws = Workspace::new();
+    let module = ws.path("module.wasm");
+    std::fs::write(&module, std::fs::read(guest("event_recorder")).unwrap()).unwrap();
+    let config = format!(
+        "version = 1\ndata = \"data\"\n\n[[projection]]\nname = \"swap\"\nmodule = {:?}\n\
+         streams = [\"s\"]\non_failure = \"halt\"\n",
+        module.to_string_lossy()
+    );
+    std::fs::write(ws.config(), config).unwrap();
+    let events = [cloud_event("ok-1", "t", json!(1)), cloud_event("bad", "poison", json!(2))];
+    ws.append("s", &ws.write_events("events.jsonl", &events));
+    let host = ws.start();
+    wait_until(WAIT, "the projection to halt on the poison event", || {
+        ws.status_of("swap")["state"] == "faulted"
+    });
+    assert_eq!(ws.status_of("swap")["checkpoint"], 1);
+
+    // A module that can apply it: the projection starts again and catches up.
+    // (v3 builds another state version: it rebuilds from the log, poison and all.)
+    let fixed = module_bytes(3);
+    rename_over(&module, &fixed);
+    ws.wait_caught_up(2, WAIT);
+    let status = ws.status_of("swap");
+    assert_eq!((&status["state"], &status["module"]), (&json!("running"), &json!(sha(&fixed))), "{status}");
+    assert!(host.logs().contains("restarting the faulted projection with the new module"));
+}

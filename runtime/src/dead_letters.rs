@@ -12,6 +12,12 @@ use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
 use std::sync::Arc;
 
+/// A dead letter a retry chose was retried or discarded by someone else
+/// before the retry's transaction began.
+#[derive(Debug, thiserror::Error)]
+#[error("the dead letter was retried or discarded meanwhile")]
+struct TakenMeanwhile;
+
 /// Which dead letters to act on.
 #[derive(Debug, Clone)]
 pub enum Selection {
@@ -67,9 +73,22 @@ pub fn retry(config: &Config, name: &str, selection: &Selection) -> Result<Retry
     let db = projection_db::open(&config.database_path(name))?;
     let mut instance = GuestInstance::new(engine, module, GuestHost::new(db, name.into(), limits)?)?;
     for letter in chosen {
-        let attempt = instance.handle_in_transaction(&[letter.event()], |db| {
-            projection_db::remove_dead_letter(db, LOG_SOURCE, letter.position)
-        })?;
+        // The selection was read before this transaction: a concurrent
+        // retry or discard may have taken the letter since. Then nothing of
+        // this attempt may stay, or the event would be applied twice.
+        let attempt =
+            instance.handle_in_transaction(&[letter.event()], |db| match projection_db::remove_dead_letter(
+                db,
+                LOG_SOURCE,
+                letter.position,
+            )? {
+                true => Ok(()),
+                false => Err(anyhow::Error::new(TakenMeanwhile)),
+            });
+        let attempt = match attempt {
+            Err(err) if err.downcast_ref::<TakenMeanwhile>().is_some() => continue,
+            attempt => attempt?,
+        };
         let reason = match attempt {
             Attempt::Committed => {
                 outcome.resolved.push(letter.id);
@@ -90,9 +109,15 @@ pub fn retry(config: &Config, name: &str, selection: &Selection) -> Result<Retry
 pub fn discard(config: &Config, name: &str, ids: &[String]) -> Result<usize> {
     let chosen = select(config, name, &Selection::Ids(ids.to_vec()))?;
     let mut db = projection_db::open(&config.database_path(name))?;
-    let tx = db.transaction()?;
+    let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     for letter in &chosen {
-        projection_db::remove_dead_letter(&tx, LOG_SOURCE, letter.position)?;
+        if !projection_db::remove_dead_letter(&tx, LOG_SOURCE, letter.position)? {
+            bail!(
+                "projection {name:?}: the dead letter {} was retried or discarded meanwhile; \
+                 nothing was discarded",
+                letter.id
+            );
+        }
     }
     tx.commit()?;
     Ok(chosen.len())

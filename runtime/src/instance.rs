@@ -112,8 +112,17 @@ impl GuestInstance {
         before_commit: impl FnOnce(&Connection) -> Result<()>,
     ) -> Result<Attempt> {
         let limits = *self.store.data().limits();
+        if let Err(err) = self.db().prepare_cached("BEGIN IMMEDIATE")?.execute([]) {
+            // Another writer (a dead-letter retry from another process)
+            // held the database past the busy timeout: try again later.
+            if err.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) {
+                return Ok(Attempt::Failed(Failure::Retry(format!(
+                    "the projection's database is busy (another writer holds it): {err}"
+                ))));
+            }
+            return Err(err.into());
+        }
         limits.arm(&mut self.store, self.engine.fuel_enabled())?;
-        self.db().prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
         self.store.data_mut().set_batch(events);
         let result = self.guest.call_handle(&mut self.store, events);
         let dropped = self.store.data_mut().take_log_dropped();
@@ -148,10 +157,13 @@ impl GuestInstance {
                         .context(format!("projection {}: the host failed", self.store.data().projection())));
                 }
                 let reason = limits.describe_trap(trap);
+                let (event_id, correlation_id) = single_event_ids(events);
                 tracing::warn!(
                     projection = self.store.data().projection(),
                     first_position = events.first().map_or(0, |e| e.position),
                     events = events.len(),
+                    event_id,
+                    correlation_id,
                     "{reason}; making a fresh instance"
                 );
                 self.remake()?;
@@ -174,6 +186,16 @@ impl GuestInstance {
         self.store = store;
         self.guest = guest;
         Ok(())
+    }
+}
+
+/// The event id and correlation id a log line about `events` carries: those
+/// of the event when there is one (a split has narrowed a failure down to
+/// it), else empty.
+pub fn single_event_ids(events: &[Event]) -> (&str, &str) {
+    match events {
+        [event] => (&event.id, event.correlation_id.as_deref().unwrap_or("")),
+        _ => ("", ""),
     }
 }
 

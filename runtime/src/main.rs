@@ -316,10 +316,21 @@ fn rebuild(config: &Config, name: &str) -> Result<()> {
         eprintln!("rebuild: requested from the running host; waiting for it to take over");
         while config.database_path(name) == before {
             let status = inspect::status(config)?;
-            if let Some(s) = status.iter().find(|s| s.name == name)
-                && let Some(progress) = &s.rebuilding
-            {
-                show(progress["position"].as_u64().unwrap_or(0), progress["head"].as_u64().unwrap_or(0));
+            if let Some(s) = status.iter().find(|s| s.name == name) {
+                if let Some(progress) = &s.rebuilding {
+                    show(progress["position"].as_u64().unwrap_or(0), progress["head"].as_u64().unwrap_or(0));
+                }
+                if s.state == "faulted" {
+                    anyhow::bail!(
+                        "projection {name} is faulted, so the running host cannot rebuild it: {}",
+                        s.error.as_deref().unwrap_or("no reason recorded")
+                    );
+                }
+                if let Some(reason) = s.refused.as_ref().and_then(|r| r["reason"].as_str())
+                    && reason.starts_with("the rebuild failed")
+                {
+                    anyhow::bail!("projection {name}: {reason}");
+                }
             }
             if !inspect::run_lock_held(&config.data) {
                 anyhow::bail!("the running host stopped before the rebuild took over");
@@ -355,8 +366,13 @@ fn run(config: &Config, config_path: &std::path::Path, listen: &str, max_body: u
         supervisor.metrics().clone(),
         max_body,
     ));
-    std::fs::write(config.data.join("listen.addr"), address.to_string())
-        .with_context(|| format!("cannot write {}", config.data.join("listen.addr").display()))?;
+    // Written whole then renamed into place: whoever polls for the file
+    // (a script, the tests) never reads it empty or half written.
+    let addr_file = config.data.join("listen.addr");
+    let partial = config.data.join("listen.addr.partial");
+    std::fs::write(&partial, address.to_string())
+        .and_then(|()| std::fs::rename(&partial, &addr_file))
+        .with_context(|| format!("cannot write {}", addr_file.display()))?;
     tracing::info!(
         projections = config.projections.len(),
         data = %config.data.display(),

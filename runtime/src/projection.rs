@@ -73,6 +73,18 @@ pub enum ModuleUpdate {
     },
 }
 
+/// The state version `module` declares, asked of a throwaway instance over
+/// an in-memory database (so nothing of the projection's is touched).
+pub fn declared_state_version(
+    engine: &Arc<ProjectorEngine>,
+    name: &str,
+    limits: Limits,
+    module: &LoadedModule,
+) -> Result<u32> {
+    let host = GuestHost::new(Connection::open_in_memory()?, name.into(), limits)?;
+    GuestInstance::reader(engine.clone(), module.clone(), host)?.state_version()
+}
+
 /// Prepare `module` for the projection `name` over `database`, off the
 /// projection's thread: check the state version it declares, and if it is
 /// the one the database holds, make its instance and run its `init` on a
@@ -90,14 +102,7 @@ pub fn prepare_update(
         path: module.path.clone(),
         reason,
     };
-    let declared = GuestHost::new(
-        rusqlite::Connection::open_in_memory().expect("an in-memory database"),
-        name.into(),
-        limits,
-    )
-    .and_then(|host| GuestInstance::reader(engine.clone(), module.clone(), host))
-    .and_then(|mut probe| probe.state_version());
-    let declared = match declared {
+    let declared = match declared_state_version(engine, name, limits, &module) {
         Ok(version) => version,
         Err(err) => return refused(format!("{err:#}")),
     };
@@ -178,6 +183,93 @@ impl ProjectionRunner {
             .load_file(&spec.module)
             .with_context(|| format!("projection {}: cannot load its module", spec.name))?;
         Self::start_with_module(engine, spec, module, log, stop, live)
+    }
+
+    /// [`ProjectionRunner::start`], unless the database holds another state
+    /// version than the module declares (`run` stopped in the middle of a
+    /// rebuild, or the config names a module of a new version): then the next
+    /// generation of the database is first built from the log with this
+    /// module, while the old one keeps serving reads (status: `rebuilding`),
+    /// and takes over once it has caught up. `None` if a stop came first;
+    /// the old database is then left as it was.
+    pub fn start_or_rebuild(
+        engine: Arc<ProjectorEngine>,
+        spec: &ProjectionSpec,
+        log: &Arc<EventLog>,
+        stop: Arc<AtomicBool>,
+        live: Arc<LiveProjection>,
+    ) -> Result<Option<Self>> {
+        let module = engine
+            .load_file(&spec.module)
+            .with_context(|| format!("projection {}: cannot load its module", spec.name))?;
+        let found = match projection_db::open_read_only(&spec.database)? {
+            Some(db) if projection_db::is_initialized(&db)? => projection_db::meta(&db, "state_version")?,
+            _ => None,
+        };
+        let declared = declared_state_version(&engine, &spec.name, spec.limits, &module)
+            .with_context(|| format!("projection {}: module {}", spec.name, spec.module.display()))?;
+        let Some(found) = found.filter(|found| *found != declared.to_string()) else {
+            return Self::start_with_module(engine, spec, module, log, stop, live).map(Some);
+        };
+        tracing::info!(
+            projection = %spec.name,
+            module = %module.sha256,
+            "the module builds state version {declared}, the database holds {found}: \
+             rebuilding from the log before processing"
+        );
+        let old = projection_db::open(&spec.database)?;
+        let mut green_spec = spec.clone();
+        green_spec.database = rebuild::next_generation(&spec.database, &spec.name);
+        rebuild::remove_database(&green_spec.database);
+        let sha256 = module.sha256.clone();
+        let built = Self::start_with_module(engine, &green_spec, module, log, stop.clone(), live).and_then(
+            |mut green| {
+                projection_db::set_meta(&old, "state", Some("running"))?;
+                let mut reported = std::time::Instant::now();
+                loop {
+                    green.catch_up_with(|position, head| {
+                        if reported.elapsed() >= Duration::from_millis(100) {
+                            reported = std::time::Instant::now();
+                            let progress = serde_json::json!({
+                                "module": sha256, "position": position, "head": head,
+                            });
+                            let _ = projection_db::set_meta(&old, "rebuilding", Some(&progress.to_string()));
+                        }
+                    })?;
+                    if stop.load(Ordering::Relaxed) || green.behind()? == 0 {
+                        return Ok(green);
+                    }
+                }
+            },
+        );
+        projection_db::set_meta(&old, "rebuilding", None)?;
+        match built {
+            Ok(green) if !stop.load(Ordering::Relaxed) => {
+                drop(old);
+                rebuild::switch_to(&spec.name, &green_spec.database)?;
+                rebuild::remove_database(&spec.database);
+                tracing::info!(
+                    projection = %spec.name,
+                    checkpoint = green.checkpoint,
+                    database = %green_spec.database.display(),
+                    "rebuild caught up and took over"
+                );
+                Ok(Some(green))
+            }
+            Ok(stopped) => {
+                drop(stopped);
+                rebuild::remove_database(&green_spec.database);
+                projection_db::set_meta(&old, "state", Some("stopped"))?;
+                Ok(None)
+            }
+            Err(err) => {
+                rebuild::remove_database(&green_spec.database);
+                Err(err.context(format!(
+                    "projection {}: the rebuild failed; its database is unchanged",
+                    spec.name
+                )))
+            }
+        }
     }
 
     /// [`ProjectionRunner::start`] with a module already loaded.
@@ -261,6 +353,11 @@ impl ProjectionRunner {
         self.parked
     }
 
+    /// The projection's database file (a rebuild's take-over moves it).
+    pub fn database(&self) -> &std::path::Path {
+        &self.database
+    }
+
     /// The projection's database (processing connection).
     pub fn db(&self) -> &Connection {
         self.instance.db()
@@ -281,6 +378,8 @@ impl ProjectionRunner {
             self.take_updates()?;
             self.tend_rebuild()?;
             if paused {
+                // A swap's status goes out now: no batch will carry it.
+                self.write_unwritten()?;
                 std::thread::sleep(POLL_INTERVAL);
             } else if self.step()? == Step::Idle {
                 self.reader.wait(POLL_INTERVAL);
@@ -406,10 +505,13 @@ impl ProjectionRunner {
                     let wait = RETRY_BACKOFF_START
                         .saturating_mul(1 << (attempts - 1).min(16))
                         .min(RETRY_BACKOFF_CAP);
+                    let (event_id, correlation_id) = crate::instance::single_event_ids(events);
                     tracing::warn!(
                         projection = &*self.name,
                         first_position = events[0].position,
                         events = events.len(),
+                        event_id,
+                        correlation_id,
                         attempts,
                         "module asked to retry: {reason}; retrying in {wait:?}"
                     );
@@ -423,6 +525,9 @@ impl ProjectionRunner {
                     if !self.sleep_unless_stopped(wait) {
                         return Ok(false);
                     }
+                    // The batch is rolled back: a boundary. A fixed module
+                    // sent meanwhile takes over the retries.
+                    self.take_updates()?;
                     continue;
                 }
                 Attempt::Failed(Failure::Reject(reason)) => reason,
@@ -466,6 +571,12 @@ impl ProjectionRunner {
                     let Some(instance) = instance.lock().unwrap_or_else(|e| e.into_inner()).take() else {
                         continue;
                     };
+                    if instance.module().sha256 == self.instance.module().sha256 {
+                        // The running module's bytes again: nothing to swap.
+                        self.unwritten.retain(|(key, _)| *key != "refused");
+                        projection_db::set_meta(self.db(), "refused", None)?;
+                        continue;
+                    }
                     self.drop_rebuild()?;
                     if database == self.database {
                         self.install(instance, std::time::Instant::now())?;
@@ -493,11 +604,7 @@ impl ProjectionRunner {
         let started = std::time::Instant::now();
         let (sha256, path) = (module.sha256.clone(), module.path.clone());
         let found = projection_db::meta(self.db(), "state_version")?;
-        let declared =
-            GuestHost::new(rusqlite::Connection::open_in_memory()?, self.name.clone(), self.limits)
-                .and_then(|host| GuestInstance::reader(self.engine.clone(), module.clone(), host))
-                .and_then(|mut probe| probe.state_version());
-        let declared = match declared {
+        let declared = match declared_state_version(&self.engine, &self.name, self.limits, &module) {
             Ok(version) => version,
             Err(err) => return self.refuse(&sha256, &path, &format!("{err:#}")),
         };
@@ -682,6 +789,9 @@ impl ProjectionRunner {
         self.unwritten.clear();
         self.checkpoint = checkpoint_after;
         self.parked += 1;
+        if std::mem::take(&mut self.retrying) {
+            projection_db::set_meta(self.db(), "retrying", None)?;
+        }
         tracing::warn!(
             projection = &*self.name,
             event_id = %event.id,

@@ -256,11 +256,13 @@ pub fn dead_letters(db: &Connection, source: &str) -> Result<Vec<DeadLetter>> {
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
-/// Remove the dead letter at `position` of `source`.
-pub fn remove_dead_letter(db: &Connection, source: &str, position: u64) -> Result<()> {
-    db.prepare_cached("DELETE FROM projector_dead_letters WHERE source = ?1 AND position = ?2")?
+/// Remove the dead letter at `position` of `source`; false if there was
+/// none (another retry or a discard took it first).
+pub fn remove_dead_letter(db: &Connection, source: &str, position: u64) -> Result<bool> {
+    let removed = db
+        .prepare_cached("DELETE FROM projector_dead_letters WHERE source = ?1 AND position = ?2")?
         .execute(params![source, position as i64])?;
-    Ok(())
+    Ok(removed == 1)
 }
 
 /// Record another failed attempt at the dead letter at `position`.

@@ -300,7 +300,30 @@ impl ControlState {
         }
         self.seen.insert(path.to_path_buf(), sha256.clone());
         let loaded = self.engine.load_bytes(&bytes, path);
-        for (name, running) in self.running.iter().filter(|(_, r)| absolute(&r.config.module) == path) {
+        let mut restarted = Vec::new();
+        if loaded.is_ok() {
+            // A projection that faulted (its thread ended) starts again
+            // with the new module: that is how an operator ships the fix.
+            let faulted: Vec<String> = self
+                .running
+                .iter()
+                .filter(|(_, r)| absolute(&r.config.module) == path && r.thread.is_finished())
+                .map(|(name, _)| name.clone())
+                .collect();
+            for name in faulted {
+                let running = self.running.remove(&name).expect("listed");
+                let config = running.config.clone();
+                stop_projection(&name, running, &self.log);
+                tracing::info!(projection = %name, module = %sha256, "restarting the faulted projection with the new module");
+                self.start_projection(config);
+                restarted.push(name);
+            }
+        }
+        let running = self
+            .running
+            .iter()
+            .filter(|(name, r)| absolute(&r.config.module) == path && !restarted.contains(name));
+        for (name, running) in running {
             let update = match &loaded {
                 Ok(module) => prepare_update(
                     &self.engine,
@@ -396,7 +419,13 @@ fn run_projection(
 ) {
     let name = spec.name.as_str();
     let shared = live.clone();
-    let result = ProjectionRunner::start(engine, spec, log, stop, live).and_then(|runner| {
+    // Where a fault is recorded: a rebuild's take-over moves the database.
+    let mut database = spec.database.clone();
+    let result = ProjectionRunner::start_or_rebuild(engine, spec, log, stop, live).and_then(|runner| {
+        let Some(runner) = runner else {
+            tracing::info!(projection = name, "projection stopped during its rebuild");
+            return Ok(());
+        };
         let mut runner = runner.with_updates(updates);
         tracing::info!(
             projection = name,
@@ -404,7 +433,9 @@ fn run_projection(
             checkpoint = runner.checkpoint(),
             "projection started"
         );
-        runner.run()?;
+        let ran = runner.run();
+        database = runner.database().to_path_buf();
+        ran?;
         projection_db::set_meta(runner.db(), "state", Some("stopped"))?;
         tracing::info!(projection = name, checkpoint = runner.checkpoint(), "projection stopped");
         Ok(())
@@ -412,7 +443,7 @@ fn run_projection(
     if let Err(err) = result {
         tracing::error!(projection = name, "projection faulted: {err:#}");
         shared.set_last_error(Some(format!("{err:#}")));
-        let marked = projection_db::open(&spec.database).and_then(|db| {
+        let marked = projection_db::open(&database).and_then(|db| {
             projection_db::set_meta(&db, "state", Some("faulted"))?;
             projection_db::set_meta(&db, "error", Some(&format!("{err:#}")))
         });
