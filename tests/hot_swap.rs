@@ -432,3 +432,31 @@ fn a_faulted_projection_restarts_when_a_fixed_module_arrives() {
     assert_eq!((&status["state"], &status["module"]), (&json!("running"), &json!(sha(&fixed))), "{status}");
     assert!(host.logs().contains("restarting the faulted projection with the new module"));
 }
+
+#[test]
+fn a_module_stuck_retrying_is_replaced_by_the_next_one() {
+    let ws = Workspace::new();
+    let module = ws.path("module.wasm");
+    std::fs::write(&module, std::fs::read(guest("event_recorder")).unwrap()).unwrap();
+    ws.write_config(&[("swap", &module, &["s"])]);
+    let events = [cloud_event("ok-1", "t", json!(1)), cloud_event("stuck", "retry", json!(2))];
+    ws.append("s", &ws.write_events("events.jsonl", &events));
+    let host = ws.start();
+    wait_until(WAIT, "the module to retry the batch again and again", || {
+        ws.status_of("swap")["retrying"]["attempts"].as_u64().is_some_and(|n| n >= 3)
+    });
+
+    // v3 (another state version) rebuilds from the log and takes over, even
+    // though the running module never lets its batch commit.
+    let v3 = module_bytes(3);
+    rename_over(&module, &v3);
+    wait_until(WAIT, "v3 to take over", || {
+        let status = ws.status_of("swap");
+        status["module"] == sha(&v3).as_str() && status["lag"] == 0
+    });
+    let status = ws.status_of("swap");
+    assert_eq!(status["state"], "running", "{status}");
+    assert!(status.get("retrying").is_none(), "no batch is waiting any more: {status}");
+    assert_eq!(versions_seen(&ws), vec![3, 3]);
+    assert!(host.logs().contains("module asked to retry"));
+}

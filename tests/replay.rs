@@ -1,5 +1,6 @@
-//! `projector replay`: the seed fixture through the real wasm guest, repeated
-//! ids, bad event files, and modules that are not projections.
+//! `projector replay`: the seed fixture through the real wasm guest (as a
+//! core module and as a ready component), repeated ids, bad event files, and
+//! modules that are not projections.
 
 mod util;
 
@@ -186,4 +187,51 @@ fn wallet_allowlist_parks_exactly_the_events_it_can_never_apply() {
         parked[2].contains("event bad-3") && parked[2].contains("invalid type: integer `42`"),
         "{stderr}"
     );
+}
+
+#[test]
+fn a_real_module_of_another_world_is_refused_clearly() {
+    let ws = Workspace::new();
+    let events = ws.write_events("e.jsonl", &[cloud_event("a", "x", json!(1))]);
+    // Built from source with wit-bindgen, for a world of its own.
+    let module = guest("other_world");
+    let out = projector()
+        .args(["replay", "--module", module.to_str().unwrap(), "--events", &events])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("does not implement the projection world"), "{stderr}");
+    assert!(stderr.contains("build it with projector-sdk"), "the error says what to do: {stderr}");
+    assert!(stderr.contains("other_world.wasm"), "the error names the file: {stderr}");
+    assert!(out.stdout.is_empty(), "nothing on stdout: {}", String::from_utf8_lossy(&out.stdout));
+}
+
+#[test]
+fn a_ready_component_replays_like_the_core_module() {
+    let ws = Workspace::new();
+    let core = guest("wallet_allowlist");
+    let bytes = std::fs::read(&core).unwrap();
+    let component =
+        wit_component::ComponentEncoder::default().module(&bytes).unwrap().validate(true).encode().unwrap();
+    // The layer field of the preamble: 0 for a core module, 1 for a component.
+    assert_eq!(&bytes[4..8], [1, 0, 0, 0], "the build writes a core module");
+    assert_eq!(&component[4..8], [0x0d, 0, 1, 0], "the encoder writes a component");
+    let component_path = ws.path("wallet_allowlist.component.wasm");
+    std::fs::write(&component_path, component).unwrap();
+
+    let replay = |module: &std::path::Path| {
+        json(&run_ok(&[
+            "replay",
+            "--module",
+            module.to_str().unwrap(),
+            "--events",
+            &fixture("seed.jsonl"),
+            "--sql",
+            ALLOWLIST_SQL,
+        ]))
+    };
+    let from_component = replay(&component_path);
+    assert_eq!(from_component, replay(&core));
+    assert_eq!(from_component, expected_allowlist());
 }

@@ -1,5 +1,6 @@
 //! `projector run` with appends from another process: processing, status,
-//! query, stream and type filters, restarts, clean shutdown, and refusals.
+//! query, stream and type filters, restarts, clean shutdown on SIGTERM and
+//! SIGINT, refusals, and the command line's help.
 
 mod util;
 
@@ -172,4 +173,75 @@ fn a_bad_config_is_refused_with_the_exact_problem() {
     assert!(!ws.data().exists(), "a refused config changes nothing");
     let missing = run_err(&["status", "--config", ws.path("nope.toml").to_str().unwrap()]);
     assert!(missing.contains("cannot read config") && missing.contains("nope.toml"), "{missing}");
+}
+
+#[test]
+fn sigint_stops_run_cleanly_with_a_consistent_checkpoint() {
+    const EVENTS: u64 = 20_000;
+    let ws = Workspace::new();
+    ws.write_config(&[("recorder", &guest("event_recorder"), &["s"])]);
+    let file = ws.write_events(
+        "e.jsonl",
+        &(0..EVENTS).map(|i| cloud_event(&format!("e{i}"), "t", json!(i))).collect::<Vec<_>>(),
+    );
+    ws.append("s", &file);
+    let host = ws.start();
+    wait_until(WAIT, "the recorder to handle events", || {
+        ws.status_of("recorder")["checkpoint"].as_u64().unwrap_or(0) > 0
+    });
+
+    let exit = host.interrupt();
+    assert!(exit.success(), "run exits cleanly on SIGINT: {exit:?}");
+    let status = ws.status_of("recorder");
+    assert_eq!(status["state"], "stopped");
+    // Every handled event is under the checkpoint, each once, none past it.
+    let at = status["checkpoint"].as_u64().unwrap();
+    assert!(at > 0 && at <= EVENTS, "checkpoint {at}");
+    let counts = |ws: &Workspace| {
+        ws.query(
+            "recorder",
+            "SELECT count(*) AS n, count(DISTINCT position) AS distinct_positions, \
+             coalesce(max(position), 0) AS last FROM handled",
+        )
+    };
+    assert_eq!(counts(&ws), json!([{"n": at, "distinct_positions": at, "last": at}]));
+
+    // A restart goes on from there.
+    let host = ws.start();
+    ws.wait_caught_up(EVENTS, WAIT);
+    assert_eq!(counts(&ws), json!([{"n": EVENTS, "distinct_positions": EVENTS, "last": EVENTS}]));
+    assert!(host.interrupt().success());
+}
+
+#[test]
+fn help_lists_every_subcommand_and_each_one_explains_its_flags() {
+    let help = run_ok(&["--help"]);
+    let commands: [(&[&str], &[&str]); 11] = [
+        (&["run"], &["--config", "--listen", "--max-body-kib"]),
+        (&["append"], &["--data", "<STREAM>", "<FILE>"]),
+        (&["replay"], &["--module", "--events", "--stream", "--sql", "--batch"]),
+        (&["status"], &["--config", "--url"]),
+        (&["query"], &["--config", "--url", "<PROJECTION>", "--sql", "--request"]),
+        (&["dead-letters"], &["list", "retry", "discard"]),
+        (&["dead-letters", "list"], &["--config", "--url", "<PROJECTION>"]),
+        (&["dead-letters", "retry"], &["--config", "--url", "<PROJECTION>", "[IDS]...", "--all"]),
+        (&["dead-letters", "discard"], &["--config", "--url", "<PROJECTION>", "<IDS>..."]),
+        (&["rebuild"], &["--config", "<PROJECTION>"]),
+        (&["help"], &[]),
+    ];
+    for (command, flags) in commands {
+        if command.len() == 1 {
+            let listed = help.lines().any(|line| line.trim_start().starts_with(&format!("{} ", command[0])));
+            assert!(listed, "`projector --help` lists {}:\n{help}", command[0]);
+        }
+        if command == ["help"] {
+            continue;
+        }
+        let args: Vec<&str> = command.iter().copied().chain(["--help"]).collect();
+        let usage = run_ok(&args);
+        assert!(usage.contains(&format!("Usage: projector {}", command.join(" "))), "{usage}");
+        for flag in flags {
+            assert!(usage.contains(flag), "`projector {}` mentions {flag}:\n{usage}", args.join(" "));
+        }
+    }
 }

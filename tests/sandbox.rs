@@ -197,6 +197,109 @@ fn sql_cannot_forge_the_checkpoint_hide_dead_letters_or_end_the_transaction() {
 }
 
 #[test]
+fn sql_cannot_read_the_runtimes_tables_or_detach() {
+    let mut s = Scenario::start("");
+    let events = [
+        ("h-query", json!("SELECT * FROM projector_checkpoints")),
+        ("h-query", json!("SELECT count(*) FROM main.projector_dead_letters")),
+        ("h-sql", json!("DETACH DATABASE other")),
+    ];
+    let head = s.append("read", &events);
+    s.wait_both_at(head);
+    let letters = s.dead_letters();
+    assert_eq!(letters.len(), events.len(), "{letters:?}");
+    for letter in &letters {
+        let reason = letter["reason"].as_str().unwrap();
+        assert!(
+            reason.contains("not authorized") || reason.contains("prohibited"),
+            "{}: {reason}",
+            letter["id"]
+        );
+    }
+    s.assert_contained(head, head - events.len() as u64);
+}
+
+#[test]
+fn triggers_that_would_run_with_the_hosts_rights_are_denied() {
+    let mut s = Scenario::start("");
+    let hide = "CREATE TEMP TRIGGER hide AFTER INSERT ON main.projector_dead_letters \
+                BEGIN DELETE FROM main.projector_dead_letters; END";
+    let forge = "CREATE TRIGGER forge AFTER INSERT ON projector_kv \
+                 BEGIN UPDATE projector_checkpoints SET position = 0; DELETE FROM projector_dead_letters; END";
+    let shadow = "CREATE TEMP TABLE projector_dead_letters (x)";
+    let own = "CREATE TRIGGER own AFTER INSERT ON handled BEGIN SELECT 1; END";
+    let head = s.append(
+        "trigger",
+        &[
+            ("h-sql", json!(hide)),
+            ("h-sql", json!(forge)),
+            ("h-sql", json!(shadow)),
+            ("h-sql", json!(own)),
+            // Parked, then state.set: each would have fired a trigger above.
+            ("h-panic", json!(null)),
+            ("h-unlock", json!(null)),
+        ],
+    );
+    s.wait_both_at(head);
+    let letters = s.dead_letters();
+    let ids: Vec<&str> = letters.iter().map(|l| l["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["trigger-0", "trigger-1", "trigger-2", "trigger-4"], "{letters:?}");
+    for letter in &letters[..3] {
+        let reason = letter["reason"].as_str().unwrap();
+        assert!(reason.contains("not authorized"), "{}: {reason}", letter["id"]);
+    }
+    assert!(letters[3]["reason"].as_str().unwrap().contains("unreachable"));
+    assert_eq!(s.ws.status_of("hostile")["checkpoint"], head, "the checkpoint is the host's");
+    s.assert_contained(head, head - 4);
+
+    // A later event still parks, and stays parked.
+    let head = s.append("later", &[("h-panic", json!(null)), ("h-unlock", json!(null))]);
+    s.wait_both_at(head);
+    let ids: Vec<String> = s.dead_letters().iter().map(|l| l["id"].as_str().unwrap().to_string()).collect();
+    assert_eq!(ids, ["trigger-0", "trigger-1", "trigger-2", "trigger-4", "later-0"]);
+    s.assert_contained(head, head - 5);
+}
+
+#[test]
+fn sql_that_runs_forever_hits_the_call_deadline() {
+    let mut s = Scenario::start("[projection.limits]\ncall_timeout_ms = 200");
+    let forever = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c";
+    let head = s.append("sqlloop", &[("h-sql", json!(forever))]);
+    s.wait_both_at(head);
+    s.assert_parked_one("sqlloop", &["the call ran past its deadline of 200 ms (limits.call_timeout_ms)"]);
+    s.assert_contained(head, head - 1);
+}
+
+#[test]
+fn sql_cannot_make_a_blob_past_the_length_limit() {
+    let mut s = Scenario::start("");
+    let head = s.append("blob", &[("h-query", json!("SELECT length(zeroblob(500000000))"))]);
+    s.wait_both_at(head);
+    s.assert_parked_one("blob", &["string or blob too big"]);
+    s.assert_contained(head, head - 1);
+}
+
+#[test]
+fn guest_log_lines_name_the_projection_event_and_correlation_id() {
+    let mut s = Scenario::start("");
+    let lines = [
+        cloud_event_correlated("log-0", "plain", json!(0), "corr-plain"),
+        cloud_event_correlated("log-1", "h-log", json!("a line from the guest"), "corr-7"),
+    ];
+    let file = s.ws.write_events("log.jsonl", &lines);
+    s.ws.append("s", &file);
+    let head = s.head();
+    s.wait_both_at(head);
+    s.assert_contained(head, head);
+    let logs = s.host.logs();
+    let line =
+        logs.lines().find(|l| l.contains("a line from the guest")).expect("the guest's line is logged");
+    for field in ["projection=\"hostile\"", "event_id=\"log-1\"", "correlation_id=\"corr-7\""] {
+        assert!(line.contains(field), "{field} missing from {line}");
+    }
+}
+
+#[test]
 fn a_log_flood_is_cut_and_counted_and_the_event_still_applies() {
     let mut s = Scenario::start("[projection.limits]\nlog_lines_per_second = 50\nlog_line_bytes = 200");
     let head = s.append("flood", &[("h-log-flood", json!(null))]);
@@ -266,6 +369,17 @@ fn a_huge_value_is_refused_by_the_value_limit() {
     let head = s.append("huge", &[("h-huge", json!(4))]);
     s.wait_both_at(head);
     s.assert_parked_one("huge", &["over the limit of 524288 bytes", "limits.value_kib"]);
+    s.assert_contained(head, head - 1);
+    let kv = s.ws.query("hostile", "SELECT count(*) AS n FROM projector_kv");
+    assert_eq!(kv, json!([{"n": 0}]));
+}
+
+#[test]
+fn a_huge_key_is_refused_by_the_value_limit() {
+    let mut s = Scenario::start("[projection.limits]\nvalue_kib = 512\nmemory_mib = 64");
+    let head = s.append("hugekey", &[("h-huge-key", json!(1))]);
+    s.wait_both_at(head);
+    s.assert_parked_one("hugekey", &["over the limit of 524288 bytes", "limits.value_kib"]);
     s.assert_contained(head, head - 1);
     let kv = s.ws.query("hostile", "SELECT count(*) AS n FROM projector_kv");
     assert_eq!(kv, json!([{"n": 0}]));

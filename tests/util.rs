@@ -76,6 +76,15 @@ pub fn cloud_event(id: &str, event_type: &str, data: Value) -> String {
     json!({"specversion": "1.0", "id": id, "source": "tests", "type": event_type, "data": data}).to_string()
 }
 
+/// One CloudEvent as a JSON line, carrying the `correlationid` extension.
+pub fn cloud_event_correlated(id: &str, event_type: &str, data: Value, correlation_id: &str) -> String {
+    json!({
+        "specversion": "1.0", "id": id, "source": "tests", "type": event_type, "data": data,
+        "correlationid": correlation_id,
+    })
+    .to_string()
+}
+
 /// A deterministic stream of wallet events: `n` events over `users` users,
 /// mostly wallet changes with KYC verifications mixed in.
 pub fn wallet_events(n: usize, users: usize, id_prefix: &str) -> Vec<String> {
@@ -178,6 +187,15 @@ impl Workspace {
             .unwrap();
         Host { child: Some(child), log: self.path("run.log"), addr_file: self.data().join("listen.addr") }
     }
+    /// Projection `name`'s current database file (after a rebuild, the
+    /// generation its pointer file names).
+    pub fn database(&self, name: &str) -> PathBuf {
+        let dir = self.data().join("projections");
+        match std::fs::read_to_string(dir.join(format!("{name}.current"))) {
+            Ok(file) if !file.trim().is_empty() => dir.join(file.trim()),
+            _ => dir.join(format!("{name}.db")),
+        }
+    }
     /// Wait until every projection's lag is 0 and its checkpoint is `head`.
     pub fn wait_caught_up(&self, head: u64, timeout: Duration) {
         wait_until(timeout, &format!("every projection at position {head}"), || {
@@ -207,6 +225,14 @@ impl Host {
     pub fn terminate(mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().unwrap();
         let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+        child.wait().unwrap()
+    }
+    /// SIGINT (what Ctrl-C sends), then wait for a clean exit; returns the
+    /// exit status.
+    pub fn interrupt(mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
         assert!(status.success());
         child.wait().unwrap()
     }

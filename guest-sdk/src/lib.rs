@@ -24,8 +24,10 @@
 //! ```
 //!
 //! Build it with `cargo build --target wasm32-unknown-unknown --release`
-//! (or `projector build`), and test its logic natively with
-//! [`testing::Harness`], with no wasm involved.
+//! (in this workspace, `scripts/build-guests` builds every guest crate into
+//! `target/projections/<crate_name>.wasm`), and test its logic natively with
+//! [`testing::Harness`], with no wasm involved: it keeps the host's
+//! transactions, SQL rules and value limit.
 #![deny(missing_docs)]
 
 // Lets the generated bindings name this crate the same way from inside it

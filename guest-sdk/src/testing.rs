@@ -2,8 +2,34 @@
 //! host's state and SQL semantics, so projection logic is tested with plain
 //! `cargo test` and no wasm.
 //!
-//! Like the host, the harness applies each batch in one transaction and
-//! rolls back every write of a batch that fails.
+//! It mirrors what the host does around a module (`runtime/src/guest_host.rs`
+//! and `runtime/src/instance.rs`), so a projection that passes here cannot
+//! fail in the host for a reason the harness let through:
+//!
+//! - each batch (and `init`) runs in one transaction, and every write of a
+//!   batch that fails is rolled back;
+//! - [`Harness::query`] is read-only: it runs between `BEGIN` and `ROLLBACK`
+//!   with `PRAGMA query_only` on, so a write fails and nothing remains;
+//! - guest SQL is refused what the host's authorizer refuses: transaction
+//!   control, savepoints, `ATTACH`/`DETACH`, pragmas, virtual tables,
+//!   `load_extension`, the runtime's own tables (`projector_checkpoints`,
+//!   `projector_dead_letters`, `projector_meta`), temp triggers, triggers on
+//!   `projector_kv` or the runtime's tables, and temp tables or views named
+//!   like them;
+//! - [`Sql::execute`](crate::Sql::execute) steps through any rows a
+//!   statement returns (`INSERT … RETURNING`) and returns the rows changed,
+//!   0 for a read-only statement;
+//! - a state key and value together, or an SQL text or blob parameter, over
+//!   the value limit (1 MiB, the host's default `limits.value_kib`; see
+//!   [`Harness::with_value_limit`]) traps the module in the host, so it
+//!   panics here with the host's message; strings and blobs SQL makes
+//!   itself are capped as in the host (SQLITE_LIMIT_LENGTH);
+//! - a statement that ends the transaction itself (`INSERT OR ROLLBACK`,
+//!   `RAISE(ROLLBACK)`) traps in the host, so it panics here.
+//!
+//! A panic is the harness's trap: the batch's writes are rolled back and the
+//! harness stays usable. What it does not mirror: fuel, memory and time
+//! limits, and log rate limits — those belong to the wasm engine.
 //!
 //! ```
 //! use projector_sdk::testing::Harness;
@@ -25,11 +51,15 @@
 
 use crate::context::{Backend, Context, Level, Rows, Value};
 use crate::{Event, Failure, Projection};
+use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
+use rusqlite::limits::Limit;
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, ToSql, params_from_iter};
 use std::cell::RefCell;
 use std::marker::PhantomData;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The key/value table, as the host lays it out.
 const KV_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS projector_kv (
@@ -37,9 +67,34 @@ const KV_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS projector_kv (
     value BLOB NOT NULL
 ) WITHOUT ROWID";
 
+/// Tables the host keeps in a projection's database; guest SQL may not
+/// touch them there, so it may not here either.
+const RUNTIME_TABLES: [&str; 3] = ["projector_checkpoints", "projector_dead_letters", "projector_meta"];
+
+/// The guest's key/value table: the harness writes it outside the guest's
+/// rules (`state.set`), so nothing of the guest's may hang off it.
+const KV_TABLE: &str = "projector_kv";
+
+/// The largest row the host itself writes on a projection's connection (a
+/// dead letter holds a whole event); SQLITE_LIMIT_LENGTH leaves room for it.
+const HOST_ROW_BYTES: usize = 64 << 20;
+
+/// SQLite's own ceiling for SQLITE_LIMIT_LENGTH (SQLITE_MAX_LENGTH).
+const SQLITE_MAX_LENGTH: usize = 1_000_000_000;
+
+/// Prepended to every guest statement, as in the host: the statement cache
+/// is shared, and a statement prepared by the harness itself was authorized
+/// as the harness's, so a guest must never be handed one.
+const GUEST_SQL_PREFIX: &str = "/* guest */ ";
+
+/// The host's default value limit (`limits.value_kib = 1024`).
+pub const DEFAULT_VALUE_LIMIT: usize = 1024 << 10;
+
 /// Runs a projection natively against SQLite.
 pub struct Harness<P: Projection> {
     conn: Connection,
+    guest_sql: Arc<AtomicBool>,
+    value_limit: usize,
     next_position: u64,
     logs: RefCell<Vec<(Level, String)>>,
     projection: PhantomData<P>,
@@ -64,11 +119,35 @@ impl<P: Projection> Harness<P> {
         Self::with_connection(conn)
     }
 
-    fn with_connection(conn: Connection) -> Result<Self, String> {
+    /// This harness with a value limit of `bytes` instead of the host's
+    /// default 1 MiB ([`DEFAULT_VALUE_LIMIT`]): set it to the projection's
+    /// `limits.value_kib` × 1024 when its config changes the limit. It holds
+    /// for every call after this one (`init` has already run under the
+    /// default).
+    pub fn with_value_limit(mut self, bytes: usize) -> Self {
+        self.value_limit = bytes;
+        set_length_limit(&self.conn, bytes);
+        self
+    }
+
+    fn with_connection(mut conn: Connection) -> Result<Self, String> {
+        let guest_sql = Arc::new(AtomicBool::new(false));
+        let flag = guest_sql.clone();
+        conn.authorizer(Some(move |ctx: AuthContext<'_>| {
+            if flag.load(Ordering::Relaxed) { authorize_guest(&ctx) } else { Authorization::Allow }
+        }))
+        .map_err(|err| err.to_string())?;
+        set_length_limit(&conn, DEFAULT_VALUE_LIMIT);
         conn.set_prepared_statement_cache_capacity(256);
         conn.execute_batch(KV_SCHEMA).map_err(|err| err.to_string())?;
-        let harness =
-            Harness { conn, next_position: 1, logs: RefCell::new(Vec::new()), projection: PhantomData };
+        let harness = Harness {
+            conn,
+            guest_sql,
+            value_limit: DEFAULT_VALUE_LIMIT,
+            next_position: 1,
+            logs: RefCell::new(Vec::new()),
+            projection: PhantomData,
+        };
         harness.in_transaction(|ctx| P::init(ctx, None).map_err(|err| format!("init failed: {err}")))?;
         Ok(harness)
     }
@@ -91,8 +170,12 @@ impl<P: Projection> Harness<P> {
         self.in_transaction(|ctx| P::handle_batch(ctx, events))
     }
 
-    /// Call the projection's `query`.
+    /// Call the projection's `query`, read-only as in the host: inside a
+    /// transaction that is rolled back, with `PRAGMA query_only` on, so a
+    /// write fails and nothing the call did remains.
     pub fn query(&self, request: &[u8]) -> Result<Vec<u8>, String> {
+        self.conn.execute_batch("BEGIN; PRAGMA query_only=1").expect("begin a read transaction");
+        let _end = EndOnDrop { conn: &self.conn, sql: "PRAGMA query_only=0; ROLLBACK" };
         P::query(&Context::new(&self.backend()), request)
     }
 
@@ -107,9 +190,11 @@ impl<P: Projection> Harness<P> {
         self.backend().scan(prefix, limit)
     }
 
-    /// Run a query on the projection's database; panics on a bad statement.
+    /// Run a query on the projection's database, as the test (no guest
+    /// rules apply); panics on a bad statement.
     pub fn rows(&self, statement: &str) -> Rows {
-        self.backend().query(statement, &[]).unwrap_or_else(|err| panic!("{statement}: {err}"))
+        let mut stmt = self.conn.prepare_cached(statement).unwrap_or_else(|err| panic!("{statement}: {err}"));
+        collect_rows(&mut stmt, &[]).unwrap_or_else(|err| panic!("{statement}: {err}"))
     }
 
     /// The lines the projection logged, in order.
@@ -132,15 +217,24 @@ impl<P: Projection> Harness<P> {
     }
 
     fn backend(&self) -> SqliteBackend<'_> {
-        SqliteBackend { conn: &self.conn, logs: &self.logs }
+        SqliteBackend {
+            conn: &self.conn,
+            guest_sql: &self.guest_sql,
+            value_limit: self.value_limit,
+            logs: &self.logs,
+        }
     }
 
+    /// Run `f` in a transaction: committed if it succeeds, rolled back if it
+    /// fails or panics (a panic is the module's trap).
     fn in_transaction<T, E>(&self, f: impl FnOnce(&Context) -> Result<T, E>) -> Result<T, E> {
         self.conn.execute_batch("BEGIN").expect("begin a transaction");
+        let mut end = EndOnDrop { conn: &self.conn, sql: "ROLLBACK" };
         let backend = self.backend();
         let result = f(&Context::new(&backend));
-        let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
-        self.conn.execute_batch(end).expect("end a transaction");
+        if result.is_ok() {
+            end.sql = "COMMIT";
+        }
         result
     }
 }
@@ -151,9 +245,132 @@ impl<P: Projection> Default for Harness<P> {
     }
 }
 
+/// Ends a transaction the harness began, even when the projection panics.
+struct EndOnDrop<'a> {
+    conn: &'a Connection,
+    sql: &'static str,
+}
+
+impl Drop for EndOnDrop<'_> {
+    fn drop(&mut self) {
+        let ended = self.conn.execute_batch(self.sql);
+        if !std::thread::panicking() {
+            ended.unwrap_or_else(|err| panic!("{}: {err}", self.sql));
+        }
+    }
+}
+
+/// SQLITE_LIMIT_LENGTH as the host sets it: the longest string or blob SQL
+/// may make (`zeroblob`, `randomblob`, `printf`), twice the larger of the
+/// value limit and the host's own largest row, within SQLite's ceiling.
+fn set_length_limit(conn: &Connection, value_limit: usize) {
+    let bytes = value_limit.max(HOST_ROW_BYTES).saturating_mul(2).min(SQLITE_MAX_LENGTH);
+    conn.set_limit(Limit::SQLITE_LIMIT_LENGTH, i32::try_from(bytes).unwrap_or(i32::MAX))
+        .expect("set SQLITE_LIMIT_LENGTH");
+}
+
+/// The host's authorizer for guest SQL (`authorize_guest` in
+/// `runtime/src/guest_host.rs`).
+fn authorize_guest(ctx: &AuthContext<'_>) -> Authorization {
+    let runtime_table = |name: &str| RUNTIME_TABLES.iter().any(|t| name.eq_ignore_ascii_case(t));
+    let host_writes = |name: &str| runtime_table(name) || name.eq_ignore_ascii_case(KV_TABLE);
+    match ctx.action {
+        // The harness's own statements run with the rules off, so a trigger
+        // they fire, or a temp table shadowing a table they name, would run
+        // or resolve with its rights. A temp trigger can sit on any table.
+        AuthAction::CreateTempTrigger { .. } | AuthAction::DropTempTrigger { .. } => Authorization::Deny,
+        AuthAction::CreateTrigger { table_name, .. } if host_writes(table_name) => Authorization::Deny,
+        AuthAction::CreateTempTable { table_name } | AuthAction::CreateTempView { view_name: table_name }
+            if host_writes(table_name) =>
+        {
+            Authorization::Deny
+        }
+        AuthAction::Transaction { .. }
+        | AuthAction::Savepoint { .. }
+        | AuthAction::Attach { .. }
+        | AuthAction::Detach { .. }
+        | AuthAction::Pragma { .. }
+        | AuthAction::CreateVtable { .. }
+        | AuthAction::DropVtable { .. } => Authorization::Deny,
+        AuthAction::Function { function_name } if function_name.eq_ignore_ascii_case("load_extension") => {
+            Authorization::Deny
+        }
+        AuthAction::Read { table_name, .. }
+        | AuthAction::Insert { table_name }
+        | AuthAction::Update { table_name, .. }
+        | AuthAction::Delete { table_name }
+        | AuthAction::DropTable { table_name }
+        | AuthAction::CreateTable { table_name }
+        | AuthAction::AlterTable { table_name, .. }
+        | AuthAction::CreateIndex { table_name, .. }
+        | AuthAction::DropIndex { table_name, .. }
+        | AuthAction::CreateTrigger { table_name, .. }
+        | AuthAction::DropTrigger { table_name, .. }
+            if runtime_table(table_name) =>
+        {
+            Authorization::Deny
+        }
+        _ => Authorization::Allow,
+    }
+}
+
 struct SqliteBackend<'a> {
     conn: &'a Connection,
+    guest_sql: &'a AtomicBool,
+    value_limit: usize,
     logs: &'a RefCell<Vec<(Level, String)>>,
+}
+
+impl SqliteBackend<'_> {
+    /// Where the host traps the module over `limits.value_kib`, the harness
+    /// panics with the host's words.
+    fn check_size(&self, what: &str, bytes: usize) {
+        if bytes > self.value_limit {
+            panic!(
+                "the host would trap the module: {what} of {bytes} bytes is over the limit of {} bytes \
+                 (limits.value_kib)",
+                self.value_limit
+            );
+        }
+    }
+
+    fn check_params(&self, params: &[Value]) {
+        for value in params {
+            match value {
+                Value::Text(s) => self.check_size("an SQL text parameter", s.len()),
+                Value::Blob(b) => self.check_size("an SQL blob parameter", b.len()),
+                _ => {}
+            }
+        }
+    }
+
+    /// Prepare `statement` as the guest's and run `f` on it with the guest's
+    /// rules on.
+    fn as_guest<T>(
+        &self,
+        statement: &str,
+        f: impl FnOnce(&mut rusqlite::CachedStatement<'_>) -> Result<T, String>,
+    ) -> Result<T, String> {
+        let in_transaction = !self.conn.is_autocommit();
+        self.guest_sql.store(true, Ordering::Relaxed);
+        let result = self
+            .conn
+            .prepare_cached(&format!("{GUEST_SQL_PREFIX}{statement}"))
+            .map_err(|err| err.to_string())
+            .and_then(|mut stmt| f(&mut stmt));
+        self.guest_sql.store(false, Ordering::Relaxed);
+        if in_transaction && self.conn.is_autocommit() {
+            // As in the host: an empty transaction stands in for the one the
+            // statement ended, so the harness's ROLLBACK has one to end.
+            self.conn.execute_batch("BEGIN").expect("begin a transaction");
+            panic!(
+                "the host would trap the module: sql: a statement rolled back the transaction the \
+                 host runs the call in (ON CONFLICT ROLLBACK or RAISE(ROLLBACK)); the call's writes \
+                 are gone"
+            );
+        }
+        result
+    }
 }
 
 impl Backend for SqliteBackend<'_> {
@@ -166,16 +383,20 @@ impl Backend for SqliteBackend<'_> {
         rows.next().expect("state get").map(|row| row.get(0).expect("state value"))
     }
     fn set(&self, key: &str, value: &[u8]) {
+        self.check_size(
+            &format!("the state value for key {:?}", truncated(key, 64)),
+            key.len() + value.len(),
+        );
         self.conn
             .prepare_cached("INSERT OR REPLACE INTO projector_kv (key, value) VALUES (?1, ?2)")
             .and_then(|mut stmt| stmt.execute((key, value)))
-            .expect("state set");
+            .unwrap_or_else(|err| panic!("state set {key:?}: {err}"));
     }
     fn delete(&self, key: &str) {
         self.conn
             .prepare_cached("DELETE FROM projector_kv WHERE key = ?1")
             .and_then(|mut stmt| stmt.execute([key]))
-            .expect("state delete");
+            .unwrap_or_else(|err| panic!("state delete {key:?}: {err}"));
     }
     fn scan(&self, prefix: &str, limit: u32) -> Vec<(String, Vec<u8>)> {
         let mut stmt = self
@@ -190,27 +411,46 @@ impl Backend for SqliteBackend<'_> {
             .expect("state scan")
     }
     fn execute(&self, statement: &str, params: &[Value]) -> Result<u64, String> {
-        let mut stmt = self.conn.prepare_cached(statement).map_err(|err| err.to_string())?;
-        stmt.execute(params_from_iter(params)).map(|changed| changed as u64).map_err(|err| err.to_string())
+        self.check_params(params);
+        self.as_guest(statement, |stmt| {
+            let readonly = stmt.readonly();
+            // Step through any rows (`RETURNING`) so every statement runs whole.
+            let mut rows = stmt.query(params_from_iter(params)).map_err(|err| err.to_string())?;
+            while rows.next().map_err(|err| err.to_string())?.is_some() {}
+            Ok(if readonly { 0 } else { self.conn.changes() })
+        })
     }
     fn query(&self, statement: &str, params: &[Value]) -> Result<Rows, String> {
-        let mut stmt = self.conn.prepare_cached(statement).map_err(|err| err.to_string())?;
-        let columns: Vec<String> = stmt.column_names().map(String::from).collect();
-        let width = columns.len();
-        let mut rows = stmt.query(params_from_iter(params)).map_err(|err| err.to_string())?;
-        let mut out = Vec::new();
-        while let Some(row) = rows.next().map_err(|err| err.to_string())? {
-            let values = (0..width)
-                .map(|i| row.get_ref(i).map(from_value_ref))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|err| err.to_string())?;
-            out.push(values);
-        }
-        Ok(Rows::new(columns, out))
+        self.check_params(params);
+        self.as_guest(statement, |stmt| collect_rows(stmt, params))
     }
     fn log(&self, level: Level, message: &str, _position: Option<u64>) {
         self.logs.borrow_mut().push((level, message.to_string()));
     }
+}
+
+fn collect_rows(stmt: &mut rusqlite::Statement<'_>, params: &[Value]) -> Result<Rows, String> {
+    let columns: Vec<String> = stmt.column_names().map(String::from).collect();
+    let width = columns.len();
+    let mut rows = stmt.query(params_from_iter(params)).map_err(|err| err.to_string())?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next().map_err(|err| err.to_string())? {
+        let values = (0..width)
+            .map(|i| row.get_ref(i).map(from_value_ref))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|err| err.to_string())?;
+        out.push(values);
+    }
+    Ok(Rows::new(columns, out))
+}
+
+/// The longest prefix of `s` of at most `max` bytes, on a char boundary.
+fn truncated(s: &str, max: usize) -> &str {
+    let mut end = max.min(s.len());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 impl ToSql for Value {

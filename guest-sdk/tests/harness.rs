@@ -1,9 +1,13 @@
 //! The native harness keeps the host's semantics: a failed batch leaves no
-//! trace, state scans by prefix in key order, SQL values round-trip typed.
+//! trace, state scans by prefix in key order, SQL values round-trip typed,
+//! `execute` counts changes like the host, `query` is read-only, guest SQL
+//! is refused what the host's authorizer refuses, and values over the limit
+//! trap.
 
-use projector_sdk::testing::Harness;
+use projector_sdk::testing::{DEFAULT_VALUE_LIMIT, Harness};
 use projector_sdk::{Context, Event, Failure, Level, Projection, Value};
 use serde_json::json;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 
 /// Stores each event's data under `item/<id>`; `fail` events are rejected
 /// after writing, `retry` events ask to be retried.
@@ -101,4 +105,205 @@ fn a_bad_statement_is_an_error_the_projection_can_return() {
     let mut h = Harness::<Bad>::new();
     let Err(Failure::Reject(reason)) = h.handle(Event::new("t", "")) else { panic!("expected a reject") };
     assert!(reason.contains("no such table: missing"), "{reason}");
+}
+
+/// Runs each event's data as one SQL statement, with no parameters, and
+/// records the rows it changed; `query` runs its request as a statement.
+struct RunsSql;
+
+impl Projection for RunsSql {
+    fn init(ctx: &Context, _found: Option<u32>) -> Result<(), String> {
+        ctx.sql().execute("CREATE TABLE things (id INTEGER PRIMARY KEY, name TEXT)", &[])?;
+        Ok(())
+    }
+
+    fn handle(ctx: &Context, event: &Event) -> Result<(), Failure> {
+        let statement = std::str::from_utf8(event.data()).unwrap();
+        let changed = ctx.sql().execute(statement, &[])?;
+        ctx.state().set(&format!("changed/{}", event.id()), &changed)?;
+        Ok(())
+    }
+
+    fn query(ctx: &Context, request: &[u8]) -> Result<Vec<u8>, String> {
+        let request = std::str::from_utf8(request).unwrap();
+        if let Some(key) = request.strip_prefix("set-state ") {
+            ctx.state().set(key, &1)?;
+            return Ok(Vec::new());
+        }
+        let changed = ctx.sql().execute(request, &[])?;
+        Ok(changed.to_string().into_bytes())
+    }
+}
+
+fn run_sql(h: &mut Harness<RunsSql>, id: &str, statement: &str) -> Result<u64, Failure> {
+    h.handle(Event::new("sql", statement).with_id(id))?;
+    Ok(h.state(&format!("changed/{id}")).unwrap())
+}
+
+fn the_panic_message(f: impl FnOnce()) -> String {
+    let payload = catch_unwind(AssertUnwindSafe(f)).expect_err("expected a panic (the host's trap)");
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default()
+}
+
+#[test]
+fn execute_steps_through_returned_rows_and_counts_changes_like_the_host() {
+    let mut h = Harness::<RunsSql>::new();
+    let insert = "INSERT INTO things (name) VALUES ('a'), ('b') RETURNING id";
+    assert_eq!(run_sql(&mut h, "insert", insert), Ok(2));
+    assert_eq!(run_sql(&mut h, "update", "UPDATE things SET name = 'c' WHERE id = 1 RETURNING *"), Ok(1));
+    assert_eq!(run_sql(&mut h, "delete", "DELETE FROM things WHERE id = 2 RETURNING name"), Ok(1));
+    // A read-only statement changes nothing, whatever ran before it.
+    assert_eq!(run_sql(&mut h, "select", "SELECT * FROM things"), Ok(0));
+    let rows = h.rows("SELECT id, name FROM things");
+    assert_eq!(rows.iter().collect::<Vec<_>>(), [[Value::Integer(1), Value::Text("c".into())]]);
+}
+
+#[test]
+fn query_is_read_only_and_leaves_nothing_behind() {
+    let mut h = Harness::<RunsSql>::new();
+    run_sql(&mut h, "seed", "INSERT INTO things (name) VALUES ('kept')").unwrap();
+    assert_eq!(h.query(b"SELECT count(*) FROM things"), Ok(b"0".to_vec()));
+
+    for write in [
+        "INSERT INTO things (name) VALUES ('written in query')",
+        "DELETE FROM things",
+        "CREATE TABLE made_in_query (x)",
+        "CREATE TEMP TABLE temp_in_query (x)",
+    ] {
+        let err = h.query(write.as_bytes()).expect_err(write);
+        assert!(err.contains("attempt to write a readonly database"), "{write}: {err}");
+    }
+    // A state write in `query` is a host error in the host (a trap here).
+    let message = the_panic_message(|| drop(h.query(b"set-state written-in-query")));
+    assert!(message.contains("attempt to write a readonly database"), "{message}");
+
+    assert_eq!(h.state::<u64>("written-in-query"), None);
+    let names = h.rows("SELECT name FROM things");
+    assert_eq!(names.iter().collect::<Vec<_>>(), [[Value::Text("kept".into())]]);
+    assert!(h.rows("SELECT name FROM sqlite_schema WHERE name = 'made_in_query'").is_empty());
+    // The harness is writable again after a query.
+    assert_eq!(run_sql(&mut h, "after", "INSERT INTO things (name) VALUES ('later')"), Ok(1));
+}
+
+#[test]
+fn guest_sql_is_refused_what_the_host_refuses() {
+    let mut h = Harness::<RunsSql>::new();
+    let refused = [
+        "BEGIN",
+        "COMMIT",
+        "ROLLBACK",
+        "SAVEPOINT s",
+        "RELEASE s",
+        "ATTACH DATABASE ':memory:' AS other",
+        "DETACH DATABASE other",
+        "PRAGMA query_only=1",
+        "PRAGMA user_version",
+        "CREATE VIRTUAL TABLE v USING rtree(id, x0, x1)",
+        "SELECT load_extension('evil')",
+        "CREATE TABLE projector_meta (key TEXT, value TEXT)",
+        "CREATE TABLE PROJECTOR_CHECKPOINTS (x)",
+        "CREATE TABLE projector_dead_letters (x)",
+        "CREATE TEMP TRIGGER t AFTER INSERT ON things BEGIN SELECT 1; END",
+        "CREATE TRIGGER kv AFTER INSERT ON projector_kv BEGIN DELETE FROM things; END",
+        "CREATE TEMP TABLE projector_kv (key, value)",
+        "CREATE TEMP VIEW projector_meta AS SELECT 1",
+    ];
+    for (i, statement) in refused.iter().enumerate() {
+        let Err(Failure::Reject(reason)) = run_sql(&mut h, &format!("refused-{i}"), statement) else {
+            panic!("{statement} should have been refused")
+        };
+        assert!(reason.contains("not authorized"), "{statement}: {reason}");
+    }
+    // What a projection may do still works, and so do the harness's own
+    // transactions around it.
+    for (i, statement) in [
+        "CREATE TABLE mine (x)",
+        "CREATE INDEX mine_x ON mine (x)",
+        "CREATE TRIGGER mine_log AFTER INSERT ON mine BEGIN INSERT INTO things (name) VALUES (new.x); END",
+        "INSERT INTO mine VALUES ('via trigger')",
+        "SELECT key FROM projector_kv",
+    ]
+    .iter()
+    .enumerate()
+    {
+        run_sql(&mut h, &format!("allowed-{i}"), statement)
+            .unwrap_or_else(|err| panic!("{statement}: {err}"));
+    }
+    assert_eq!(h.rows("SELECT name FROM things").len(), 1);
+}
+
+#[test]
+fn a_statement_that_ends_the_transaction_traps_and_sql_made_values_are_capped() {
+    let mut h = Harness::<RunsSql>::new();
+    run_sql(&mut h, "seed", "INSERT INTO things (id, name) VALUES (1, 'kept')").unwrap();
+    let message = the_panic_message(|| {
+        drop(run_sql(&mut h, "again", "INSERT OR ROLLBACK INTO things (id, name) VALUES (1, 'twice')"))
+    });
+    assert!(
+        message.contains("a statement rolled back the transaction the host runs the call in"),
+        "{message}"
+    );
+    assert_eq!(h.state::<u64>("changed/again"), None);
+    assert_eq!(run_sql(&mut h, "after", "INSERT INTO things (name) VALUES ('later')"), Ok(1));
+
+    // SQL cannot make a value the host's SQLITE_LIMIT_LENGTH would refuse.
+    let Err(Failure::Reject(reason)) = run_sql(&mut h, "big", "SELECT zeroblob(200000000)") else {
+        panic!("a 200 MB blob should be refused")
+    };
+    assert!(reason.contains("too big"), "{reason}");
+}
+
+#[test]
+fn values_over_the_limit_trap_with_the_hosts_message() {
+    struct Writes;
+    impl Projection for Writes {
+        fn handle(ctx: &Context, event: &Event) -> Result<(), Failure> {
+            match event.event_type() {
+                "state" => ctx.state().set_bytes("big", event.data()),
+                "text" => {
+                    let text = String::from_utf8(event.data().to_vec()).unwrap();
+                    ctx.sql().query("SELECT length(?1)", &[text.into()])?;
+                }
+                "blob" => {
+                    ctx.sql().execute("SELECT length(?1)", &[event.data().into()])?;
+                }
+                _ => unreachable!(),
+            }
+            Ok(())
+        }
+    }
+    let mut h = Harness::<Writes>::new();
+    // "big" is 3 bytes of the key + value.
+    h.handle(Event::new("state", vec![b'x'; DEFAULT_VALUE_LIMIT - 3])).unwrap();
+    h.handle(Event::new("text", vec![b'x'; DEFAULT_VALUE_LIMIT])).unwrap();
+    let over = DEFAULT_VALUE_LIMIT + 1;
+    let message = the_panic_message(|| drop(h.handle(Event::new("state", vec![b'y'; over - 3]))));
+    assert!(
+        message.contains(&format!(
+            "the state value for key \"big\" of {over} bytes is over the limit of {DEFAULT_VALUE_LIMIT} \
+             bytes (limits.value_kib)"
+        )),
+        "{message}"
+    );
+    // The trapped batch left nothing, and the harness goes on.
+    assert_eq!(h.scan("big", 1)[0].1[0], b'x');
+    let message = the_panic_message(|| drop(h.handle(Event::new("text", vec![b'x'; over]))));
+    assert!(
+        message.contains(&format!("an SQL text parameter of {over} bytes is over the limit")),
+        "{message}"
+    );
+
+    let mut small = Harness::<Writes>::new().with_value_limit(16);
+    small.handle(Event::new("blob", vec![0; 16])).unwrap();
+    let message = the_panic_message(|| drop(small.handle(Event::new("blob", vec![0; 17]))));
+    assert!(
+        message
+            .contains("an SQL blob parameter of 17 bytes is over the limit of 16 bytes (limits.value_kib)"),
+        "{message}"
+    );
+    small.handle(Event::new("state", "0123456789abc")).unwrap();
 }

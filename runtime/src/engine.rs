@@ -9,6 +9,9 @@
 //! The sandbox's limits live here too: [`Limits`] (memory, a wall-clock
 //! deadline per call through epoch interruption, optional fuel, tables,
 //! instances, value sizes, guest log rate) and how a broken limit reads.
+//! Epoch interruption only fires in wasm code, so arming a call also hands
+//! its deadline to the [`GuestHost`], whose SQLite progress handler stops
+//! guest SQL that outlives it.
 
 use crate::bindings::{Projection, ProjectionPre};
 use crate::config::LimitsConfig;
@@ -18,7 +21,7 @@ use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, Store, Trap};
 
@@ -92,10 +95,12 @@ impl Limits {
         })
     }
 
-    /// Arm `store` for one guest call: a fresh deadline and fuel.
+    /// Arm `store` for one guest call: a fresh deadline, for its wasm code
+    /// (the epoch) and its SQL (the host's progress handler), and fuel.
     pub fn arm(&self, store: &mut Store<GuestHost>, fuel_enabled: bool) -> Result<()> {
         let ticks = self.call_timeout.as_millis().div_ceil(EPOCH_TICK.as_millis()).max(1);
         store.set_epoch_deadline(ticks as u64);
+        store.data().set_call_deadline(Instant::now() + self.call_timeout);
         if fuel_enabled {
             store.set_fuel(self.fuel.unwrap_or(u64::MAX)).map_err(anyhow::Error::from)?;
         }
@@ -103,6 +108,9 @@ impl Limits {
     }
 
     /// Say what a trap means, naming the limit it broke, if it broke one.
+    ///
+    /// Guest SQL stopped at the deadline traps with [`Trap::Interrupt`] too
+    /// (see `GuestHost`), so both read the same.
     pub fn describe_trap(&self, err: wasmtime::Error) -> String {
         match err.downcast_ref::<Trap>() {
             Some(Trap::Interrupt) => format!(

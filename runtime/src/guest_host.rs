@@ -5,8 +5,16 @@
 //! The guest runs inside a transaction the projection loop owns, so every
 //! write here commits or rolls back with the checkpoint. The SQLite
 //! authorizer keeps guest SQL inside that contract: no transaction control,
-//! no ATTACH, no pragmas, no extension loading, and no access to the
-//! runtime's own tables.
+//! no ATTACH, no pragmas, no extension loading, no access to the runtime's
+//! own tables, and nothing that would later run or resolve inside the
+//! host's statements (which run with the authorizer off): no trigger on a
+//! table the host writes, no temp trigger, no temp table shadowing one.
+//!
+//! Guest SQL runs under the call's limits too: a progress handler stops it
+//! at the call's deadline (epoch interruption never fires inside SQLite),
+//! and SQLITE_LIMIT_LENGTH caps the strings and blobs SQL itself makes. A
+//! failed guest statement is the guest's to handle unless it broke a limit
+//! or the host's database failed; those trap (see [`classify`]).
 //!
 //! It is also the store's resource limiter: memory, tables and instances are
 //! capped by the projection's [`Limits`], and guest log lines are cut and
@@ -17,15 +25,33 @@ use crate::engine::Limits;
 use anyhow::{Result, bail};
 use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
 use rusqlite::types::{ToSqlOutput, ValueRef};
-use rusqlite::{Connection, ToSql, params_from_iter};
+use rusqlite::{Connection, ErrorCode, ToSql, ffi, params_from_iter};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
+use wasmtime::Trap;
 
 /// Tables the runtime owns inside a projection's database; the guest may
 /// neither read nor write them (it could forge its checkpoint or hide its
 /// dead letters). `projector_kv` is the guest's own key/value state.
 pub const RUNTIME_TABLES: [&str; 3] = ["projector_checkpoints", "projector_dead_letters", "projector_meta"];
+
+/// The guest's key/value table: the guest may use it, but the host writes
+/// it too (`state.set`), so nothing of the guest's may hang off it.
+const KV_TABLE: &str = "projector_kv";
+
+/// How many SQLite virtual machine instructions run between two looks at
+/// the call's deadline: frequent enough to stop within a millisecond or so,
+/// rare enough to cost nothing measurable.
+const PROGRESS_INTERVAL: i32 = 1000;
+
+/// The largest row the host itself expects to write on a projection's
+/// connection: a dead letter holds a whole event, and events arrive over
+/// HTTP (16 MiB by default, `--max-body-kib`) or from files with no cap.
+const HOST_ROW_BYTES: usize = 64 << 20;
+
+/// SQLite's own ceiling for SQLITE_LIMIT_LENGTH (SQLITE_MAX_LENGTH).
+const SQLITE_MAX_LENGTH: usize = 1_000_000_000;
 
 /// Prepended to every guest statement; see [`GuestHost::as_guest`].
 const GUEST_SQL_PREFIX: &str = "/* guest */ ";
@@ -35,6 +61,7 @@ pub struct GuestHost {
     db: Connection,
     projection: Arc<str>,
     guest_sql: Arc<AtomicBool>,
+    deadline: CallDeadline,
     /// The batch being handled, to attach event ids to guest log lines.
     batch: Vec<(u64, String, Option<String>)>,
     /// Set when an import failed because of the host (not the guest): the
@@ -54,11 +81,18 @@ impl GuestHost {
         db.authorizer(Some(move |ctx: AuthContext<'_>| {
             if flag.load(Ordering::Relaxed) { authorize_guest(&ctx) } else { Authorization::Allow }
         }))?;
+        // Only a guest statement is stopped: the host's own (its commit, a
+        // dead letter) must finish whatever the time.
+        let deadline = CallDeadline::new();
+        let (flag, call) = (guest_sql.clone(), deadline.clone());
+        db.progress_handler(PROGRESS_INTERVAL, Some(move || flag.load(Ordering::Relaxed) && call.passed()))?;
+        set_length_limit(&db, sql_length_limit(&limits));
         db.set_prepared_statement_cache_capacity(256);
         Ok(GuestHost {
             db,
             projection,
             guest_sql,
+            deadline,
             batch: Vec::new(),
             host_error: None,
             limits,
@@ -71,6 +105,12 @@ impl GuestHost {
     /// The limits this instance runs under.
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    /// Stop guest SQL that is still running at `at`: the deadline of the
+    /// call being armed (see [`Limits::arm`]).
+    pub fn set_call_deadline(&self, at: Instant) {
+        self.deadline.set(at);
     }
 
     /// Guest log lines dropped over the rate limit since the last call.
@@ -144,24 +184,160 @@ impl GuestHost {
         message
     }
 
-    /// Run `f` with the authorizer applying the guest's rules.
+    /// Run `f` as the guest's — the authorizer applying the guest's rules,
+    /// the progress handler watching the deadline — and say how it ended:
+    /// the guest's to see, or a trap ([`classify`]).
     ///
     /// Guest statements must be prepared as the guest's: the connection's
     /// statement cache is shared with the host, and a cached host statement
     /// (its `COMMIT`, its checkpoint update) was authorized as the host's.
     /// So every guest statement is prepared under [`GUEST_SQL_PREFIX`], which
     /// no host statement carries: a guest can never be handed one.
-    fn as_guest<T>(&self, f: impl FnOnce(&Connection) -> T) -> T {
+    fn as_guest<T>(
+        &mut self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    ) -> Result<Result<T, String>> {
+        let in_transaction = !self.db.is_autocommit();
         self.guest_sql.store(true, Ordering::Relaxed);
         let result = f(&self.db);
         self.guest_sql.store(false, Ordering::Relaxed);
-        result
+        // SQLite ends the whole transaction itself when a write is
+        // interrupted or fails on I/O, or when the statement says so
+        // (`INSERT OR ROLLBACK`, `RAISE(ROLLBACK)`). The call traps then;
+        // an empty transaction stands in so the host's ROLLBACK has one to
+        // end, and the host's later statements do not autocommit.
+        let ended = in_transaction && self.db.is_autocommit();
+        if ended && let Err(err) = self.db.execute_batch("BEGIN") {
+            return Err(self.host_failed(err));
+        }
+        match result.map_err(classify) {
+            Ok(_) | Err(SqlFailure::Guest(_)) if ended => bail!(
+                "sql: a statement rolled back the transaction the host runs the call in \
+                 (ON CONFLICT ROLLBACK or RAISE(ROLLBACK)); the call's writes are gone"
+            ),
+            Ok(value) => Ok(Ok(value)),
+            Err(SqlFailure::Guest(message)) => Ok(Err(message)),
+            // The same trap as a deadline in wasm code, so it reads the same.
+            Err(SqlFailure::Deadline) => Err(Trap::Interrupt.into()),
+            Err(SqlFailure::Host(err)) => Err(self.host_failed(err)),
+        }
+    }
+}
+
+/// When the current guest call must end, shared with the connection's
+/// progress handler (which cannot borrow the store): nanoseconds after
+/// `origin`, so one atomic holds it.
+#[derive(Clone)]
+struct CallDeadline {
+    origin: Instant,
+    nanos: Arc<AtomicU64>,
+}
+
+impl CallDeadline {
+    /// No deadline until a call is armed.
+    fn new() -> Self {
+        CallDeadline { origin: Instant::now(), nanos: Arc::new(AtomicU64::new(u64::MAX)) }
+    }
+
+    fn set(&self, at: Instant) {
+        let nanos = at.saturating_duration_since(self.origin).as_nanos();
+        self.nanos.store(u64::try_from(nanos).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    fn passed(&self) -> bool {
+        let now = self.origin.elapsed().as_nanos();
+        now >= u128::from(self.nanos.load(Ordering::Relaxed))
+    }
+}
+
+/// SQLITE_LIMIT_LENGTH for a projection's connection: the longest string or
+/// blob, and the largest row, SQLite will make or store.
+///
+/// Parameters are checked against `limits.value_kib`, but SQL makes its
+/// own values (`zeroblob(500000000)`, `randomblob`, `printf('%.*c', …)`).
+/// The host shares the connection, so the cap must leave it room for its
+/// own rows (a dead letter holds a whole event): twice the larger of the
+/// value limit and [`HOST_ROW_BYTES`] — a row holds a value plus its other
+/// columns — within SQLite's own ceiling.
+fn sql_length_limit(limits: &Limits) -> i32 {
+    let bytes = limits.value_bytes.max(HOST_ROW_BYTES).saturating_mul(2).min(SQLITE_MAX_LENGTH);
+    i32::try_from(bytes).unwrap_or(i32::MAX)
+}
+
+/// Set SQLITE_LIMIT_LENGTH on `db`.
+fn set_length_limit(db: &Connection, bytes: i32) {
+    db.set_limit(rusqlite::limits::Limit::SQLITE_LIMIT_LENGTH, bytes)
+        .expect("SQLITE_LIMIT_LENGTH is a limit SQLite knows");
+}
+
+/// What a failed guest statement means.
+#[derive(Debug)]
+enum SqlFailure {
+    /// The statement was wrong or refused — syntax, a constraint, the
+    /// authorizer, a size cap — and the guest is told, to reject or cope.
+    Guest(String),
+    /// The call's deadline passed while SQLite ran it: a trap, like the
+    /// deadline in wasm code.
+    Deadline,
+    /// The host's database failed — a full disk, I/O, locks, corruption —
+    /// through no fault of the guest: a trap that faults the projection
+    /// and parks nothing.
+    Host(rusqlite::Error),
+}
+
+/// Whose failure `err` is.
+fn classify(err: rusqlite::Error) -> SqlFailure {
+    let rusqlite::Error::SqliteFailure(failure, _) = &err else {
+        // rusqlite's own checks (a bad column index, several statements
+        // in one): about the statement the guest sent.
+        return SqlFailure::Guest(err.to_string());
+    };
+    match failure.code {
+        // Only the progress handler interrupts a projection's connection.
+        ErrorCode::OperationInterrupted => SqlFailure::Deadline,
+        // A write on the read-only connection that serves `query` is the
+        // guest's doing; the extended codes (a read-only file, a moved
+        // database, a recovery in progress) are the host's.
+        ErrorCode::ReadOnly if failure.extended_code == ffi::SQLITE_READONLY => {
+            SqlFailure::Guest(err.to_string())
+        }
+        ErrorCode::DiskFull
+        | ErrorCode::SystemIoFailure
+        | ErrorCode::DatabaseBusy
+        | ErrorCode::DatabaseLocked
+        | ErrorCode::OutOfMemory
+        | ErrorCode::ReadOnly
+        | ErrorCode::CannotOpen
+        | ErrorCode::DatabaseCorrupt
+        | ErrorCode::NotADatabase
+        | ErrorCode::FileLockingProtocolFailed
+        | ErrorCode::NoLargeFileSupport
+        | ErrorCode::PermissionDenied
+        | ErrorCode::NotFound
+        | ErrorCode::InternalMalfunction
+        | ErrorCode::ApiMisuse => SqlFailure::Host(err),
+        _ => SqlFailure::Guest(err.to_string()),
     }
 }
 
 fn authorize_guest(ctx: &AuthContext<'_>) -> Authorization {
     let runtime_table = |name: &str| RUNTIME_TABLES.iter().any(|t| name.eq_ignore_ascii_case(t));
+    let host_writes = |name: &str| runtime_table(name) || name.eq_ignore_ascii_case(KV_TABLE);
     match ctx.action {
+        // The host's statements run with this authorizer off, so a trigger
+        // they fire would run with the host's rights (hide dead letters,
+        // forge the checkpoint). A trigger on the guest's own tables is
+        // fine: only guest statements fire it, and its body is authorized
+        // as theirs. A temp trigger can sit on any schema's table: none.
+        AuthAction::CreateTempTrigger { .. } | AuthAction::DropTempTrigger { .. } => Authorization::Deny,
+        AuthAction::CreateTrigger { table_name, .. } if host_writes(table_name) => Authorization::Deny,
+        // The temp schema is searched first: a temp table or view named
+        // like one of the host's would take its place in host statements.
+        AuthAction::CreateTempTable { table_name } | AuthAction::CreateTempView { view_name: table_name }
+            if host_writes(table_name) =>
+        {
+            Authorization::Deny
+        }
         AuthAction::Transaction { .. }
         | AuthAction::Savepoint { .. }
         | AuthAction::Attach { .. }
@@ -240,37 +416,33 @@ impl StateHost for GuestHost {
 impl SqlHost for GuestHost {
     fn execute(&mut self, statement: String, params: Vec<Value>) -> Result<Result<u64, String>> {
         self.check_params(&params)?;
-        Ok(self.as_guest(|db| {
-            let mut stmt = db
-                .prepare_cached(&format!("{GUEST_SQL_PREFIX}{statement}"))
-                .map_err(|err| err.to_string())?;
+        self.as_guest(|db| {
+            let mut stmt = db.prepare_cached(&format!("{GUEST_SQL_PREFIX}{statement}"))?;
             let readonly = stmt.readonly();
             // Step through any rows (`RETURNING`) so every statement runs whole.
-            let mut rows = stmt.query(params_from_iter(&params)).map_err(|err| err.to_string())?;
-            while rows.next().map_err(|err| err.to_string())?.is_some() {}
+            let mut rows = stmt.query(params_from_iter(&params))?;
+            while rows.next()?.is_some() {}
             Ok(if readonly { 0 } else { db.changes() })
-        }))
+        })
     }
 
     fn query(&mut self, statement: String, params: Vec<Value>) -> Result<Result<Rows, String>> {
         self.check_params(&params)?;
-        Ok(self.as_guest(|db| {
-            let mut stmt = db
-                .prepare_cached(&format!("{GUEST_SQL_PREFIX}{statement}"))
-                .map_err(|err| err.to_string())?;
+        self.as_guest(|db| {
+            let mut stmt = db.prepare_cached(&format!("{GUEST_SQL_PREFIX}{statement}"))?;
             let columns: Vec<String> = stmt.column_names().map(String::from).collect();
             let width = columns.len();
-            let mut rows = stmt.query(params_from_iter(&params)).map_err(|err| err.to_string())?;
+            let mut rows = stmt.query(params_from_iter(&params))?;
             let mut out = Vec::new();
-            while let Some(row) = rows.next().map_err(|err| err.to_string())? {
+            while let Some(row) = rows.next()? {
                 let mut values = Vec::with_capacity(width);
                 for i in 0..width {
-                    values.push(from_value_ref(row.get_ref(i).map_err(|err| err.to_string())?));
+                    values.push(from_value_ref(row.get_ref(i)?));
                 }
                 out.push(values);
             }
             Ok(Rows { columns, rows: out })
-        }))
+        })
     }
 }
 
@@ -391,5 +563,148 @@ pub fn from_value_ref(value: ValueRef<'_>) -> Value {
         ValueRef::Real(x) => Value::Real(x),
         ValueRef::Text(s) => Value::Text(String::from_utf8_lossy(s).into_owned()),
         ValueRef::Blob(b) => Value::Blob(b.to_vec()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn sqlite_error(code: i32) -> rusqlite::Error {
+        rusqlite::Error::SqliteFailure(ffi::Error::new(code), None)
+    }
+
+    /// A host over an in-memory database with the runtime's tables, inside
+    /// a transaction as every guest call is.
+    fn host() -> GuestHost {
+        let db = Connection::open_in_memory().unwrap();
+        db.execute_batch(
+            "CREATE TABLE projector_kv (key TEXT PRIMARY KEY NOT NULL, value BLOB NOT NULL);
+             CREATE TABLE projector_dead_letters (position INTEGER);
+             CREATE TABLE projector_checkpoints (position INTEGER);
+             CREATE TABLE handled (position INTEGER);
+             BEGIN;",
+        )
+        .unwrap();
+        GuestHost::new(db, "test".into(), Limits::default()).unwrap()
+    }
+
+    fn guest_error(host: &mut GuestHost, sql: &str) -> String {
+        match host.execute(sql.into(), Vec::new()) {
+            Ok(Err(message)) => message,
+            other => panic!("{sql}: expected a guest-visible error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn host_faults_trap_and_guest_mistakes_stay_the_guests() {
+        let host = [
+            ffi::SQLITE_FULL,
+            ffi::SQLITE_IOERR,
+            ffi::SQLITE_IOERR_WRITE,
+            ffi::SQLITE_IOERR_FSYNC,
+            ffi::SQLITE_BUSY,
+            ffi::SQLITE_LOCKED,
+            ffi::SQLITE_NOMEM,
+            ffi::SQLITE_CANTOPEN,
+            ffi::SQLITE_CORRUPT,
+            ffi::SQLITE_NOTADB,
+            ffi::SQLITE_PROTOCOL,
+            ffi::SQLITE_READONLY_DBMOVED,
+            ffi::SQLITE_READONLY_CANTLOCK,
+        ];
+        for code in host {
+            assert!(matches!(classify(sqlite_error(code)), SqlFailure::Host(_)), "code {code}");
+        }
+        assert!(matches!(classify(sqlite_error(ffi::SQLITE_INTERRUPT)), SqlFailure::Deadline));
+        let guest = [
+            ffi::SQLITE_ERROR,
+            ffi::SQLITE_CONSTRAINT_UNIQUE,
+            ffi::SQLITE_CONSTRAINT_TRIGGER,
+            ffi::SQLITE_AUTH,
+            ffi::SQLITE_TOOBIG,
+            ffi::SQLITE_MISMATCH,
+            ffi::SQLITE_RANGE,
+            // A `query` export writing on its read-only connection.
+            ffi::SQLITE_READONLY,
+        ];
+        for code in guest {
+            assert!(matches!(classify(sqlite_error(code)), SqlFailure::Guest(_)), "code {code}");
+        }
+        assert!(matches!(classify(rusqlite::Error::MultipleStatement), SqlFailure::Guest(_)));
+    }
+
+    #[test]
+    fn a_host_fault_is_kept_for_the_projection_loop() {
+        let mut host = host();
+        let result = host.as_guest(|_| -> rusqlite::Result<()> { Err(sqlite_error(ffi::SQLITE_FULL)) });
+        let trap = result.expect_err("a full disk traps");
+        assert!(format!("{trap:#}").contains("host database error"), "{trap:#}");
+        assert!(host.take_host_error().is_some(), "kept, so the event is not parked");
+    }
+
+    #[test]
+    fn real_guest_errors_are_handed_to_the_guest() {
+        let mut host = host();
+        assert!(guest_error(&mut host, "SELEC 1").contains("syntax error"));
+        host.execute("INSERT INTO projector_kv VALUES ('k', x'')".into(), Vec::new()).unwrap().unwrap();
+        assert!(guest_error(&mut host, "INSERT INTO projector_kv VALUES ('k', x'')").contains("UNIQUE"));
+        assert!(host.take_host_error().is_none());
+    }
+
+    #[test]
+    fn triggers_that_would_run_as_the_host_and_shadow_tables_are_denied() {
+        let mut host = host();
+        for sql in [
+            "CREATE TEMP TRIGGER t AFTER INSERT ON main.projector_dead_letters BEGIN SELECT 1; END",
+            "CREATE TEMP TRIGGER t AFTER INSERT ON handled BEGIN SELECT 1; END",
+            "CREATE TRIGGER t AFTER INSERT ON projector_kv BEGIN SELECT 1; END",
+            "CREATE TRIGGER t AFTER UPDATE ON projector_checkpoints BEGIN SELECT 1; END",
+            "CREATE TEMP TABLE projector_checkpoints (position INTEGER)",
+            "CREATE TEMP VIEW projector_kv AS SELECT 1 AS key, 2 AS value",
+        ] {
+            assert!(guest_error(&mut host, sql).contains("not authorized"), "{sql}");
+        }
+        // The guest's own tables keep their triggers.
+        let own = "CREATE TRIGGER own AFTER INSERT ON handled BEGIN SELECT 1; END";
+        assert_eq!(host.execute(own.into(), Vec::new()).unwrap(), Ok(0));
+    }
+
+    #[test]
+    fn guest_sql_past_the_deadline_traps_as_the_deadline() {
+        let mut host = host();
+        host.set_call_deadline(Instant::now() + Duration::from_millis(50));
+        let started = Instant::now();
+        let result = host.execute(
+            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c".into(),
+            Vec::new(),
+        );
+        let trap = result.expect_err("the deadline traps");
+        assert_eq!(trap.downcast_ref::<Trap>(), Some(&Trap::Interrupt));
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(host.take_host_error().is_none());
+        // The host's own statements are never stopped.
+        host.db().execute_batch("INSERT INTO handled VALUES (1); COMMIT").unwrap();
+    }
+
+    #[test]
+    fn sql_cannot_make_a_value_past_the_length_limit() {
+        let mut host = host();
+        let too_big = host.query("SELECT length(zeroblob(500000000))".into(), Vec::new()).unwrap();
+        assert_eq!(too_big.map(drop), Err("string or blob too big".to_string()));
+        let fits = host.query("SELECT length(zeroblob(1000000))".into(), Vec::new()).unwrap().unwrap();
+        assert!(matches!(fits.rows[..], [ref row] if matches!(row[..], [Value::Integer(1_000_000)])));
+    }
+
+    #[test]
+    fn a_statement_that_rolls_back_the_hosts_transaction_traps() {
+        let mut host = host();
+        let result = host
+            .execute("INSERT OR ROLLBACK INTO projector_kv VALUES ('a', x''), ('a', x'')".into(), Vec::new());
+        let trap = result.expect_err("the call cannot commit whole");
+        assert!(format!("{trap:#}").contains("rolled back the transaction"), "{trap:#}");
+        assert!(!host.db().is_autocommit(), "a transaction stands in for the host's ROLLBACK");
+        host.db().execute_batch("ROLLBACK").unwrap();
     }
 }

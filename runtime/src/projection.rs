@@ -129,8 +129,17 @@ pub enum Step {
     Idle,
     /// The checkpoint moved; this many events were handed to the module.
     Advanced(usize),
-    /// A stop was requested while a batch waited to be retried.
-    Stopped,
+    /// The module asked to retry; the batch waits out its backoff.
+    Retrying,
+}
+
+/// How applying a batch ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Applied {
+    /// Committed (a failing event found by splitting was parked).
+    Committed,
+    /// The module asked to retry: rolled back, to go again at `retry_at`.
+    RetryLater,
 }
 
 /// The first retry waits this long; each next one twice as long…
@@ -159,6 +168,11 @@ pub struct ProjectionRunner {
     stop: Arc<AtomicBool>,
     live: Arc<LiveProjection>,
     retrying: bool,
+    /// Attempts so far at the batch after the checkpoint, while the module
+    /// keeps asking to retry it.
+    attempts: u32,
+    /// When that batch may be tried again.
+    retry_at: Option<std::time::Instant>,
     /// Status a swap changed (`module`, …), written with the next commit so
     /// the swap itself writes nothing: a commit of its own could meet a WAL
     /// checkpoint and hold processing up for milliseconds.
@@ -316,6 +330,8 @@ impl ProjectionRunner {
             stop,
             live,
             retrying: false,
+            attempts: 0,
+            retry_at: None,
             unwritten: Vec::new(),
             handled: 0,
             parked: 0,
@@ -381,8 +397,14 @@ impl ProjectionRunner {
                 // A swap's status goes out now: no batch will carry it.
                 self.write_unwritten()?;
                 std::thread::sleep(POLL_INTERVAL);
-            } else if self.step()? == Step::Idle {
-                self.reader.wait(POLL_INTERVAL);
+                continue;
+            }
+            match self.step()? {
+                Step::Idle => self.reader.wait(POLL_INTERVAL),
+                // Waiting out a backoff here, not inside the batch, keeps
+                // swaps, rebuilds, pauses and stops working meanwhile.
+                Step::Retrying => self.wait_for_retry(POLL_INTERVAL),
+                Step::Advanced(_) => {}
             }
         }
         if let Some(rebuild) = self.rebuild.take() {
@@ -415,12 +437,25 @@ impl ProjectionRunner {
     pub fn catch_up_with(&mut self, mut progress: impl FnMut(u64, u64)) -> Result<()> {
         let head = self.reader.head()?;
         while self.checkpoint < head && !self.stop.load(Ordering::Relaxed) {
-            if matches!(self.step()?, Step::Idle | Step::Stopped) {
-                break;
+            match self.step()? {
+                Step::Idle => break,
+                Step::Retrying => self.wait_for_retry(Duration::MAX),
+                Step::Advanced(_) => progress(self.checkpoint, head.max(self.checkpoint)),
             }
-            progress(self.checkpoint, head.max(self.checkpoint));
         }
         Ok(())
+    }
+
+    /// Sleep until the batch waiting to be retried may go again, at most
+    /// `longest`, waking early for a stop.
+    fn wait_for_retry(&self, longest: Duration) {
+        let Some(at) = self.retry_at else { return };
+        let until = at.min(std::time::Instant::now() + longest.min(Duration::from_secs(3600)));
+        while std::time::Instant::now() < until && !self.stop.load(Ordering::Relaxed) {
+            std::thread::sleep(
+                until.saturating_duration_since(std::time::Instant::now()).min(Duration::from_millis(5)),
+            );
+        }
     }
 
     /// Events in the log after the checkpoint.
@@ -435,6 +470,9 @@ impl ProjectionRunner {
 
     /// Read one batch and apply it.
     pub fn step(&mut self) -> Result<Step> {
+        if self.retry_at.is_some_and(|at| std::time::Instant::now() < at) {
+            return Ok(Step::Retrying);
+        }
         let batch = match self.prefetch.take(self.checkpoint) {
             Some(batch) => batch?,
             None => self.reader.read_after(self.checkpoint, &self.filter, self.batch_size)?,
@@ -455,103 +493,102 @@ impl ProjectionRunner {
             self.checkpoint = batch.scanned_to;
             return Ok(Step::Advanced(0));
         }
-        if !self.apply(&batch.events, batch.scanned_to)? {
-            return Ok(Step::Stopped);
-        }
-        Ok(Step::Advanced(batch.events.len()))
+        Ok(match self.apply(&batch.events, batch.scanned_to)? {
+            Applied::Committed => Step::Advanced(batch.events.len()),
+            Applied::RetryLater => Step::Retrying,
+        })
     }
 
-    /// Apply `events` and move the checkpoint to `checkpoint_after`. Returns
-    /// false if a stop was requested before it could commit.
-    fn apply(&mut self, events: &[Event], checkpoint_after: u64) -> Result<bool> {
-        let mut attempts: u32 = 0;
-        loop {
-            attempts += 1;
-            let started = std::time::Instant::now();
-            let unwritten = &self.unwritten;
-            let attempt = self.instance.handle_in_transaction(events, |db| {
-                for (key, value) in unwritten {
-                    projection_db::set_meta(db, key, value.as_deref())?;
-                }
-                projection_db::set_checkpoint(db, LOG_SOURCE, checkpoint_after)
-            })?;
-            let metrics = &self.live.metrics;
-            match &attempt {
-                Attempt::Committed => self.live.record_batch(events.len(), started.elapsed()),
-                Attempt::Failed(Failure::Retry(reason)) => {
-                    metrics.guest_error(&self.name, "retry");
-                    self.live.set_last_error(Some(format!("retry: {reason}")));
-                }
-                Attempt::Failed(Failure::Reject(reason)) => {
-                    metrics.guest_error(&self.name, "reject");
-                    self.live.set_last_error(Some(format!("reject: {reason}")));
-                }
-                Attempt::Trapped(reason) => {
-                    metrics.guest_error(&self.name, "trap");
-                    self.live.set_last_error(Some(reason.clone()));
-                }
+    /// Apply `events` and move the checkpoint to `checkpoint_after`, or,
+    /// when the module asks to retry, roll back and set when to try again.
+    fn apply(&mut self, events: &[Event], checkpoint_after: u64) -> Result<Applied> {
+        self.attempts += 1;
+        let attempts = self.attempts;
+        self.retry_at = None;
+        let started = std::time::Instant::now();
+        let unwritten = &self.unwritten;
+        let attempt = self.instance.handle_in_transaction(events, |db| {
+            for (key, value) in unwritten {
+                projection_db::set_meta(db, key, value.as_deref())?;
             }
-            let reason = match attempt {
-                Attempt::Committed => {
-                    self.unwritten.clear();
-                    self.checkpoint = checkpoint_after;
-                    self.handled += events.len() as u64;
-                    if std::mem::take(&mut self.retrying) {
-                        projection_db::set_meta(self.db(), "retrying", None)?;
-                    }
-                    return Ok(true);
-                }
-                Attempt::Failed(Failure::Retry(reason)) => {
-                    let wait = RETRY_BACKOFF_START
-                        .saturating_mul(1 << (attempts - 1).min(16))
-                        .min(RETRY_BACKOFF_CAP);
-                    let (event_id, correlation_id) = crate::instance::single_event_ids(events);
-                    tracing::warn!(
-                        projection = &*self.name,
-                        first_position = events[0].position,
-                        events = events.len(),
-                        event_id,
-                        correlation_id,
-                        attempts,
-                        "module asked to retry: {reason}; retrying in {wait:?}"
-                    );
-                    let retrying = serde_json::json!({
-                        "position": events[0].position,
-                        "attempts": attempts,
-                        "reason": reason,
-                    });
-                    projection_db::set_meta(self.db(), "retrying", Some(&retrying.to_string()))?;
-                    self.retrying = true;
-                    if !self.sleep_unless_stopped(wait) {
-                        return Ok(false);
-                    }
-                    // The batch is rolled back: a boundary. A fixed module
-                    // sent meanwhile takes over the retries.
-                    self.take_updates()?;
-                    continue;
-                }
-                Attempt::Failed(Failure::Reject(reason)) => reason,
-                Attempt::Trapped(reason) => reason,
-            };
-            if events.len() > 1 {
-                // Split to find the event: the halves commit on their own.
-                let mid = events.len() / 2;
-                return Ok(self.apply(&events[..mid], events[mid - 1].position)?
-                    && self.apply(&events[mid..], checkpoint_after)?);
+            projection_db::set_checkpoint(db, LOG_SOURCE, checkpoint_after)
+        })?;
+        let metrics = &self.live.metrics;
+        match &attempt {
+            Attempt::Committed => self.live.record_batch(events.len(), started.elapsed()),
+            Attempt::Failed(Failure::Retry(reason)) => {
+                metrics.guest_error(&self.name, "retry");
+                self.live.set_last_error(Some(format!("retry: {reason}")));
             }
-            let event = &events[0];
-            match self.policy {
-                FailurePolicy::DeadLetter => self.park(event, &reason, attempts, checkpoint_after)?,
-                FailurePolicy::Halt => bail!(
-                    "halted at event {} (position {}): {reason}; the checkpoint stays at {} \
-                     (on_failure = \"halt\"): fix the module or the event, then restart",
-                    event.id,
-                    event.position,
-                    self.checkpoint
-                ),
+            Attempt::Failed(Failure::Reject(reason)) => {
+                metrics.guest_error(&self.name, "reject");
+                self.live.set_last_error(Some(format!("reject: {reason}")));
             }
-            return Ok(true);
+            Attempt::Trapped(reason) => {
+                metrics.guest_error(&self.name, "trap");
+                self.live.set_last_error(Some(reason.clone()));
+            }
         }
+        let reason = match attempt {
+            Attempt::Committed => {
+                self.unwritten.clear();
+                self.checkpoint = checkpoint_after;
+                self.handled += events.len() as u64;
+                self.attempts = 0;
+                if std::mem::take(&mut self.retrying) {
+                    projection_db::set_meta(self.db(), "retrying", None)?;
+                }
+                return Ok(Applied::Committed);
+            }
+            Attempt::Failed(Failure::Retry(reason)) => {
+                let wait =
+                    RETRY_BACKOFF_START.saturating_mul(1 << (attempts - 1).min(16)).min(RETRY_BACKOFF_CAP);
+                let (event_id, correlation_id) = crate::instance::single_event_ids(events);
+                tracing::warn!(
+                    projection = &*self.name,
+                    first_position = events[0].position,
+                    events = events.len(),
+                    event_id,
+                    correlation_id,
+                    attempts,
+                    "module asked to retry: {reason}; retrying in {wait:?}"
+                );
+                let retrying = serde_json::json!({
+                    "position": events[0].position,
+                    "attempts": attempts,
+                    "reason": reason,
+                });
+                projection_db::set_meta(self.db(), "retrying", Some(&retrying.to_string()))?;
+                self.retrying = true;
+                self.retry_at = Some(std::time::Instant::now() + wait);
+                return Ok(Applied::RetryLater);
+            }
+            Attempt::Failed(Failure::Reject(reason)) => reason,
+            Attempt::Trapped(reason) => reason,
+        };
+        if events.len() > 1 {
+            // Split to find the event: the halves commit on their own, each
+            // counting its own attempts.
+            self.attempts = 0;
+            let mid = events.len() / 2;
+            return match self.apply(&events[..mid], events[mid - 1].position)? {
+                Applied::Committed => self.apply(&events[mid..], checkpoint_after),
+                Applied::RetryLater => Ok(Applied::RetryLater),
+            };
+        }
+        let event = &events[0];
+        match self.policy {
+            FailurePolicy::DeadLetter => self.park(event, &reason, attempts, checkpoint_after)?,
+            FailurePolicy::Halt => bail!(
+                "halted at event {} (position {}): {reason}; the checkpoint stays at {} \
+                 (on_failure = \"halt\"): fix the module or the event, then restart",
+                event.id,
+                event.position,
+                self.checkpoint
+            ),
+        }
+        self.attempts = 0;
+        Ok(Applied::Committed)
     }
 
     /// Apply the module updates waiting, if any: this is the swap point,
@@ -634,6 +671,8 @@ impl ProjectionRunner {
     /// place of the running one, and record it.
     fn install(&mut self, instance: GuestInstance, started: std::time::Instant) -> Result<()> {
         let old = std::mem::replace(&mut self.instance, instance);
+        // A batch the old module asked to retry goes to the new one now.
+        (self.attempts, self.retry_at) = (0, None);
         // Tearing the old instance down (its memory, its connection) is not
         // the processing thread's work.
         std::thread::spawn(move || drop(old));
@@ -729,6 +768,7 @@ impl ProjectionRunner {
         std::mem::swap(&mut self.instance, &mut green.instance);
         std::mem::swap(&mut self.reader, &mut green.reader);
         self.checkpoint = green.checkpoint;
+        (self.attempts, self.retry_at) = (0, None);
         // The green database holds its own module's status.
         self.unwritten.clear();
         drop(green);
@@ -800,16 +840,5 @@ impl ProjectionRunner {
             "event parked as a dead letter: {reason}"
         );
         Ok(())
-    }
-
-    fn sleep_unless_stopped(&self, wait: Duration) -> bool {
-        let deadline = std::time::Instant::now() + wait;
-        while std::time::Instant::now() < deadline {
-            if self.stop.load(Ordering::Relaxed) {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(5).min(wait));
-        }
-        !self.stop.load(Ordering::Relaxed)
     }
 }

@@ -3,7 +3,8 @@
 //! a test can prove each event took effect exactly once.
 //!
 //! Control types drive the failure paths: `poison` is rejected, `panic`
-//! traps, and `log` writes its data as a log line.
+//! traps, `retry` is always asked to be retried (a dependency that never
+//! comes back), and `log` writes its data as a log line.
 
 use projector_sdk::{Context, Event, Failure, Projection};
 
@@ -27,6 +28,7 @@ impl Projection for EventRecorder {
     fn handle(ctx: &Context, event: &Event) -> Result<(), Failure> {
         match event.event_type() {
             "poison" => return Err(Failure::reject(format!("poison event {}", event.id()))),
+            "retry" => return Err(Failure::retry(format!("event {} waits for a dependency", event.id()))),
             "panic" => panic!("event {} asked for a panic", event.id()),
             "log" => ctx.log().info(&String::from_utf8_lossy(event.data())),
             _ => {}

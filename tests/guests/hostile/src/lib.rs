@@ -9,9 +9,12 @@
 //! | `h-recurse` | recurses without end (stack overflow) |
 //! | `h-panic` | panics |
 //! | `h-sql` | runs its data (a string) as SQL; an error is a reject |
+//! | `h-query` | runs its data (a string) as an SQL query; an error is a reject |
+//! | `h-log` | writes its data (a string) as one log line, then succeeds |
 //! | `h-log-flood` | writes 100,000 log lines, then succeeds |
 //! | `h-retry` | asks to retry until it has been called `data` times, then succeeds |
 //! | `h-huge` | stores a value of `data` MiB |
+//! | `h-huge-key` | stores a small value under a key of `data` MiB |
 //! | `h-thirds` | rejects itself when its position is a multiple of 3 |
 //! | `h-needs-unlock` | rejects unless an `h-unlock` event came before it |
 //! | `h-unlock` | records that later `h-needs-unlock` events may pass |
@@ -61,6 +64,10 @@ impl Projection for Hostile {
             "h-sql" => {
                 ctx.sql().execute(&text(), &[]).map_err(|err| Failure::reject(err.to_string()))?;
             }
+            "h-query" => {
+                ctx.sql().query(&text(), &[]).map_err(|err| Failure::reject(err.to_string()))?;
+            }
+            "h-log" => ctx.log().info(&text()),
             "h-log-flood" => {
                 let line = "flood ".repeat(2000);
                 for _ in 0..100_000 {
@@ -77,6 +84,10 @@ impl Projection for Hostile {
             "h-huge" => {
                 let mib: usize = text().parse().unwrap_or(8);
                 ctx.state().set_bytes("huge", &vec![7u8; mib << 20]);
+            }
+            "h-huge-key" => {
+                let mib: usize = text().parse().unwrap_or(8);
+                ctx.state().set_bytes(&"k".repeat(mib << 20), b"v");
             }
             "h-thirds" if event.position().is_multiple_of(3) => {
                 return Err(Failure::reject(format!("position {} is a multiple of 3", event.position())));
