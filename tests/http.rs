@@ -407,3 +407,241 @@ fn eight_readers_get_right_answers_while_200k_events_are_ingested() {
     let answered: u64 = readers.into_iter().map(|r| r.join().unwrap()).sum();
     assert!(answered >= 8, "every reader answered at least once ({answered} answers)");
 }
+
+/// POST `body` as JSON to `/projections/{projection}/sql`: (status, answer).
+fn sql(base: &str, projection: &str, statement: &str) -> (u16, Value) {
+    let (status, answer, _) = post(
+        &format!("{base}/projections/{projection}/sql"),
+        "application/json",
+        &json!({ "sql": statement }).to_string(),
+    );
+    (status, answer)
+}
+
+#[test]
+fn sql_is_read_only_bounded_in_time_and_never_pins_a_snapshot() {
+    let ws = Workspace::new();
+    two_projections(&ws);
+    let host = ws.start();
+    let base = host.url();
+    let events = format!("{base}/streams/wallets/events");
+    let first: Vec<String> = (0..3).map(|i| cloud_event(&format!("s{i}"), "t", json!(i))).collect();
+    post(&events, "application/x-ndjson", &first.join("\n"));
+    ws.wait_caught_up(3, WAIT);
+
+    let refused = [
+        "BEGIN",
+        "BEGIN IMMEDIATE",
+        "SAVEPOINT s",
+        "INSERT INTO handled (position, id, stream, type) VALUES (99, 'x', 'x', 'x')",
+        "ATTACH DATABASE ':memory:' AS other",
+        "PRAGMA query_only = 0",
+        "PRAGMA wal_checkpoint",
+    ];
+    for statement in refused {
+        let (status, answer) = sql(&base, "recorder", statement);
+        assert_eq!(status, 400, "{statement}: {answer}");
+        let error = answer["error"].as_str().unwrap_or_else(|| panic!("{statement}: {answer}"));
+        assert!(error.contains("the SQL endpoint is read-only"), "{statement}: {error}");
+        // Each read after a refusal starts from a clean connection: had the
+        // BEGIN got through, this read would open a snapshot that stays.
+        assert_eq!(sql(&base, "recorder", "SELECT count(*) AS n FROM handled"), (200, json!([{"n": 3}])));
+    }
+
+    // New events are visible to the next read: no connection in the pool
+    // is left inside a transaction on an old snapshot.
+    let more: Vec<String> = (3..5).map(|i| cloud_event(&format!("s{i}"), "t", json!(i))).collect();
+    post(&events, "application/x-ndjson", &more.join("\n"));
+    ws.wait_caught_up(5, WAIT);
+    for _ in 0..3 {
+        assert_eq!(sql(&base, "recorder", "SELECT count(*) AS n FROM handled"), (200, json!([{"n": 5}])));
+    }
+
+    // A query with no end is stopped after the time limit, and the
+    // connection it ran on serves the next read.
+    let started = std::time::Instant::now();
+    let (status, answer) = sql(
+        &base,
+        "recorder",
+        "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r) SELECT count(*) FROM r",
+    );
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer["error"].as_str().unwrap().contains("was stopped"), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(30), "stopped in time: {:?}", started.elapsed());
+    assert_eq!(sql(&base, "recorder", "SELECT count(*) AS n FROM handled"), (200, json!([{"n": 5}])));
+    assert_eq!(get(&format!("{base}/projections/recorder/state/count")), (200, "5".to_string()));
+}
+
+#[test]
+fn a_query_that_failed_in_the_host_does_not_poison_the_next_one() {
+    let ws = Workspace::new();
+    two_projections(&ws);
+    let host = ws.start();
+    let base = host.url();
+    let lines: Vec<String> = (0..4).map(|i| cloud_event(&format!("q{i}"), "t", json!(i))).collect();
+    post(&format!("{base}/streams/wallets/events"), "application/x-ndjson", &lines.join("\n"));
+    ws.wait_caught_up(4, WAIT);
+    let ask = || post(&format!("{base}/projections/recorder/query"), "application/json", "{}");
+    assert_eq!(ask().0, 200);
+
+    // The host's own read fails while the state table is away: a host
+    // error, not the guest's refusal or trap.
+    let db = rusqlite::Connection::open(ws.database("recorder")).unwrap();
+    db.execute_batch("ALTER TABLE projector_kv RENAME TO projector_kv_away").unwrap();
+    let (status, answer, _) = ask();
+    assert_eq!(status, 500, "{answer}");
+    assert!(answer["error"].as_str().unwrap().contains("host"), "{answer}");
+    db.execute_batch("ALTER TABLE projector_kv_away RENAME TO projector_kv").unwrap();
+
+    // The instance that failed was dropped, not handed to the next request.
+    for _ in 0..3 {
+        assert_eq!(ask(), (200, json!({"count": 4}), None));
+    }
+}
+
+#[test]
+fn dead_letter_errors_tell_the_callers_mistake_from_the_hosts_failure() {
+    let ws = Workspace::new();
+    two_projections(&ws);
+    let host = ws.start();
+    let base = host.url();
+    let lines = [cloud_event("ok", "t", json!(1)), cloud_event("bad", "poison", json!(2))];
+    post(&format!("{base}/streams/wallets/events"), "application/x-ndjson", &lines.join("\n"));
+    ws.wait_caught_up(2, WAIT);
+    let retry = format!("{base}/projections/recorder/dead-letters/retry");
+    let discard = format!("{base}/projections/recorder/dead-letters/discard");
+
+    let mistakes = [
+        (format!("{base}/projections/nope/dead-letters/retry"), r#"{"all": true}"#, 404, "no projection"),
+        (retry.clone(), r#"{"ids": []}"#, 400, "name the dead letters"),
+        (retry.clone(), r#"{"ids": ["bad", "missing"]}"#, 400, "no dead letter with id missing"),
+        (discard.clone(), r#"{}"#, 400, "name the dead letters"),
+        (discard.clone(), r#"{"all": true}"#, 400, "not \"all\""),
+        (discard.clone(), r#"{"ids": ["missing"]}"#, 400, "no dead letter with id missing"),
+    ];
+    for (url, body, expected_status, expected) in mistakes {
+        let (status, answer, _) = post(&url, "application/json", body);
+        assert_eq!(status, expected_status, "{url} {body}: {answer}");
+        let error = answer["error"].as_str().unwrap_or_else(|| panic!("{url}: {answer}"));
+        assert!(error.contains(expected), "{url} {body}: {error:?} should mention {expected:?}");
+    }
+
+    // A writer holding the projection's database: the host cannot act, and
+    // says so with a 503 rather than blaming the request.
+    let blocker = rusqlite::Connection::open(ws.database("recorder")).unwrap();
+    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let (status, answer, _) = post(&retry, "application/json", r#"{"ids": ["bad"]}"#);
+    assert_eq!(status, 503, "{answer}");
+    assert!(answer["error"].as_str().unwrap().contains("busy"), "{answer}");
+    blocker.execute_batch("ROLLBACK").unwrap();
+
+    // Nothing changed, and the same request now goes through.
+    let (status, answer, _) = post(&retry, "application/json", r#"{"ids": ["bad"]}"#);
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["failed"][0]["reason"], "poison event bad");
+    let (status, answer, _) = post(&discard, "application/json", r#"{"ids": ["bad"]}"#);
+    assert_eq!((status, answer), (200, json!({"discarded": 1})));
+}
+
+#[test]
+fn a_host_killed_while_paused_shows_as_stopped() {
+    let ws = Workspace::new();
+    two_projections(&ws);
+    let host = ws.start();
+    let base = host.url();
+    let (status, _, _) = post(&format!("{base}/projections/recorder/pause"), "application/json", "");
+    assert_eq!(status, 200);
+    wait_until(WAIT, "recorder paused", || ws.status_of("recorder")["state"] == "paused");
+    host.kill();
+    assert_eq!(ws.status_of("recorder")["state"], "stopped", "no host holds it any more");
+    assert_eq!(ws.status_of("wallet-allowlist")["state"], "stopped");
+}
+
+#[test]
+fn rebuild_over_http_is_accepted_and_keeps_the_state() {
+    let ws = Workspace::new();
+    two_projections(&ws);
+    let events: Vec<String> = (0..5_000).map(|i| cloud_event(&format!("r{i}"), "t", json!(i))).collect();
+    let file = ws.write_events("events.jsonl", &events);
+    ws.append("wallets", &file);
+    let host = ws.start();
+    let base = host.url();
+    ws.wait_caught_up(5_000, WAIT);
+    let counts = "SELECT count(*) AS n, count(DISTINCT position) AS d FROM handled";
+    let complete = json!([{"n": 5000, "d": 5000}]);
+    assert_eq!(sql(&base, "recorder", counts), (200, complete.clone()));
+
+    let (status, answer, _) = post(&format!("{base}/projections/recorder/rebuild"), "application/json", "");
+    assert_eq!((status, answer), (202, json!({"rebuild": "requested"})));
+    // Under way (status says so) or already done (the pointer moved on).
+    let mut saw_rebuilding = false;
+    wait_until(WAIT, "the rebuild to take over", || {
+        saw_rebuilding |= ws.status_of("recorder")["state"] == "rebuilding";
+        ws.database("recorder").ends_with("recorder.1.db")
+    });
+    wait_until(WAIT, "the rebuilt projection to run", || ws.status_of("recorder")["state"] == "running");
+    assert!(host.logs().contains("rebuild requested"), "{}", host.logs());
+    eprintln!("saw the rebuild under way: {saw_rebuilding}");
+
+    // The state is whole, and HTTP reads are served from the new file.
+    ws.wait_caught_up(5_000, WAIT);
+    assert_eq!(ws.query("recorder", counts), complete);
+    assert_eq!(sql(&base, "recorder", counts), (200, complete));
+    assert_eq!(get(&format!("{base}/projections/recorder/state/count")), (200, "5000".to_string()));
+    assert!(!ws.data().join("projections/recorder.db").exists(), "the old generation is removed");
+}
+
+#[test]
+fn an_unknown_projection_is_a_404_on_every_route() {
+    let ws = Workspace::new();
+    two_projections(&ws);
+    let host = ws.start();
+    let base = host.url();
+    let posts = ["pause", "resume", "rebuild", "query", "sql", "dead-letters/retry", "dead-letters/discard"];
+    for route in posts {
+        let body = if route == "sql" { r#"{"sql": "SELECT 1"}"# } else { "{}" };
+        let (status, answer, _) = post(&format!("{base}/projections/nope/{route}"), "application/json", body);
+        assert_eq!(status, 404, "POST {route}: {answer}");
+        let error = answer["error"].as_str().unwrap_or_else(|| panic!("POST {route}: {answer}"));
+        assert!(error.contains("no projection named \"nope\""), "POST {route}: {error}");
+    }
+    for route in ["", "/state/count", "/dead-letters"] {
+        let (status, body) = get(&format!("{base}/projections/nope{route}"));
+        assert_eq!(status, 404, "GET {route}: {body}");
+        let answer: Value = serde_json::from_str(&body).unwrap_or_else(|_| panic!("GET {route}: {body}"));
+        assert!(answer["error"].as_str().unwrap().contains("no projection named \"nope\""), "{answer}");
+    }
+    assert!(!ws.data().join("projections/nope.rebuild").exists(), "no rebuild request for nothing");
+}
+
+#[test]
+fn listen_addr_is_never_seen_half_written() {
+    let ws = Workspace::new();
+    ws.write_config(&[("recorder", &guest("event_recorder"), &["wallets"])]);
+    let addr_file = ws.data().join("listen.addr");
+    for _ in 0..5 {
+        let host = ws.start();
+        // Read as fast as possible while the host starts: the file is
+        // either absent or a whole address.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let address = loop {
+            assert!(std::time::Instant::now() < deadline, "the host never wrote {}", addr_file.display());
+            match std::fs::read_to_string(&addr_file) {
+                Ok(text) => {
+                    let address: std::net::SocketAddr =
+                        text.parse().unwrap_or_else(|err| panic!("listen.addr read as {text:?}: {err}"));
+                    break address;
+                }
+                Err(err) => assert_eq!(err.kind(), std::io::ErrorKind::NotFound),
+            }
+        };
+        assert_eq!(host.url(), format!("http://{address}"));
+        assert!(host.terminate().success());
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(ws.data())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("listen.addr") && name != "listen.addr")
+        .collect();
+    assert!(leftovers.is_empty(), "no partial files left: {leftovers:?}");
+}

@@ -38,6 +38,8 @@ mod context;
 mod event;
 mod failure;
 #[cfg(not(target_arch = "wasm32"))]
+mod sql_rules;
+#[cfg(not(target_arch = "wasm32"))]
 pub mod testing;
 
 pub use context::{Context, Level, Log, Rows, Sql, SqlError, State, StateError, Value};

@@ -51,7 +51,6 @@
 
 use crate::context::{Backend, Context, Level, Rows, Value};
 use crate::{Event, Failure, Projection};
-use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
 use rusqlite::limits::Limit;
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, ToSql, params_from_iter};
@@ -66,14 +65,6 @@ const KV_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS projector_kv (
     key TEXT PRIMARY KEY NOT NULL,
     value BLOB NOT NULL
 ) WITHOUT ROWID";
-
-/// Tables the host keeps in a projection's database; guest SQL may not
-/// touch them there, so it may not here either.
-const RUNTIME_TABLES: [&str; 3] = ["projector_checkpoints", "projector_dead_letters", "projector_meta"];
-
-/// The guest's key/value table: the harness writes it outside the guest's
-/// rules (`state.set`), so nothing of the guest's may hang off it.
-const KV_TABLE: &str = "projector_kv";
 
 /// The largest row the host itself writes on a projection's connection (a
 /// dead letter holds a whole event); SQLITE_LIMIT_LENGTH leaves room for it.
@@ -131,12 +122,7 @@ impl<P: Projection> Harness<P> {
     }
 
     fn with_connection(mut conn: Connection) -> Result<Self, String> {
-        let guest_sql = Arc::new(AtomicBool::new(false));
-        let flag = guest_sql.clone();
-        conn.authorizer(Some(move |ctx: AuthContext<'_>| {
-            if flag.load(Ordering::Relaxed) { authorize_guest(&ctx) } else { Authorization::Allow }
-        }))
-        .map_err(|err| err.to_string())?;
+        let guest_sql = crate::sql_rules::guard(&mut conn).map_err(|err| err.to_string())?;
         set_length_limit(&conn, DEFAULT_VALUE_LIMIT);
         conn.set_prepared_statement_cache_capacity(256);
         conn.execute_batch(KV_SCHEMA).map_err(|err| err.to_string())?;
@@ -267,51 +253,6 @@ fn set_length_limit(conn: &Connection, value_limit: usize) {
     let bytes = value_limit.max(HOST_ROW_BYTES).saturating_mul(2).min(SQLITE_MAX_LENGTH);
     conn.set_limit(Limit::SQLITE_LIMIT_LENGTH, i32::try_from(bytes).unwrap_or(i32::MAX))
         .expect("set SQLITE_LIMIT_LENGTH");
-}
-
-/// The host's authorizer for guest SQL (`authorize_guest` in
-/// `runtime/src/guest_host.rs`).
-fn authorize_guest(ctx: &AuthContext<'_>) -> Authorization {
-    let runtime_table = |name: &str| RUNTIME_TABLES.iter().any(|t| name.eq_ignore_ascii_case(t));
-    let host_writes = |name: &str| runtime_table(name) || name.eq_ignore_ascii_case(KV_TABLE);
-    match ctx.action {
-        // The harness's own statements run with the rules off, so a trigger
-        // they fire, or a temp table shadowing a table they name, would run
-        // or resolve with its rights. A temp trigger can sit on any table.
-        AuthAction::CreateTempTrigger { .. } | AuthAction::DropTempTrigger { .. } => Authorization::Deny,
-        AuthAction::CreateTrigger { table_name, .. } if host_writes(table_name) => Authorization::Deny,
-        AuthAction::CreateTempTable { table_name } | AuthAction::CreateTempView { view_name: table_name }
-            if host_writes(table_name) =>
-        {
-            Authorization::Deny
-        }
-        AuthAction::Transaction { .. }
-        | AuthAction::Savepoint { .. }
-        | AuthAction::Attach { .. }
-        | AuthAction::Detach { .. }
-        | AuthAction::Pragma { .. }
-        | AuthAction::CreateVtable { .. }
-        | AuthAction::DropVtable { .. } => Authorization::Deny,
-        AuthAction::Function { function_name } if function_name.eq_ignore_ascii_case("load_extension") => {
-            Authorization::Deny
-        }
-        AuthAction::Read { table_name, .. }
-        | AuthAction::Insert { table_name }
-        | AuthAction::Update { table_name, .. }
-        | AuthAction::Delete { table_name }
-        | AuthAction::DropTable { table_name }
-        | AuthAction::CreateTable { table_name }
-        | AuthAction::AlterTable { table_name, .. }
-        | AuthAction::CreateIndex { table_name, .. }
-        | AuthAction::DropIndex { table_name, .. }
-        | AuthAction::CreateTrigger { table_name, .. }
-        | AuthAction::DropTrigger { table_name, .. }
-            if runtime_table(table_name) =>
-        {
-            Authorization::Deny
-        }
-        _ => Authorization::Allow,
-    }
 }
 
 struct SqliteBackend<'a> {

@@ -19,7 +19,7 @@ use std::time::Duration;
 pub const POLL_INTERVAL: Duration = Duration::from_millis(25);
 
 const SCHEMA: &str = "
-BEGIN;
+BEGIN IMMEDIATE;
 CREATE TABLE IF NOT EXISTS events (
     position INTEGER PRIMARY KEY,
     stream TEXT NOT NULL,
@@ -117,11 +117,29 @@ impl EventLog {
             Connection::open(&path).with_context(|| format!("cannot open event log {}", path.display()))?;
         // The busy timeout first: switching to WAL needs a moment of
         // exclusive access, which another process may be holding.
-        writer
-            .busy_timeout(Duration::from_secs(10))
-            .and_then(|()| writer.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"))
-            .and_then(|()| writer.execute_batch(SCHEMA))
-            .with_context(|| format!("cannot set up event log {}", path.display()))?;
+        writer.busy_timeout(Duration::from_secs(10))?;
+        // SQLite answers "busy" without waiting in a few cases (a snapshot
+        // gone stale under another process's append, WAL recovery), so the
+        // set-up is tried again for as long as the busy timeout would wait.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let set_up = writer
+                .execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;")
+                .and_then(|()| writer.execute_batch(SCHEMA));
+            match set_up {
+                Err(err)
+                    if err.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy)
+                        && std::time::Instant::now() < deadline =>
+                {
+                    let _ = writer.execute_batch("ROLLBACK");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                set_up => {
+                    set_up.with_context(|| format!("cannot set up event log {}", path.display()))?;
+                    break;
+                }
+            }
+        }
         Ok(EventLog { path, writer: Mutex::new(writer), signal: Arc::default() })
     }
 

@@ -23,7 +23,6 @@
 use crate::bindings::{Event, Level, LogHost, Rows, SqlHost, StateHost, TypesHost, Value};
 use crate::engine::Limits;
 use anyhow::{Result, bail};
-use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, ErrorCode, ToSql, ffi, params_from_iter};
 use std::sync::Arc;
@@ -31,14 +30,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 use wasmtime::Trap;
 
-/// Tables the runtime owns inside a projection's database; the guest may
-/// neither read nor write them (it could forge its checkpoint or hide its
-/// dead letters). `projector_kv` is the guest's own key/value state.
-pub const RUNTIME_TABLES: [&str; 3] = ["projector_checkpoints", "projector_dead_letters", "projector_meta"];
-
-/// The guest's key/value table: the guest may use it, but the host writes
-/// it too (`state.set`), so nothing of the guest's may hang off it.
-const KV_TABLE: &str = "projector_kv";
+// One file of rules for the host and the SDK's native harness.
+#[path = "../../guest-sdk/src/sql_rules.rs"]
+mod sql_rules;
+pub use sql_rules::RUNTIME_TABLES;
 
 /// How many SQLite virtual machine instructions run between two looks at
 /// the call's deadline: frequent enough to stop within a millisecond or so,
@@ -76,11 +71,7 @@ pub struct GuestHost {
 impl GuestHost {
     /// Wrap the projection's database connection.
     pub fn new(mut db: Connection, projection: Arc<str>, limits: Limits) -> Result<Self> {
-        let guest_sql = Arc::new(AtomicBool::new(false));
-        let flag = guest_sql.clone();
-        db.authorizer(Some(move |ctx: AuthContext<'_>| {
-            if flag.load(Ordering::Relaxed) { authorize_guest(&ctx) } else { Authorization::Allow }
-        }))?;
+        let guest_sql = sql_rules::guard(&mut db)?;
         // Only a guest statement is stopped: the host's own (its commit, a
         // dead letter) must finish whatever the time.
         let deadline = CallDeadline::new();
@@ -317,53 +308,6 @@ fn classify(err: rusqlite::Error) -> SqlFailure {
         | ErrorCode::InternalMalfunction
         | ErrorCode::ApiMisuse => SqlFailure::Host(err),
         _ => SqlFailure::Guest(err.to_string()),
-    }
-}
-
-fn authorize_guest(ctx: &AuthContext<'_>) -> Authorization {
-    let runtime_table = |name: &str| RUNTIME_TABLES.iter().any(|t| name.eq_ignore_ascii_case(t));
-    let host_writes = |name: &str| runtime_table(name) || name.eq_ignore_ascii_case(KV_TABLE);
-    match ctx.action {
-        // The host's statements run with this authorizer off, so a trigger
-        // they fire would run with the host's rights (hide dead letters,
-        // forge the checkpoint). A trigger on the guest's own tables is
-        // fine: only guest statements fire it, and its body is authorized
-        // as theirs. A temp trigger can sit on any schema's table: none.
-        AuthAction::CreateTempTrigger { .. } | AuthAction::DropTempTrigger { .. } => Authorization::Deny,
-        AuthAction::CreateTrigger { table_name, .. } if host_writes(table_name) => Authorization::Deny,
-        // The temp schema is searched first: a temp table or view named
-        // like one of the host's would take its place in host statements.
-        AuthAction::CreateTempTable { table_name } | AuthAction::CreateTempView { view_name: table_name }
-            if host_writes(table_name) =>
-        {
-            Authorization::Deny
-        }
-        AuthAction::Transaction { .. }
-        | AuthAction::Savepoint { .. }
-        | AuthAction::Attach { .. }
-        | AuthAction::Detach { .. }
-        | AuthAction::Pragma { .. }
-        | AuthAction::CreateVtable { .. }
-        | AuthAction::DropVtable { .. } => Authorization::Deny,
-        AuthAction::Function { function_name } if function_name.eq_ignore_ascii_case("load_extension") => {
-            Authorization::Deny
-        }
-        AuthAction::Read { table_name, .. }
-        | AuthAction::Insert { table_name }
-        | AuthAction::Update { table_name, .. }
-        | AuthAction::Delete { table_name }
-        | AuthAction::DropTable { table_name }
-        | AuthAction::CreateTable { table_name }
-        | AuthAction::AlterTable { table_name, .. }
-        | AuthAction::CreateIndex { table_name, .. }
-        | AuthAction::DropIndex { table_name, .. }
-        | AuthAction::CreateTrigger { table_name, .. }
-        | AuthAction::DropTrigger { table_name, .. }
-            if runtime_table(table_name) =>
-        {
-            Authorization::Deny
-        }
-        _ => Authorization::Allow,
     }
 }
 

@@ -5,7 +5,13 @@
 //! SQLite and wasm run on tokio's blocking pool, each read on connections
 //! and instances of its own, so serving never waits for a batch and never
 //! slows processing beyond sharing the CPU. Every error is a JSON
-//! `{"error": …}` with a 4xx for a bad request, and changes nothing.
+//! `{"error": …}` — a 4xx for the caller's mistake, a 5xx for the host's
+//! own failure — and changes nothing.
+//!
+//! The read connections are shared between requests, so nothing a request
+//! sends may change them: `/sql` runs one read-only statement under an
+//! authorizer and a time limit, and a connection (or query instance) that
+//! is left in a transaction or that failed is dropped rather than pooled.
 
 use crate::cloudevents;
 use crate::config::Config;
@@ -26,12 +32,25 @@ use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
-use rusqlite::Connection;
+use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
+use rusqlite::{Connection, ErrorCode};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+/// How long one `/sql` statement may run before SQLite interrupts it. The
+/// endpoint serves short reads; a runaway query (a `WITH RECURSIVE` with no
+/// end, a cross join of big tables) would otherwise hold a blocking thread
+/// and a read connection for good. Long analyses belong on a copy of the
+/// database (`projector query --sql` reads the files directly).
+const SQL_TIME_LIMIT: Duration = Duration::from_secs(5);
+
+/// SQLite calls the progress handler every this many VM steps: often enough
+/// to stop within milliseconds of the limit, rarely enough to cost nothing.
+const SQL_PROGRESS_STEPS: i32 = 10_000;
 
 /// Everything the handlers share.
 pub struct Api {
@@ -158,25 +177,33 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> ApiResult<T> + Send + '
 impl Api {
     /// The running projection `name`, with its read pools (fresh ones when
     /// it was restarted since).
+    ///
+    /// It reads the projection's pointer file, so it is blocking work: call
+    /// it inside [`blocking`].
     fn served(&self, name: &str) -> ApiResult<Arc<Served>> {
-        let view = self.view.read().unwrap_or_else(|e| e.into_inner());
-        let (Some(live), Ok(p)) = (view.projections.get(name), view.config.projection(name)) else {
-            let known: Vec<&str> = view.projections.keys().map(String::as_str).collect();
-            return Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                format!("no projection named {name:?}; there are: {}", known.join(", ")),
-            ));
+        let (live, limits, config) = {
+            let view = self.view.read().unwrap_or_else(|e| e.into_inner());
+            let (Some(live), Ok(p)) = (view.projections.get(name), view.config.projection(name)) else {
+                let known: Vec<&str> = view.projections.keys().map(String::as_str).collect();
+                return Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    format!("no projection named {name:?}; there are: {}", known.join(", ")),
+                ));
+            };
+            (live.clone(), view.config.limits(p), view.config.clone())
         };
+        // The pointer file is read with no lock held, so a slow disk holds
+        // up this request only.
+        let database = config.database_path(name);
         let mut served = self.served.lock().unwrap_or_else(|e| e.into_inner());
         // A restarted projection, or a rebuilt one (a new database file):
         // fresh pools.
-        let database = view.config.database_path(name);
         let current =
-            served.get(name).filter(|s| Arc::ptr_eq(&s.live, live) && s.database == database).cloned();
+            served.get(name).filter(|s| Arc::ptr_eq(&s.live, &live) && s.database == database).cloned();
         Ok(current.unwrap_or_else(|| {
             let fresh = Arc::new(Served {
-                live: live.clone(),
-                limits: view.config.limits(p),
+                live,
+                limits,
                 database,
                 reads: Mutex::new(Vec::new()),
                 queries: Mutex::new(Vec::new()),
@@ -204,15 +231,27 @@ impl Api {
             .collect())
     }
 
-    fn with_reads<T>(&self, name: &str, f: impl FnOnce(&Connection) -> ApiResult<T>) -> ApiResult<T> {
+    /// Run `f` on one of `name`'s pooled read connections (only reads get
+    /// past their authorizer).
+    fn with_reads<T>(&self, name: &str, f: impl FnOnce(&mut Connection) -> ApiResult<T>) -> ApiResult<T> {
         let served = self.served(name)?;
         let idle = served.reads.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        let db = match idle {
+        let mut db = match idle {
             Some(db) => db,
-            None => open_reads(name, &served.database)?,
+            None => {
+                let mut db = open_reads(name, &served.database)?;
+                db.authorizer(Some(reads_only)).map_err(anyhow::Error::from)?;
+                db
+            }
         };
-        let result = f(&db);
-        served.reads.lock().unwrap_or_else(|e| e.into_inner()).push(db);
+        let result = f(&mut db);
+        // A connection inside a transaction would pin an old snapshot for
+        // every later read and keep the WAL from being checkpointed.
+        if db.is_autocommit() {
+            served.reads.lock().unwrap_or_else(|e| e.into_inner()).push(db);
+        } else {
+            tracing::warn!(projection = name, "a read connection was left in a transaction; dropped");
+        }
         result
     }
 
@@ -231,10 +270,117 @@ impl Api {
                 GuestInstance::reader(self.engine.clone(), module, host)?
             }
         };
-        let outcome = instance.query(request);
-        served.queries.lock().unwrap_or_else(|e| e.into_inner()).push(instance);
-        Ok(outcome?)
+        // An Err is the host failing mid-call: the instance may be left
+        // anywhere (inside its read transaction, say), so it is dropped. A
+        // trapped one was already re-made and is as good as new.
+        let outcome = instance.query(request)?;
+        if instance.db().is_autocommit() {
+            served.queries.lock().unwrap_or_else(|e| e.into_inner()).push(instance);
+        }
+        Ok(outcome)
     }
+}
+
+/// The authorizer of the connections serving state and `/sql`: read tables
+/// and call functions, nothing else. Writes, `ATTACH`/`DETACH`, pragmas and
+/// transaction control are refused when the statement is prepared, so no
+/// request can change a pooled connection for the next one.
+fn reads_only(context: AuthContext<'_>) -> Authorization {
+    match context.action {
+        AuthAction::Function { function_name } if function_name.eq_ignore_ascii_case("load_extension") => {
+            Authorization::Deny
+        }
+        AuthAction::Select
+        | AuthAction::Read { .. }
+        | AuthAction::Function { .. }
+        | AuthAction::Recursive => Authorization::Allow,
+        _ => Authorization::Deny,
+    }
+}
+
+/// The SQLite error code somewhere in `err`'s chain, if any.
+fn sqlite_code(err: &anyhow::Error) -> Option<ErrorCode> {
+    err.chain().find_map(|cause| cause.downcast_ref::<rusqlite::Error>()?.sqlite_error_code())
+}
+
+/// The refusal of a statement that is not a plain read.
+fn read_only_refusal(sql: &str) -> ApiError {
+    ApiError::bad_request(format!(
+        "{sql:?} is not a read: the SQL endpoint is read-only (one SELECT or WITH statement; no \
+         writes, ATTACH, pragmas or transactions)"
+    ))
+}
+
+/// Run one read-only statement under [`SQL_TIME_LIMIT`].
+fn read_only_rows(db: &mut Connection, sql: &str) -> ApiResult<Vec<Value>> {
+    let deadline = Instant::now() + SQL_TIME_LIMIT;
+    db.progress_handler(SQL_PROGRESS_STEPS, Some(move || Instant::now() >= deadline))
+        .map_err(anyhow::Error::from)?;
+    let rows = rows_of(db, sql);
+    db.progress_handler(0, None::<fn() -> bool>).map_err(anyhow::Error::from)?;
+    rows
+}
+
+fn rows_of(db: &Connection, sql: &str) -> ApiResult<Vec<Value>> {
+    let mut stmt = match db.prepare(sql) {
+        Ok(stmt) => stmt,
+        Err(err) if err.sqlite_error_code() == Some(ErrorCode::AuthorizationForStatementDenied) => {
+            return Err(read_only_refusal(sql));
+        }
+        Err(err) => return Err(ApiError::bad_request(format!("invalid query {sql:?}: {err}"))),
+    };
+    // The authorizer already stops writes; this is the second lock.
+    if !stmt.readonly() {
+        return Err(read_only_refusal(sql));
+    }
+    inspect::statement_rows(&mut stmt, sql).map_err(|err| match sqlite_code(&err) {
+        Some(ErrorCode::OperationInterrupted) => ApiError::bad_request(format!(
+            "the query ran over {} s and was stopped; the SQL endpoint serves short reads: add a \
+             LIMIT or a narrower WHERE, or use `projector query --sql` on the host",
+            SQL_TIME_LIMIT.as_secs()
+        )),
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("{err:#}; try again"))
+        }
+        _ => ApiError::bad_request(format!("{err:#}")),
+    })
+}
+
+/// A dead-letter operation's failure after the request was checked: the
+/// host's (a busy database, a module that cannot load, I/O), so a 5xx —
+/// except a dead letter that a concurrent request removed meanwhile.
+fn dead_letter_failure(err: anyhow::Error) -> ApiError {
+    match sqlite_code(&err) {
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{err:#}; the projection's database is busy, try again"),
+        ),
+        _ if err.root_cause().to_string().contains("has no dead letter with id") => {
+            ApiError::new(StatusCode::CONFLICT, format!("{err:#}"))
+        }
+        _ => ApiError::from(err),
+    }
+}
+
+/// The caller's mistakes in a dead-letter request, found before acting:
+/// no ids, or ids that are not dead letters of `name`.
+fn check_ids(config: &Config, name: &str, ids: &[String]) -> ApiResult<()> {
+    if ids.is_empty() {
+        return Err(ApiError::bad_request(
+            "name the dead letters in \"ids\" (their event ids); retry also takes \"all\": true",
+        ));
+    }
+    let letters = dead_letters::list(config, name).map_err(dead_letter_failure)?;
+    let missing: Vec<&str> =
+        ids.iter().filter(|id| !letters.iter().any(|l| &l.id == *id)).map(String::as_str).collect();
+    if !missing.is_empty() {
+        return Err(ApiError::bad_request(format!(
+            "projection {name:?} has no dead letter with id {}; GET /projections/{name}/dead-letters \
+             lists them",
+            missing.join(", ")
+        )));
+    }
+    Ok(())
 }
 
 fn open_reads(name: &str, database: &std::path::Path) -> ApiResult<Connection> {
@@ -338,14 +484,7 @@ async fn sql(
     request: Result<axum::Json<SqlRequest>, JsonRejection>,
 ) -> ApiResult<axum::Json<Vec<Value>>> {
     let axum::Json(request) = request?;
-    blocking(move || {
-        api.with_reads(&name, |db| {
-            inspect::rows_json(db, &request.sql)
-                .map(axum::Json)
-                .map_err(|err| ApiError::bad_request(format!("{err:#}")))
-        })
-    })
-    .await
+    blocking(move || api.with_reads(&name, |db| read_only_rows(db, &request.sql).map(axum::Json))).await
 }
 
 async fn list_dead_letters(
@@ -376,9 +515,14 @@ async fn retry_dead_letters(
     let axum::Json(request) = request?;
     blocking(move || {
         api.served(&name)?;
-        let selection = if request.all { Selection::All } else { Selection::Ids(request.ids) };
-        let outcome = dead_letters::retry(&api.config(), &name, &selection)
-            .map_err(|err| ApiError::bad_request(format!("{err:#}")))?;
+        let config = api.config();
+        let selection = if request.all {
+            Selection::All
+        } else {
+            check_ids(&config, &name, &request.ids)?;
+            Selection::Ids(request.ids)
+        };
+        let outcome = dead_letters::retry(&config, &name, &selection).map_err(dead_letter_failure)?;
         Ok(axum::Json(serde_json::to_value(outcome).expect("serializes")))
     })
     .await
@@ -392,27 +536,35 @@ async fn discard_dead_letters(
     let axum::Json(request) = request?;
     blocking(move || {
         api.served(&name)?;
-        let discarded = dead_letters::discard(&api.config(), &name, &request.ids)
-            .map_err(|err| ApiError::bad_request(format!("{err:#}")))?;
+        if request.all {
+            return Err(ApiError::bad_request(
+                "discard removes dead letters for good, so it takes their \"ids\", not \"all\"",
+            ));
+        }
+        let config = api.config();
+        check_ids(&config, &name, &request.ids)?;
+        let discarded = dead_letters::discard(&config, &name, &request.ids).map_err(dead_letter_failure)?;
         Ok(axum::Json(json!({ "discarded": discarded })))
     })
     .await
 }
 
 async fn pause(State(api): State<Arc<Api>>, Path(name): Path<String>) -> ApiResult<axum::Json<Value>> {
-    api.served(&name)?.live.set_paused(true);
+    blocking(move || api.served(&name)).await?.live.set_paused(true);
     Ok(axum::Json(json!({ "paused": true })))
 }
 
 async fn resume(State(api): State<Arc<Api>>, Path(name): Path<String>) -> ApiResult<axum::Json<Value>> {
-    api.served(&name)?.live.set_paused(false);
+    blocking(move || api.served(&name)).await?.live.set_paused(false);
     Ok(axum::Json(json!({ "paused": false })))
 }
 
 async fn request_rebuild(State(api): State<Arc<Api>>, Path(name): Path<String>) -> ApiResult<Response> {
-    api.served(&name)?;
-    let config = api.config();
-    blocking(move || Ok(crate::rebuild::request(&config, &name)?)).await?;
+    blocking(move || {
+        api.served(&name)?;
+        Ok(crate::rebuild::request(&api.config(), &name)?)
+    })
+    .await?;
     Ok((StatusCode::ACCEPTED, axum::Json(json!({ "rebuild": "requested" }))).into_response())
 }
 

@@ -7,8 +7,8 @@ use crate::projection_db::{self, LOG_SOURCE};
 use crate::supervisor::lock_path;
 use anyhow::{Context as _, Result};
 use base64::Engine as _;
-use rusqlite::Connection;
 use rusqlite::types::ValueRef;
+use rusqlite::{Connection, Statement};
 use serde::Serialize;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
@@ -28,7 +28,8 @@ pub struct ProjectionStatus {
     pub head: u64,
     /// `head - checkpoint`.
     pub lag: u64,
-    /// `running`, `stopped`, `faulted` or `new` (never run).
+    /// `running`, `paused`, `rebuilding`, `stopped`, `faulted` or `new`
+    /// (never run).
     pub state: String,
     /// Events parked as dead letters.
     pub dead_letters: u64,
@@ -84,8 +85,10 @@ pub fn status(config: &Config) -> Result<Vec<ProjectionStatus>> {
                         .and_then(|text| serde_json::from_str(&text).ok()),
                     _ => None,
                 };
+                // `running` and `paused` are what a live host records; with no
+                // host holding the data folder (killed, say) neither is true.
                 let state = match recorded.as_str() {
-                    "running" if !host_running => "stopped".to_string(),
+                    "running" | "paused" if !host_running => "stopped".to_string(),
                     "running" if rebuilding.is_some() => "rebuilding".to_string(),
                     _ => recorded,
                 };
@@ -128,6 +131,11 @@ pub fn query(config: &Config, name: &str, sql: &str) -> Result<Vec<Value>> {
 /// The rows of `sql` as JSON objects keyed by column name; blobs as base64.
 pub fn rows_json(db: &Connection, sql: &str) -> Result<Vec<Value>> {
     let mut stmt = db.prepare(sql).with_context(|| format!("invalid query {sql:?}"))?;
+    statement_rows(&mut stmt, sql)
+}
+
+/// The rows of a prepared statement (whose text is `sql`), as [`rows_json`].
+pub fn statement_rows(stmt: &mut Statement<'_>, sql: &str) -> Result<Vec<Value>> {
     let columns: Vec<String> = stmt.column_names().map(String::from).collect();
     let mut rows = stmt.query([]).with_context(|| format!("query {sql:?} failed"))?;
     let mut out = Vec::new();
