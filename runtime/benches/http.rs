@@ -43,6 +43,23 @@ fn ingest(agent: &ureq::Agent, base: &str, lines: &[String]) {
     assert_eq!(response.status().as_u16(), 200, "{}", response.body_mut().read_to_string().unwrap());
 }
 
+/// Wait until the projection has handled `head` events, asking the host
+/// over HTTP: a `projector status` process every few milliseconds would
+/// itself take a core from the readers being measured.
+fn wait_processed(agent: &ureq::Agent, base: &str, head: u64) {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let mut response = agent.get(&format!("{base}/projections/wallet-allowlist")).call().unwrap();
+        let status: serde_json::Value =
+            serde_json::from_str(&response.body_mut().read_to_string().unwrap()).unwrap();
+        if status["checkpoint"] == head && status["lag"] == 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for position {head}: {status}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
@@ -125,7 +142,7 @@ fn main() {
         ingest(&agent, &base, chunk);
     }
     let ingest_rate = n as f64 / start.elapsed().as_secs_f64();
-    ws.wait_caught_up(n as u64 + 10, Duration::from_secs(600));
+    wait_processed(&agent, &base, n as u64 + 10);
     let processed_rate = n as f64 / start.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     report(
@@ -157,7 +174,7 @@ fn main() {
             });
         }
         let running = if with_readers { readers(&base, &stop, pace) } else { Vec::new() };
-        ws.wait_caught_up(n as u64 + 10, Duration::from_secs(600));
+        wait_processed(&agent, &base, n as u64 + 10);
         let rate = n as f64 / start.elapsed().as_secs_f64();
         stop.store(true, Ordering::Relaxed);
         let latencies: Vec<Duration> = running.into_iter().flat_map(|r| r.join().unwrap()).collect();
