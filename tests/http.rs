@@ -553,7 +553,8 @@ fn a_host_killed_while_paused_shows_as_stopped() {
     assert_eq!(status, 200);
     wait_until(WAIT, "recorder paused", || ws.status_of("recorder")["state"] == "paused");
     host.kill();
-    assert_eq!(ws.status_of("recorder")["state"], "stopped", "no host holds it any more");
+    let recorder = ws.status_of("recorder");
+    assert_eq!(recorder["state"], "stopped", "no host holds it any more: {recorder}");
     assert_eq!(ws.status_of("wallet-allowlist")["state"], "stopped");
 }
 

@@ -270,11 +270,6 @@ impl Config {
         crate::engine::Limits::resolve(&self.limits, &p.limits).expect("limits checked at load")
     }
 
-    /// Whether any projection meters fuel (the engine must then count it).
-    pub fn uses_fuel(&self) -> bool {
-        self.projections.iter().any(|p| self.limits(p).fuel.is_some())
-    }
-
     /// Where projection `name` keeps its database.
     ///
     /// A rebuild makes a new generation of the database and then points
@@ -374,7 +369,6 @@ types = ["wallet_updated", "kyc_verified"]
         assert_eq!(limits.call_timeout, std::time::Duration::from_millis(50));
         assert_eq!(limits.fuel, Some(1000));
         assert_eq!(limits.value_bytes, 1024 << 10);
-        assert!(config.uses_fuel());
     }
 
     #[test]

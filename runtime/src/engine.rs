@@ -156,6 +156,51 @@ impl Drop for ProjectorEngine {
     }
 }
 
+/// The host's engines: a plain one, and one metering fuel for the
+/// projections that set `limits.fuel`. Fuel metering slows every instance of
+/// its engine by 10–17%, so it is made only when a projection asks for it,
+/// and a projection without a fuel limit never pays for its neighbour's.
+#[derive(Clone)]
+pub struct Engines {
+    plain: Arc<ProjectorEngine>,
+    metered: Arc<std::sync::OnceLock<Arc<ProjectorEngine>>>,
+    cache: Option<PathBuf>,
+}
+
+impl Engines {
+    /// The plain engine now, the metered one when first asked for; both
+    /// keep compiled modules in `cache`, if given.
+    pub fn new(cache: Option<PathBuf>) -> Result<Self> {
+        let plain = ProjectorEngine::new(false)?;
+        let plain = match &cache {
+            Some(dir) => plain.with_cache(dir.clone()),
+            None => plain,
+        };
+        Ok(Engines { plain: Arc::new(plain), metered: Arc::default(), cache })
+    }
+
+    /// The engine without fuel metering.
+    pub fn plain(&self) -> &Arc<ProjectorEngine> {
+        &self.plain
+    }
+
+    /// The engine a projection with `limits` runs on.
+    pub fn for_limits(&self, limits: &Limits) -> Result<Arc<ProjectorEngine>> {
+        if limits.fuel.is_none() {
+            return Ok(self.plain.clone());
+        }
+        if let Some(metered) = self.metered.get() {
+            return Ok(metered.clone());
+        }
+        let metered = ProjectorEngine::new(true)?;
+        let metered = match &self.cache {
+            Some(dir) => metered.with_cache(dir.clone()),
+            None => metered,
+        };
+        Ok(self.metered.get_or_init(|| Arc::new(metered)).clone())
+    }
+}
+
 /// A module compiled, linked and checked against the world.
 #[derive(Clone)]
 pub struct LoadedModule {

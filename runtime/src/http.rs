@@ -16,7 +16,7 @@
 use crate::cloudevents;
 use crate::config::Config;
 use crate::dead_letters::{self, Selection};
-use crate::engine::{Limits, ProjectorEngine};
+use crate::engine::{Engines, Limits};
 use crate::event_log::{EventLog, NewEvent, validate_stream_name};
 use crate::guest_host::GuestHost;
 use crate::inspect;
@@ -56,7 +56,7 @@ const SQL_PROGRESS_STEPS: i32 = 10_000;
 pub struct Api {
     view: Arc<RwLock<HostView>>,
     log: Arc<EventLog>,
-    engine: Arc<ProjectorEngine>,
+    engines: Engines,
     metrics: Arc<Metrics>,
     served: Mutex<HashMap<String, Arc<Served>>>,
     max_body: usize,
@@ -80,11 +80,11 @@ impl Api {
     pub fn new(
         view: Arc<RwLock<HostView>>,
         log: Arc<EventLog>,
-        engine: Arc<ProjectorEngine>,
+        engines: Engines,
         metrics: Arc<Metrics>,
         max_body: usize,
     ) -> Self {
-        Api { view, log, engine, metrics, served: Mutex::new(HashMap::new()), max_body }
+        Api { view, log, engines, metrics, served: Mutex::new(HashMap::new()), max_body }
     }
 
     /// The config in force.
@@ -267,7 +267,9 @@ impl Api {
             None => {
                 let db = open_reads(name, &served.database)?;
                 let host = GuestHost::new(db, name.into(), served.limits)?;
-                GuestInstance::reader(self.engine.clone(), module, host)?
+                // The module was compiled by the projection's engine.
+                let engine = self.engines.for_limits(&served.limits)?;
+                GuestInstance::reader(engine, module, host)?
             }
         };
         // An Err is the host failing mid-call: the instance may be left

@@ -20,7 +20,6 @@ pub mod inspect;
 pub mod instance;
 pub mod live;
 pub mod metrics;
-pub mod prefetch;
 pub mod projection;
 pub mod projection_db;
 pub mod rebuild;

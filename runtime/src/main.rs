@@ -362,7 +362,7 @@ fn run(config: &Config, config_path: &std::path::Path, listen: &str, max_body: u
     let api = Arc::new(Api::new(
         supervisor.view().clone(),
         supervisor.log().clone(),
-        supervisor.engine().clone(),
+        supervisor.engines().clone(),
         supervisor.metrics().clone(),
         max_body,
     ));

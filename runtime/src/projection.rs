@@ -1,8 +1,7 @@
 //! [`ProjectionRunner`]: one projection's processing loop.
 //!
 //! 1. read the next batch after the checkpoint (types it does not subscribe
-//!    to are skipped in the read; while a full batch is applied, the next one
-//!    is read ahead on a thread of its own);
+//!    to are skipped in the read);
 //! 2. `BEGIN`; `handle(batch)`; write the new checkpoint; `COMMIT` — so the
 //!    effect on state is exactly once, whatever the source redelivers;
 //! 3. on `retry`: roll back, back off, try again (shown in status); on
@@ -17,7 +16,6 @@ use crate::event_log::{EventLog, Filter, LogReader, POLL_INTERVAL};
 use crate::guest_host::GuestHost;
 use crate::instance::{Attempt, GuestInstance};
 use crate::live::LiveProjection;
-use crate::prefetch::Prefetcher;
 use crate::projection_db::{self, LOG_SOURCE};
 use crate::rebuild::{self, Rebuild};
 use anyhow::{Context as _, Result, bail};
@@ -160,7 +158,6 @@ pub struct ProjectionRunner {
     updates: Option<std::sync::mpsc::Receiver<ModuleUpdate>>,
     instance: GuestInstance,
     reader: LogReader,
-    prefetch: Prefetcher,
     filter: Filter,
     batch_size: usize,
     policy: FailurePolicy,
@@ -322,7 +319,6 @@ impl ProjectionRunner {
             updates: None,
             instance,
             reader: log.reader()?,
-            prefetch: Prefetcher::start(log, spec.filter.clone(), spec.batch_size, &spec.name)?,
             filter: spec.filter.clone(),
             batch_size: spec.batch_size,
             policy: spec.policy,
@@ -473,14 +469,7 @@ impl ProjectionRunner {
         if self.retry_at.is_some_and(|at| std::time::Instant::now() < at) {
             return Ok(Step::Retrying);
         }
-        let batch = match self.prefetch.take(self.checkpoint) {
-            Some(batch) => batch?,
-            None => self.reader.read_after(self.checkpoint, &self.filter, self.batch_size)?,
-        };
-        if batch.events.len() == self.batch_size {
-            // A full batch: more is waiting. Read it while this one is applied.
-            self.prefetch.request(batch.scanned_to);
-        }
+        let batch = self.reader.read_after(self.checkpoint, &self.filter, self.batch_size)?;
         if batch.scanned_to == self.checkpoint {
             // Nothing to process, so nothing waits on this write.
             self.write_unwritten()?;

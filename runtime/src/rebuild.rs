@@ -172,7 +172,9 @@ pub fn offline(config: &Config, name: &str, progress: impl FnMut(u64, u64)) -> R
     };
     remove_database(&spec.database);
     let log = Arc::new(EventLog::open(&config.data)?);
-    let engine = Arc::new(ProjectorEngine::new(config.uses_fuel())?.with_cache(config.data.join("cache")));
+    let engine = Arc::new(
+        ProjectorEngine::new(config.limits(p).fuel.is_some())?.with_cache(config.data.join("cache")),
+    );
     let live = Arc::new(LiveProjection::new(name, Arc::default()));
     let built = ProjectionRunner::start(engine, &spec, &log, Arc::new(AtomicBool::new(false)), live)
         .and_then(|mut runner| {

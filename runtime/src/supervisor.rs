@@ -14,7 +14,7 @@
 //! from another process.
 
 use crate::config::{Config, ProjectionConfig};
-use crate::engine::ProjectorEngine;
+use crate::engine::{Engines, ProjectorEngine};
 use crate::event_log::{EventLog, Filter};
 use crate::live::LiveProjection;
 use crate::metrics::Metrics;
@@ -49,7 +49,7 @@ pub struct HostView {
 pub struct Supervisor {
     view: Arc<RwLock<HostView>>,
     log: Arc<EventLog>,
-    engine: Arc<ProjectorEngine>,
+    engines: Engines,
     metrics: Arc<Metrics>,
     control: Sender<Control>,
     control_thread: Option<JoinHandle<()>>,
@@ -95,8 +95,7 @@ impl Supervisor {
             )
         })?;
         let log = Arc::new(EventLog::open(&config.data)?);
-        let engine =
-            Arc::new(ProjectorEngine::new(config.uses_fuel())?.with_cache(config.data.join("cache")));
+        let engines = Engines::new(Some(config.data.join("cache")))?;
         let metrics = Arc::new(Metrics::default());
         let view = Arc::new(RwLock::new(HostView { config: config.clone(), projections: BTreeMap::new() }));
         let (control, commands) = channel();
@@ -104,7 +103,7 @@ impl Supervisor {
             config: config.clone(),
             config_path: config_path.map(absolute),
             log: log.clone(),
-            engine: engine.clone(),
+            engines: engines.clone(),
             metrics: metrics.clone(),
             view: view.clone(),
             running: BTreeMap::new(),
@@ -125,7 +124,7 @@ impl Supervisor {
         Ok(Supervisor {
             view,
             log,
-            engine,
+            engines,
             metrics,
             control,
             control_thread: Some(control_thread),
@@ -138,9 +137,9 @@ impl Supervisor {
         &self.log
     }
 
-    /// The engine the projections run on.
-    pub fn engine(&self) -> &Arc<ProjectorEngine> {
-        &self.engine
+    /// The engines the projections run on.
+    pub fn engines(&self) -> &Engines {
+        &self.engines
     }
 
     /// The host's metrics.
@@ -169,7 +168,7 @@ struct ControlState {
     config: Config,
     config_path: Option<PathBuf>,
     log: Arc<EventLog>,
-    engine: Arc<ProjectorEngine>,
+    engines: Engines,
     metrics: Arc<Metrics>,
     view: Arc<RwLock<HostView>>,
     running: BTreeMap<String, Running>,
@@ -218,11 +217,14 @@ impl ControlState {
         let live = Arc::new(LiveProjection::new(&p.name, self.metrics.clone()));
         let stop = Arc::new(AtomicBool::new(false));
         let (updates, receiver) = channel();
-        let (engine, log, thread_stop, thread_live) =
-            (self.engine.clone(), self.log.clone(), stop.clone(), live.clone());
+        let (engines, log, thread_stop, thread_live) =
+            (self.engines.clone(), self.log.clone(), stop.clone(), live.clone());
         let thread = std::thread::Builder::new()
             .name(format!("projection-{}", p.name))
-            .spawn(move || run_projection(engine, &spec, &log, thread_stop, thread_live, receiver))
+            .spawn(move || {
+                let engine = engines.for_limits(&spec.limits);
+                run_projection(engine, &spec, &log, thread_stop, thread_live, receiver)
+            })
             .expect("the OS starts a thread");
         if let Ok(bytes) = std::fs::read(&p.module) {
             self.seen.insert(absolute(&p.module), hex::encode(Sha256::digest(bytes)));
@@ -299,7 +301,7 @@ impl ControlState {
             return;
         }
         self.seen.insert(path.to_path_buf(), sha256.clone());
-        let loaded = self.engine.load_bytes(&bytes, path);
+        let loaded = self.engines.plain().load_bytes(&bytes, path);
         let mut restarted = Vec::new();
         if loaded.is_ok() {
             // A projection that faulted (its thread ended) starts again
@@ -323,16 +325,26 @@ impl ControlState {
             .running
             .iter()
             .filter(|(name, r)| absolute(&r.config.module) == path && !restarted.contains(name));
+        // Compiled once per engine: a projection with a fuel limit runs on
+        // the metered one.
+        let mut metered = None;
         for (name, running) in running {
-            let update = match &loaded {
-                Ok(module) => prepare_update(
-                    &self.engine,
-                    name,
-                    &self.config.database_path(name),
-                    self.config.limits(&running.config),
-                    module.clone(),
-                ),
-                Err(err) => ModuleUpdate::Refused {
+            let limits = self.config.limits(&running.config);
+            let engine = self.engines.for_limits(&limits);
+            let refused_engine;
+            let loaded = match (&engine, limits.fuel) {
+                (Ok(engine), Some(_)) => metered.get_or_insert_with(|| engine.load_bytes(&bytes, path)),
+                (Err(err), _) => {
+                    refused_engine = Err(anyhow::anyhow!("cannot make the fuel-metering engine: {err:#}"));
+                    &refused_engine
+                }
+                (Ok(_), None) => &loaded,
+            };
+            let update = match (loaded, &engine) {
+                (Ok(module), Ok(engine)) => {
+                    prepare_update(engine, name, &self.config.database_path(name), limits, module.clone())
+                }
+                (Err(err), _) | (_, Err(err)) => ModuleUpdate::Refused {
                     sha256: sha256.clone(),
                     path: path.to_path_buf(),
                     reason: format!("{err:#}"),
@@ -410,7 +422,7 @@ fn stop_projection(name: &str, running: Running, log: &EventLog) {
 }
 
 fn run_projection(
-    engine: Arc<ProjectorEngine>,
+    engine: Result<Arc<ProjectorEngine>>,
     spec: &ProjectionSpec,
     log: &Arc<EventLog>,
     stop: Arc<AtomicBool>,
@@ -421,7 +433,8 @@ fn run_projection(
     let shared = live.clone();
     // Where a fault is recorded: a rebuild's take-over moves the database.
     let mut database = spec.database.clone();
-    let result = ProjectionRunner::start_or_rebuild(engine, spec, log, stop, live).and_then(|runner| {
+    let result = engine.and_then(|engine| ProjectionRunner::start_or_rebuild(engine, spec, log, stop, live));
+    let result = result.and_then(|runner| {
         let Some(runner) = runner else {
             tracing::info!(projection = name, "projection stopped during its rebuild");
             return Ok(());
