@@ -108,6 +108,12 @@ fn an_infinite_loop_hits_the_call_deadline() {
     s.wait_both_at(head);
     s.assert_parked_one("loop", &["deadline of 200 ms", "limits.call_timeout_ms"]);
     s.assert_contained(head, head - 1);
+    // The deadline is spent twice: by the batch, then by the event alone
+    // (its neighbours in the batch go one at a time, not by halves).
+    let logs = s.host.logs();
+    let deadlines =
+        logs.lines().filter(|l| l.contains("ran past its deadline") && l.contains("fresh instance"));
+    assert_eq!(deadlines.count(), 2, "{logs}");
 }
 
 #[test]

@@ -95,7 +95,7 @@ pub fn retry(config: &Config, name: &str, selection: &Selection) -> Result<Retry
                 continue;
             }
             Attempt::Failed(Failure::Retry(reason) | Failure::Reject(reason)) => reason,
-            Attempt::Trapped(reason) => reason,
+            Attempt::Trapped(reason) | Attempt::Exhausted(reason) => reason,
         };
         let module = instance.module().sha256.clone();
         projection_db::record_failed_retry(instance.db(), LOG_SOURCE, letter.position, &reason, &module)?;

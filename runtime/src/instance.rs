@@ -13,7 +13,7 @@ use crate::projection_db;
 use anyhow::{Context as _, Result, bail};
 use rusqlite::Connection;
 use std::sync::Arc;
-use wasmtime::Store;
+use wasmtime::{Store, Trap};
 
 /// How one `handle` call in a transaction ended.
 #[derive(Debug, Clone)]
@@ -25,6 +25,9 @@ pub enum Attempt {
     /// The module trapped (the reason names a broken limit, if one was);
     /// everything was rolled back and the instance re-made.
     Trapped(String),
+    /// The module trapped by using up the call's whole deadline or fuel:
+    /// as [`Attempt::Trapped`], but trying again costs that much again.
+    Exhausted(String),
 }
 
 /// A live instance of a projection module.
@@ -156,6 +159,8 @@ impl GuestInstance {
                     return Err(err
                         .context(format!("projection {}: the host failed", self.store.data().projection())));
                 }
+                let exhausted =
+                    matches!(trap.downcast_ref::<Trap>(), Some(Trap::Interrupt | Trap::OutOfFuel));
                 let reason = limits.describe_trap(trap);
                 let (event_id, correlation_id) = single_event_ids(events);
                 tracing::warn!(
@@ -167,7 +172,7 @@ impl GuestInstance {
                     "{reason}; making a fresh instance"
                 );
                 self.remake()?;
-                Ok(Attempt::Trapped(reason))
+                Ok(if exhausted { Attempt::Exhausted(reason) } else { Attempt::Trapped(reason) })
             }
         }
     }

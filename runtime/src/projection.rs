@@ -513,11 +513,12 @@ impl ProjectionRunner {
                 metrics.guest_error(&self.name, "reject");
                 self.live.set_last_error(Some(format!("reject: {reason}")));
             }
-            Attempt::Trapped(reason) => {
+            Attempt::Trapped(reason) | Attempt::Exhausted(reason) => {
                 metrics.guest_error(&self.name, "trap");
                 self.live.set_last_error(Some(reason.clone()));
             }
         }
+        let exhausted = matches!(attempt, Attempt::Exhausted(_));
         let reason = match attempt {
             Attempt::Committed => {
                 self.unwritten.clear();
@@ -553,8 +554,20 @@ impl ProjectionRunner {
                 return Ok(Applied::RetryLater);
             }
             Attempt::Failed(Failure::Reject(reason)) => reason,
-            Attempt::Trapped(reason) => reason,
+            Attempt::Trapped(reason) | Attempt::Exhausted(reason) => reason,
         };
+        if events.len() > 1 && exhausted {
+            // Halving would spend the whole deadline (or fuel) again at every
+            // level, ~log2(n) times; one event at a time spends it once more.
+            self.attempts = 0;
+            for (i, event) in events.iter().enumerate() {
+                let after = if i + 1 == events.len() { checkpoint_after } else { event.position };
+                if self.apply(std::slice::from_ref(event), after)? == Applied::RetryLater {
+                    return Ok(Applied::RetryLater);
+                }
+            }
+            return Ok(Applied::Committed);
+        }
         if events.len() > 1 {
             // Split to find the event: the halves commit on their own, each
             // counting its own attempts.
