@@ -2,9 +2,12 @@
 //! status, reads (state by key, the guest's `query`, read-only SQL), ingest,
 //! dead letters, pause/resume, `/metrics`, and the status page at `/`.
 //!
-//! SQLite and wasm run on tokio's blocking pool, each read on connections
-//! and instances of its own, so serving never waits for a batch and never
-//! slows processing beyond sharing the CPU. Every error is a JSON
+//! SQLite and wasm never run on tokio's async threads: quick reads (a state
+//! key, a guest `query`) run in `block_in_place` on the thread the request
+//! arrived on, other work on the blocking pool, and ingest parsing on a
+//! thread of its own at bulk priority (see [`crate::priority`]). Each read
+//! runs on connections and instances of its own, so serving never waits for
+//! a batch. Every error is a JSON
 //! `{"error": …}` — a 4xx for the caller's mistake, a 5xx for the host's
 //! own failure — and changes nothing.
 //!
@@ -172,6 +175,30 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> ApiResult<T> + Send + '
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|err| ApiError::from(anyhow::anyhow!("a handler panicked: {err}")))?
+}
+
+/// Serve a quick read (a state key, a guest `query`: SQLite and wasm,
+/// ~0.1–0.2 ms) on the thread the request arrived on, tokio handing this
+/// worker's other tasks to another thread meanwhile (`block_in_place`).
+/// Sent to the blocking pool instead, a read waits on two thread hand-offs,
+/// and on a busy machine each can wait out a whole scheduler slice: that was
+/// most of the p99 under ingest.
+fn read<T>(f: impl FnOnce() -> ApiResult<T>) -> ApiResult<T> {
+    tokio::task::block_in_place(f)
+}
+
+/// Run bulk work (parsing and appending an ingest) on a thread of its own at
+/// bulk priority, so it never holds a core a read is waiting for.
+async fn bulk<T: Send + 'static>(f: impl FnOnce() -> ApiResult<T> + Send + 'static) -> ApiResult<T> {
+    let (done, result) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("ingest".into())
+        .spawn(move || {
+            crate::priority::lower_current_thread();
+            let _ = done.send(f());
+        })
+        .map_err(|err| ApiError::from(anyhow::anyhow!("cannot start an ingest thread: {err}")))?;
+    result.await.map_err(|_| ApiError::from(anyhow::anyhow!("an ingest handler panicked")))?
 }
 
 impl Api {
@@ -429,7 +456,7 @@ async fn get_state(
     State(api): State<Arc<Api>>,
     Path((name, key)): Path<(String, String)>,
 ) -> ApiResult<Response> {
-    blocking(move || {
+    read(move || {
         let value: Option<Vec<u8>> = api.with_reads(&name, |db| {
             let mut stmt = db
                 .prepare_cached("SELECT value FROM projector_kv WHERE key = ?1")
@@ -447,7 +474,6 @@ async fn get_state(
         })?;
         Ok(bytes_response(value))
     })
-    .await
 }
 
 /// Bytes as JSON when they are JSON, else as octet-stream.
@@ -466,12 +492,11 @@ async fn query(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let body = body?;
-    blocking(move || match api.call_query(&name, &body)? {
+    read(move || match api.call_query(&name, &body)? {
         QueryOutcome::Answer(answer) => Ok(bytes_response(answer)),
         QueryOutcome::Refused(reason) => Err(ApiError::bad_request(reason)),
         QueryOutcome::Trapped(reason) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, reason)),
     })
-    .await
 }
 
 #[derive(Deserialize)]
@@ -588,7 +613,7 @@ async fn ingest(
         headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
     let correlation_id = request_id.clone();
     // Parsing a large body is CPU work: off the async threads, like the append.
-    let outcome = blocking(move || {
+    let outcome = bulk(move || {
         let mut events = parse_body(&content_type, &body)?;
         cloudevents::fill_correlation_ids(&mut events, &correlation_id);
         Ok(api.log.append(&stream, &events)?)

@@ -20,6 +20,7 @@ pub mod inspect;
 pub mod instance;
 pub mod live;
 pub mod metrics;
+pub mod priority;
 pub mod projection;
 pub mod projection_db;
 pub mod rebuild;

@@ -222,6 +222,8 @@ impl ControlState {
         let thread = std::thread::Builder::new()
             .name(format!("projection-{}", p.name))
             .spawn(move || {
+                // Before anything starts: a rebuild's thread inherits it.
+                crate::priority::lower_current_thread();
                 let engine = engines.for_limits(&spec.limits);
                 run_projection(engine, &spec, &log, thread_stop, thread_live, receiver)
             })
