@@ -73,6 +73,8 @@ fn versions_seen(ws: &Workspace) -> Vec<i64> {
 fn swaps_under_continuous_appends_handle_every_event_exactly_once() {
     let (ws, module) = swap_workspace(1);
     let host = ws.start();
+    // Before the projection's database exists, status names the file's hash.
+    wait_until(WAIT, "the projection to start", || ws.status_of("swap")["state"] == "running");
     let stop = Arc::new(AtomicBool::new(false));
     let appending = appender(host.url(), stop.clone(), 20);
     let sequence = [2, 1, 2, 1, 2, 1, 2];
@@ -112,6 +114,7 @@ fn bad_modules_are_refused_and_the_running_module_keeps_processing() {
     let (ws, module) = swap_workspace(1);
     let host = ws.start();
     let url = host.url();
+    wait_until(WAIT, "the projection to start", || ws.status_of("swap")["state"] == "running");
     let v1 = sha(&module_bytes(1));
     let mut appended = 0u64;
     let mut append = |ws: &Workspace| {

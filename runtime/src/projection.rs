@@ -257,6 +257,9 @@ impl ProjectionRunner {
         match built {
             Ok(green) if !stop.load(Ordering::Relaxed) => {
                 drop(old);
+                // Readers see the new database as running from its first
+                // moment behind the pointer.
+                projection_db::set_meta(green.db(), "state", Some("running"))?;
                 rebuild::switch_to(&spec.name, &green_spec.database)?;
                 rebuild::remove_database(&spec.database);
                 tracing::info!(
@@ -765,6 +768,9 @@ impl ProjectionRunner {
                 return self.refuse(&module, &path, &format!("the rebuild failed: {err:#}"));
             }
         };
+        // Readers see the new database as running from its first moment
+        // behind the pointer.
+        projection_db::set_meta(green.db(), "state", Some("running"))?;
         rebuild::switch_to(&self.name, &database)?;
         let old = std::mem::replace(&mut self.database, database);
         std::mem::swap(&mut self.instance, &mut green.instance);
