@@ -33,6 +33,18 @@ fn head(ws: &Workspace) -> u64 {
     ws.status()[0]["head"].as_u64().unwrap()
 }
 
+/// Start `run` over [`two_projections`] and ingest one good event and one
+/// the recorder parks (id `bad`); returns the host and its base URL.
+fn start_with_a_dead_letter(ws: &Workspace) -> (Host, String) {
+    two_projections(ws);
+    let host = ws.start();
+    let base = host.url();
+    let lines = [cloud_event("ok", "t", json!(1)), cloud_event("bad", "poison", json!(2))];
+    post(&format!("{base}/streams/wallets/events"), "application/x-ndjson", &lines.join("\n"));
+    ws.wait_caught_up(2, WAIT);
+    (host, base)
+}
+
 fn two_projections(ws: &Workspace) {
     ws.write_config(&[
         ("wallet-allowlist", &guest("wallet_allowlist"), &["wallets"]),
@@ -338,12 +350,7 @@ fn pause_holds_processing_and_resume_catches_up() {
 #[test]
 fn dead_letters_over_http_and_url() {
     let ws = Workspace::new();
-    two_projections(&ws);
-    let host = ws.start();
-    let base = host.url();
-    let lines = [cloud_event("ok", "t", json!(1)), cloud_event("bad", "poison", json!(2))];
-    post(&format!("{base}/streams/wallets/events"), "application/x-ndjson", &lines.join("\n"));
-    ws.wait_caught_up(2, WAIT);
+    let (host, base) = start_with_a_dead_letter(&ws);
     let (status, body) = get(&format!("{base}/projections/recorder/dead-letters"));
     assert_eq!(status, 200);
     let letters: Value = serde_json::from_str(&body).unwrap();
@@ -502,12 +509,7 @@ fn a_query_that_failed_in_the_host_does_not_poison_the_next_one() {
 #[test]
 fn dead_letter_errors_tell_the_callers_mistake_from_the_hosts_failure() {
     let ws = Workspace::new();
-    two_projections(&ws);
-    let host = ws.start();
-    let base = host.url();
-    let lines = [cloud_event("ok", "t", json!(1)), cloud_event("bad", "poison", json!(2))];
-    post(&format!("{base}/streams/wallets/events"), "application/x-ndjson", &lines.join("\n"));
-    ws.wait_caught_up(2, WAIT);
+    let (host, base) = start_with_a_dead_letter(&ws);
     let retry = format!("{base}/projections/recorder/dead-letters/retry");
     let discard = format!("{base}/projections/recorder/dead-letters/discard");
 

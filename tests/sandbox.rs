@@ -87,6 +87,20 @@ streams = ["s"]
         assert_eq!(hostile, json!([{"n": hostile_handled}]), "the hostile projection's other events");
     }
 
+    /// Exactly `count` dead letters, each refused by the SQL authorizer.
+    fn assert_all_denied(&self, count: usize) {
+        let letters = self.dead_letters();
+        assert_eq!(letters.len(), count, "{letters:?}");
+        for letter in &letters {
+            let reason = letter["reason"].as_str().unwrap();
+            assert!(
+                reason.contains("not authorized") || reason.contains("prohibited"),
+                "{}: {reason}",
+                letter["id"]
+            );
+        }
+    }
+
     /// Exactly one dead letter, for the trigger event, with a reason
     /// containing every one of `expected`.
     fn assert_parked_one(&self, name: &str, expected: &[&str]) {
@@ -187,16 +201,7 @@ fn sql_cannot_forge_the_checkpoint_hide_dead_letters_or_end_the_transaction() {
     let events: Vec<(&str, Value)> = statements.iter().map(|sql| ("h-sql", json!(sql))).collect();
     let head = s.append("forge", &events);
     s.wait_both_at(head);
-    let letters = s.dead_letters();
-    assert_eq!(letters.len(), statements.len(), "{letters:?}");
-    for letter in &letters {
-        let reason = letter["reason"].as_str().unwrap();
-        assert!(
-            reason.contains("not authorized") || reason.contains("prohibited"),
-            "{}: {reason}",
-            letter["id"]
-        );
-    }
+    s.assert_all_denied(statements.len());
     let status = s.ws.status_of("hostile");
     assert_eq!(status["checkpoint"], head, "the checkpoint is the host's, not forged");
     s.assert_contained(head, head - statements.len() as u64);
@@ -212,16 +217,7 @@ fn sql_cannot_read_the_runtimes_tables_or_detach() {
     ];
     let head = s.append("read", &events);
     s.wait_both_at(head);
-    let letters = s.dead_letters();
-    assert_eq!(letters.len(), events.len(), "{letters:?}");
-    for letter in &letters {
-        let reason = letter["reason"].as_str().unwrap();
-        assert!(
-            reason.contains("not authorized") || reason.contains("prohibited"),
-            "{}: {reason}",
-            letter["id"]
-        );
-    }
+    s.assert_all_denied(events.len());
     s.assert_contained(head, head - events.len() as u64);
 }
 
