@@ -350,7 +350,7 @@ fn pause_holds_processing_and_resume_catches_up() {
 #[test]
 fn dead_letters_over_http_and_url() {
     let ws = Workspace::new();
-    let (host, base) = start_with_a_dead_letter(&ws);
+    let (_host, base) = start_with_a_dead_letter(&ws);
     let (status, body) = get(&format!("{base}/projections/recorder/dead-letters"));
     assert_eq!(status, 200);
     let letters: Value = serde_json::from_str(&body).unwrap();
@@ -509,7 +509,7 @@ fn a_query_that_failed_in_the_host_does_not_poison_the_next_one() {
 #[test]
 fn dead_letter_errors_tell_the_callers_mistake_from_the_hosts_failure() {
     let ws = Workspace::new();
-    let (host, base) = start_with_a_dead_letter(&ws);
+    let (_host, base) = start_with_a_dead_letter(&ws);
     let retry = format!("{base}/projections/recorder/dead-letters/retry");
     let discard = format!("{base}/projections/recorder/dead-letters/discard");
 
