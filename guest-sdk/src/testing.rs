@@ -105,7 +105,7 @@ impl<P: Projection> Harness<P> {
     /// compare native logic with the module in the host.
     pub fn open(path: &Path) -> Result<Self, String> {
         let conn = Connection::open(path).map_err(|err| format!("{}: {err}", path.display()))?;
-        conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA cache_size=-65536;")
+        conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA cache_size=-65536; PRAGMA wal_autocheckpoint=10000;")
             .map_err(|err| format!("{}: {err}", path.display()))?;
         Self::with_connection(conn)
     }

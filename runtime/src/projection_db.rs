@@ -58,7 +58,7 @@ pub fn open(path: &Path) -> Result<Connection> {
     // access, which a reader (`status`, `query`) may be holding.
     db.busy_timeout(std::time::Duration::from_secs(5))
         .and_then(|()| {
-            db.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA cache_size=-65536;")
+            db.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA cache_size=-65536; PRAGMA wal_autocheckpoint=10000;")
         })
         .and_then(|()| db.execute_batch(SCHEMA))
         .with_context(|| format!("cannot set up projection database {}", path.display()))?;
