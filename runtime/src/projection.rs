@@ -120,6 +120,13 @@ pub fn prepare_update(
     }
 }
 
+/// Every series of a projection exists from its start, at zero.
+fn start_series(live: &LiveProjection, name: &str) {
+    let label = crate::metrics::Metrics::label(name);
+    let _ = live.metrics.module_swaps.get_or_create(&label);
+    let _ = live.metrics.events_processed.get_or_create(&label);
+}
+
 /// What one step of the loop did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
@@ -233,8 +240,11 @@ impl ProjectionRunner {
         green_spec.database = rebuild::next_generation(&spec.database, &spec.name);
         rebuild::remove_database(&green_spec.database);
         let sha256 = module.sha256.clone();
-        let built = Self::start_with_module(engine, &green_spec, module, log, stop.clone(), live).and_then(
-            |mut green| {
+        // Until it takes over, the new module is not the projection's: the
+        // API must not run its `query` over the old database.
+        let scratch = Arc::new(LiveProjection::new(&spec.name, Arc::default()));
+        let built = Self::start_with_module(engine, &green_spec, module, log, stop.clone(), scratch)
+            .and_then(|mut green| {
                 projection_db::set_meta(&old, "state", Some("running"))?;
                 let mut reported = std::time::Instant::now();
                 loop {
@@ -251,12 +261,14 @@ impl ProjectionRunner {
                         return Ok(green);
                     }
                 }
-            },
-        );
+            });
         projection_db::set_meta(&old, "rebuilding", None)?;
         match built {
-            Ok(green) if !stop.load(Ordering::Relaxed) => {
+            Ok(mut green) if !stop.load(Ordering::Relaxed) => {
                 drop(old);
+                live.set_module(green.instance.module().clone());
+                start_series(&live, &spec.name);
+                green.live = live;
                 // Readers see the new database as running from its first
                 // moment behind the pointer.
                 projection_db::set_meta(green.db(), "state", Some("running"))?;
@@ -306,9 +318,7 @@ impl ProjectionRunner {
         projection_db::set_meta(db, "error", None)?;
         projection_db::set_meta(db, "retrying", None)?;
         live.set_module(instance.module().clone());
-        // Every series exists from the start, at zero.
-        let _ = live.metrics.module_swaps.get_or_create(&crate::metrics::Metrics::label(&name));
-        let _ = live.metrics.events_processed.get_or_create(&crate::metrics::Metrics::label(&name));
+        start_series(&live, &name);
         projection_db::set_meta(db, "refused", None)?;
         Ok(ProjectionRunner {
             name,
