@@ -551,6 +551,7 @@ fn a_host_killed_while_paused_shows_as_stopped() {
     two_projections(&ws);
     let host = ws.start();
     let base = host.url();
+    wait_until(WAIT, "both projections running", || ws.status().iter().all(|s| s["state"] == "running"));
     let (status, _, _) = post(&format!("{base}/projections/recorder/pause"), "application/json", "");
     assert_eq!(status, 200);
     wait_until(WAIT, "recorder paused", || ws.status_of("recorder")["state"] == "paused");
