@@ -50,8 +50,8 @@
 //! ```
 
 use crate::context::{Backend, Context, Level, Rows, Value};
+use crate::sql_rules::{GUEST_SQL_PREFIX, cap_lengths};
 use crate::{Event, Failure, Projection};
-use rusqlite::limits::Limit;
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, ToSql, params_from_iter};
 use std::cell::RefCell;
@@ -65,18 +65,6 @@ const KV_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS projector_kv (
     key TEXT PRIMARY KEY NOT NULL,
     value BLOB NOT NULL
 ) WITHOUT ROWID";
-
-/// The largest row the host itself writes on a projection's connection (a
-/// dead letter holds a whole event); SQLITE_LIMIT_LENGTH leaves room for it.
-const HOST_ROW_BYTES: usize = 64 << 20;
-
-/// SQLite's own ceiling for SQLITE_LIMIT_LENGTH (SQLITE_MAX_LENGTH).
-const SQLITE_MAX_LENGTH: usize = 1_000_000_000;
-
-/// Prepended to every guest statement, as in the host: the statement cache
-/// is shared, and a statement prepared by the harness itself was authorized
-/// as the harness's, so a guest must never be handed one.
-const GUEST_SQL_PREFIX: &str = "/* guest */ ";
 
 /// The host's default value limit (`limits.value_kib = 1024`).
 pub const DEFAULT_VALUE_LIMIT: usize = 1024 << 10;
@@ -117,13 +105,13 @@ impl<P: Projection> Harness<P> {
     /// default).
     pub fn with_value_limit(mut self, bytes: usize) -> Self {
         self.value_limit = bytes;
-        set_length_limit(&self.conn, bytes);
+        cap_lengths(&self.conn, bytes);
         self
     }
 
     fn with_connection(mut conn: Connection) -> Result<Self, String> {
         let guest_sql = crate::sql_rules::guard(&mut conn).map_err(|err| err.to_string())?;
-        set_length_limit(&conn, DEFAULT_VALUE_LIMIT);
+        cap_lengths(&conn, DEFAULT_VALUE_LIMIT);
         conn.set_prepared_statement_cache_capacity(256);
         conn.execute_batch(KV_SCHEMA).map_err(|err| err.to_string())?;
         let harness = Harness {
@@ -244,15 +232,6 @@ impl Drop for EndOnDrop<'_> {
             ended.unwrap_or_else(|err| panic!("{}: {err}", self.sql));
         }
     }
-}
-
-/// SQLITE_LIMIT_LENGTH as the host sets it: the longest string or blob SQL
-/// may make (`zeroblob`, `randomblob`, `printf`), twice the larger of the
-/// value limit and the host's own largest row, within SQLite's ceiling.
-fn set_length_limit(conn: &Connection, value_limit: usize) {
-    let bytes = value_limit.max(HOST_ROW_BYTES).saturating_mul(2).min(SQLITE_MAX_LENGTH);
-    conn.set_limit(Limit::SQLITE_LIMIT_LENGTH, i32::try_from(bytes).unwrap_or(i32::MAX))
-        .expect("set SQLITE_LIMIT_LENGTH");
 }
 
 struct SqliteBackend<'a> {

@@ -192,7 +192,7 @@ impl Engines {
         if let Some(metered) = self.metered.get() {
             return Ok(metered.clone());
         }
-        let metered = ProjectorEngine::new(true)?;
+        let metered = ProjectorEngine::new(true).context("cannot make the fuel-metering engine")?;
         let metered = match &self.cache {
             Some(dir) => metered.with_cache(dir.clone()),
             None => metered,

@@ -33,23 +33,13 @@ use wasmtime::Trap;
 // One file of rules for the host and the SDK's native harness.
 #[path = "../../guest-sdk/src/sql_rules.rs"]
 mod sql_rules;
+use sql_rules::GUEST_SQL_PREFIX;
 pub use sql_rules::RUNTIME_TABLES;
 
 /// How many SQLite virtual machine instructions run between two looks at
 /// the call's deadline: frequent enough to stop within a millisecond or so,
 /// rare enough to cost nothing measurable.
 const PROGRESS_INTERVAL: i32 = 1000;
-
-/// The largest row the host itself expects to write on a projection's
-/// connection: a dead letter holds a whole event, and events arrive over
-/// HTTP (16 MiB by default, `--max-body-kib`) or from files with no cap.
-const HOST_ROW_BYTES: usize = 64 << 20;
-
-/// SQLite's own ceiling for SQLITE_LIMIT_LENGTH (SQLITE_MAX_LENGTH).
-const SQLITE_MAX_LENGTH: usize = 1_000_000_000;
-
-/// Prepended to every guest statement; see [`GuestHost::as_guest`].
-const GUEST_SQL_PREFIX: &str = "/* guest */ ";
 
 /// The store data of one projection instance.
 pub struct GuestHost {
@@ -77,7 +67,7 @@ impl GuestHost {
         let deadline = CallDeadline::new();
         let (flag, call) = (guest_sql.clone(), deadline.clone());
         db.progress_handler(PROGRESS_INTERVAL, Some(move || flag.load(Ordering::Relaxed) && call.passed()))?;
-        set_length_limit(&db, sql_length_limit(&limits));
+        sql_rules::cap_lengths(&db, limits.value_bytes);
         db.set_prepared_statement_cache_capacity(256);
         Ok(GuestHost {
             db,
@@ -239,26 +229,6 @@ impl CallDeadline {
         let now = self.origin.elapsed().as_nanos();
         now >= u128::from(self.nanos.load(Ordering::Relaxed))
     }
-}
-
-/// SQLITE_LIMIT_LENGTH for a projection's connection: the longest string or
-/// blob, and the largest row, SQLite will make or store.
-///
-/// Parameters are checked against `limits.value_kib`, but SQL makes its
-/// own values (`zeroblob(500000000)`, `randomblob`, `printf('%.*c', …)`).
-/// The host shares the connection, so the cap must leave it room for its
-/// own rows (a dead letter holds a whole event): twice the larger of the
-/// value limit and [`HOST_ROW_BYTES`] — a row holds a value plus its other
-/// columns — within SQLite's own ceiling.
-fn sql_length_limit(limits: &Limits) -> i32 {
-    let bytes = limits.value_bytes.max(HOST_ROW_BYTES).saturating_mul(2).min(SQLITE_MAX_LENGTH);
-    i32::try_from(bytes).unwrap_or(i32::MAX)
-}
-
-/// Set SQLITE_LIMIT_LENGTH on `db`.
-fn set_length_limit(db: &Connection, bytes: i32) {
-    db.set_limit(rusqlite::limits::Limit::SQLITE_LIMIT_LENGTH, bytes)
-        .expect("SQLITE_LIMIT_LENGTH is a limit SQLite knows");
 }
 
 /// What a failed guest statement means.

@@ -206,7 +206,7 @@ impl Api {
     /// it was restarted since).
     ///
     /// It reads the projection's pointer file, so it is blocking work: call
-    /// it inside [`blocking`].
+    /// it inside [`blocking`] or [`read`].
     fn served(&self, name: &str) -> ApiResult<Arc<Served>> {
         let (live, limits, config) = {
             let view = self.view.read().unwrap_or_else(|e| e.into_inner());

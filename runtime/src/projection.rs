@@ -120,6 +120,12 @@ pub fn prepare_update(
     }
 }
 
+/// Write `metas` (key, value or none to remove) into `db`'s meta, inside
+/// the caller's transaction.
+fn put_metas(db: &Connection, metas: &[(&'static str, Option<String>)]) -> Result<()> {
+    metas.iter().try_for_each(|(key, value)| projection_db::set_meta(db, key, value.as_deref()))
+}
+
 /// Every series of a projection exists from its start, at zero.
 fn start_series(live: &LiveProjection, name: &str) {
     let label = crate::metrics::Metrics::label(name);
@@ -171,15 +177,15 @@ pub struct ProjectionRunner {
     checkpoint: u64,
     stop: Arc<AtomicBool>,
     live: Arc<LiveProjection>,
-    retrying: bool,
     /// Attempts so far at the batch after the checkpoint, while the module
     /// keeps asking to retry it.
     attempts: u32,
     /// When that batch may be tried again.
     retry_at: Option<std::time::Instant>,
-    /// Status a swap changed (`module`, …), written with the next commit so
-    /// the swap itself writes nothing: a commit of its own could meet a WAL
-    /// checkpoint and hold processing up for milliseconds.
+    /// Status to write with the next commit: what a swap changed (`module`,
+    /// …), so the swap itself writes nothing (a commit of its own could meet
+    /// a WAL checkpoint and hold processing up for milliseconds), and the
+    /// end of `retrying` once a retried batch commits or is parked.
     unwritten: Vec<(&'static str, Option<String>)>,
     handled: u64,
     parked: u64,
@@ -338,7 +344,6 @@ impl ProjectionRunner {
             checkpoint,
             stop,
             live,
-            retrying: false,
             attempts: 0,
             retry_at: None,
             unwritten: Vec::new(),
@@ -423,7 +428,8 @@ impl ProjectionRunner {
         self.write_unwritten()
     }
 
-    /// Write the status a swap changed now, in a transaction of its own.
+    /// Write the status waiting for a commit now, in a transaction of its
+    /// own.
     fn write_unwritten(&mut self) -> Result<()> {
         if !self.unwritten.is_empty() {
             let values: Vec<(&str, Option<&str>)> =
@@ -510,9 +516,7 @@ impl ProjectionRunner {
         let started = std::time::Instant::now();
         let unwritten = &self.unwritten;
         let attempt = self.instance.handle_in_transaction(events, |db| {
-            for (key, value) in unwritten {
-                projection_db::set_meta(db, key, value.as_deref())?;
-            }
+            put_metas(db, unwritten)?;
             projection_db::set_checkpoint(db, LOG_SOURCE, checkpoint_after)
         })?;
         let metrics = &self.live.metrics;
@@ -538,9 +542,6 @@ impl ProjectionRunner {
                 self.checkpoint = checkpoint_after;
                 self.handled += events.len() as u64;
                 self.attempts = 0;
-                if std::mem::take(&mut self.retrying) {
-                    projection_db::set_meta(self.db(), "retrying", None)?;
-                }
                 return Ok(Applied::Committed);
             }
             Attempt::Failed(Failure::Retry(reason)) => {
@@ -562,7 +563,9 @@ impl ProjectionRunner {
                     "reason": reason,
                 });
                 projection_db::set_meta(self.db(), "retrying", Some(&retrying.to_string()))?;
-                self.retrying = true;
+                if !self.unwritten.iter().any(|(key, _)| *key == "retrying") {
+                    self.unwritten.push(("retrying", None));
+                }
                 self.retry_at = Some(std::time::Instant::now() + wait);
                 return Ok(Applied::RetryLater);
             }
@@ -838,18 +841,13 @@ impl ProjectionRunner {
         let module = self.instance.module().sha256.clone();
         let db = self.db();
         db.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
-        for (key, value) in &self.unwritten {
-            projection_db::set_meta(db, key, value.as_deref())?;
-        }
+        put_metas(db, &self.unwritten)?;
         projection_db::park(db, LOG_SOURCE, event, reason, &module, attempts)?;
         projection_db::set_checkpoint(db, LOG_SOURCE, checkpoint_after)?;
         db.prepare_cached("COMMIT")?.execute([])?;
         self.unwritten.clear();
         self.checkpoint = checkpoint_after;
         self.parked += 1;
-        if std::mem::take(&mut self.retrying) {
-            projection_db::set_meta(self.db(), "retrying", None)?;
-        }
         tracing::warn!(
             projection = &*self.name,
             event_id = %event.id,

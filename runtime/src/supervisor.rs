@@ -332,26 +332,19 @@ impl ControlState {
         let mut metered = None;
         for (name, running) in running {
             let limits = self.config.limits(&running.config);
-            let engine = self.engines.for_limits(&limits);
-            let refused_engine;
-            let loaded = match (&engine, limits.fuel) {
-                (Ok(engine), Some(_)) => metered.get_or_insert_with(|| engine.load_bytes(&bytes, path)),
-                (Err(err), _) => {
-                    refused_engine = Err(anyhow::anyhow!("cannot make the fuel-metering engine: {err:#}"));
-                    &refused_engine
-                }
-                (Ok(_), None) => &loaded,
-            };
-            let update = match (loaded, &engine) {
-                (Ok(module), Ok(engine)) => {
-                    prepare_update(engine, name, &self.config.database_path(name), limits, module.clone())
-                }
-                (Err(err), _) | (_, Err(err)) => ModuleUpdate::Refused {
-                    sha256: sha256.clone(),
-                    path: path.to_path_buf(),
-                    reason: format!("{err:#}"),
-                },
-            };
+            let prepared = self.engines.for_limits(&limits).and_then(|engine| {
+                let module = match limits.fuel {
+                    Some(_) => metered.get_or_insert_with(|| engine.load_bytes(&bytes, path)),
+                    None => &loaded,
+                };
+                let module = module.as_ref().map_err(|err| anyhow::anyhow!("{err:#}"))?.clone();
+                Ok(prepare_update(&engine, name, &self.config.database_path(name), limits, module))
+            });
+            let update = prepared.unwrap_or_else(|err| ModuleUpdate::Refused {
+                sha256: sha256.clone(),
+                path: path.to_path_buf(),
+                reason: format!("{err:#}"),
+            });
             let _ = running.updates.send(update);
         }
         // Wake idle projections so they take the update now.
