@@ -6,6 +6,14 @@
 //! is turned into a component here (wit-component), so a plain `cargo build`
 //! output deploys as is. Either way it must implement the `projection` world.
 //!
+//! A module file is untrusted input, and may be half written when it is
+//! read (a hot swap by plain copy): it is validated before the encoder sees
+//! it, and any panic left in the wasm libraries is caught, so a bad file is
+//! an error naming it, never a dead thread. Compiles are kept on disk
+//! (`<data>/cache/<sha256>.cwasm`, written whole then renamed) and in
+//! memory, and one compile per module and engine runs at a time: a hundred
+//! projections of one module compile it once.
+//!
 //! The sandbox's limits live here too: [`Limits`] (memory, a wall-clock
 //! deadline per call through epoch interruption, optional fuel, tables,
 //! instances, value sizes, guest log rate) and how a broken limit reads.
@@ -18,8 +26,9 @@ use crate::config::LimitsConfig;
 use crate::guest_host::GuestHost;
 use anyhow::{Context as _, Result, bail};
 use sha2::{Digest, Sha256};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use wasmtime::component::{Component, HasSelf, Linker};
@@ -148,6 +157,8 @@ pub struct ProjectorEngine {
     fuel: bool,
     ticker_stop: Arc<AtomicBool>,
     cache: Option<PathBuf>,
+    /// The loads under way or still held, by the module's sha256.
+    loads: Mutex<HashMap<String, Weak<Flight>>>,
 }
 
 impl Drop for ProjectorEngine {
@@ -163,7 +174,7 @@ impl Drop for ProjectorEngine {
 #[derive(Clone)]
 pub struct Engines {
     plain: Arc<ProjectorEngine>,
-    metered: Arc<std::sync::OnceLock<Arc<ProjectorEngine>>>,
+    metered: Arc<Mutex<Option<Arc<ProjectorEngine>>>>,
     cache: Option<PathBuf>,
 }
 
@@ -189,15 +200,18 @@ impl Engines {
         if limits.fuel.is_none() {
             return Ok(self.plain.clone());
         }
-        if let Some(metered) = self.metered.get() {
+        // Held while it is made: projections starting together share one.
+        let mut metered = self.metered.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(metered) = &*metered {
             return Ok(metered.clone());
         }
-        let metered = ProjectorEngine::new(true).context("cannot make the fuel-metering engine")?;
-        let metered = match &self.cache {
-            Some(dir) => metered.with_cache(dir.clone()),
-            None => metered,
-        };
-        Ok(self.metered.get_or_init(|| Arc::new(metered)).clone())
+        let engine = ProjectorEngine::new(true).context("cannot make the fuel-metering engine")?;
+        let engine = Arc::new(match &self.cache {
+            Some(dir) => engine.with_cache(dir.clone()),
+            None => engine,
+        });
+        *metered = Some(engine.clone());
+        Ok(engine)
     }
 }
 
@@ -212,6 +226,22 @@ pub struct LoadedModule {
     pub pre: ProjectionPre<GuestHost>,
     /// Whether it came from the compiled-module cache (not compiled now).
     pub from_cache: bool,
+    /// Keeps the engine's in-memory copy alive: while any projection runs
+    /// these bytes, loading them again costs a hash and nothing more.
+    _shared: Arc<Flight>,
+}
+
+/// One load of one module's bytes, shared by everyone who asks for the
+/// same bytes meanwhile (single flight): the first caller does the work,
+/// the others wait for it and take its result. The error is kept as text
+/// without the file's name: each caller names its own path.
+type Flight = OnceLock<std::result::Result<Prepared, String>>;
+
+/// What a successful load holds, before it is given a path.
+#[derive(Clone)]
+struct Prepared {
+    pre: ProjectionPre<GuestHost>,
+    from_cache: bool,
 }
 
 impl ProjectorEngine {
@@ -239,7 +269,7 @@ impl ProjectorEngine {
                 }
             })
             .context("cannot start the epoch ticker")?;
-        Ok(ProjectorEngine { engine, linker, fuel, ticker_stop, cache: None })
+        Ok(ProjectorEngine { engine, linker, fuel, ticker_stop, cache: None, loads: Mutex::default() })
     }
 
     /// Keep compiled modules in `dir`, keyed by the module's sha256, so a
@@ -261,61 +291,127 @@ impl ProjectorEngine {
 
     /// Read, compile, link and check the module at `path`.
     pub fn load_file(&self, path: &Path) -> Result<LoadedModule> {
+        if path.is_dir() {
+            bail!(
+                "cannot read module {}: it is a directory; point `module` at the .wasm file",
+                path.display()
+            );
+        }
         let bytes = std::fs::read(path).with_context(|| format!("cannot read module {}", path.display()))?;
         self.load_bytes(&bytes, path)
     }
 
     /// Compile, link and check `bytes`, read from `path`.
+    ///
+    /// Never panics, whatever the bytes: they are validated before the
+    /// component encoder sees them, and a panic inside the wasm libraries
+    /// is caught and returned as the error. Loads of the same bytes at the
+    /// same time share one compile; while a module of these bytes is
+    /// loaded, loading them again reuses it.
     pub fn load_bytes(&self, bytes: &[u8], path: &Path) -> Result<LoadedModule> {
-        let shown = path.display();
         let sha256 = hex::encode(Sha256::digest(bytes));
+        let flight = self.flight(&sha256);
+        let prepared = flight.get_or_init(|| self.prepare(bytes, &sha256, path));
+        match prepared {
+            Ok(Prepared { pre, from_cache }) => Ok(LoadedModule {
+                path: path.to_path_buf(),
+                sha256,
+                pre: pre.clone(),
+                from_cache: *from_cache,
+                _shared: flight.clone(),
+            }),
+            Err(reason) => bail!("module {} {reason}", path.display()),
+        }
+    }
+
+    /// The load of `sha256` under way or still held, or a new one.
+    fn flight(&self, sha256: &str) -> Arc<Flight> {
+        let mut loads = self.loads.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(flight) = loads.get(sha256).and_then(Weak::upgrade) {
+            return flight;
+        }
+        // Modules no longer loaded anywhere are forgotten (the compiled
+        // cache on disk still has them).
+        loads.retain(|_, flight| flight.strong_count() > 0);
+        let flight = Arc::new(Flight::new());
+        loads.insert(sha256.to_string(), Arc::downgrade(&flight));
+        flight
+    }
+
+    /// Validate, encode as a component, compile (or take from the cache),
+    /// link and check against the world. The error says what is wrong with
+    /// the bytes, to follow "module <path> ".
+    fn prepare(&self, bytes: &[u8], sha256: &str, path: &Path) -> std::result::Result<Prepared, String> {
         let component = match wasm_kind(bytes) {
-            WasmKind::Component => bytes.to_vec(),
-            WasmKind::Core => wit_component::ComponentEncoder::default()
-                .module(bytes)
-                .and_then(|encoder| encoder.validate(true).encode())
-                .map_err(|err| {
-                    anyhow::anyhow!(
-                        "module {shown} does not implement the projection world: it is a core \
-                         wasm module without a usable `projection` component type ({err:#}). \
-                         Build it with projector-sdk (`projector_sdk::export!`) for \
-                         wasm32-unknown-unknown"
+            WasmKind::Component => {
+                validate(bytes).map_err(|err| invalid("component", &err))?;
+                std::borrow::Cow::Borrowed(bytes)
+            }
+            WasmKind::Core => {
+                validate(bytes).map_err(|err| invalid("module", &err))?;
+                let encoded = guarded("encoding it as a component", || {
+                    wit_component::ComponentEncoder::default()
+                        .module(bytes)
+                        .and_then(|encoder| encoder.validate(true).encode())
+                        .map_err(|err| format!("{err:#}"))
+                });
+                std::borrow::Cow::Owned(encoded.map_err(|err| {
+                    format!(
+                        "does not implement the projection world: it is a core wasm module \
+                         without a usable `projection` component type ({err}). Build it with \
+                         projector-sdk (`projector_sdk::export!`) for wasm32-unknown-unknown"
                     )
-                })?,
-            WasmKind::NotWasm => bail!(
-                "module {shown} is not a WebAssembly file (it does not start with `\\0asm`); \
-                 point `module` at the .wasm that `scripts/build-guests` or \
-                 `cargo build --target wasm32-unknown-unknown` wrote"
-            ),
+                })?)
+            }
+            WasmKind::NotWasm if bytes.is_empty() => {
+                return Err("is empty (0 bytes): is it still being written? Point `module` at the \
+                            .wasm that `scripts/build-guests` or `cargo build --target \
+                            wasm32-unknown-unknown` wrote"
+                    .into());
+            }
+            WasmKind::NotWasm => {
+                return Err("is not a WebAssembly file (it does not start with `\\0asm`); point \
+                            `module` at the .wasm that `scripts/build-guests` or `cargo build \
+                            --target wasm32-unknown-unknown` wrote"
+                    .into());
+            }
         };
-        let (component, from_cache) = self.compile(&component, &sha256, path)?;
-        let pre =
-            self.linker.instantiate_pre(&component).map_err(anyhow::Error::from).with_context(|| {
-                format!("module {shown} imports something the projection world does not provide")
-            })?;
-        let pre = ProjectionPre::new(pre).map_err(anyhow::Error::from).with_context(|| {
+        let (component, from_cache) = guarded("compiling it", || self.compile(&component, sha256, path))
+            .map_err(|err| format!("does not compile: {err}"))?;
+        let pre = self.linker.instantiate_pre(&component).map_err(|err| {
+            format!("imports something the projection world does not provide: {:#}", anyhow::Error::from(err))
+        })?;
+        let pre = ProjectionPre::new(pre).map_err(|err| {
             format!(
-                "module {shown} does not implement the projection world (exports state-version, \
-                 init, handle, query); build it with projector-sdk"
+                "does not implement the projection world (exports state-version, init, handle, \
+                 query); build it with projector-sdk: {:#}",
+                anyhow::Error::from(err)
             )
         })?;
-        Ok(LoadedModule { path: path.to_path_buf(), sha256, pre, from_cache })
+        Ok(Prepared { pre, from_cache })
     }
 
     /// Compile `component`, or deserialize it from the cache when a module
     /// with this sha256 was compiled before with these engine settings.
-    fn compile(&self, component: &[u8], sha256: &str, path: &Path) -> Result<(Component, bool)> {
+    /// The cache is an optimisation: a cache that cannot be read or written
+    /// costs a compile and a warning, never the load.
+    fn compile(&self, component: &[u8], sha256: &str, path: &Path) -> std::result::Result<(Component, bool), String> {
         let shown = path.display();
         let started = std::time::Instant::now();
+        let compile_error = |err: wasmtime::Error| format!("{:#}", anyhow::Error::from(err));
         let Some(dir) = &self.cache else {
-            let compiled = Component::from_binary(&self.engine, component)
-                .map_err(anyhow::Error::from)
-                .with_context(|| format!("module {shown} does not compile"))?;
+            let compiled = Component::from_binary(&self.engine, component).map_err(compile_error)?;
+            tracing::info!(
+                module = %shown,
+                sha256,
+                millis = started.elapsed().as_millis() as u64,
+                "module compiled"
+            );
             return Ok((compiled, false));
         };
         let cached = dir.join(format!("{sha256}{}.cwasm", if self.fuel { "-fuel" } else { "" }));
-        if cached.exists() {
-            match deserialize(&self.engine, &std::fs::read(&cached)?) {
+        match std::fs::read(&cached) {
+            Ok(bytes) => match deserialize(&self.engine, &bytes) {
                 Ok(component) => {
                     tracing::info!(module = %shown, sha256, "module loaded from the compiled-module cache");
                     return Ok((component, true));
@@ -324,27 +420,107 @@ impl ProjectorEngine {
                 Err(err) => {
                     tracing::info!(module = %shown, "cached compilation unusable ({err:#}); compiling")
                 }
+            },
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => tracing::warn!(
+                module = %shown,
+                "cannot read the compiled-module cache {} ({err}); compiling",
+                cached.display()
+            ),
+        }
+        let compiled = self.engine.precompile_component(component).map_err(compile_error)?;
+        let component = deserialize(&self.engine, &compiled).map_err(|err| format!("{err:#}"))?;
+        let millis = started.elapsed().as_millis() as u64;
+        match write_atomically(dir, &cached, &compiled) {
+            Ok(()) => tracing::info!(module = %shown, sha256, millis, "module compiled and cached"),
+            Err(err) => {
+                tracing::info!(module = %shown, sha256, millis, "module compiled (not cached)");
+                tracing::warn!(
+                    module = %shown,
+                    "cannot write the compiled-module cache ({err:#}); the module runs from this \
+                     compile, and the next start compiles it again"
+                );
             }
         }
-        let compiled = self
-            .engine
-            .precompile_component(component)
-            .map_err(anyhow::Error::from)
-            .with_context(|| format!("module {shown} does not compile"))?;
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let partial = cached.with_extension(format!("partial-{}", std::process::id()));
-        std::fs::write(&partial, &compiled)
-            .and_then(|()| std::fs::rename(&partial, &cached))
-            .with_context(|| format!("cannot write {}", cached.display()))?;
-        let component = deserialize(&self.engine, &compiled)?;
-        tracing::info!(
-            module = %shown,
-            sha256,
-            millis = started.elapsed().as_millis() as u64,
-            "module compiled and cached"
-        );
         Ok((component, false))
     }
+}
+
+/// Write `bytes` to `target` in `dir` through a temporary file of a unique
+/// name in the same folder, renamed into place: a reader never sees half a
+/// file, and two writers (threads or processes) never share a partial one.
+fn write_atomically(dir: &Path, target: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write as _;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut partial = tempfile::Builder::new()
+        .prefix(".compiling-")
+        .suffix(".partial")
+        .tempfile_in(dir)
+        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
+    partial.write_all(bytes).with_context(|| format!("cannot write {}", partial.path().display()))?;
+    partial.persist(target).map_err(|err| err.error).with_context(|| format!("cannot write {}", target.display()))?;
+    Ok(())
+}
+
+/// Check `bytes` as WebAssembly (a core module or a component) before any
+/// library that assumes well-formed input sees them. Features as broad as
+/// the parser knows: what the engine does not support, it refuses itself.
+fn validate(bytes: &[u8]) -> std::result::Result<(), wasmparser::BinaryReaderError> {
+    wasmparser::Validator::new_with_features(wasmparser::WasmFeatures::all()).validate_all(bytes).map(drop)
+}
+
+/// Why validation refused a `kind` ("module" or "component").
+fn invalid(kind: &str, err: &wasmparser::BinaryReaderError) -> String {
+    format!(
+        "is not a valid WebAssembly {kind}: {err}. The file is cut short or corrupt (still being \
+         copied?); write it whole, then rename it into place"
+    )
+}
+
+thread_local! {
+    /// Set while [`guarded`] runs on this thread: the panic hook records
+    /// the panic here instead of printing it.
+    static CAUGHT: std::cell::RefCell<Option<Option<String>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Run `work`, turning a panic inside it into an error that says what was
+/// being done. The wasm libraries assume input they can parse; a panic on
+/// input they cannot is an answer about the file, not a bug of the host's,
+/// so it is not printed as one.
+fn guarded<T>(doing: &str, work: impl FnOnce() -> std::result::Result<T, String>) -> std::result::Result<T, String> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let quiet = CAUGHT.with_borrow_mut(|caught| match caught {
+                Some(slot) => {
+                    let message = info
+                        .payload()
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| info.payload().downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "no message".into());
+                    let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+                    *slot = Some(format!("{message}{at}"));
+                    true
+                }
+                None => false,
+            });
+            if !quiet {
+                previous(info);
+            }
+        }));
+    });
+    let outer = CAUGHT.replace(Some(None));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
+    let caught = CAUGHT.replace(outer).flatten();
+    result.unwrap_or_else(|_| {
+        Err(format!(
+            "{doing} failed inside the wasm libraries ({}): the file is corrupt or of a kind the \
+             host cannot load",
+            caught.unwrap_or_else(|| "a panic".into())
+        ))
+    })
 }
 
 /// Load a compiled component.
