@@ -42,7 +42,8 @@ fn hostile_inputs() -> Vec<(String, Option<Vec<u8>>)> {
     // Truncations at every 1%, and at a few hundred random offsets.
     for percent in 0..100 {
         let cut = real.len() * percent / 100;
-        inputs.push((format!("wallet_allowlist cut at {percent}% ({cut} bytes)"), Some(real[..cut].to_vec())));
+        inputs
+            .push((format!("wallet_allowlist cut at {percent}% ({cut} bytes)"), Some(real[..cut].to_vec())));
     }
     for _ in 0..300 {
         let cut = rng.below(real.len());

@@ -50,9 +50,14 @@ fn timed_start(ws: &Workspace, n: usize) -> (Host, Duration) {
         if ready == n {
             return (host, started.elapsed());
         }
-        let faulted: Vec<&Value> = listed.as_array().unwrap().iter().filter(|p| p["state"] == "faulted").collect();
+        let faulted: Vec<&Value> =
+            listed.as_array().unwrap().iter().filter(|p| p["state"] == "faulted").collect();
         assert!(faulted.is_empty(), "faulted at start: {faulted:?}");
-        assert!(started.elapsed() < Duration::from_secs(600), "not all running after 10 min:\n{}", host.logs());
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "not all running after 10 min:\n{}",
+            host.logs()
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }

@@ -28,8 +28,8 @@ use anyhow::{Context as _, Result, bail};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, Store, Trap};
@@ -395,7 +395,12 @@ impl ProjectorEngine {
     /// with this sha256 was compiled before with these engine settings.
     /// The cache is an optimisation: a cache that cannot be read or written
     /// costs a compile and a warning, never the load.
-    fn compile(&self, component: &[u8], sha256: &str, path: &Path) -> std::result::Result<(Component, bool), String> {
+    fn compile(
+        &self,
+        component: &[u8],
+        sha256: &str,
+        path: &Path,
+    ) -> std::result::Result<(Component, bool), String> {
         let shown = path.display();
         let started = std::time::Instant::now();
         let compile_error = |err: wasmtime::Error| format!("{:#}", anyhow::Error::from(err));
@@ -458,7 +463,10 @@ fn write_atomically(dir: &Path, target: &Path, bytes: &[u8]) -> Result<()> {
         .tempfile_in(dir)
         .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
     partial.write_all(bytes).with_context(|| format!("cannot write {}", partial.path().display()))?;
-    partial.persist(target).map_err(|err| err.error).with_context(|| format!("cannot write {}", target.display()))?;
+    partial
+        .persist(target)
+        .map_err(|err| err.error)
+        .with_context(|| format!("cannot write {}", target.display()))?;
     Ok(())
 }
 
@@ -487,7 +495,10 @@ thread_local! {
 /// being done. The wasm libraries assume input they can parse; a panic on
 /// input they cannot is an answer about the file, not a bug of the host's,
 /// so it is not printed as one.
-fn guarded<T>(doing: &str, work: impl FnOnce() -> std::result::Result<T, String>) -> std::result::Result<T, String> {
+fn guarded<T>(
+    doing: &str,
+    work: impl FnOnce() -> std::result::Result<T, String>,
+) -> std::result::Result<T, String> {
     static HOOK: std::sync::Once = std::sync::Once::new();
     HOOK.call_once(|| {
         let previous = std::panic::take_hook();
@@ -500,7 +511,8 @@ fn guarded<T>(doing: &str, work: impl FnOnce() -> std::result::Result<T, String>
                         .map(|s| s.to_string())
                         .or_else(|| info.payload().downcast_ref::<String>().cloned())
                         .unwrap_or_else(|| "no message".into());
-                    let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+                    let at =
+                        info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
                     *slot = Some(format!("{message}{at}"));
                     true
                 }
@@ -547,5 +559,71 @@ fn wasm_kind(bytes: &[u8]) -> WasmKind {
         Some([0, b'a', b's', b'm', 1, 0, 0, 0]) => WasmKind::Core,
         Some([0, b'a', b's', b'm', _, _, 1, 0]) => WasmKind::Component,
         _ => WasmKind::NotWasm,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn real_module() -> Vec<u8> {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/projections/wallet_allowlist.wasm");
+        std::fs::read(&path)
+            .unwrap_or_else(|err| panic!("{} ({err}): run scripts/build-guests first", path.display()))
+    }
+
+    #[test]
+    fn a_panic_in_the_wasm_libraries_becomes_an_error_saying_what_was_done() {
+        let err = guarded::<()>("encoding it", || panic!("index out of range")).unwrap_err();
+        assert!(err.starts_with("encoding it failed inside the wasm libraries"), "{err}");
+        assert!(err.contains("index out of range"), "{err}");
+        // Outside a guarded call, panics reach the previous hook again.
+        assert!(CAUGHT.with_borrow(Option::is_none));
+    }
+
+    #[test]
+    fn concurrent_loads_of_one_module_compile_once_and_share_the_result() {
+        let cache = tempfile::tempdir().unwrap();
+        let engine = ProjectorEngine::new(false).unwrap().with_cache(cache.path().to_path_buf());
+        let bytes = real_module();
+        let start = std::sync::Barrier::new(8);
+        let loaded: Vec<LoadedModule> = std::thread::scope(|scope| {
+            let threads: Vec<_> = (0..8)
+                .map(|i| {
+                    let (engine, bytes, start) = (&engine, &bytes, &start);
+                    scope.spawn(move || {
+                        start.wait();
+                        engine.load_bytes(bytes, Path::new(&format!("m{i}.wasm"))).unwrap()
+                    })
+                })
+                .collect();
+            threads.into_iter().map(|t| t.join().unwrap()).collect()
+        });
+        assert!(loaded.iter().all(|m| Arc::ptr_eq(&m._shared, &loaded[0]._shared)), "one load, shared");
+        assert!(loaded.iter().all(|m| !m.from_cache));
+        assert_eq!(loaded[3].path, Path::new("m3.wasm"), "each keeps its own path");
+        let files: Vec<String> = std::fs::read_dir(cache.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(files, [format!("{}.cwasm", loaded[0].sha256)], "one compile written, no partial left");
+        // Held: loading again reuses it. Dropped: the disk cache serves it.
+        let again = engine.load_bytes(&bytes, Path::new("again.wasm")).unwrap();
+        assert!(Arc::ptr_eq(&again._shared, &loaded[0]._shared));
+        drop((loaded, again));
+        let after = engine.load_bytes(&bytes, Path::new("after.wasm")).unwrap();
+        assert!(after.from_cache);
+    }
+
+    #[test]
+    fn a_failed_load_is_not_kept() {
+        let engine = ProjectorEngine::new(false).unwrap();
+        let bytes = real_module();
+        let cut = &bytes[..bytes.len() / 2];
+        let err = engine.load_bytes(cut, Path::new("a.wasm")).err().unwrap();
+        assert!(format!("{err:#}").starts_with("module a.wasm is not a valid WebAssembly module"), "{err:#}");
+        let err = engine.load_bytes(cut, Path::new("b.wasm")).err().unwrap();
+        assert!(format!("{err:#}").starts_with("module b.wasm "), "names its own file: {err:#}");
+        assert!(engine.loads.lock().unwrap().values().all(|f| f.strong_count() == 0));
     }
 }
