@@ -311,7 +311,13 @@ impl ProjectorEngine {
     pub fn load_bytes(&self, bytes: &[u8], path: &Path) -> Result<LoadedModule> {
         let sha256 = hex::encode(Sha256::digest(bytes));
         let flight = self.flight(&sha256);
-        let prepared = flight.get_or_init(|| self.prepare(bytes, &sha256, path));
+        // Validation comes first so that the libraries see only input they
+        // can parse; the guard is for whatever they still fail on.
+        let prepared = flight.get_or_init(|| {
+            guarded("loading it", || self.prepare(bytes, &sha256, path))
+                .map_err(|panic| format!("cannot be loaded: {panic}"))
+                .and_then(|prepared| prepared)
+        });
         match prepared {
             Ok(Prepared { pre, from_cache }) => Ok(LoadedModule {
                 path: path.to_path_buf(),
@@ -354,7 +360,8 @@ impl ProjectorEngine {
                         .module(bytes)
                         .and_then(|encoder| encoder.validate(true).encode())
                         .map_err(|err| format!("{err:#}"))
-                });
+                })
+                .and_then(|encoded| encoded);
                 std::borrow::Cow::Owned(encoded.map_err(|err| {
                     format!(
                         "does not implement the projection world: it is a core wasm module \
@@ -377,6 +384,7 @@ impl ProjectorEngine {
             }
         };
         let (component, from_cache) = guarded("compiling it", || self.compile(&component, sha256, path))
+            .and_then(|compiled| compiled)
             .map_err(|err| format!("does not compile: {err}"))?;
         let pre = self.linker.instantiate_pre(&component).map_err(|err| {
             format!("imports something the projection world does not provide: {:#}", anyhow::Error::from(err))
@@ -495,10 +503,7 @@ thread_local! {
 /// being done. The wasm libraries assume input they can parse; a panic on
 /// input they cannot is an answer about the file, not a bug of the host's,
 /// so it is not printed as one.
-fn guarded<T>(
-    doing: &str,
-    work: impl FnOnce() -> std::result::Result<T, String>,
-) -> std::result::Result<T, String> {
+fn guarded<T>(doing: &str, work: impl FnOnce() -> T) -> std::result::Result<T, String> {
     static HOOK: std::sync::Once = std::sync::Once::new();
     HOOK.call_once(|| {
         let previous = std::panic::take_hook();
@@ -526,12 +531,12 @@ fn guarded<T>(
     let outer = CAUGHT.replace(Some(None));
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
     let caught = CAUGHT.replace(outer).flatten();
-    result.unwrap_or_else(|_| {
-        Err(format!(
-            "{doing} failed inside the wasm libraries ({}): the file is corrupt or of a kind the \
-             host cannot load",
-            caught.unwrap_or_else(|| "a panic".into())
-        ))
+    result.map_err(|_| {
+        format!(
+            "the wasm libraries panicked {doing} ({}): the file is corrupt or of a kind the host \
+             cannot load",
+            caught.unwrap_or_else(|| "no message".into())
+        )
     })
 }
 
@@ -575,7 +580,7 @@ mod tests {
     #[test]
     fn a_panic_in_the_wasm_libraries_becomes_an_error_saying_what_was_done() {
         let err = guarded::<()>("encoding it", || panic!("index out of range")).unwrap_err();
-        assert!(err.starts_with("encoding it failed inside the wasm libraries"), "{err}");
+        assert!(err.starts_with("the wasm libraries panicked encoding it"), "{err}");
         assert!(err.contains("index out of range"), "{err}");
         // Outside a guarded call, panics reach the previous hook again.
         assert!(CAUGHT.with_borrow(Option::is_none));
