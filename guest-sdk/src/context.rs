@@ -92,7 +92,12 @@ impl<'a> Context<'a> {
     /// ctx.emit("charges", "order_charged", &serde_json::json!({"order_id": "o-1", "fee": 250}))?;
     /// # Ok(()) }
     /// ```
-    pub fn emit<T: Serialize + ?Sized>(&self, stream: &str, event_type: &str, data: &T) -> Result<(), EmitError> {
+    pub fn emit<T: Serialize + ?Sized>(
+        &self,
+        stream: &str,
+        event_type: &str,
+        data: &T,
+    ) -> Result<(), EmitError> {
         self.emit_event(stream, event_type, None, data)
     }
 
@@ -279,7 +284,11 @@ impl Sql<'_> {
     /// let ids: Vec<String> = ctx.sql().query_as("SELECT id FROM users", ())?;
     /// # Ok(()) }
     /// ```
-    pub fn query_as<T: DeserializeOwned>(&self, statement: &str, params: impl Params) -> Result<Vec<T>, SqlError> {
+    pub fn query_as<T: DeserializeOwned>(
+        &self,
+        statement: &str,
+        params: impl Params,
+    ) -> Result<Vec<T>, SqlError> {
         let rows = self.query(statement, params)?;
         rows.deserialize().map_err(|err| SqlError::typed(statement, &err))
     }
@@ -292,7 +301,11 @@ impl Sql<'_> {
     /// let balance: i64 = ctx.sql().query_first("SELECT balance FROM wallets WHERE id = ?1", ("w-1",))?.unwrap_or(0);
     /// # Ok(()) }
     /// ```
-    pub fn query_first<T: DeserializeOwned>(&self, statement: &str, params: impl Params) -> Result<Option<T>, SqlError> {
+    pub fn query_first<T: DeserializeOwned>(
+        &self,
+        statement: &str,
+        params: impl Params,
+    ) -> Result<Option<T>, SqlError> {
         let rows = self.query(statement, params)?;
         rows.row(0).map(|row| row.deserialize()).transpose().map_err(|err| SqlError::typed(statement, &err))
     }

@@ -147,14 +147,16 @@ pub trait Projection {
 ///     }
 /// }
 /// ```
-pub fn query_json<Q, A>(request: &[u8], answer: impl FnOnce(Q) -> Result<A, String>) -> Result<Vec<u8>, String>
+pub fn query_json<Q, A>(
+    request: &[u8],
+    answer: impl FnOnce(Q) -> Result<A, String>,
+) -> Result<Vec<u8>, String>
 where
     Q: serde::de::DeserializeOwned,
     A: serde::Serialize,
 {
-    let request: Q = serde_json::from_slice(request).map_err(|err| {
-        format!("the request is not a valid {}: {err}", event::short_type_name::<Q>())
-    })?;
+    let request: Q = serde_json::from_slice(request)
+        .map_err(|err| format!("the request is not a valid {}: {err}", event::short_type_name::<Q>()))?;
     let answer = answer(request)?;
     serde_json::to_vec(&answer).map_err(|err| format!("the answer does not serialize to JSON: {err}"))
 }

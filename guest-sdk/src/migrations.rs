@@ -17,9 +17,11 @@ fn normalized(statement: &str) -> String {
 
 /// Apply the `migrations` that `ctx`'s database has not had yet.
 pub(crate) fn apply(ctx: &Context, migrations: &[&str]) -> Result<(), String> {
-    let exists: Option<i64> =
-        ctx.sql().query_first("SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = ?1", (TABLE,))?;
-    if exists.is_none() {
+    // Raw rows, not typed ones: a module that lists no migrations should
+    // not carry the row deserializer for this.
+    let exists =
+        ctx.sql().query("SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = ?1", (TABLE,))?;
+    if exists.is_empty() {
         if migrations.is_empty() {
             return Ok(());
         }
@@ -32,8 +34,9 @@ pub(crate) fn apply(ctx: &Context, migrations: &[&str]) -> Result<(), String> {
             (),
         )?;
     }
-    let applied: Vec<(i64, String)> =
-        ctx.sql().query_as("SELECT n, statement FROM projector_sdk_migrations ORDER BY n", ())?;
+    let rows = ctx.sql().query("SELECT n, statement FROM projector_sdk_migrations ORDER BY n", ())?;
+    let applied: Vec<(i64, &str)> =
+        rows.iter().map(|row| (row[0].as_i64().unwrap_or(0), row[1].as_str().unwrap_or(""))).collect();
     if applied.len() > migrations.len() {
         return Err(format!(
             "the database has had {} migrations but this module lists {}: it is older than the \
@@ -60,7 +63,8 @@ pub(crate) fn apply(ctx: &Context, migrations: &[&str]) -> Result<(), String> {
         ctx.sql()
             .execute(statement, ())
             .map_err(|err| format!("migration {n} of {} failed: {err}", migrations.len()))?;
-        ctx.sql().execute("INSERT INTO projector_sdk_migrations (n, statement) VALUES (?1, ?2)", (n, statement))?;
+        ctx.sql()
+            .execute("INSERT INTO projector_sdk_migrations (n, statement) VALUES (?1, ?2)", (n, statement))?;
     }
     Ok(())
 }

@@ -68,7 +68,7 @@ impl<'a> Row<'a> {
     /// by column order, or a plain value when there is one column.
     pub fn deserialize<T: DeserializeOwned>(&self) -> Result<T, RowError> {
         T::deserialize(RowDeserializer { row: *self }).map_err(|err| {
-            if err.0.starts_with("missing field") {
+            if err.0.starts_with("no column") {
                 RowError(format!("{} (columns: {})", err.0, self.columns.join(", ")))
             } else {
                 err
@@ -114,7 +114,7 @@ impl de::Error for RowError {
         RowError(msg.to_string())
     }
     fn missing_field(field: &'static str) -> Self {
-        RowError(format!("missing field: no column `{field}` in the row"))
+        RowError(format!("no column `{field}` in the row"))
     }
 }
 
@@ -208,7 +208,9 @@ impl<'de> de::Deserializer<'de> for ValueDeserializer<'de> {
 
     fn deserialize_tuple<V: Visitor<'de>>(self, len: usize, visitor: V) -> Result<V::Value, RowError> {
         match self.0 {
-            Value::Text(s) => de::Deserializer::deserialize_tuple(&mut json(s), len, visitor).map_err(json_error),
+            Value::Text(s) => {
+                de::Deserializer::deserialize_tuple(&mut json(s), len, visitor).map_err(json_error)
+            }
             _ => self.deserialize_seq(visitor),
         }
     }

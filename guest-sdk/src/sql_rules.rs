@@ -151,8 +151,15 @@ enum Refusal {
 
 /// Pragmas that read a table's or an index's schema: what the guest may
 /// have wanted, and can have from `sqlite_schema`.
-const SCHEMA_PRAGMAS: [&str; 7] =
-    ["table_info", "table_xinfo", "table_list", "index_list", "index_info", "index_xinfo", "foreign_key_list"];
+const SCHEMA_PRAGMAS: [&str; 7] = [
+    "table_info",
+    "table_xinfo",
+    "table_list",
+    "index_list",
+    "index_info",
+    "index_xinfo",
+    "foreign_key_list",
+];
 
 impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -235,7 +242,9 @@ fn refuse_guest(ctx: &AuthContext<'_>) -> Option<Refusal> {
         // forge the checkpoint). A trigger on the guest's own tables is
         // fine: only guest statements fire it, and its body is authorized
         // as theirs. A temp trigger can sit on any schema's table: none.
-        AuthAction::CreateTempTrigger { .. } | AuthAction::DropTempTrigger { .. } => Some(Refusal::TempTrigger),
+        AuthAction::CreateTempTrigger { .. } | AuthAction::DropTempTrigger { .. } => {
+            Some(Refusal::TempTrigger)
+        }
         AuthAction::CreateTrigger { table_name, .. } if host_writes(table_name) => {
             Some(Refusal::TriggerOnHostTable { table: table_name.to_string() })
         }
@@ -249,10 +258,9 @@ fn refuse_guest(ctx: &AuthContext<'_>) -> Option<Refusal> {
         AuthAction::Transaction { .. } => Some(Refusal::Transaction),
         AuthAction::Savepoint { .. } => Some(Refusal::Savepoint),
         AuthAction::Attach { .. } | AuthAction::Detach { .. } => Some(Refusal::Attach),
-        AuthAction::Pragma { pragma_name, pragma_value } => Some(Refusal::Pragma {
-            name: pragma_name.to_string(),
-            arg: pragma_value.map(str::to_string),
-        }),
+        AuthAction::Pragma { pragma_name, pragma_value } => {
+            Some(Refusal::Pragma { name: pragma_name.to_string(), arg: pragma_value.map(str::to_string) })
+        }
         AuthAction::CreateVtable { .. } | AuthAction::DropVtable { .. } => Some(Refusal::VirtualTable),
         AuthAction::Function { function_name } if function_name.eq_ignore_ascii_case("load_extension") => {
             Some(Refusal::LoadExtension)

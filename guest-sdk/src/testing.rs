@@ -68,11 +68,15 @@ use crate::runtime_tables::{self, OUTBOX_INSERT};
 use crate::sql_rules::{GUEST_SQL_PREFIX, GuestRules, cap_lengths};
 use crate::{Event, Failure, Param, Projection};
 use rusqlite::types::{ToSqlOutput, ValueRef};
-use rusqlite::{Connection, OptionalExtension, ToSql, params_from_iter};
+use rusqlite::{OptionalExtension, ToSql, params_from_iter};
 use std::cell::RefCell;
 use std::marker::PhantomData;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
+
+/// The SQLite connection a harness runs over ([`Harness::from_connection`],
+/// [`Harness::into_connection`]).
+pub use rusqlite::Connection;
 
 /// The host's default value limit (`limits.value_kib = 1024`).
 pub const DEFAULT_VALUE_LIMIT: usize = 1024 << 10;
@@ -307,7 +311,9 @@ impl<P: Projection> Harness<P> {
     }
 
     fn apply(&mut self, events: &[Event], parked: &mut Vec<DeadLetter>) -> Result<(), Failure> {
-        let attempt = catch_unwind(AssertUnwindSafe(|| self.in_transaction(events, |ctx| P::handle_batch(ctx, events))));
+        let attempt = catch_unwind(AssertUnwindSafe(|| {
+            self.in_transaction(events, |ctx| P::handle_batch(ctx, events))
+        }));
         let reason = match attempt {
             Ok(Ok(())) => return Ok(()),
             Ok(Err(Failure::Retry(reason))) => return Err(Failure::Retry(reason)),
@@ -480,7 +486,11 @@ impl<P: Projection> Harness<P> {
 
     /// Run `f` over `events` in a transaction: committed if it succeeds,
     /// rolled back if it fails or panics (a panic is the module's trap).
-    fn in_transaction<T, E>(&self, events: &[Event], f: impl FnOnce(&Context) -> Result<T, E>) -> Result<T, E> {
+    fn in_transaction<T, E>(
+        &self,
+        events: &[Event],
+        f: impl FnOnce(&Context) -> Result<T, E>,
+    ) -> Result<T, E> {
         {
             let mut call = self.call.borrow_mut();
             call.batch.clear();
@@ -578,7 +588,10 @@ impl SqliteBackend<'_> {
     ) -> Result<T, String> {
         let in_transaction = !self.conn.is_autocommit();
         self.rules.begin();
-        let result = self.conn.prepare_cached(&format!("{GUEST_SQL_PREFIX}{statement}")).and_then(|mut stmt| f(&mut stmt));
+        let result = self
+            .conn
+            .prepare_cached(&format!("{GUEST_SQL_PREFIX}{statement}"))
+            .and_then(|mut stmt| f(&mut stmt));
         self.rules.end();
         if in_transaction && self.conn.is_autocommit() {
             // As in the host: an empty transaction stands in for the one the

@@ -203,12 +203,18 @@ fn guest_sql_is_refused_what_the_host_refuses() {
         ("DETACH DATABASE other", "ATTACH and DETACH are not allowed"),
         ("PRAGMA query_only=1", "pragmas are not allowed to guests (PRAGMA query_only)"),
         ("PRAGMA user_version", "pragmas are not allowed to guests (PRAGMA user_version)"),
-        ("CREATE VIRTUAL TABLE v USING rtree(id, x0, x1)", "virtual tables (FTS5, R*Tree, …) are not allowed"),
+        (
+            "CREATE VIRTUAL TABLE v USING rtree(id, x0, x1)",
+            "virtual tables (FTS5, R*Tree, …) are not allowed",
+        ),
         ("SELECT load_extension('evil')", "loading SQLite extensions is not allowed"),
         ("CREATE TABLE projector_meta (key TEXT, value TEXT)", "projector_meta belongs to the runtime"),
         ("CREATE TABLE PROJECTOR_CHECKPOINTS (x)", "PROJECTOR_CHECKPOINTS belongs to the runtime"),
         ("CREATE TABLE projector_dead_letters (x)", "projector_dead_letters belongs to the runtime"),
-        ("SELECT * FROM projector_outbox", "projector_outbox belongs to the runtime: publish events with ctx.emit"),
+        (
+            "SELECT * FROM projector_outbox",
+            "projector_outbox belongs to the runtime: publish events with ctx.emit",
+        ),
         ("DELETE FROM projector_outbox", "projector_outbox belongs to the runtime"),
         ("CREATE TEMP TRIGGER t AFTER INSERT ON things BEGIN SELECT 1; END", "temp triggers are not allowed"),
         (
@@ -226,7 +232,10 @@ fn guest_sql_is_refused_what_the_host_refuses() {
         let Err(Failure::Reject(reason)) = run_sql(&mut h, &format!("refused-{i}"), statement) else {
             panic!("{statement} should have been refused")
         };
-        assert!(reason.starts_with(&format!("sql: statement {statement:?} refused: ")), "{statement}: {reason}");
+        assert!(
+            reason.starts_with(&format!("sql: statement {statement:?} refused: ")),
+            "{statement}: {reason}"
+        );
         assert!(reason.contains(rule), "{statement}: {reason}");
     }
     // What a projection may do still works, and so do the harness's own

@@ -39,8 +39,8 @@ use wasmtime::Trap;
 // One file of rules for the host and the SDK's native harness.
 #[path = "../../guest-sdk/src/sql_rules.rs"]
 mod sql_rules;
-use sql_rules::{GUEST_SQL_PREFIX, GuestRules};
 pub use sql_rules::RUNTIME_TABLES;
+use sql_rules::{GUEST_SQL_PREFIX, GuestRules};
 // The runtime's tables and the rules of `emit`, shared with the harness too.
 #[allow(dead_code)]
 #[path = "../../guest-sdk/src/runtime_tables.rs"]
@@ -553,15 +553,169 @@ mod tests {
     /// a transaction as every guest call is.
     fn host() -> GuestHost {
         let db = Connection::open_in_memory().unwrap();
-        db.execute_batch(
-            "CREATE TABLE projector_kv (key TEXT PRIMARY KEY NOT NULL, value BLOB NOT NULL);
-             CREATE TABLE projector_dead_letters (position INTEGER);
-             CREATE TABLE projector_checkpoints (position INTEGER);
-             CREATE TABLE handled (position INTEGER);
-             BEGIN;",
-        )
-        .unwrap();
+        db.execute_batch(runtime_tables::SCHEMA).unwrap();
+        db.execute_batch("CREATE TABLE handled (position INTEGER); BEGIN;").unwrap();
         GuestHost::new(db, "test".into(), Limits::default()).unwrap()
+    }
+
+    fn event(position: u64, id: &str, correlation_id: Option<&str>) -> Event {
+        Event {
+            stream: "orders".into(),
+            position,
+            id: id.into(),
+            type_: "order_approved".into(),
+            subject: None,
+            time: None,
+            correlation_id: correlation_id.map(String::from),
+            causation_id: None,
+            data: b"{}".to_vec(),
+        }
+    }
+
+    fn emit(
+        host: &mut GuestHost,
+        stream: &str,
+        event_type: &str,
+        position: u64,
+    ) -> Result<Result<(), String>> {
+        host.emit(stream.into(), event_type.into(), Some("o-1".into()), b"{\"fee\":1}".to_vec(), position)
+    }
+
+    #[test]
+    fn emitted_events_go_to_the_outbox_with_their_cause() {
+        let mut host = host();
+        host.set_batch(&[event(7, "evt-7", Some("corr-7")), event(9, "evt-9", None)]);
+        emit(&mut host, "charges", "order_charged", 7).unwrap().unwrap();
+        emit(&mut host, "charges", "order_noted", 7).unwrap().unwrap();
+        emit(&mut host, "audit", "order_charged", 9).unwrap().unwrap();
+        let rows: Vec<(i64, String, String, String, Option<String>, String, String, u64)> = host
+            .db()
+            .prepare(
+                "SELECT seq, id, stream, type, correlation_id, causation_id, source, position \
+                 FROM projector_outbox ORDER BY seq",
+            )
+            .unwrap()
+            .query_map([], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                    r.get::<_, i64>(7)? as u64,
+                ))
+            })
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        let source = "projector/test".to_string();
+        assert_eq!(
+            rows,
+            [
+                (
+                    1,
+                    "test:7:0".into(),
+                    "charges".into(),
+                    "order_charged".into(),
+                    Some("corr-7".into()),
+                    "evt-7".into(),
+                    source.clone(),
+                    7
+                ),
+                (
+                    2,
+                    "test:7:1".into(),
+                    "charges".into(),
+                    "order_noted".into(),
+                    Some("corr-7".into()),
+                    "evt-7".into(),
+                    source.clone(),
+                    7
+                ),
+                (
+                    3,
+                    "test:9:0".into(),
+                    "audit".into(),
+                    "order_charged".into(),
+                    None,
+                    "evt-9".into(),
+                    source,
+                    9
+                ),
+            ]
+        );
+        let time: String =
+            host.db().query_row("SELECT time FROM projector_outbox", [], |r| r.get(0)).unwrap();
+        assert!(
+            time::OffsetDateTime::parse(&time, &time::format_description::well_known::Rfc3339).is_ok(),
+            "{time}"
+        );
+        // Rolled back with the batch: nothing was emitted.
+        host.db().execute_batch("ROLLBACK").unwrap();
+        let left: i64 =
+            host.db().query_row("SELECT count(*) FROM projector_outbox", [], |r| r.get(0)).unwrap();
+        assert_eq!(left, 0);
+    }
+
+    #[test]
+    fn a_bad_emit_is_refused_to_the_guest_and_an_oversized_one_traps() {
+        let mut host = host();
+        host.set_batch(&[event(3, "evt-3", None)]);
+        let refused = |host: &mut GuestHost, stream: &str, event_type: &str, position: u64| {
+            emit(host, stream, event_type, position).unwrap().expect_err("refused")
+        };
+        assert!(refused(&mut host, "bad stream", "t", 3).starts_with("invalid stream name \"bad stream\""));
+        assert!(refused(&mut host, "", "t", 3).starts_with("invalid stream name"));
+        assert!(refused(&mut host, "s", "", 3).contains("the event type is empty"));
+        assert!(refused(&mut host, "s", &"t".repeat(1025), 3).contains("over the limit of 1024 bytes"));
+        assert!(refused(&mut host, "s", "t", 4).contains("position 4 is not an event of the batch"));
+        let big = vec![b'x'; Limits::default().value_bytes + 1];
+        let trap = host.emit("s".into(), "t".into(), None, big, 3).expect_err("over the value limit traps");
+        assert!(
+            format!("{trap:#}").contains("an emitted event's data of 1048577 bytes is over the limit"),
+            "{trap:#}"
+        );
+        // Nothing is emitted outside a batch (init, query).
+        host.set_batch(&[]);
+        assert!(refused(&mut host, "s", "t", 3).contains("not an event of the batch"));
+        let n: i64 = host.db().query_row("SELECT count(*) FROM projector_outbox", [], |r| r.get(0)).unwrap();
+        assert_eq!(n, 0);
+    }
+
+    #[test]
+    fn the_sdk_checks_stream_names_as_the_event_log_does() {
+        for name in ["orders", "a", "a.b-c_d", "", "a b", "ü", "x/y", &"s".repeat(128), &"s".repeat(129)] {
+            let log = crate::event_log::validate_stream_name(name).map_err(|err| format!("{err:#}"));
+            assert_eq!(runtime_tables::check_stream_name(name), log, "{name:?}");
+        }
+    }
+
+    #[test]
+    fn guest_sql_cannot_reach_the_outbox_and_a_refusal_says_what_to_do() {
+        let mut host = host();
+        for sql in [
+            "SELECT * FROM projector_outbox",
+            "DELETE FROM projector_outbox",
+            "INSERT INTO projector_outbox (id) VALUES ('x')",
+        ] {
+            let message = guest_error(&mut host, sql);
+            assert!(
+                message.contains("projector_outbox belongs to the runtime: publish events with ctx.emit"),
+                "{message}"
+            );
+        }
+        // The words the SDK's harness uses too (guest-sdk/tests/harness.rs).
+        assert_eq!(
+            guest_error(&mut host, "SELECT name FROM pragma_table_info('handled')"),
+            "statement \"SELECT name FROM pragma_table_info('handled')\" refused: pragmas are not allowed to \
+             guests, nor their table-valued forms (pragma_table_info(…)); read the schema from sqlite_schema \
+             instead: SELECT sql FROM sqlite_schema WHERE tbl_name = 'handled'"
+        );
+        let advised =
+            host.query("SELECT sql FROM sqlite_schema WHERE tbl_name = 'handled'".into(), Vec::new());
+        assert!(advised.unwrap().is_ok());
     }
 
     fn guest_error(host: &mut GuestHost, sql: &str) -> String {
@@ -638,7 +792,9 @@ mod tests {
             "CREATE TEMP TABLE projector_checkpoints (position INTEGER)",
             "CREATE TEMP VIEW projector_kv AS SELECT 1 AS key, 2 AS value",
         ] {
-            assert!(guest_error(&mut host, sql).contains("not authorized"), "{sql}");
+            let message = guest_error(&mut host, sql);
+            let quoted = sql_rules::shortened(sql);
+            assert!(message.starts_with(&format!("statement {quoted:?} refused: ")), "{message}");
         }
         // The guest's own tables keep their triggers.
         let own = "CREATE TRIGGER own AFTER INSERT ON handled BEGIN SELECT 1; END";

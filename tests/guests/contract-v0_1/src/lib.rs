@@ -14,10 +14,8 @@
 mod v0_1 {
     wit_bindgen::generate!({ path: "wit", world: "projection" });
 
-    use exports::*;
     use projector::projection::sql::{self, Value};
     use projector::projection::state;
-    use projector::projection::types::{Event, Failure};
 
     struct ContractV0_1;
 
