@@ -56,6 +56,16 @@ fn replay_builds_the_expected_tables(fixture: &Fixture, module: &str) {
         let parked = replay("SELECT id FROM projector_dead_letters ORDER BY position");
         let parked: Vec<&Value> = parked.as_array().unwrap().iter().map(|row| &row["id"]).collect();
         assert_eq!(json!(parked), fixture.expected["dead_letters"], "with --batch {batch}");
+        // A batch that failed emitted nothing: each event's emits are
+        // there once, whichever batches it was tried in.
+        let emitted = replay("SELECT causation_id, type FROM projector_outbox ORDER BY seq");
+        let expected: Vec<Value> = fixture.expected["emitted"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| json!({"causation_id": e["causation_id"], "type": e["type"]}))
+            .collect();
+        assert_eq!(emitted, json!(expected), "with --batch {batch}");
     }
 }
 

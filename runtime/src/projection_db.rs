@@ -311,3 +311,36 @@ pub fn outbox_pending(db: &Connection, limit: usize) -> Result<Vec<OutboxEvent>>
 pub fn outbox_remove(db: &Connection, up_to_seq: i64) -> Result<usize> {
     Ok(db.prepare_cached("DELETE FROM projector_outbox WHERE seq <= ?1")?.execute([up_to_seq])?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn emit(db: &Connection, id: &str, position: u64) {
+        db.execute(
+            runtime_tables::OUTBOX_INSERT,
+            params![id, "charges", "order_charged", "o-1", b"{}".to_vec(), "c", "e", "projector/p", position as i64],
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn the_outbox_is_read_in_order_and_removed_up_to_a_seq() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open(&dir.path().join("p.db")).unwrap();
+        for (i, id) in ["p:1:0", "p:1:1", "p:2:0"].iter().enumerate() {
+            emit(&db, id, i as u64 + 1);
+        }
+        let pending = outbox_pending(&db, 2).unwrap();
+        let ids: Vec<&str> = pending.iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(ids, ["p:1:0", "p:1:1"]);
+        assert_eq!(pending[0].correlation_id.as_deref(), Some("c"));
+        assert_eq!((pending[0].causation_id.as_str(), pending[0].source.as_str()), ("e", "projector/p"));
+        assert_eq!(outbox_remove(&db, pending[1].seq).unwrap(), 2);
+        let rest = outbox_pending(&db, 100).unwrap();
+        assert_eq!(rest.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["p:2:0"]);
+        assert_eq!(rest[0].position, 3);
+        // An id is emitted once: the same again is the host's bug, an error.
+        assert!(db.execute(runtime_tables::OUTBOX_INSERT, params!["p:2:0", "s", "t", None::<String>, b"".to_vec(), None::<String>, "e", "x", 1]).is_err());
+    }
+}
