@@ -41,10 +41,8 @@ use wasmtime::Trap;
 mod sql_rules;
 pub use sql_rules::RUNTIME_TABLES;
 use sql_rules::{GUEST_SQL_PREFIX, GuestRules};
-// The runtime's tables and the rules of `emit`, shared with the harness too.
-#[allow(dead_code)]
-#[path = "../../guest-sdk/src/runtime_tables.rs"]
-mod runtime_tables;
+// The outbox and the rules of `emit`, shared with the harness too.
+use crate::projection_db::runtime_tables;
 
 /// How many SQLite virtual machine instructions run between two looks at
 /// the call's deadline: frequent enough to stop within a millisecond or so,
@@ -588,7 +586,8 @@ mod tests {
         emit(&mut host, "charges", "order_charged", 7).unwrap().unwrap();
         emit(&mut host, "charges", "order_noted", 7).unwrap().unwrap();
         emit(&mut host, "audit", "order_charged", 9).unwrap().unwrap();
-        let rows: Vec<(i64, String, String, String, Option<String>, String, String, u64)> = host
+        type Row = (i64, String, String, String, Option<String>, String, String, u64);
+        let rows: Vec<Row> = host
             .db()
             .prepare(
                 "SELECT seq, id, stream, type, correlation_id, causation_id, source, position \

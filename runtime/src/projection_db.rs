@@ -10,11 +10,10 @@ use anyhow::{Context as _, Result};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use std::path::Path;
 
-// The runtime's tables, in one file with the SDK's harness, which builds
-// databases of the same layout.
-#[allow(dead_code)]
+/// The runtime's tables and the outbox's rules, in one file with the SDK's
+/// harness, which builds databases of the same layout.
 #[path = "../../guest-sdk/src/runtime_tables.rs"]
-mod runtime_tables;
+pub mod runtime_tables;
 
 /// The source name of the embedded event log in checkpoints.
 pub const LOG_SOURCE: &str = "log";
@@ -319,7 +318,17 @@ mod tests {
     fn emit(db: &Connection, id: &str, position: u64) {
         db.execute(
             runtime_tables::OUTBOX_INSERT,
-            params![id, "charges", "order_charged", "o-1", b"{}".to_vec(), "c", "e", "projector/p", position as i64],
+            params![
+                id,
+                "charges",
+                "order_charged",
+                "o-1",
+                b"{}".to_vec(),
+                "c",
+                "e",
+                "projector/p",
+                position as i64
+            ],
         )
         .unwrap();
     }
@@ -341,6 +350,12 @@ mod tests {
         assert_eq!(rest.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["p:2:0"]);
         assert_eq!(rest[0].position, 3);
         // An id is emitted once: the same again is the host's bug, an error.
-        assert!(db.execute(runtime_tables::OUTBOX_INSERT, params!["p:2:0", "s", "t", None::<String>, b"".to_vec(), None::<String>, "e", "x", 1]).is_err());
+        assert!(
+            db.execute(
+                runtime_tables::OUTBOX_INSERT,
+                params!["p:2:0", "s", "t", None::<String>, b"".to_vec(), None::<String>, "e", "x", 1]
+            )
+            .is_err()
+        );
     }
 }

@@ -155,8 +155,7 @@ enum Answer {
     Ledger(LedgerAnswer),
 }
 
-const REQUESTS: &str =
-    r#"ask {"setting": "fee"|"discount"}, {"order_id": "…"} or {"ledger": "fees"}"#;
+const REQUESTS: &str = r#"ask {"setting": "fee"|"discount"}, {"order_id": "…"} or {"ledger": "fees"}"#;
 
 impl Projection for OrderFees {
     const STATE_VERSION: u32 = 1;
@@ -199,7 +198,9 @@ impl Projection for OrderFees {
                 (Some(name), None, None) => Answer::Setting(setting(ctx, name)?),
                 (None, Some(order_id), None) => Answer::Order(order(ctx, &order_id)?),
                 (None, None, Some(ledger)) if ledger == "fees" => Answer::Ledger(fee_ledger(ctx)?),
-                (None, None, Some(ledger)) => return Err(format!("there is no ledger {ledger:?}: {REQUESTS}")),
+                (None, None, Some(ledger)) => {
+                    return Err(format!("there is no ledger {ledger:?}: {REQUESTS}"));
+                }
                 _ => return Err(format!("one question at a time: {REQUESTS}")),
             })
         })
@@ -240,7 +241,9 @@ fn fee_ledger(ctx: &Context) -> Result<LedgerAnswer, String> {
         .unwrap_or_default();
     let fee = setting(ctx, SettingName::Fee)?;
     let at_current_setting = match fee.enabled {
-        true => orders.checked_mul(fee.amount).ok_or("orders × the current fee overflows a 64-bit integer")?,
+        true => {
+            orders.checked_mul(fee.amount).ok_or("orders × the current fee overflows a 64-bit integer")?
+        }
         false => 0,
     };
     Ok(LedgerAnswer { charged, orders, at_current_setting })
@@ -278,7 +281,11 @@ fn order_captured(ctx: &Context, event: &Event) -> Result<(), Failure> {
         (&capture.order_id, capture.fee, capture.discount),
     )?;
     if applied == 0 {
-        ctx.log().info(&format!("order {} is approved already: capture {} ignored", capture.order_id, event.id()));
+        ctx.log().info(&format!(
+            "order {} is approved already: capture {} ignored",
+            capture.order_id,
+            event.id()
+        ));
     }
     Ok(())
 }
@@ -291,7 +298,11 @@ fn order_approved(ctx: &Context, event: &Event) -> Result<(), Failure> {
             return Err(reject(event, format!("order {:?} was never captured", approval.order_id)));
         }
         (Status::Approved, _) => {
-            ctx.log().info(&format!("order {} is approved already: {} ignored", approval.order_id, event.id()));
+            ctx.log().info(&format!(
+                "order {} is approved already: {} ignored",
+                approval.order_id,
+                event.id()
+            ));
             return Ok(());
         }
         (Status::Captured, Some(fee)) => fee,

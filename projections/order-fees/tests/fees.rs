@@ -13,7 +13,11 @@ fn event(event_type: &str, id: &str, data: Value) -> Event {
 }
 
 fn setting(id: &str, name: &str, enabled: bool, amount: i64, version: i64) -> Event {
-    event("setting_changed", id, json!({"setting": name, "enabled": enabled, "amount": amount, "version": version}))
+    event(
+        "setting_changed",
+        id,
+        json!({"setting": name, "enabled": enabled, "amount": amount, "version": version}),
+    )
 }
 
 fn captured(id: &str, order: &str, fee: i64, discount: i64) -> Event {
@@ -71,12 +75,18 @@ fn an_approval_charges_the_captured_fee_records_the_setting_and_emits_once() {
     h.handle(approved("a1-again", "o1")).unwrap();
     h.handle(approved("a1", "o1")).unwrap();
 
-    assert_eq!(ask_order(&h, "o1"), OrderAnswer { status: Status::Approved, fee: Some(250), discount: Some(10) });
+    assert_eq!(
+        ask_order(&h, "o1"),
+        OrderAnswer { status: Status::Approved, fee: Some(250), discount: Some(10) }
+    );
     let ledger = h.rows(
         "SELECT order_id, fee, setting_enabled, setting_amount, setting_version, approved_by FROM fee_ledger",
     );
     assert_eq!(
-        ledger.iter().map(|r| r.iter().map(|v| format!("{v:?}")).collect::<Vec<_>>().join(" ")).collect::<Vec<_>>(),
+        ledger
+            .iter()
+            .map(|r| r.iter().map(|v| format!("{v:?}")).collect::<Vec<_>>().join(" "))
+            .collect::<Vec<_>>(),
         [r#"Text("o1") Integer(250) Integer(1) Integer(400) Integer(2) Text("a1")"#]
     );
     let emitted = h.emitted();
@@ -97,10 +107,16 @@ fn a_capture_replaces_the_snapshot_until_the_order_is_approved() {
     let mut h = fees();
     h.handle(captured("c1", "o1", 100, 0)).unwrap();
     h.handle(captured("c2", "o1", 120, 5)).unwrap();
-    assert_eq!(ask_order(&h, "o1"), OrderAnswer { status: Status::Captured, fee: Some(120), discount: Some(5) });
+    assert_eq!(
+        ask_order(&h, "o1"),
+        OrderAnswer { status: Status::Captured, fee: Some(120), discount: Some(5) }
+    );
     h.handle(approved("a1", "o1")).unwrap();
     h.handle(captured("c3", "o1", 999, 0)).unwrap();
-    assert_eq!(ask_order(&h, "o1"), OrderAnswer { status: Status::Approved, fee: Some(120), discount: Some(5) });
+    assert_eq!(
+        ask_order(&h, "o1"),
+        OrderAnswer { status: Status::Approved, fee: Some(120), discount: Some(5) }
+    );
     assert_eq!(h.emitted()[0].json(), json!({"order_id": "o1", "fee": 120}));
     assert_eq!(ask_order(&h, "o9"), OrderAnswer { status: Status::Unknown, fee: None, discount: None });
     let raw: Value = h.query_json(&json!({"order_id": "o9"})).unwrap();
@@ -115,7 +131,11 @@ fn an_approval_of_an_unknown_order_is_parked_and_emits_nothing() {
             captured("c1", "o1", 100, 0),
             approved("a-ghost", "ghost"),
             approved("a1", "o1"),
-            event("setting_changed", "bad-setting", json!({"setting": "tax", "enabled": true, "amount": 1, "version": 1})),
+            event(
+                "setting_changed",
+                "bad-setting",
+                json!({"setting": "tax", "enabled": true, "amount": 1, "version": 1}),
+            ),
             captured("bad-fee", "o2", -5, 0),
             event("order_captured", "no-fee", json!({"order_id": "o3", "discount": 0})),
             setting("bad-version", "fee", true, 1, -1),

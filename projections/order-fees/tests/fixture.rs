@@ -4,14 +4,15 @@
 //! events `fixtures/expected.json` lists. `tests/projections.rs` in the
 //! workspace replays the same files through the module in the real binary.
 
+use order_fees::OrderFees;
 use projector_sdk::testing::{Harness, read_cloudevents};
 use serde_json::{Value, json};
-use order_fees::OrderFees;
 
 #[test]
 fn the_scenario_gives_the_expected_answers() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
-    let expected: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
     let scenario = std::fs::read_to_string(dir.join("scenario.jsonl")).unwrap();
     let events = read_cloudevents(&scenario, expected["stream"].as_str().unwrap()).unwrap();
 

@@ -104,8 +104,9 @@ impl Projection for UserView {
         };
         // Recorded in the batch's transaction: if the event is rejected,
         // its id goes with the rest of its writes.
-        let first_time =
-            ctx.sql().execute("INSERT OR IGNORE INTO applied_events (event_id) VALUES (?1)", (event.id(),))?;
+        let first_time = ctx
+            .sql()
+            .execute("INSERT OR IGNORE INTO applied_events (event_id) VALUES (?1)", (event.id(),))?;
         if first_time == 0 {
             ctx.log().debug(&format!("event {} was applied before; skipped", event.id()));
             return Ok(());
@@ -129,7 +130,11 @@ impl Projection for UserView {
 
 fn non_empty(event: &Event, user_id: &str) -> Result<(), Failure> {
     if user_id.is_empty() {
-        return Err(Failure::reject(format!("event {} ({}): user_id is empty", event.id(), event.event_type())));
+        return Err(Failure::reject(format!(
+            "event {} ({}): user_id is empty",
+            event.id(),
+            event.event_type()
+        )));
     }
     Ok(())
 }
@@ -165,7 +170,11 @@ fn updated(ctx: &Context, event: &Event) -> Result<(), Failure> {
     match known(ctx, &update.user_id)? {
         None => Err(never_registered(event, &update.user_id)),
         Some(Known { deleted_at: Some(_) }) => {
-            ctx.log().info(&format!("user {:?} is deleted; update {} changes nothing", update.user_id, event.id()));
+            ctx.log().info(&format!(
+                "user {:?} is deleted; update {} changes nothing",
+                update.user_id,
+                event.id()
+            ));
             Ok(())
         }
         Some(Known { deleted_at: None }) => {

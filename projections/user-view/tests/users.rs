@@ -96,7 +96,10 @@ fn an_update_or_delete_of_a_user_never_registered_is_parked_not_applied() {
     let parked = h
         .process_batch(vec![
             registered("e1", "u1", "ann@example.com", "Ann"),
-            updated("e2", json!({"user_id": "ghost", "name": "Nobody", "updated_at": "2026-01-02T00:00:00Z"})),
+            updated(
+                "e2",
+                json!({"user_id": "ghost", "name": "Nobody", "updated_at": "2026-01-02T00:00:00Z"}),
+            ),
             deleted("e3", "ghost"),
             updated("e4", json!({"user_id": "u1", "name": "Annie", "updated_at": "2026-01-02T00:00:00Z"})),
         ])
@@ -115,8 +118,11 @@ fn an_update_or_delete_of_a_user_never_registered_is_parked_not_applied() {
     // Rejected events leave no trace, not even as applied ids: once the
     // user registers, retrying the dead letter applies it.
     h.handle(registered("e5", "ghost", "g@example.com", "G")).unwrap();
-    h.handle(updated("e2", json!({"user_id": "ghost", "name": "Nobody", "updated_at": "2026-01-02T00:00:00Z"})))
-        .unwrap();
+    h.handle(updated(
+        "e2",
+        json!({"user_id": "ghost", "name": "Nobody", "updated_at": "2026-01-02T00:00:00Z"}),
+    ))
+    .unwrap();
     assert_eq!(ask(&h, "ghost"), live("g@example.com", "Nobody"));
 }
 
@@ -137,8 +143,12 @@ fn the_same_event_delivered_twice_changes_nothing_the_second_time() {
     h.handle(registered("e1", "u1", "ann@example.com", "Ann")).unwrap();
     assert_eq!(ask(&h, "u1"), gone());
     // Within one batch too.
-    h.handle_batch(vec![registered("e5", "u2", "bo@example.com", "Bo"), deleted("e6", "u2"), registered("e5", "u2", "bo@example.com", "Bo")])
-        .unwrap();
+    h.handle_batch(vec![
+        registered("e5", "u2", "bo@example.com", "Bo"),
+        deleted("e6", "u2"),
+        registered("e5", "u2", "bo@example.com", "Bo"),
+    ])
+    .unwrap();
     assert_eq!(ask(&h, "u2"), gone());
 }
 
@@ -146,11 +156,17 @@ fn the_same_event_delivered_twice_changes_nothing_the_second_time() {
 fn data_that_can_never_apply_is_rejected() {
     let mut h = Harness::<UserView>::new();
     let cases = [
-        (Event::json("user_registered", &json!({"user_id": "u1", "email": "a@x", "name": "A"})), "missing field `registered_at`"),
+        (
+            Event::json("user_registered", &json!({"user_id": "u1", "email": "a@x", "name": "A"})),
+            "missing field `registered_at`",
+        ),
         (Event::json("user_updated", &json!({"user_id": "u1", "name": "A"})), "missing field `updated_at`"),
         (Event::json("user_deleted", &json!({"user_id": 7, "deleted_at": "t"})), "invalid type: integer `7`"),
         (
-            Event::json("user_registered", &json!({"user_id": "", "email": "a@x", "name": "A", "registered_at": "t"})),
+            Event::json(
+                "user_registered",
+                &json!({"user_id": "", "email": "a@x", "name": "A", "registered_at": "t"}),
+            ),
             "user_id is empty",
         ),
         (Event::new("user_registered", "not json"), "data is not a valid UserRegistered"),

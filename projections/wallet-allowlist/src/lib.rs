@@ -87,9 +87,10 @@ impl Projection for WalletAllowlist {
 
     fn query(ctx: &Context, request: &[u8]) -> Result<Vec<u8>, String> {
         query_json(request, |q: AllowlistQuery| {
-            let user_id: Option<String> = ctx
-                .sql()
-                .query_first("SELECT user_id FROM allowlist WHERE wallet_address = ?1", (&q.wallet_address,))?;
+            let user_id: Option<String> = ctx.sql().query_first(
+                "SELECT user_id FROM allowlist WHERE wallet_address = ?1",
+                (&q.wallet_address,),
+            )?;
             Ok(AllowlistAnswer { allowlisted: user_id.is_some(), user_id })
         })
     }

@@ -85,7 +85,8 @@ impl Projection for WalletLedger {
             _ => return Ok(()),
         };
         let entry: Entry = event.data_json()?;
-        let reject = |why: String| Failure::reject(format!("event {} ({}): {why}", event.id(), event.event_type()));
+        let reject =
+            |why: String| Failure::reject(format!("event {} ({}): {why}", event.id(), event.event_type()));
         if entry.amount <= 0 {
             return Err(reject(format!("amount {} is not positive", entry.amount)));
         }
@@ -99,9 +100,10 @@ impl Projection for WalletLedger {
             (&entry.entry_id, &entry.wallet_id, amount, event.id()),
         )?;
         if new == 0 {
-            let first: Option<Applied> = ctx
-                .sql()
-                .query_first("SELECT wallet_id, amount FROM entries WHERE entry_id = ?1", (&entry.entry_id,))?;
+            let first: Option<Applied> = ctx.sql().query_first(
+                "SELECT wallet_id, amount FROM entries WHERE entry_id = ?1",
+                (&entry.entry_id,),
+            )?;
             if let Some(first) = first
                 && (first.wallet_id != entry.wallet_id || first.amount != amount)
             {

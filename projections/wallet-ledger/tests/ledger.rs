@@ -32,8 +32,12 @@ fn answer(balance: i64, entries: i64, overdrawn: bool) -> WalletAnswer {
 #[test]
 fn credits_and_debits_make_the_balance_and_an_unknown_wallet_is_empty() {
     let mut h = Harness::<WalletLedger>::new();
-    h.handle_batch(vec![credit("e1", "w1", "c-1", 1000), debit("e2", "w1", "d-1", 250), credit("e3", "w2", "c-2", 5)])
-        .unwrap();
+    h.handle_batch(vec![
+        credit("e1", "w1", "c-1", 1000),
+        debit("e2", "w1", "d-1", 250),
+        credit("e3", "w2", "c-2", 5),
+    ])
+    .unwrap();
     assert_eq!(ask(&h, "w1"), answer(750, 2, false));
     assert_eq!(ask(&h, "w2"), answer(5, 1, false));
     let unknown: Value = h.query_json(&json!({"wallet_id": "nope"})).unwrap();
@@ -81,7 +85,8 @@ fn bad_amounts_and_missing_fields_are_parked_and_the_rest_applied() {
             entry("wallet_credited", "text", "w1", "c-4", json!("100")),
             Event::json("wallet_credited", &json!({"wallet_id": "w1", "amount": 10})).with_id("no-entry"),
             Event::json("wallet_debited", &json!({"entry_id": "d-2", "amount": 10})).with_id("no-wallet"),
-            Event::json("wallet_debited", &json!({"wallet_id": "w1", "entry_id": "d-3"})).with_id("no-amount"),
+            Event::json("wallet_debited", &json!({"wallet_id": "w1", "entry_id": "d-3"}))
+                .with_id("no-amount"),
             credit("ok-2", "w1", "c-5", 20),
         ])
         .unwrap();
