@@ -23,6 +23,18 @@
 //! projector_sdk::export!(Counter);
 //! ```
 //!
+//! What a projection writes with:
+//!
+//! - [`Sql`]: parameters as a tuple of plain values or [`params!`]
+//!   ([`Params`]), rows read by column name into `serde` types
+//!   ([`Sql::query_as`], [`Sql::query_first`], [`Row::get`]);
+//! - [`Projection::MIGRATIONS`]: the schema as ordered statements, each
+//!   applied once, before every `init`;
+//! - [`query_json`]: a typed `query`, the JSON done here;
+//! - [`Context::emit`]: events published in turn, with the batch;
+//! - [`testing::Harness`]: the host's semantics natively, parking rejected
+//!   events and recording emitted ones.
+//!
 //! Build it with `cargo build --target wasm32-unknown-unknown --release`
 //! (in this workspace, `scripts/build-guests` builds every guest crate into
 //! `target/projections/<crate_name>.wasm`), and test its logic natively with

@@ -346,6 +346,26 @@ fn a_refused_pragma_says_what_to_read_instead_and_that_works() {
             "{statement}: {reason}"
         );
     }
+    // In init, where a projection would look at its schema first.
+    struct LooksFirst;
+    impl Projection for LooksFirst {
+        fn init(ctx: &Context, _found: Option<u32>) -> Result<(), String> {
+            ctx.sql().execute("CREATE TABLE IF NOT EXISTS things (id INTEGER PRIMARY KEY)", &[])?;
+            ctx.sql().query("PRAGMA table_info(things)", &[])?;
+            Ok(())
+        }
+        fn handle(_ctx: &Context, _event: &Event) -> Result<(), Failure> {
+            Ok(())
+        }
+    }
+    let conn = projector_sdk::testing::Connection::open_in_memory().unwrap();
+    let Err(err) = Harness::<LooksFirst>::from_connection(conn) else { panic!("init should fail") };
+    assert_eq!(
+        err,
+        "init failed: sql: statement \"PRAGMA table_info(things)\" refused: pragmas are not allowed to guests, \
+         nor their table-valued forms (pragma_table_info(…)); read the schema from sqlite_schema instead: \
+         SELECT sql FROM sqlite_schema WHERE tbl_name = 'things'"
+    );
     // The advice is a statement the rules let through.
     let advised = "SELECT sql FROM sqlite_schema WHERE tbl_name = 'things'";
     assert_eq!(run_sql(&mut h, "advised", advised), Ok(0));
