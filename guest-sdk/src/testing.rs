@@ -188,7 +188,7 @@ impl<P: Projection> Harness<P> {
         conn.set_prepared_statement_cache_capacity(256);
         conn.execute_batch(&format!("BEGIN; {} COMMIT;", runtime_tables::SCHEMA))
             .map_err(|err| err.to_string())?;
-        let harness = Harness {
+        let mut harness = Harness {
             conn,
             rules,
             value_limit: DEFAULT_VALUE_LIMIT,
@@ -213,7 +213,6 @@ impl<P: Projection> Harness<P> {
             .conn
             .query_row("SELECT max(position) FROM projector_checkpoints", [], |row| row.get(0))
             .map_err(|err| err.to_string())?;
-        let mut harness = harness;
         harness.next_position = last_position.map_or(1, |p| p as u64 + 1);
         harness.in_transaction(&[], |ctx| {
             crate::migrations::apply(ctx, P::MIGRATIONS)
