@@ -235,3 +235,44 @@ fn a_ready_component_replays_like_the_core_module() {
     assert_eq!(from_component, replay(&core));
     assert_eq!(from_component, expected_allowlist());
 }
+
+#[test]
+fn a_module_built_against_the_first_contract_still_loads_and_runs() {
+    // The guest's WIT is a frozen copy of projector:projection@0.1.0 from
+    // before `emit` was added: the world grew, and this module must not
+    // notice.
+    let frozen =
+        std::fs::read_to_string(root().join("tests/guests/contract-v0_1/wit/projection.wit")).unwrap();
+    let current = std::fs::read_to_string(root().join("guest-sdk/wit/projection.wit")).unwrap();
+    assert!(frozen.contains("package projector:projection@0.1.0;") && !frozen.contains("interface emit"));
+    assert!(current.contains("package projector:projection@0.1.0;") && current.contains("import emit;"));
+
+    let ws = Workspace::new();
+    let events = ws.write_events(
+        "e.jsonl",
+        &[cloud_event("a", "x", json!(1)), cloud_event("b", "y", json!(2)), cloud_event("c", "x", json!(3))],
+    );
+    let module = guest("contract_v0_1");
+    let module = module.to_str().unwrap();
+    let rows = run_ok(&[
+        "replay",
+        "--module",
+        module,
+        "--events",
+        &events,
+        "--sql",
+        "SELECT id, type FROM handled ORDER BY position",
+    ]);
+    assert_eq!(
+        json(&rows),
+        json!([{"id": "a", "type": "x"}, {"id": "b", "type": "y"}, {"id": "c", "type": "x"}])
+    );
+    assert_eq!(json(&run_ok(&["replay", "--module", module, "--events", &events])), json!({"count": 3}));
+
+    // And its `query` export answers through the host.
+    ws.write_config(&[("old", std::path::Path::new(module), &["events"])]);
+    ws.append("events", &events);
+    run_ok(&["rebuild", "--config", &ws.config_str(), "old"]);
+    let answer = run_ok(&["query", "--config", &ws.config_str(), "old", "--request", "{}"]);
+    assert_eq!(json(&answer), json!({"count": 3}));
+}

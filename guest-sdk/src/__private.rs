@@ -20,8 +20,8 @@ pub mod bindings {
 }
 
 use crate::context::{Backend, Context, Level, Rows, Value};
-use crate::{Event, Failure, Projection};
-use bindings::projector::projection::{log, sql, state};
+use crate::{Event, Failure, Param, Projection};
+use bindings::projector::projection::{emit, log, sql, state};
 
 pub use bindings::Guest;
 pub use bindings::projector::projection::types::{Event as WitEvent, Failure as WitFailure};
@@ -42,10 +42,10 @@ impl Backend for WasmBackend {
     fn scan(&self, prefix: &str, limit: u32) -> Vec<(String, Vec<u8>)> {
         state::scan(prefix, limit)
     }
-    fn execute(&self, statement: &str, params: &[Value]) -> Result<u64, String> {
+    fn execute(&self, statement: &str, params: &[Param<'_>]) -> Result<u64, String> {
         sql::execute(statement, &to_wit_values(params))
     }
-    fn query(&self, statement: &str, params: &[Value]) -> Result<Rows, String> {
+    fn query(&self, statement: &str, params: &[Param<'_>]) -> Result<Rows, String> {
         let rows = sql::query(statement, &to_wit_values(params))?;
         Ok(Rows::new(
             rows.columns,
@@ -62,17 +62,27 @@ impl Backend for WasmBackend {
         };
         log::write(level, message, position)
     }
+    fn emit(
+        &self,
+        stream: &str,
+        event_type: &str,
+        subject: Option<&str>,
+        data: &[u8],
+        position: u64,
+    ) -> Result<(), String> {
+        emit::emit(stream, event_type, subject, data, position)
+    }
 }
 
-fn to_wit_values(params: &[Value]) -> Vec<sql::ValueParam<'_>> {
+fn to_wit_values<'a>(params: &[Param<'a>]) -> Vec<sql::ValueParam<'a>> {
     params
         .iter()
-        .map(|value| match value {
-            Value::Null => sql::ValueParam::Null,
-            Value::Integer(n) => sql::ValueParam::Integer(*n),
-            Value::Real(x) => sql::ValueParam::Real(*x),
-            Value::Text(s) => sql::ValueParam::Text(s),
-            Value::Blob(b) => sql::ValueParam::Blob(b),
+        .map(|param| match *param {
+            Param::Null => sql::ValueParam::Null,
+            Param::Integer(n) => sql::ValueParam::Integer(n),
+            Param::Real(x) => sql::ValueParam::Real(x),
+            Param::Text(s) => sql::ValueParam::Text(s),
+            Param::Blob(b) => sql::ValueParam::Blob(b),
         })
         .collect()
 }
@@ -88,7 +98,9 @@ fn from_wit_value(value: sql::ValueResult) -> Value {
 }
 
 pub fn init<P: Projection>(found: Option<u32>) -> Result<(), String> {
-    P::init(&Context::new(&WasmBackend), found)
+    let ctx = Context::new(&WasmBackend);
+    crate::migrations::apply(&ctx, P::MIGRATIONS)?;
+    P::init(&ctx, found)
 }
 
 pub fn handle<P: Projection>(events: Vec<WitEvent>) -> Result<(), WitFailure> {

@@ -1,10 +1,13 @@
 //! [`Context`]: what a projection reaches in the host — its key/value
-//! [`State`], [`Sql`] on its own database, and the [`Log`].
+//! [`State`], [`Sql`] on its own database, the [`Log`], and
+//! [`Context::emit`] to publish events in turn.
 //!
 //! Everything goes through one small [`Backend`] trait so that the same
 //! projection code runs against the wasm imports in a module and against an
 //! in-memory SQLite in native tests (where calling a wasm import would abort).
 
+use crate::params::{Param, Params};
+use crate::row::RowError;
 use crate::{Event, Failure};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -18,9 +21,17 @@ pub trait Backend {
     fn set(&self, key: &str, value: &[u8]);
     fn delete(&self, key: &str);
     fn scan(&self, prefix: &str, limit: u32) -> Vec<(String, Vec<u8>)>;
-    fn execute(&self, statement: &str, params: &[Value]) -> Result<u64, String>;
-    fn query(&self, statement: &str, params: &[Value]) -> Result<Rows, String>;
+    fn execute(&self, statement: &str, params: &[Param<'_>]) -> Result<u64, String>;
+    fn query(&self, statement: &str, params: &[Param<'_>]) -> Result<Rows, String>;
     fn log(&self, level: Level, message: &str, position: Option<u64>);
+    fn emit(
+        &self,
+        stream: &str,
+        event_type: &str,
+        subject: Option<&str>,
+        data: &[u8],
+        position: u64,
+    ) -> Result<(), String>;
 }
 
 /// The projection's handle on the host during one call.
@@ -52,6 +63,101 @@ impl<'a> Context<'a> {
     /// The host's log; lines carry the projection and the event's ids.
     pub fn log(&self) -> Log<'a> {
         Log { backend: self.backend, position: self.event.map(Event::position) }
+    }
+
+    /// The event this context is about, if any (see [`Context::for_event`]).
+    pub fn event(&self) -> Option<&'a Event> {
+        self.event
+    }
+
+    /// Publish an event of `event_type` on `stream`, its data `data` as
+    /// JSON, caused by the event being handled.
+    ///
+    /// It goes into the projection's outbox in the batch's transaction: it
+    /// is published once if the batch commits, never if it fails. It
+    /// carries the handled event's correlation id, that event's id as its
+    /// causation id, `projector/<projection>` as its source, and an id made
+    /// from the projection, the handled event's position and how many
+    /// events this one emitted before it — so handling the same event again
+    /// (a rebuild) emits the same ids.
+    ///
+    /// Call it on the context `handle` receives (or, in a
+    /// [`crate::Projection::handle_batch`] of your own, on
+    /// `ctx.for_event(event)`): without an event there is no cause, and it
+    /// fails.
+    ///
+    /// ```
+    /// # use projector_sdk::{Context, Event, Failure};
+    /// # fn handle(ctx: &Context, event: &Event) -> Result<(), Failure> {
+    /// ctx.emit("charges", "order_charged", &serde_json::json!({"order_id": "o-1", "fee": 250}))?;
+    /// # Ok(()) }
+    /// ```
+    pub fn emit<T: Serialize + ?Sized>(
+        &self,
+        stream: &str,
+        event_type: &str,
+        data: &T,
+    ) -> Result<(), EmitError> {
+        self.emit_event(stream, event_type, None, data)
+    }
+
+    /// [`Context::emit`], with a CloudEvents `subject` (what the event is
+    /// about, e.g. the order's id).
+    pub fn emit_with_subject<T: Serialize + ?Sized>(
+        &self,
+        stream: &str,
+        event_type: &str,
+        subject: &str,
+        data: &T,
+    ) -> Result<(), EmitError> {
+        self.emit_event(stream, event_type, Some(subject), data)
+    }
+
+    fn emit_event<T: Serialize + ?Sized>(
+        &self,
+        stream: &str,
+        event_type: &str,
+        subject: Option<&str>,
+        data: &T,
+    ) -> Result<(), EmitError> {
+        let fail = |message: String| EmitError {
+            message: format!("emit of {event_type:?} on stream {stream:?}: {message}"),
+        };
+        let Some(event) = self.event else {
+            return Err(fail(
+                "no event being handled caused it: emit from `handle`, or in a handle_batch of your \
+                 own on ctx.for_event(event)"
+                    .to_string(),
+            ));
+        };
+        let data = serde_json::to_vec(data).map_err(|err| fail(format!("the data is not JSON: {err}")))?;
+        self.backend.emit(stream, event_type, subject, &data, event.position()).map_err(fail)
+    }
+}
+
+/// An event that could not be emitted, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EmitError {
+    message: String,
+}
+
+impl fmt::Display for EmitError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for EmitError {}
+
+impl From<EmitError> for Failure {
+    fn from(err: EmitError) -> Self {
+        Failure::Reject(err.message)
+    }
+}
+
+impl From<EmitError> for String {
+    fn from(err: EmitError) -> Self {
+        err.message
     }
 }
 
@@ -142,7 +248,8 @@ impl From<StateError> for String {
 }
 
 /// SQL on the projection's own database. Parameters are positional
-/// (`?1`, `?2`, …).
+/// (`?1`, `?2`, …): a tuple of plain values, [`crate::params!`], or `()`
+/// for none (see [`Params`]).
 #[derive(Clone, Copy)]
 pub struct Sql<'a> {
     backend: &'a dyn Backend,
@@ -150,12 +257,57 @@ pub struct Sql<'a> {
 
 impl Sql<'_> {
     /// Run one statement; returns the number of rows changed.
-    pub fn execute(&self, statement: &str, params: &[Value]) -> Result<u64, SqlError> {
-        self.backend.execute(statement, params).map_err(|message| SqlError { message })
+    pub fn execute(&self, statement: &str, params: impl Params) -> Result<u64, SqlError> {
+        params
+            .with_params(|params| self.backend.execute(statement, params))
+            .map_err(|message| SqlError { message })
     }
     /// Run one query and return its rows.
-    pub fn query(&self, statement: &str, params: &[Value]) -> Result<Rows, SqlError> {
-        self.backend.query(statement, params).map_err(|message| SqlError { message })
+    pub fn query(&self, statement: &str, params: impl Params) -> Result<Rows, SqlError> {
+        params
+            .with_params(|params| self.backend.query(statement, params))
+            .map_err(|message| SqlError { message })
+    }
+    /// Run one query and read every row into a `T`: a `serde` struct
+    /// (columns by name), a tuple (columns in order) or, for one column, a
+    /// plain value (see [`crate::Row::deserialize`]).
+    ///
+    /// ```
+    /// # use projector_sdk::{Context, Failure};
+    /// #[derive(serde::Deserialize)]
+    /// struct User {
+    ///     id: String,
+    ///     email: Option<String>,
+    /// }
+    /// # fn f(ctx: &Context) -> Result<(), Failure> {
+    /// let users: Vec<User> = ctx.sql().query_as("SELECT id, email FROM users WHERE age > ?1", (18,))?;
+    /// let ids: Vec<String> = ctx.sql().query_as("SELECT id FROM users", ())?;
+    /// # Ok(()) }
+    /// ```
+    pub fn query_as<T: DeserializeOwned>(
+        &self,
+        statement: &str,
+        params: impl Params,
+    ) -> Result<Vec<T>, SqlError> {
+        let rows = self.query(statement, params)?;
+        rows.deserialize().map_err(|err| SqlError::typed(statement, &err))
+    }
+    /// Run one query and read its first row into a `T`, if it returned
+    /// any (see [`Sql::query_as`]).
+    ///
+    /// ```
+    /// # use projector_sdk::{Context, Failure};
+    /// # fn f(ctx: &Context) -> Result<(), Failure> {
+    /// let balance: i64 = ctx.sql().query_first("SELECT balance FROM wallets WHERE id = ?1", ("w-1",))?.unwrap_or(0);
+    /// # Ok(()) }
+    /// ```
+    pub fn query_first<T: DeserializeOwned>(
+        &self,
+        statement: &str,
+        params: impl Params,
+    ) -> Result<Option<T>, SqlError> {
+        let rows = self.query(statement, params)?;
+        rows.row(0).map(|row| row.deserialize()).transpose().map_err(|err| SqlError::typed(statement, &err))
     }
 }
 
@@ -163,6 +315,22 @@ impl Sql<'_> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SqlError {
     message: String,
+}
+
+impl SqlError {
+    /// Rows of `statement` that did not fit the type asked for.
+    fn typed(statement: &str, err: &RowError) -> Self {
+        SqlError { message: format!("the rows of {:?} do not fit: {}", short(statement), err.message()) }
+    }
+}
+
+/// `statement` on one line, cut to about 80 characters: enough to find it.
+fn short(statement: &str) -> String {
+    let one_line = statement.split_whitespace().collect::<Vec<_>>().join(" ");
+    match one_line.char_indices().nth(79) {
+        Some((end, _)) => format!("{}…", &one_line[..end]),
+        None => one_line,
+    }
 }
 
 impl fmt::Display for SqlError {
@@ -323,6 +491,9 @@ impl Rows {
     /// The first row, if any.
     pub fn first(&self) -> Option<&[Value]> {
         self.rows.first().map(Vec::as_slice)
+    }
+    pub(crate) fn rows_raw(&self) -> &[Vec<Value>] {
+        &self.rows
     }
 }
 

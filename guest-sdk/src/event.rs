@@ -133,7 +133,7 @@ impl Event {
 }
 
 /// `my_crate::WalletUpdated<'_>` → `WalletUpdated`: what a reason should say.
-fn short_type_name<T>() -> &'static str {
+pub(crate) fn short_type_name<T>() -> &'static str {
     let full = std::any::type_name::<T>();
     let without_generics = full.split('<').next().unwrap_or(full);
     without_generics.rsplit("::").next().unwrap_or(without_generics)

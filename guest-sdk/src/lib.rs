@@ -23,6 +23,18 @@
 //! projector_sdk::export!(Counter);
 //! ```
 //!
+//! What a projection writes with:
+//!
+//! - [`Sql`]: parameters as a tuple of plain values or [`params!`]
+//!   ([`Params`]), rows read by column name into `serde` types
+//!   ([`Sql::query_as`], [`Sql::query_first`], [`Row::get`]);
+//! - [`Projection::MIGRATIONS`]: the schema as ordered statements, each
+//!   applied once, before every `init`;
+//! - [`query_json`]: a typed `query`, the JSON done here;
+//! - [`Context::emit`]: events published in turn, with the batch;
+//! - [`testing::Harness`]: the host's semantics natively, parking rejected
+//!   events and recording emitted ones.
+//!
 //! Build it with `cargo build --target wasm32-unknown-unknown --release`
 //! (in this workspace, `scripts/build-guests` builds every guest crate into
 //! `target/projections/<crate_name>.wasm`), and test its logic natively with
@@ -37,14 +49,21 @@ extern crate self as projector_sdk;
 mod context;
 mod event;
 mod failure;
+mod migrations;
+mod params;
+mod row;
+#[cfg(not(target_arch = "wasm32"))]
+mod runtime_tables;
 #[cfg(not(target_arch = "wasm32"))]
 mod sql_rules;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod testing;
 
-pub use context::{Context, Level, Log, Rows, Sql, SqlError, State, StateError, Value};
+pub use context::{Context, EmitError, Level, Log, Rows, Sql, SqlError, State, StateError, Value};
 pub use event::Event;
 pub use failure::Failure;
+pub use params::{Param, Params, ToParam};
+pub use row::{Row, RowError};
 
 /// A projection: builds its state from events and serves reads from it.
 ///
@@ -56,8 +75,36 @@ pub trait Projection {
     /// the log with the new module.
     const STATE_VERSION: u32 = 1;
 
-    /// Create (or migrate) tables. `found` is the state version the database
-    /// holds, or `None` for a new database.
+    /// The schema's migrations, one SQL statement each, in order. Every
+    /// `init` applies those the database has not had yet, before
+    /// [`Projection::init`] runs, whether the state version changed or not:
+    /// adding a column to a running projection is one more line here, and
+    /// the module that carries it is swapped in without a rebuild.
+    ///
+    /// ```
+    /// # use projector_sdk::{Context, Event, Failure, Projection};
+    /// # struct Users;
+    /// impl Projection for Users {
+    ///     const MIGRATIONS: &'static [&'static str] = &[
+    ///         "CREATE TABLE users (id TEXT PRIMARY KEY, email TEXT NOT NULL)",
+    ///         "ALTER TABLE users ADD COLUMN name TEXT",
+    ///     ];
+    /// #   fn handle(_: &Context, _: &Event) -> Result<(), Failure> { Ok(()) }
+    /// }
+    /// ```
+    ///
+    /// The SDK records what it applied in its own table,
+    /// `projector_sdk_migrations`, in `init`'s transaction. Migrations are
+    /// append-only: one that was changed after it was applied, or a database
+    /// that had more migrations than the module lists (an older module),
+    /// fails `init` and the host keeps the module it runs. To start over,
+    /// raise [`Projection::STATE_VERSION`]: the state is rebuilt from the log
+    /// into a fresh database, where every migration runs.
+    const MIGRATIONS: &'static [&'static str] = &[];
+
+    /// Create (or migrate) tables, after [`Projection::MIGRATIONS`] are
+    /// applied. `found` is the state version the database holds, or `None`
+    /// for a new database.
     fn init(ctx: &Context, found: Option<u32>) -> Result<(), String> {
         let _ = (ctx, found);
         Ok(())
@@ -73,11 +120,57 @@ pub trait Projection {
     }
 
     /// Serve a read. The request and response are opaque bytes (JSON by
-    /// convention); the context is read-only here.
+    /// convention; [`query_json`] does the JSON for typed requests and
+    /// answers); the context is read-only here.
     fn query(ctx: &Context, request: &[u8]) -> Result<Vec<u8>, String> {
         let _ = (ctx, request);
         Err("this projection serves no queries".to_string())
     }
+}
+
+/// Serve a [`Projection::query`] with typed JSON: `request` is parsed into
+/// a `Q`, `answer` turns it into an `A`, and that is serialized back. A
+/// request that does not parse is refused with what was wrong.
+///
+/// ```
+/// # use projector_sdk::{Context, Event, Failure, Projection, query_json};
+/// # use serde::{Deserialize, Serialize};
+/// #[derive(Deserialize)]
+/// struct Balance {
+///     wallet_id: String,
+/// }
+///
+/// #[derive(Serialize)]
+/// struct BalanceAnswer {
+///     balance: i64,
+/// }
+///
+/// # struct Wallets;
+/// impl Projection for Wallets {
+/// #   fn handle(_: &Context, _: &Event) -> Result<(), Failure> { Ok(()) }
+///     fn query(ctx: &Context, request: &[u8]) -> Result<Vec<u8>, String> {
+///         query_json(request, |q: Balance| {
+///             let balance = ctx
+///                 .sql()
+///                 .query_first("SELECT balance FROM wallets WHERE id = ?1", (&q.wallet_id,))?
+///                 .unwrap_or(0);
+///             Ok(BalanceAnswer { balance })
+///         })
+///     }
+/// }
+/// ```
+pub fn query_json<Q, A>(
+    request: &[u8],
+    answer: impl FnOnce(Q) -> Result<A, String>,
+) -> Result<Vec<u8>, String>
+where
+    Q: serde::de::DeserializeOwned,
+    A: serde::Serialize,
+{
+    let request: Q = serde_json::from_slice(request)
+        .map_err(|err| format!("the request is not a valid {}: {err}", event::short_type_name::<Q>()))?;
+    let answer = answer(request)?;
+    serde_json::to_vec(&answer).map_err(|err| format!("the answer does not serialize to JSON: {err}"))
 }
 
 /// Export a [`Projection`] as the module's implementation of the

@@ -1,20 +1,25 @@
 //! The rules guest SQL runs under, in one place for the host
 //! (`runtime/src/guest_host.rs`) and the SDK's native harness
 //! (`projector_sdk::testing`), so a projection tested natively meets the
-//! same refusals it meets in the host. Both install them with [`guard`],
-//! prepare guest statements under [`GUEST_SQL_PREFIX`] and cap the values
-//! SQL makes with [`cap_lengths`].
+//! same refusals it meets in the host, in the same words. Both install
+//! them with [`guard`], prepare guest statements under [`GUEST_SQL_PREFIX`],
+//! cap the values SQL makes with [`cap_lengths`], and turn a refusal into a
+//! message that names the statement, the rule and what to do instead with
+//! [`GuestRules::explain`].
 
-use rusqlite::Connection;
 use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
 use rusqlite::limits::Limit;
-use std::sync::Arc;
+use rusqlite::{Connection, ErrorCode};
+use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// Tables the runtime owns inside a projection's database; the guest may
-/// neither read nor write them (it could forge its checkpoint or hide its
-/// dead letters). `projector_kv` is the guest's own key/value state.
-pub const RUNTIME_TABLES: [&str; 3] = ["projector_checkpoints", "projector_dead_letters", "projector_meta"];
+/// neither read nor write them (it could forge its checkpoint, hide its
+/// dead letters or publish events no handled event caused).
+/// `projector_kv` is the guest's own key/value state.
+pub const RUNTIME_TABLES: [&str; 4] =
+    ["projector_checkpoints", "projector_dead_letters", "projector_meta", "projector_outbox"];
 
 /// The guest's key/value table: the guest may use it, but the host writes
 /// it too (`state.set`), so nothing of the guest's may hang off it.
@@ -50,23 +55,185 @@ pub fn cap_lengths(conn: &Connection, value_bytes: usize) {
         .expect("SQLITE_LIMIT_LENGTH is a limit SQLite knows");
 }
 
-/// Install the guest's rules as `conn`'s SQLite authorizer. They apply
-/// while the returned flag is set: set it around preparing a guest
-/// statement, and clear it for the connection owner's own statements.
-pub fn guard(conn: &mut Connection) -> rusqlite::Result<Arc<AtomicBool>> {
-    let guest_sql = Arc::new(AtomicBool::new(false));
-    let flag = guest_sql.clone();
-    conn.authorizer(Some(move |ctx: AuthContext<'_>| {
-        if flag.load(Ordering::Relaxed) { authorize_guest(&ctx) } else { Authorization::Allow }
-    }))?;
-    Ok(guest_sql)
+/// The guest's rules on one connection, as [`guard`] installed them.
+#[derive(Clone)]
+pub struct GuestRules {
+    /// Whether the rules apply now: set while a guest statement is prepared
+    /// and run, clear for the connection owner's own statements.
+    pub active: Arc<AtomicBool>,
+    /// The first rule the statement being run broke, to say which.
+    refusal: Arc<Mutex<Option<Refusal>>>,
 }
 
-/// The authorizer for guest statements: no transaction control, savepoints,
-/// ATTACH/DETACH, pragmas, virtual tables or `load_extension`; nothing on
-/// the runtime's tables; no trigger or shadowing temp object that the
-/// host's own statements would run or resolve with the host's rights.
-fn authorize_guest(ctx: &AuthContext<'_>) -> Authorization {
+impl GuestRules {
+    /// Apply the rules from now on, to a new guest statement.
+    pub fn begin(&self) {
+        *self.refusal.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
+        self.active.store(true, Ordering::Relaxed);
+    }
+
+    /// Stop applying them: the owner's statements follow.
+    pub fn end(&self) {
+        self.active.store(false, Ordering::Relaxed);
+    }
+
+    /// If `err` is the authorizer's refusal of `statement`, what to tell
+    /// the guest: the statement (shortened), the rule it broke and what to
+    /// do instead. `None` for every other error.
+    ///
+    /// A refusal ends the statement with `SQLITE_AUTH`, or for a function
+    /// with a plain `SQLITE_ERROR`: what tells them apart from other errors
+    /// is that the authorizer recorded a rule broken.
+    pub fn explain(&self, statement: &str, err: &rusqlite::Error) -> Option<String> {
+        let refusal = self.refusal.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
+        let rule = match refusal {
+            Some(refusal) => refusal.to_string(),
+            None if err.sqlite_error_code() == Some(ErrorCode::AuthorizationForStatementDenied) => {
+                "it breaks the host's rules for guest SQL".to_string()
+            }
+            None => return None,
+        };
+        Some(format!("statement {:?} refused: {rule}", shortened(statement)))
+    }
+}
+
+/// Install the guest's rules as `conn`'s SQLite authorizer. They apply
+/// between [`GuestRules::begin`] and [`GuestRules::end`]: around a guest
+/// statement, never around the connection owner's own.
+pub fn guard(conn: &mut Connection) -> rusqlite::Result<GuestRules> {
+    let rules = GuestRules { active: Arc::new(AtomicBool::new(false)), refusal: Arc::default() };
+    let (active, refusal) = (rules.active.clone(), rules.refusal.clone());
+    conn.authorizer(Some(move |ctx: AuthContext<'_>| {
+        if !active.load(Ordering::Relaxed) {
+            return Authorization::Allow;
+        }
+        match refuse_guest(&ctx) {
+            None => Authorization::Allow,
+            Some(reason) => {
+                let mut first = refusal.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                first.get_or_insert(reason);
+                Authorization::Deny
+            }
+        }
+    }))?;
+    Ok(rules)
+}
+
+/// The longest statement text a refusal quotes, in characters.
+const QUOTED_STATEMENT_CHARS: usize = 80;
+
+/// `statement` on one line, its runs of whitespace made one space, cut to
+/// [`QUOTED_STATEMENT_CHARS`] with an ellipsis.
+pub fn shortened(statement: &str) -> String {
+    let one_line = statement.split_whitespace().collect::<Vec<_>>().join(" ");
+    if one_line.chars().count() <= QUOTED_STATEMENT_CHARS {
+        return one_line;
+    }
+    let mut cut: String = one_line.chars().take(QUOTED_STATEMENT_CHARS - 1).collect();
+    cut.push('…');
+    cut
+}
+
+/// A rule of the guest's, broken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Refusal {
+    Transaction,
+    Savepoint,
+    Attach,
+    Pragma { name: String, arg: Option<String> },
+    VirtualTable,
+    LoadExtension,
+    RuntimeTable { table: String },
+    TempTrigger,
+    TriggerOnHostTable { table: String },
+    Shadowing { name: String },
+}
+
+/// Pragmas that read a table's or an index's schema: what the guest may
+/// have wanted, and can have from `sqlite_schema`.
+const SCHEMA_PRAGMAS: [&str; 7] = [
+    "table_info",
+    "table_xinfo",
+    "table_list",
+    "index_list",
+    "index_info",
+    "index_xinfo",
+    "foreign_key_list",
+];
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refusal::Transaction => f.write_str(
+                "transaction control is the host's: every call already runs in the transaction \
+                 that commits its writes together with the checkpoint; remove the statement (to \
+                 undo a call's writes, return an error from it)",
+            ),
+            Refusal::Savepoint => f.write_str(
+                "savepoints are the host's: every call already runs in one transaction; to undo a \
+                 call's writes, return an error from it, or check before writing",
+            ),
+            Refusal::Attach => f.write_str(
+                "a projection reaches only its own database: ATTACH and DETACH are not allowed to \
+                 guests",
+            ),
+            Refusal::Pragma { name, arg } if SCHEMA_PRAGMAS.iter().any(|p| name.eq_ignore_ascii_case(p)) => {
+                let table = arg.as_deref().unwrap_or("your_table").trim_matches(['\'', '"']);
+                write!(
+                    f,
+                    "pragmas are not allowed to guests, nor their table-valued forms \
+                     (pragma_{name}(…)); read the schema from sqlite_schema instead: \
+                     SELECT sql FROM sqlite_schema WHERE tbl_name = '{table}'"
+                )
+            }
+            Refusal::Pragma { name, .. } => write!(
+                f,
+                "pragmas are not allowed to guests (PRAGMA {name}): the host sets the connection \
+                 up and shares it; write the projection so it needs no connection setting"
+            ),
+            Refusal::VirtualTable => f.write_str(
+                "virtual tables (FTS5, R*Tree, …) are not allowed to guests: their modules run \
+                 outside the rules guest SQL runs under; use ordinary tables and indexes",
+            ),
+            Refusal::LoadExtension => f.write_str(
+                "loading SQLite extensions is not allowed to guests: a projection runs only its \
+                 own module's code",
+            ),
+            Refusal::RuntimeTable { table } if table.eq_ignore_ascii_case("projector_outbox") => write!(
+                f,
+                "{table} belongs to the runtime: publish events with ctx.emit(…) while handling \
+                 the event that causes them"
+            ),
+            Refusal::RuntimeTable { table } => write!(
+                f,
+                "{table} belongs to the runtime (checkpoints, dead letters, metadata and the \
+                 outbox are the host's); keep your state in your own tables or in ctx.state()"
+            ),
+            Refusal::TempTrigger => f.write_str(
+                "temp triggers are not allowed to guests: one could fire inside the host's own \
+                 statements, with the host's rights; create the trigger (not TEMP) on one of your \
+                 own tables",
+            ),
+            Refusal::TriggerOnHostTable { table } => write!(
+                f,
+                "a trigger on {table} would fire inside the host's own statements, with the \
+                 host's rights; put triggers on your own tables"
+            ),
+            Refusal::Shadowing { name } => write!(
+                f,
+                "a temp table or view named {name} would take the place of the host's table in \
+                 the host's own statements; choose another name"
+            ),
+        }
+    }
+}
+
+/// The rule a guest statement's action breaks, if any: no transaction
+/// control, savepoints, ATTACH/DETACH, pragmas, virtual tables or
+/// `load_extension`; nothing on the runtime's tables; no trigger or
+/// shadowing temp object that the host's own statements would run or
+/// resolve with the host's rights.
+fn refuse_guest(ctx: &AuthContext<'_>) -> Option<Refusal> {
     let runtime_table = |name: &str| RUNTIME_TABLES.iter().any(|t| name.eq_ignore_ascii_case(t));
     let host_writes = |name: &str| runtime_table(name) || name.eq_ignore_ascii_case(KV_TABLE);
     match ctx.action {
@@ -75,24 +242,28 @@ fn authorize_guest(ctx: &AuthContext<'_>) -> Authorization {
         // forge the checkpoint). A trigger on the guest's own tables is
         // fine: only guest statements fire it, and its body is authorized
         // as theirs. A temp trigger can sit on any schema's table: none.
-        AuthAction::CreateTempTrigger { .. } | AuthAction::DropTempTrigger { .. } => Authorization::Deny,
-        AuthAction::CreateTrigger { table_name, .. } if host_writes(table_name) => Authorization::Deny,
+        AuthAction::CreateTempTrigger { .. } | AuthAction::DropTempTrigger { .. } => {
+            Some(Refusal::TempTrigger)
+        }
+        AuthAction::CreateTrigger { table_name, .. } if host_writes(table_name) => {
+            Some(Refusal::TriggerOnHostTable { table: table_name.to_string() })
+        }
         // The temp schema is searched first: a temp table or view named
         // like one of the host's would take its place in host statements.
         AuthAction::CreateTempTable { table_name } | AuthAction::CreateTempView { view_name: table_name }
             if host_writes(table_name) =>
         {
-            Authorization::Deny
+            Some(Refusal::Shadowing { name: table_name.to_string() })
         }
-        AuthAction::Transaction { .. }
-        | AuthAction::Savepoint { .. }
-        | AuthAction::Attach { .. }
-        | AuthAction::Detach { .. }
-        | AuthAction::Pragma { .. }
-        | AuthAction::CreateVtable { .. }
-        | AuthAction::DropVtable { .. } => Authorization::Deny,
+        AuthAction::Transaction { .. } => Some(Refusal::Transaction),
+        AuthAction::Savepoint { .. } => Some(Refusal::Savepoint),
+        AuthAction::Attach { .. } | AuthAction::Detach { .. } => Some(Refusal::Attach),
+        AuthAction::Pragma { pragma_name, pragma_value } => {
+            Some(Refusal::Pragma { name: pragma_name.to_string(), arg: pragma_value.map(str::to_string) })
+        }
+        AuthAction::CreateVtable { .. } | AuthAction::DropVtable { .. } => Some(Refusal::VirtualTable),
         AuthAction::Function { function_name } if function_name.eq_ignore_ascii_case("load_extension") => {
-            Authorization::Deny
+            Some(Refusal::LoadExtension)
         }
         AuthAction::Read { table_name, .. }
         | AuthAction::Insert { table_name }
@@ -107,8 +278,8 @@ fn authorize_guest(ctx: &AuthContext<'_>) -> Authorization {
         | AuthAction::DropTrigger { table_name, .. }
             if runtime_table(table_name) =>
         {
-            Authorization::Deny
+            Some(Refusal::RuntimeTable { table: table_name.to_string() })
         }
-        _ => Authorization::Allow,
+        _ => None,
     }
 }

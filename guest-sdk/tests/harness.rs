@@ -192,31 +192,51 @@ fn query_is_read_only_and_leaves_nothing_behind() {
 #[test]
 fn guest_sql_is_refused_what_the_host_refuses() {
     let mut h = Harness::<RunsSql>::new();
+    // Each refusal names the statement and the rule it broke.
     let refused = [
-        "BEGIN",
-        "COMMIT",
-        "ROLLBACK",
-        "SAVEPOINT s",
-        "RELEASE s",
-        "ATTACH DATABASE ':memory:' AS other",
-        "DETACH DATABASE other",
-        "PRAGMA query_only=1",
-        "PRAGMA user_version",
-        "CREATE VIRTUAL TABLE v USING rtree(id, x0, x1)",
-        "SELECT load_extension('evil')",
-        "CREATE TABLE projector_meta (key TEXT, value TEXT)",
-        "CREATE TABLE PROJECTOR_CHECKPOINTS (x)",
-        "CREATE TABLE projector_dead_letters (x)",
-        "CREATE TEMP TRIGGER t AFTER INSERT ON things BEGIN SELECT 1; END",
-        "CREATE TRIGGER kv AFTER INSERT ON projector_kv BEGIN DELETE FROM things; END",
-        "CREATE TEMP TABLE projector_kv (key, value)",
-        "CREATE TEMP VIEW projector_meta AS SELECT 1",
+        ("BEGIN", "transaction control is the host's"),
+        ("COMMIT", "transaction control is the host's"),
+        ("ROLLBACK", "transaction control is the host's"),
+        ("SAVEPOINT s", "savepoints are the host's"),
+        ("RELEASE s", "savepoints are the host's"),
+        ("ATTACH DATABASE ':memory:' AS other", "ATTACH and DETACH are not allowed"),
+        ("DETACH DATABASE other", "ATTACH and DETACH are not allowed"),
+        ("PRAGMA query_only=1", "pragmas are not allowed to guests (PRAGMA query_only)"),
+        ("PRAGMA user_version", "pragmas are not allowed to guests (PRAGMA user_version)"),
+        (
+            "CREATE VIRTUAL TABLE v USING rtree(id, x0, x1)",
+            "virtual tables (FTS5, R*Tree, …) are not allowed",
+        ),
+        ("SELECT load_extension('evil')", "loading SQLite extensions is not allowed"),
+        ("CREATE TABLE projector_meta (key TEXT, value TEXT)", "projector_meta belongs to the runtime"),
+        ("CREATE TABLE PROJECTOR_CHECKPOINTS (x)", "PROJECTOR_CHECKPOINTS belongs to the runtime"),
+        ("CREATE TABLE projector_dead_letters (x)", "projector_dead_letters belongs to the runtime"),
+        (
+            "SELECT * FROM projector_outbox",
+            "projector_outbox belongs to the runtime: publish events with ctx.emit",
+        ),
+        ("DELETE FROM projector_outbox", "projector_outbox belongs to the runtime"),
+        ("CREATE TEMP TRIGGER t AFTER INSERT ON things BEGIN SELECT 1; END", "temp triggers are not allowed"),
+        (
+            "CREATE TRIGGER kv AFTER INSERT ON projector_kv BEGIN DELETE FROM things; END",
+            "a trigger on projector_kv would fire inside the host's own statements",
+        ),
+        (
+            "CREATE TRIGGER ob AFTER INSERT ON projector_outbox BEGIN DELETE FROM things; END",
+            "a trigger on projector_outbox would fire inside the host's own statements",
+        ),
+        ("CREATE TEMP TABLE projector_kv (key, value)", "a temp table or view named projector_kv"),
+        ("CREATE TEMP VIEW projector_meta AS SELECT 1", "a temp table or view named projector_meta"),
     ];
-    for (i, statement) in refused.iter().enumerate() {
+    for (i, (statement, rule)) in refused.iter().enumerate() {
         let Err(Failure::Reject(reason)) = run_sql(&mut h, &format!("refused-{i}"), statement) else {
             panic!("{statement} should have been refused")
         };
-        assert!(reason.contains("not authorized"), "{statement}: {reason}");
+        assert!(
+            reason.starts_with(&format!("sql: statement {statement:?} refused: ")),
+            "{statement}: {reason}"
+        );
+        assert!(reason.contains(rule), "{statement}: {reason}");
     }
     // What a projection may do still works, and so do the harness's own
     // transactions around it.
@@ -306,4 +326,53 @@ fn values_over_the_limit_trap_with_the_hosts_message() {
         "{message}"
     );
     small.handle(Event::new("state", "0123456789abc")).unwrap();
+}
+
+#[test]
+fn a_refused_pragma_says_what_to_read_instead_and_that_works() {
+    let mut h = Harness::<RunsSql>::new();
+    for (i, statement) in
+        ["PRAGMA table_info(things)", "SELECT name FROM pragma_table_info('things')"].iter().enumerate()
+    {
+        let Err(Failure::Reject(reason)) = run_sql(&mut h, &format!("pragma-{i}"), statement) else {
+            panic!("{statement} should have been refused")
+        };
+        assert!(
+            reason.ends_with(
+                "refused: pragmas are not allowed to guests, nor their table-valued forms \
+                 (pragma_table_info(…)); read the schema from sqlite_schema instead: SELECT sql FROM \
+                 sqlite_schema WHERE tbl_name = 'things'"
+            ),
+            "{statement}: {reason}"
+        );
+    }
+    // In init, where a projection would look at its schema first.
+    struct LooksFirst;
+    impl Projection for LooksFirst {
+        fn init(ctx: &Context, _found: Option<u32>) -> Result<(), String> {
+            ctx.sql().execute("CREATE TABLE IF NOT EXISTS things (id INTEGER PRIMARY KEY)", &[])?;
+            ctx.sql().query("PRAGMA table_info(things)", &[])?;
+            Ok(())
+        }
+        fn handle(_ctx: &Context, _event: &Event) -> Result<(), Failure> {
+            Ok(())
+        }
+    }
+    let conn = projector_sdk::testing::Connection::open_in_memory().unwrap();
+    let Err(err) = Harness::<LooksFirst>::from_connection(conn) else { panic!("init should fail") };
+    assert_eq!(
+        err,
+        "init failed: sql: statement \"PRAGMA table_info(things)\" refused: pragmas are not allowed to guests, \
+         nor their table-valued forms (pragma_table_info(…)); read the schema from sqlite_schema instead: \
+         SELECT sql FROM sqlite_schema WHERE tbl_name = 'things'"
+    );
+    // The advice is a statement the rules let through.
+    let advised = "SELECT sql FROM sqlite_schema WHERE tbl_name = 'things'";
+    assert_eq!(run_sql(&mut h, "advised", advised), Ok(0));
+    // A long statement is quoted on one line, cut to 80 characters.
+    let long = format!("PRAGMA   table_info(\n   {})", "t".repeat(200));
+    let Err(Failure::Reject(reason)) = run_sql(&mut h, "long", &long) else { panic!("refused") };
+    let quoted = format!("PRAGMA table_info( {}", "t".repeat(200));
+    let cut: String = quoted.chars().take(79).collect();
+    assert!(reason.starts_with(&format!("sql: statement \"{cut}…\" refused: ")), "{reason}");
 }

@@ -1,6 +1,6 @@
 //! [`GuestHost`]: the store data of a projection instance, and the host side
-//! of the world's imports — `state`, `sql` and `log` on the projection's own
-//! database.
+//! of the world's imports — `state`, `sql`, `log` and `emit` on the
+//! projection's own database.
 //!
 //! The guest runs inside a transaction the projection loop owns, so every
 //! write here commits or rolls back with the checkpoint. The SQLite
@@ -14,27 +14,35 @@
 //! at the call's deadline (epoch interruption never fires inside SQLite),
 //! and SQLITE_LIMIT_LENGTH caps the strings and blobs SQL itself makes. A
 //! failed guest statement is the guest's to handle unless it broke a limit
-//! or the host's database failed; those trap (see [`classify`]).
+//! or the host's database failed; those trap (see [`classify`]). A statement
+//! the rules refuse is explained to the guest: the statement, the rule and
+//! what to do instead, in the words the SDK's harness uses too.
+//!
+//! `emit` writes the event into the projection's outbox (`projector_outbox`)
+//! in the batch's transaction, so a batch that rolls back emitted nothing;
+//! the runner publishes the outbox after the commit.
 //!
 //! It is also the store's resource limiter: memory, tables and instances are
 //! capped by the projection's [`Limits`], and guest log lines are cut and
 //! rate-limited, with a count of what was dropped.
 
-use crate::bindings::{Event, Level, LogHost, Rows, SqlHost, StateHost, TypesHost, Value};
+use crate::bindings::{EmitHost, Event, Level, LogHost, Rows, SqlHost, StateHost, TypesHost, Value};
 use crate::engine::Limits;
 use anyhow::{Result, bail};
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, ErrorCode, ToSql, ffi, params_from_iter};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 use wasmtime::Trap;
 
 // One file of rules for the host and the SDK's native harness.
 #[path = "../../guest-sdk/src/sql_rules.rs"]
 mod sql_rules;
-use sql_rules::GUEST_SQL_PREFIX;
 pub use sql_rules::RUNTIME_TABLES;
+use sql_rules::{GUEST_SQL_PREFIX, GuestRules};
+// The outbox and the rules of `emit`, shared with the harness too.
+use crate::projection_db::runtime_tables;
 
 /// How many SQLite virtual machine instructions run between two looks at
 /// the call's deadline: frequent enough to stop within a millisecond or so,
@@ -45,10 +53,12 @@ const PROGRESS_INTERVAL: i32 = 1000;
 pub struct GuestHost {
     db: Connection,
     projection: Arc<str>,
-    guest_sql: Arc<AtomicBool>,
+    guest_sql: GuestRules,
     deadline: CallDeadline,
-    /// The batch being handled, to attach event ids to guest log lines.
-    batch: Vec<(u64, String, Option<String>)>,
+    /// The batch being handled, to attach event ids to guest log lines and
+    /// emitted events, with how many events each has emitted so far:
+    /// `(position, id, correlation id, emitted)`.
+    batch: Vec<(u64, String, Option<String>, u32)>,
     /// Set when an import failed because of the host (not the guest): the
     /// trap that follows is then the host's fault and must not dead-letter.
     host_error: Option<anyhow::Error>,
@@ -65,7 +75,7 @@ impl GuestHost {
         // Only a guest statement is stopped: the host's own (its commit, a
         // dead letter) must finish whatever the time.
         let deadline = CallDeadline::new();
-        let (flag, call) = (guest_sql.clone(), deadline.clone());
+        let (flag, call) = (guest_sql.active.clone(), deadline.clone());
         db.progress_handler(PROGRESS_INTERVAL, Some(move || flag.load(Ordering::Relaxed) && call.passed()))?;
         sql_rules::cap_lengths(&db, limits.value_bytes);
         db.set_prepared_statement_cache_capacity(256);
@@ -147,10 +157,11 @@ impl GuestHost {
         &self.projection
     }
 
-    /// Remember the events of the batch about to be handled.
+    /// Remember the events of the batch about to be handled (none before
+    /// `init` or `query`: nothing may be emitted there).
     pub fn set_batch(&mut self, events: &[Event]) {
         self.batch.clear();
-        self.batch.extend(events.iter().map(|e| (e.position, e.id.clone(), e.correlation_id.clone())));
+        self.batch.extend(events.iter().map(|e| (e.position, e.id.clone(), e.correlation_id.clone(), 0)));
     }
 
     /// Take the host-side error behind the last trap, if there was one.
@@ -176,12 +187,17 @@ impl GuestHost {
     /// no host statement carries: a guest can never be handed one.
     fn as_guest<T>(
         &mut self,
+        statement: &str,
         f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
     ) -> Result<Result<T, String>> {
         let in_transaction = !self.db.is_autocommit();
-        self.guest_sql.store(true, Ordering::Relaxed);
+        self.guest_sql.begin();
         let result = f(&self.db);
-        self.guest_sql.store(false, Ordering::Relaxed);
+        self.guest_sql.end();
+        let result = result.map_err(|err| match self.guest_sql.explain(statement, &err) {
+            Some(refusal) => SqlFailure::Guest(refusal),
+            None => classify(err),
+        });
         // SQLite ends the whole transaction itself when a write is
         // interrupted or fails on I/O, or when the statement says so
         // (`INSERT OR ROLLBACK`, `RAISE(ROLLBACK)`). The call traps then;
@@ -191,7 +207,7 @@ impl GuestHost {
         if ended && let Err(err) = self.db.execute_batch("BEGIN") {
             return Err(self.host_failed(err));
         }
-        match result.map_err(classify) {
+        match result {
             Ok(_) | Err(SqlFailure::Guest(_)) if ended => bail!(
                 "sql: a statement rolled back the transaction the host runs the call in \
                  (ON CONFLICT ROLLBACK or RAISE(ROLLBACK)); the call's writes are gone"
@@ -330,7 +346,7 @@ impl StateHost for GuestHost {
 impl SqlHost for GuestHost {
     fn execute(&mut self, statement: String, params: Vec<Value>) -> Result<Result<u64, String>> {
         self.check_params(&params)?;
-        self.as_guest(|db| {
+        self.as_guest(&statement, |db| {
             let mut stmt = db.prepare_cached(&format!("{GUEST_SQL_PREFIX}{statement}"))?;
             let readonly = stmt.readonly();
             // Step through any rows (`RETURNING`) so every statement runs whole.
@@ -342,7 +358,7 @@ impl SqlHost for GuestHost {
 
     fn query(&mut self, statement: String, params: Vec<Value>) -> Result<Result<Rows, String>> {
         self.check_params(&params)?;
-        self.as_guest(|db| {
+        self.as_guest(&statement, |db| {
             let mut stmt = db.prepare_cached(&format!("{GUEST_SQL_PREFIX}{statement}"))?;
             let columns: Vec<String> = stmt.column_names().map(String::from).collect();
             let width = columns.len();
@@ -374,10 +390,10 @@ impl LogHost for GuestHost {
             false => message,
         };
         let event = position.and_then(|p| {
-            self.batch.binary_search_by_key(&p, |(position, _, _)| *position).ok().map(|i| &self.batch[i])
+            self.batch.binary_search_by_key(&p, |(position, ..)| *position).ok().map(|i| &self.batch[i])
         });
         let (event_id, correlation_id) = match event {
-            Some((_, id, correlation)) => (id.as_str(), correlation.as_deref().unwrap_or("")),
+            Some((_, id, correlation, _)) => (id.as_str(), correlation.as_deref().unwrap_or("")),
             None => ("", ""),
         };
         let projection = &*self.projection;
@@ -400,6 +416,48 @@ impl LogHost for GuestHost {
             Level::Error => emit!(error),
         }
         Ok(())
+    }
+}
+
+impl EmitHost for GuestHost {
+    fn emit(
+        &mut self,
+        stream: String,
+        event_type: String,
+        subject: Option<String>,
+        data: Vec<u8>,
+        position: u64,
+    ) -> Result<Result<(), String>> {
+        // The harness's order too: names, then the size (a trap), then the
+        // cause.
+        if let Err(err) = crate::event_log::validate_stream_name(&stream) {
+            return Ok(Err(format!("{err:#}")));
+        }
+        if let Err(message) = runtime_tables::check_emit_names(&event_type, subject.as_deref()) {
+            return Ok(Err(message));
+        }
+        self.check_size("an emitted event's data", data.len())?;
+        let Ok(i) = self.batch.binary_search_by_key(&position, |(p, ..)| *p) else {
+            return Ok(Err(runtime_tables::not_in_batch(position)));
+        };
+        let (_, causation_id, correlation_id, emitted) = &mut self.batch[i];
+        let id = runtime_tables::emit_id(&self.projection, position, *emitted);
+        *emitted += 1;
+        let (causation_id, correlation_id) = (&*causation_id, &*correlation_id);
+        let result = self.db.prepare_cached(runtime_tables::OUTBOX_INSERT).and_then(|mut stmt| {
+            stmt.execute(rusqlite::params![
+                id,
+                stream,
+                event_type,
+                subject,
+                data,
+                correlation_id,
+                causation_id,
+                runtime_tables::emit_source(&self.projection),
+                position as i64,
+            ])
+        });
+        result.map(|_| Ok(())).map_err(|err| self.host_failed(err))
     }
 }
 
@@ -493,15 +551,170 @@ mod tests {
     /// a transaction as every guest call is.
     fn host() -> GuestHost {
         let db = Connection::open_in_memory().unwrap();
-        db.execute_batch(
-            "CREATE TABLE projector_kv (key TEXT PRIMARY KEY NOT NULL, value BLOB NOT NULL);
-             CREATE TABLE projector_dead_letters (position INTEGER);
-             CREATE TABLE projector_checkpoints (position INTEGER);
-             CREATE TABLE handled (position INTEGER);
-             BEGIN;",
-        )
-        .unwrap();
+        db.execute_batch(runtime_tables::SCHEMA).unwrap();
+        db.execute_batch("CREATE TABLE handled (position INTEGER); BEGIN;").unwrap();
         GuestHost::new(db, "test".into(), Limits::default()).unwrap()
+    }
+
+    fn event(position: u64, id: &str, correlation_id: Option<&str>) -> Event {
+        Event {
+            stream: "orders".into(),
+            position,
+            id: id.into(),
+            type_: "order_approved".into(),
+            subject: None,
+            time: None,
+            correlation_id: correlation_id.map(String::from),
+            causation_id: None,
+            data: b"{}".to_vec(),
+        }
+    }
+
+    fn emit(
+        host: &mut GuestHost,
+        stream: &str,
+        event_type: &str,
+        position: u64,
+    ) -> Result<Result<(), String>> {
+        host.emit(stream.into(), event_type.into(), Some("o-1".into()), b"{\"fee\":1}".to_vec(), position)
+    }
+
+    #[test]
+    fn emitted_events_go_to_the_outbox_with_their_cause() {
+        let mut host = host();
+        host.set_batch(&[event(7, "evt-7", Some("corr-7")), event(9, "evt-9", None)]);
+        emit(&mut host, "charges", "order_charged", 7).unwrap().unwrap();
+        emit(&mut host, "charges", "order_noted", 7).unwrap().unwrap();
+        emit(&mut host, "audit", "order_charged", 9).unwrap().unwrap();
+        type Row = (i64, String, String, String, Option<String>, String, String, u64);
+        let rows: Vec<Row> = host
+            .db()
+            .prepare(
+                "SELECT seq, id, stream, type, correlation_id, causation_id, source, position \
+                 FROM projector_outbox ORDER BY seq",
+            )
+            .unwrap()
+            .query_map([], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                    r.get::<_, i64>(7)? as u64,
+                ))
+            })
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        let source = "projector/test".to_string();
+        assert_eq!(
+            rows,
+            [
+                (
+                    1,
+                    "test:7:0".into(),
+                    "charges".into(),
+                    "order_charged".into(),
+                    Some("corr-7".into()),
+                    "evt-7".into(),
+                    source.clone(),
+                    7
+                ),
+                (
+                    2,
+                    "test:7:1".into(),
+                    "charges".into(),
+                    "order_noted".into(),
+                    Some("corr-7".into()),
+                    "evt-7".into(),
+                    source.clone(),
+                    7
+                ),
+                (
+                    3,
+                    "test:9:0".into(),
+                    "audit".into(),
+                    "order_charged".into(),
+                    None,
+                    "evt-9".into(),
+                    source,
+                    9
+                ),
+            ]
+        );
+        let time: String =
+            host.db().query_row("SELECT time FROM projector_outbox", [], |r| r.get(0)).unwrap();
+        assert!(
+            time::OffsetDateTime::parse(&time, &time::format_description::well_known::Rfc3339).is_ok(),
+            "{time}"
+        );
+        // Rolled back with the batch: nothing was emitted.
+        host.db().execute_batch("ROLLBACK").unwrap();
+        let left: i64 =
+            host.db().query_row("SELECT count(*) FROM projector_outbox", [], |r| r.get(0)).unwrap();
+        assert_eq!(left, 0);
+    }
+
+    #[test]
+    fn a_bad_emit_is_refused_to_the_guest_and_an_oversized_one_traps() {
+        let mut host = host();
+        host.set_batch(&[event(3, "evt-3", None)]);
+        let refused = |host: &mut GuestHost, stream: &str, event_type: &str, position: u64| {
+            emit(host, stream, event_type, position).unwrap().expect_err("refused")
+        };
+        assert!(refused(&mut host, "bad stream", "t", 3).starts_with("invalid stream name \"bad stream\""));
+        assert!(refused(&mut host, "", "t", 3).starts_with("invalid stream name"));
+        assert!(refused(&mut host, "s", "", 3).contains("the event type is empty"));
+        assert!(refused(&mut host, "s", &"t".repeat(1025), 3).contains("over the limit of 1024 bytes"));
+        assert!(refused(&mut host, "s", "t", 4).contains("position 4 is not an event of the batch"));
+        let big = vec![b'x'; Limits::default().value_bytes + 1];
+        let trap = host.emit("s".into(), "t".into(), None, big, 3).expect_err("over the value limit traps");
+        assert!(
+            format!("{trap:#}").contains("an emitted event's data of 1048577 bytes is over the limit"),
+            "{trap:#}"
+        );
+        // Nothing is emitted outside a batch (init, query).
+        host.set_batch(&[]);
+        assert!(refused(&mut host, "s", "t", 3).contains("not an event of the batch"));
+        let n: i64 = host.db().query_row("SELECT count(*) FROM projector_outbox", [], |r| r.get(0)).unwrap();
+        assert_eq!(n, 0);
+    }
+
+    #[test]
+    fn the_sdk_checks_stream_names_as_the_event_log_does() {
+        for name in ["orders", "a", "a.b-c_d", "", "a b", "ü", "x/y", &"s".repeat(128), &"s".repeat(129)] {
+            let log = crate::event_log::validate_stream_name(name).map_err(|err| format!("{err:#}"));
+            assert_eq!(runtime_tables::check_stream_name(name), log, "{name:?}");
+        }
+    }
+
+    #[test]
+    fn guest_sql_cannot_reach_the_outbox_and_a_refusal_says_what_to_do() {
+        let mut host = host();
+        for sql in [
+            "SELECT * FROM projector_outbox",
+            "DELETE FROM projector_outbox",
+            "INSERT INTO projector_outbox (id) VALUES ('x')",
+        ] {
+            let message = guest_error(&mut host, sql);
+            assert!(
+                message.contains("projector_outbox belongs to the runtime: publish events with ctx.emit"),
+                "{message}"
+            );
+        }
+        // The words the SDK's harness uses too (guest-sdk/tests/harness.rs).
+        assert_eq!(
+            guest_error(&mut host, "SELECT name FROM pragma_table_info('handled')"),
+            "statement \"SELECT name FROM pragma_table_info('handled')\" refused: pragmas are not allowed to \
+             guests, nor their table-valued forms (pragma_table_info(…)); read the schema from sqlite_schema \
+             instead: SELECT sql FROM sqlite_schema WHERE tbl_name = 'handled'"
+        );
+        let advised =
+            host.query("SELECT sql FROM sqlite_schema WHERE tbl_name = 'handled'".into(), Vec::new());
+        assert!(advised.unwrap().is_ok());
     }
 
     fn guest_error(host: &mut GuestHost, sql: &str) -> String {
@@ -552,7 +765,7 @@ mod tests {
     #[test]
     fn a_host_fault_is_kept_for_the_projection_loop() {
         let mut host = host();
-        let result = host.as_guest(|_| -> rusqlite::Result<()> { Err(sqlite_error(ffi::SQLITE_FULL)) });
+        let result = host.as_guest("", |_| -> rusqlite::Result<()> { Err(sqlite_error(ffi::SQLITE_FULL)) });
         let trap = result.expect_err("a full disk traps");
         assert!(format!("{trap:#}").contains("host database error"), "{trap:#}");
         assert!(host.take_host_error().is_some(), "kept, so the event is not parked");
@@ -578,7 +791,9 @@ mod tests {
             "CREATE TEMP TABLE projector_checkpoints (position INTEGER)",
             "CREATE TEMP VIEW projector_kv AS SELECT 1 AS key, 2 AS value",
         ] {
-            assert!(guest_error(&mut host, sql).contains("not authorized"), "{sql}");
+            let message = guest_error(&mut host, sql);
+            let quoted = sql_rules::shortened(sql);
+            assert!(message.starts_with(&format!("statement {quoted:?} refused: ")), "{message}");
         }
         // The guest's own tables keep their triggers.
         let own = "CREATE TRIGGER own AFTER INSERT ON handled BEGIN SELECT 1; END";

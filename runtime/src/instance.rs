@@ -79,6 +79,7 @@ impl GuestInstance {
     pub fn query(&mut self, request: &[u8]) -> Result<QueryOutcome> {
         let limits = *self.store.data().limits();
         limits.arm(&mut self.store, self.engine.fuel_enabled())?;
+        self.store.data_mut().set_batch(&[]);
         self.db().prepare_cached("BEGIN")?.execute([])?;
         let result = self.guest.call_query(&mut self.store, request);
         self.db().prepare_cached("ROLLBACK")?.execute([])?;
@@ -250,6 +251,8 @@ fn instantiate(
         );
     }
     limits.arm(&mut store, engine.fuel_enabled())?;
+    // No event is being handled: `init` may not emit.
+    store.data_mut().set_batch(&[]);
     store.data().db().prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
     match guest.call_init(&mut store, found) {
         Ok(Ok(())) => {

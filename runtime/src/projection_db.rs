@@ -1,48 +1,19 @@
 //! A projection's database: one SQLite file (WAL) holding the guest's
 //! key/value table and its own tables, and the runtime's tables — the
-//! checkpoint per source, the dead letters and the projection's metadata.
-//! Keeping all of it in one file is what lets a batch's state and its
-//! checkpoint commit in one transaction.
+//! checkpoint per source, the dead letters, the projection's metadata and
+//! the outbox of events it emitted. Keeping all of it in one file is what
+//! lets a batch's state, its emitted events and its checkpoint commit in one
+//! transaction.
 
 use crate::bindings::Event;
 use anyhow::{Context as _, Result};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use std::path::Path;
 
-/// The runtime's tables and the guest's key/value table.
-const SCHEMA: &str = "
-BEGIN;
-CREATE TABLE IF NOT EXISTS projector_kv (
-    key TEXT PRIMARY KEY NOT NULL,
-    value BLOB NOT NULL
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS projector_checkpoints (
-    source TEXT PRIMARY KEY NOT NULL,
-    position INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS projector_meta (
-    key TEXT PRIMARY KEY NOT NULL,
-    value TEXT
-);
-CREATE TABLE IF NOT EXISTS projector_dead_letters (
-    source TEXT NOT NULL,
-    position INTEGER NOT NULL,
-    id TEXT NOT NULL,
-    stream TEXT NOT NULL,
-    type TEXT NOT NULL,
-    subject TEXT,
-    time TEXT,
-    correlation_id TEXT,
-    causation_id TEXT,
-    data BLOB NOT NULL,
-    reason TEXT NOT NULL,
-    module TEXT NOT NULL,
-    attempts INTEGER NOT NULL,
-    parked_at TEXT NOT NULL,
-    PRIMARY KEY (source, position)
-);
-COMMIT;
-";
+/// The runtime's tables and the outbox's rules, in one file with the SDK's
+/// harness, which builds databases of the same layout.
+#[path = "../../guest-sdk/src/runtime_tables.rs"]
+pub mod runtime_tables;
 
 /// The source name of the embedded event log in checkpoints.
 pub const LOG_SOURCE: &str = "log";
@@ -60,7 +31,7 @@ pub fn open(path: &Path) -> Result<Connection> {
         .and_then(|()| {
             db.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA cache_size=-65536; PRAGMA wal_autocheckpoint=10000;")
         })
-        .and_then(|()| db.execute_batch(SCHEMA))
+        .and_then(|()| db.execute_batch(&format!("BEGIN; {} COMMIT;", runtime_tables::SCHEMA)))
         .with_context(|| format!("cannot set up projection database {}", path.display()))?;
     Ok(db)
 }
@@ -279,4 +250,112 @@ pub fn record_failed_retry(
     )?
     .execute(params![source, position as i64, reason, module])?;
     Ok(())
+}
+
+/// An event a projection emitted, waiting in its outbox to be published.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxEvent {
+    /// Its place in the outbox: rows are published in this order, and
+    /// [`outbox_remove`] takes every row up to one.
+    pub seq: i64,
+    /// Its id, `<projection>:<position>:<index>`: the same every time the
+    /// causing event is handled, so the log can refuse a second copy.
+    pub id: String,
+    /// The stream to publish it on.
+    pub stream: String,
+    /// Its type.
+    pub event_type: String,
+    /// Its subject.
+    pub subject: Option<String>,
+    /// Its payload.
+    pub data: Vec<u8>,
+    /// The causing event's correlation id.
+    pub correlation_id: Option<String>,
+    /// The causing event's id.
+    pub causation_id: String,
+    /// `projector/<projection>`.
+    pub source: String,
+    /// When it was emitted (RFC 3339).
+    pub time: String,
+    /// The causing event's position.
+    pub position: u64,
+}
+
+/// Up to `limit` events of the outbox, oldest first: what to publish next.
+pub fn outbox_pending(db: &Connection, limit: usize) -> Result<Vec<OutboxEvent>> {
+    let mut stmt = db.prepare_cached(
+        "SELECT seq, id, stream, type, subject, data, correlation_id, causation_id, source, time, position \
+         FROM projector_outbox ORDER BY seq LIMIT ?1",
+    )?;
+    let rows = stmt.query_map([i64::try_from(limit).unwrap_or(i64::MAX)], |row| {
+        Ok(OutboxEvent {
+            seq: row.get(0)?,
+            id: row.get(1)?,
+            stream: row.get(2)?,
+            event_type: row.get(3)?,
+            subject: row.get(4)?,
+            data: row.get(5)?,
+            correlation_id: row.get(6)?,
+            causation_id: row.get(7)?,
+            source: row.get(8)?,
+            time: row.get(9)?,
+            position: row.get::<_, i64>(10)? as u64,
+        })
+    })?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Remove the outbox's events up to and including `up_to_seq`, once they
+/// are published; returns how many were removed.
+pub fn outbox_remove(db: &Connection, up_to_seq: i64) -> Result<usize> {
+    Ok(db.prepare_cached("DELETE FROM projector_outbox WHERE seq <= ?1")?.execute([up_to_seq])?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn emit(db: &Connection, id: &str, position: u64) {
+        db.execute(
+            runtime_tables::OUTBOX_INSERT,
+            params![
+                id,
+                "charges",
+                "order_charged",
+                "o-1",
+                b"{}".to_vec(),
+                "c",
+                "e",
+                "projector/p",
+                position as i64
+            ],
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn the_outbox_is_read_in_order_and_removed_up_to_a_seq() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open(&dir.path().join("p.db")).unwrap();
+        for (i, id) in ["p:1:0", "p:1:1", "p:2:0"].iter().enumerate() {
+            emit(&db, id, i as u64 + 1);
+        }
+        let pending = outbox_pending(&db, 2).unwrap();
+        let ids: Vec<&str> = pending.iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(ids, ["p:1:0", "p:1:1"]);
+        assert_eq!(pending[0].correlation_id.as_deref(), Some("c"));
+        assert_eq!((pending[0].causation_id.as_str(), pending[0].source.as_str()), ("e", "projector/p"));
+        assert_eq!(outbox_remove(&db, pending[1].seq).unwrap(), 2);
+        let rest = outbox_pending(&db, 100).unwrap();
+        assert_eq!(rest.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["p:2:0"]);
+        assert_eq!(rest[0].position, 3);
+        // An id is emitted once: the same again is the host's bug, an error.
+        assert!(
+            db.execute(
+                runtime_tables::OUTBOX_INSERT,
+                params!["p:2:0", "s", "t", None::<String>, b"".to_vec(), None::<String>, "e", "x", 1]
+            )
+            .is_err()
+        );
+    }
 }

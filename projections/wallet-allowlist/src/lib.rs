@@ -15,8 +15,8 @@
 //! Reads: `query` takes `{"wallet_address": "0x…"}` and answers
 //! `{"allowlisted": true|false, "user_id": "…"|null}`.
 
-use projector_sdk::{Context, Event, Failure, Projection, Value};
-use serde::Deserialize;
+use projector_sdk::{Context, Event, Failure, Projection, query_json};
+use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
 
 /// The projection.
@@ -45,6 +45,12 @@ struct AllowlistQuery {
     wallet_address: String,
 }
 
+#[derive(Serialize)]
+struct AllowlistAnswer {
+    allowlisted: bool,
+    user_id: Option<String>,
+}
+
 const ALLOWLIST: &str = "INSERT INTO allowlist (wallet_address, user_id, allowlisted_at) \
                          VALUES (?1, ?2, ?3) ON CONFLICT (wallet_address) DO NOTHING";
 
@@ -58,7 +64,7 @@ impl Projection for WalletAllowlist {
                 user_id TEXT NOT NULL,
                 allowlisted_at TEXT
             ) WITHOUT ROWID",
-            &[],
+            (),
         )?;
         ctx.sql().execute(
             "CREATE TABLE IF NOT EXISTS users (
@@ -66,7 +72,7 @@ impl Projection for WalletAllowlist {
                 wallet_address TEXT,
                 kyc_verified_at TEXT
             ) WITHOUT ROWID",
-            &[],
+            (),
         )?;
         Ok(())
     }
@@ -80,15 +86,13 @@ impl Projection for WalletAllowlist {
     }
 
     fn query(ctx: &Context, request: &[u8]) -> Result<Vec<u8>, String> {
-        let request: AllowlistQuery = serde_json::from_slice(request)
-            .map_err(|err| format!("expected {{\"wallet_address\": \"0x…\"}}: {err}"))?;
-        let rows = ctx.sql().query(
-            "SELECT user_id FROM allowlist WHERE wallet_address = ?1",
-            &[request.wallet_address.into()],
-        )?;
-        let user_id = rows.first().and_then(|row| row[0].as_str().map(str::to_string));
-        let answer = serde_json::json!({ "allowlisted": user_id.is_some(), "user_id": user_id });
-        Ok(answer.to_string().into_bytes())
+        query_json(request, |q: AllowlistQuery| {
+            let user_id: Option<String> = ctx.sql().query_first(
+                "SELECT user_id FROM allowlist WHERE wallet_address = ?1",
+                (&q.wallet_address,),
+            )?;
+            Ok(AllowlistAnswer { allowlisted: user_id.is_some(), user_id })
+        })
     }
 }
 
@@ -99,12 +103,11 @@ fn wallet_updated(ctx: &Context, event: &Event) -> Result<(), Failure> {
         "INSERT INTO users (user_id, wallet_address) VALUES (?1, ?2) \
          ON CONFLICT (user_id) DO UPDATE SET wallet_address = excluded.wallet_address \
          RETURNING kyc_verified_at",
-        &[(&*update.user_id).into(), (&*update.wallet_address).into()],
+        (&update.user_id, &update.wallet_address),
     )?;
     let verified = user.first().is_some_and(|row| !row[0].is_null());
     if verified {
-        ctx.sql()
-            .execute(ALLOWLIST, &[(&*update.wallet_address).into(), (&*update.user_id).into(), at.into()])?;
+        ctx.sql().execute(ALLOWLIST, (&update.wallet_address, &update.user_id, at))?;
     }
     Ok(())
 }
@@ -117,10 +120,10 @@ fn kyc_verified(ctx: &Context, event: &Event) -> Result<(), Failure> {
          ON CONFLICT (user_id) DO UPDATE \
          SET kyc_verified_at = coalesce(users.kyc_verified_at, excluded.kyc_verified_at) \
          RETURNING wallet_address",
-        &[(&*kyc.user_id).into(), at.into()],
+        (&kyc.user_id, at),
     )?;
-    if let Some(Value::Text(wallet)) = user.first().map(|row| &row[0]) {
-        ctx.sql().execute(ALLOWLIST, &[wallet.into(), (&*kyc.user_id).into(), at.into()])?;
+    if let Some(wallet) = user.first().and_then(|row| row[0].as_str()) {
+        ctx.sql().execute(ALLOWLIST, (wallet, &kyc.user_id, at))?;
     }
     Ok(())
 }
