@@ -295,3 +295,69 @@ fn a_hundred_projections_of_one_module_start_cold_with_one_compile() {
     assert!(!logs.contains("faulted"), "{logs}");
     assert!(!logs.contains("cannot write"), "{logs}");
 }
+
+/// Replace `path` the way an editor or a deploy does: write aside, rename.
+fn replace_file(path: &Path, text: &str) {
+    let partial = path.with_extension("partial");
+    std::fs::write(&partial, text).unwrap();
+    std::fs::rename(&partial, path).unwrap();
+}
+
+#[test]
+fn reading_the_config_and_modules_triggers_no_reload() {
+    let ws = Workspace::new();
+    let module = guest("event_recorder");
+    ws.write_config(&[("a", &module, &["s"])]);
+    let host = ws.start();
+    wait_until(WAIT, "a to run", || ws.status_of("a")["state"] == "running");
+    // What `status`, `cat` or a backup do: open and read, never write.
+    for _ in 0..40 {
+        std::fs::read(ws.config()).unwrap();
+        std::fs::read(&module).unwrap();
+        run_ok(&["status", "--config", &ws.config_str()]);
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let logs = host.logs();
+    assert!(!logs.contains("config reloaded"), "a read reloaded the config:\n{logs}");
+    assert!(!logs.contains("config refused"), "{logs}");
+    // A real change is still seen.
+    let text = std::fs::read_to_string(ws.config()).unwrap();
+    replace_file(
+        &ws.config(),
+        &format!("{text}\n[[projection]]\nname = \"b\"\nmodule = {module:?}\nstreams = [\"s\"]\n"),
+    );
+    wait_until(WAIT, "b to start", || {
+        ws.status().iter().any(|s| s["name"] == "b" && s["state"] == "running")
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(host.logs().matches("config reloaded").count(), 1, "{}", host.logs());
+}
+
+#[test]
+fn a_relative_config_path_reloads_like_an_absolute_one() {
+    let ws = Workspace::new();
+    let module = guest("event_recorder");
+    ws.write_config(&[("a", &module, &["s"])]);
+    let log = std::fs::File::create(ws.path("run.log")).unwrap();
+    // As the README shows it: run from the config's folder, paths relative.
+    let mut child = projector()
+        .current_dir(ws.dir.path())
+        .args(["run", "--config", "projector.toml", "--listen", "127.0.0.1:0"])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    wait_until(WAIT, "a to run", || ws.status_of("a")["state"] == "running");
+    let text = std::fs::read_to_string(ws.config()).unwrap();
+    replace_file(
+        &ws.config(),
+        &format!("{text}\n[[projection]]\nname = \"b\"\nmodule = {module:?}\nstreams = [\"s\"]\n"),
+    );
+    wait_until(WAIT, "b, added to the config, to run", || {
+        ws.status().iter().any(|s| s["name"] == "b" && s["state"] == "running")
+    });
+    let logs = std::fs::read_to_string(ws.path("run.log")).unwrap();
+    assert!(!logs.contains("data` changed"), "{logs}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

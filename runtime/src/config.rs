@@ -188,8 +188,15 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        Config::parse(&text, path, base)
+        // Resolved against the folder's absolute path once, here: a reload
+        // (which the watcher reports with absolute paths) then resolves
+        // every path the same way as the start did.
+        let folder = match path.parent() {
+            Some(folder) if !folder.as_os_str().is_empty() => folder,
+            _ => Path::new("."),
+        };
+        let base = std::path::absolute(folder).unwrap_or_else(|_| folder.to_path_buf());
+        Config::parse(&text, path, &base)
     }
 
     /// Parse and check config `text` (read from `path`), resolving relative

@@ -109,6 +109,11 @@ impl Supervisor {
             running: BTreeMap::new(),
             seen: HashMap::new(),
         };
+        if let Some(path) = state.config_path.clone()
+            && let Ok(bytes) = std::fs::read(&path)
+        {
+            state.seen.insert(path, hex::encode(Sha256::digest(bytes)));
+        }
         for p in &config.projections {
             state.start_projection(p.clone());
         }
@@ -244,8 +249,14 @@ impl ControlState {
         let mut watcher =
             new_debouncer(WATCH_DEBOUNCE, None, move |result: DebounceEventResult| match result {
                 Ok(events) => {
-                    let paths: HashSet<PathBuf> =
-                        events.iter().flat_map(|e| e.paths.iter().cloned()).collect();
+                    // Reads (open, access, close without writing) change
+                    // nothing: reacting to them would re-read the file and
+                    // trigger the next event, forever.
+                    let paths: HashSet<PathBuf> = events
+                        .iter()
+                        .filter(|e| changes_content(&e.kind))
+                        .flat_map(|e| e.paths.iter().cloned())
+                        .collect();
                     if !paths.is_empty() {
                         let _ = control.send(Control::Changed(paths.into_iter().collect()));
                     }
@@ -354,6 +365,13 @@ impl ControlState {
     /// Load the changed config and bring the running set in line with it;
     /// a config that does not load changes nothing.
     fn reload_config(&mut self, path: &Path) {
+        // The same bytes again (touched, or rewritten unchanged): nothing.
+        let Ok(bytes) = std::fs::read(path) else { return };
+        let sha256 = hex::encode(Sha256::digest(&bytes));
+        if self.seen.get(path) == Some(&sha256) {
+            return;
+        }
+        self.seen.insert(path.to_path_buf(), sha256);
         let config = match Config::load(path) {
             Ok(config) => config,
             Err(err) => {
@@ -395,6 +413,21 @@ impl ControlState {
         }
         self.publish();
         tracing::info!(projections = self.running.len(), "config reloaded");
+    }
+}
+
+/// Whether a file event can mean new content: a write, a create, a rename
+/// or a removal — never a mere open or read.
+fn changes_content(kind: &notify_debouncer_full::notify::EventKind) -> bool {
+    use notify_debouncer_full::notify::EventKind;
+    use notify_debouncer_full::notify::event::{AccessKind, AccessMode, ModifyKind};
+    match kind {
+        EventKind::Create(_) | EventKind::Remove(_) => true,
+        EventKind::Modify(ModifyKind::Metadata(_)) => false,
+        EventKind::Modify(_) => true,
+        // A writer closing the file: its content is complete now.
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) | EventKind::Any | EventKind::Other => false,
     }
 }
 
