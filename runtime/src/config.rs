@@ -10,6 +10,9 @@
 //! module = "target/projections/wallet_allowlist.wasm"
 //! streams = ["wallets"]
 //! types = ["wallet_updated", "kyc_verified"]   # optional filter
+//!
+//! [http]                   # optional: the API's access rules and limits
+//! token_file = "api.token"
 //! ```
 
 use crate::event_log::validate_stream_name;
