@@ -86,7 +86,11 @@ fn the_status_page_shows_every_projection_in_a_real_browser() {
     ws.wait_caught_up(11, Duration::from_secs(60));
     // The recorder, paused, falls 3 events behind: a lag to show.
     let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
-    let paused = agent.post(&format!("{}/projections/recorder/pause", host.url())).send_empty().unwrap();
+    let paused = agent
+        .post(&format!("{}/projections/recorder/pause", host.url()))
+        .header("content-type", "application/json")
+        .send_empty()
+        .unwrap();
     assert_eq!(paused.status().as_u16(), 200);
     wait_until(Duration::from_secs(60), "recorder paused", || ws.status_of("recorder")["state"] == "paused");
     let later: Vec<String> = (0..3).map(|i| cloud_event(&format!("later-{i}"), "t", json!(i))).collect();

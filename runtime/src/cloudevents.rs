@@ -3,6 +3,11 @@
 //!
 //! Parsing is all-or-nothing: a file with one bad line yields an error that
 //! names the line and the attribute, and no events.
+//!
+//! Attributes other than `data` are kept short ([`MAX_ATTRIBUTE_BYTES`]):
+//! they are indexed, copied into every batch and written to logs, and the
+//! CloudEvents spec asks producers to keep them short. Large values belong
+//! in `data`.
 
 use crate::event_log::NewEvent;
 use base64::Engine as _;
@@ -26,6 +31,38 @@ pub enum CloudEventError {
         /// What is wrong with it.
         problem: String,
     },
+}
+
+/// The longest value of any attribute but `data`/`data_base64` (`id`,
+/// `source`, `type`, `subject`, `correlationid`, extensions…), in bytes.
+pub const MAX_ATTRIBUTE_BYTES: usize = 1024;
+
+/// Input that is not UTF-8, located.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error(
+    "{origin}: line {line}: not UTF-8 (at byte {column} of the line); CloudEvents JSON must be \
+     UTF-8: convert the input (e.g. `iconv -f LATIN1 -t UTF-8`)"
+)]
+pub struct NotUtf8 {
+    /// Where the bytes came from (a file name, `stdin`, `request body`).
+    pub origin: String,
+    /// 1-based line of the first bad byte.
+    pub line: usize,
+    /// 1-based byte of the line where it is.
+    pub column: usize,
+}
+
+/// `bytes` as text, or the line and byte where they stop being UTF-8.
+pub fn utf8_text<'a>(bytes: &'a [u8], origin: &str) -> Result<&'a str, NotUtf8> {
+    std::str::from_utf8(bytes).map_err(|err| {
+        let before = &bytes[..err.valid_up_to()];
+        let line_start = before.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        NotUtf8 {
+            origin: origin.to_string(),
+            line: before.iter().filter(|&&b| b == b'\n').count() + 1,
+            column: before.len() - line_start + 1,
+        }
+    })
 }
 
 /// A CloudEvent error, located.
@@ -89,6 +126,27 @@ pub fn from_object(mut object: Map<String, Value>) -> Result<NewEvent, CloudEven
     let datacontenttype = optional(&mut object, "datacontenttype")?;
     let correlation_id = optional(&mut object, "correlationid")?;
     let causation_id = optional(&mut object, "causationid")?;
+    let short = [
+        ("id", Some(&id)),
+        ("source", Some(&source)),
+        ("type", Some(&event_type)),
+        ("subject", subject.as_ref()),
+        ("time", time.as_ref()),
+        ("datacontenttype", datacontenttype.as_ref()),
+        ("correlationid", correlation_id.as_ref()),
+        ("causationid", causation_id.as_ref()),
+    ];
+    for (attribute, value) in short {
+        check_length(attribute, value.map_or(0, String::len))?;
+    }
+    // Other extensions are not kept, but are held to the same rule.
+    for (attribute, value) in object.iter().filter(|(k, _)| !matches!(k.as_str(), "data" | "data_base64")) {
+        let bytes = match value {
+            Value::String(text) => text.len(),
+            other => serde_json::to_string(other).map_or(0, |text| text.len()),
+        };
+        check_length(attribute, bytes)?;
+    }
     let data = match (object.remove("data"), object.remove("data_base64")) {
         (Some(_), Some(_)) => {
             return Err(invalid("data_base64", "cannot be given together with `data`".into()));
@@ -143,6 +201,19 @@ fn optional(object: &mut Map<String, Value>, name: &'static str) -> Result<Optio
         Some(Value::String(s)) => Ok(Some(s)),
         Some(other) => Err(invalid(name, format!("must be a string, found {}", kind(&other)))),
     }
+}
+
+fn check_length(attribute: &str, bytes: usize) -> Result<(), CloudEventError> {
+    if bytes > MAX_ATTRIBUTE_BYTES {
+        return Err(invalid(
+            attribute,
+            format!(
+                "is {bytes} bytes, over the limit of {MAX_ATTRIBUTE_BYTES} bytes for an attribute; \
+                 keep attributes short and put large values in `data`"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn invalid(attribute: &str, problem: String) -> CloudEventError {
@@ -240,6 +311,43 @@ mod tests {
             let err = parse_event(line).unwrap_err().to_string();
             assert!(err.contains(expected), "{line}: {err:?} should contain {expected:?}");
         }
+    }
+
+    #[test]
+    fn long_attributes_are_refused_naming_the_attribute_and_the_limit() {
+        let long = "x".repeat(MAX_ATTRIBUTE_BYTES + 1);
+        let fits = "x".repeat(MAX_ATTRIBUTE_BYTES);
+        let event = |attribute: &str, value: &str| {
+            let mut object = serde_json::json!({"specversion": "1.0", "id": "e", "source": "s", "type": "t"});
+            object[attribute] = Value::String(value.to_string());
+            object.to_string()
+        };
+        for attribute in ["id", "source", "type", "subject", "correlationid", "causationid", "myextension"] {
+            let err = parse_event(&event(attribute, &long)).unwrap_err().to_string();
+            assert_eq!(
+                err,
+                format!(
+                    "attribute `{attribute}` is 1025 bytes, over the limit of 1024 bytes for an \
+                     attribute; keep attributes short and put large values in `data`"
+                )
+            );
+            assert!(parse_event(&event(attribute, &fits)).is_ok(), "{attribute} at the limit");
+        }
+        // `data` is not an attribute in this sense: its size is the body's.
+        let big_data =
+            serde_json::json!({"specversion": "1.0", "id": "e", "source": "s", "type": "t", "data": long});
+        assert!(parse_event(&big_data.to_string()).is_ok());
+        let input = format!("{GOOD}\n{}\n", event("id", &long));
+        assert_eq!(parse_lines(&input, "big.jsonl").unwrap_err().line, 2);
+    }
+
+    #[test]
+    fn text_that_is_not_utf8_is_located() {
+        let bytes = b"{\"a\":1}\n{\"b\":\"caf\xe9\"}\n";
+        let err = utf8_text(bytes, "events.jsonl").unwrap_err();
+        assert_eq!((err.line, err.column), (2, 10));
+        assert!(err.to_string().starts_with("events.jsonl: line 2: not UTF-8 (at byte 10 of the line)"));
+        assert_eq!(utf8_text(b"ok\n", "x").unwrap(), "ok\n");
     }
 
     #[test]

@@ -10,11 +10,14 @@
 //! module = "target/projections/wallet_allowlist.wasm"
 //! streams = ["wallets"]
 //! types = ["wallet_updated", "kyc_verified"]   # optional filter
+//!
+//! [http]                   # optional: the API's access rules and limits
+//! token_file = "api.token"
 //! ```
 
 use crate::event_log::validate_stream_name;
 use serde::Deserialize;
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use thiserror::Error;
 
@@ -44,6 +47,125 @@ pub struct Config {
     /// The projections to run, one `[[projection]]` table each.
     #[serde(default, rename = "projection")]
     pub projections: Vec<ProjectionConfig>,
+    /// The HTTP API's access rules, limits and timeouts.
+    ///
+    /// `[http]` / `hosts = ["projector.internal"]`
+    #[serde(default)]
+    pub http: HttpConfig,
+}
+
+/// `[http]`: who the API answers, and how much it gives any one request.
+/// Read when `run` starts; a change takes effect at the next start.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Host names the API answers to, besides its listen address (and,
+    /// when it listens on loopback or on every address, `localhost` and
+    /// the loopback addresses). A request whose `Host` is none of them is
+    /// refused: that is what stops DNS rebinding. Names only, no scheme or
+    /// port.
+    ///
+    /// `hosts = ["projector.internal"]`
+    pub hosts: Vec<String>,
+    /// A file holding a bearer token (at least 16 characters; the file's
+    /// surrounding whitespace is ignored). When set, every request that
+    /// changes something (ingest, pause, resume, rebuild, dead-letter
+    /// retry and discard) and `/sql` must send `Authorization: Bearer
+    /// <token>`; `projector … --url` sends it. Set one before listening
+    /// beyond loopback.
+    ///
+    /// `token_file = "secrets/api.token"`
+    pub token_file: Option<PathBuf>,
+    /// Most rows one `/sql` answer holds; a query that returns more is
+    /// refused (422). Default 10000.
+    ///
+    /// `sql_max_rows = 10000`
+    pub sql_max_rows: u64,
+    /// Most bytes of JSON one `/sql` answer holds, and the longest string
+    /// or blob a `/sql` query may make; over it the query is refused (422).
+    /// Default 16777216 (16 MiB).
+    ///
+    /// `sql_max_bytes = 16777216`
+    pub sql_max_bytes: u64,
+    /// A connection must send a whole request head (request line and
+    /// headers) within this many milliseconds of opening, or of the
+    /// previous answer on a kept-alive connection; else it is closed.
+    /// Default 10000.
+    ///
+    /// `header_timeout_ms = 10000`
+    pub header_timeout_ms: u64,
+    /// A request's whole body must arrive within this many milliseconds of
+    /// its head; else it is answered 408. Default 30000.
+    ///
+    /// `body_timeout_ms = 30000`
+    pub body_timeout_ms: u64,
+    /// A connection on which no byte moves for this many milliseconds while
+    /// no request is being handled (a client that stopped reading its
+    /// answer) is closed. Default 60000.
+    ///
+    /// `idle_timeout_ms = 60000`
+    pub idle_timeout_ms: u64,
+    /// Most connections served at once; more wait in the listen queue until
+    /// one closes. Default 256.
+    ///
+    /// `max_connections = 256`
+    pub max_connections: u64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            hosts: Vec::new(),
+            token_file: None,
+            sql_max_rows: 10_000,
+            sql_max_bytes: 16 << 20,
+            header_timeout_ms: 10_000,
+            body_timeout_ms: 30_000,
+            idle_timeout_ms: 60_000,
+            max_connections: 256,
+        }
+    }
+}
+
+impl HttpConfig {
+    /// Each numeric field's allowed range.
+    const RANGES: [(&'static str, u64, u64); 6] = [
+        ("sql_max_rows", 1, 10_000_000),
+        ("sql_max_bytes", 1024, 1 << 30),
+        ("header_timeout_ms", 100, 3_600_000),
+        ("body_timeout_ms", 100, 3_600_000),
+        ("idle_timeout_ms", 100, 3_600_000),
+        ("max_connections", 1, 65_536),
+    ];
+
+    fn check(&self) -> Result<(), String> {
+        let values = [
+            self.sql_max_rows,
+            self.sql_max_bytes,
+            self.header_timeout_ms,
+            self.body_timeout_ms,
+            self.idle_timeout_ms,
+            self.max_connections,
+        ];
+        for ((name, min, max), value) in Self::RANGES.iter().zip(values) {
+            if !(*min..=*max).contains(&value) {
+                return Err(format!("{name} = {value} is out of range; use {min} to {max}"));
+            }
+        }
+        for host in &self.hosts {
+            let plain = host.trim_start_matches('[').trim_end_matches(']');
+            let name_ok = !host.is_empty()
+                && host.len() <= 253
+                && host.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-');
+            if !name_ok && plain.parse::<std::net::Ipv6Addr>().is_err() {
+                return Err(format!(
+                    "hosts: {host:?} is not a host name; list names without scheme or port, e.g. \
+                     hosts = [\"projector.internal\"]"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Sandbox limits; every field is optional and falls back to the config's
@@ -213,8 +335,10 @@ impl Config {
                 config.version
             )));
         }
-        let mut names = HashSet::new();
-        for p in &config.projections {
+        // Where each projection is in the file, for the messages below.
+        let at = |i: usize| projection_line(text, i).map(|l| format!(" (line {l})")).unwrap_or_default();
+        let mut names: HashMap<&str, usize> = HashMap::new();
+        for (i, p) in config.projections.iter().enumerate() {
             let name_ok = !p.name.is_empty()
                 && p.name.len() <= 64
                 && p.name
@@ -222,37 +346,55 @@ impl Config {
                     .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
             if !name_ok {
                 return Err(invalid(format!(
-                    "projection name {:?} is not allowed: use 1 to 64 lowercase letters, digits, \
+                    "projection name {:?}{} is not allowed: use 1 to 64 lowercase letters, digits, \
                      '-' or '_'",
-                    p.name
+                    p.name,
+                    at(i)
                 )));
             }
-            if !names.insert(p.name.as_str()) {
+            if let Some(first) = names.insert(p.name.as_str(), i) {
+                let lines = match (projection_line(text, first), projection_line(text, i)) {
+                    (Some(a), Some(b)) => format!(" (lines {a} and {b})"),
+                    _ => String::new(),
+                };
                 return Err(invalid(format!(
-                    "projection {:?} is listed twice; names must be unique",
+                    "projection {:?} is listed twice{lines}; names must be unique: rename or remove \
+                     one",
                     p.name
                 )));
             }
             if p.streams.is_empty() {
                 return Err(invalid(format!(
-                    "projection {:?}: `streams` is empty; list the streams it consumes, e.g. \
+                    "projection {:?}{}: `streams` is empty; list the streams it consumes, e.g. \
                      streams = [\"wallets\"]",
-                    p.name
+                    p.name,
+                    at(i)
                 )));
             }
             for stream in &p.streams {
                 validate_stream_name(stream)
-                    .map_err(|err| invalid(format!("projection {:?}: {err:#}", p.name)))?;
+                    .map_err(|err| invalid(format!("projection {:?}{}: {err:#}", p.name, at(i))))?;
+            }
+            if p.types.as_ref().is_some_and(Vec::is_empty) {
+                return Err(invalid(format!(
+                    "projection {:?}{}: types = [] would skip every event; remove `types` to \
+                     receive every type",
+                    p.name,
+                    at(i)
+                )));
             }
             if !(1..=100_000).contains(&p.batch_size) {
                 return Err(invalid(format!(
-                    "projection {:?}: batch_size = {} is out of range; use 1 to 100000",
-                    p.name, p.batch_size
+                    "projection {:?}{}: batch_size = {} is out of range; use 1 to 100000",
+                    p.name,
+                    at(i),
+                    p.batch_size
                 )));
             }
         }
         crate::engine::Limits::resolve(&config.limits, &LimitsConfig::default())
             .map_err(|err| invalid(format!("[limits]: {err}")))?;
+        config.http.check().map_err(|err| invalid(format!("[http]: {err}")))?;
         for p in &config.projections {
             crate::engine::Limits::resolve(&config.limits, &p.limits)
                 .map_err(|err| invalid(format!("projection {:?}: limits: {err}", p.name)))?;
@@ -260,6 +402,9 @@ impl Config {
         config.data = base.join(&config.data);
         for p in &mut config.projections {
             p.module = base.join(&p.module);
+        }
+        if let Some(token_file) = &mut config.http.token_file {
+            *token_file = base.join(&*token_file);
         }
         Ok(config)
     }
@@ -290,6 +435,23 @@ impl Config {
             _ => dir.join(format!("{name}.db")),
         }
     }
+}
+
+/// The line (from 1) of the `name` of the `index`th `[[projection]]` in
+/// the config `text`, found by parsing it again with spans.
+fn projection_line(text: &str, index: usize) -> Option<usize> {
+    #[derive(Deserialize)]
+    struct Names {
+        #[serde(default, rename = "projection")]
+        projections: Vec<Name>,
+    }
+    #[derive(Deserialize)]
+    struct Name {
+        name: toml::Spanned<String>,
+    }
+    let names: Names = toml::from_str(text).ok()?;
+    let start = names.projections.get(index)?.name.span().start;
+    Some(text.get(..start)?.matches('\n').count() + 1)
 }
 
 #[cfg(test)]
@@ -343,15 +505,27 @@ types = ["wallet_updated", "kyc_verified"]
             ),
             (
                 GOOD.replace("name = \"wallet-allowlist\"", "name = \"Wallet Allowlist\""),
-                "projection name \"Wallet Allowlist\" is not allowed",
+                "projection name \"Wallet Allowlist\" (line 5) is not allowed",
             ),
             (
                 format!(
                     "{GOOD}{}",
                     GOOD.split("[[projection]]").nth(1).map(|p| format!("[[projection]]{p}")).unwrap()
                 ),
-                "listed twice",
+                "projection \"wallet-allowlist\" is listed twice (lines 5 and 10); names must be \
+                 unique",
             ),
+            (
+                GOOD.replace("types = [\"wallet_updated\", \"kyc_verified\"]", "types = []"),
+                "projection \"wallet-allowlist\" (line 5): types = [] would skip every event; remove \
+                 `types` to receive every type",
+            ),
+            (format!("{GOOD}\n[http]\nsql_max_rows = 0\n"), "[http]: sql_max_rows = 0 is out of range"),
+            (
+                format!("{GOOD}\n[http]\nhosts = [\"http://x:80\"]\n"),
+                "[http]: hosts: \"http://x:80\" is not a host name",
+            ),
+            (format!("{GOOD}\n[http]\ntoken = \"x\"\n"), "unknown field `token`"),
             (GOOD.replace("[\"wallets\"]", "[\"wal lets\"]"), "invalid stream name \"wal lets\""),
             (format!("{GOOD}batch_size = 0\n"), "batch_size = 0 is out of range"),
         ];

@@ -48,11 +48,26 @@ pub struct FailedRetry {
 /// The dead letters of projection `name`.
 pub fn list(config: &Config, name: &str) -> Result<Vec<DeadLetter>> {
     config.projection(name)?;
-    let path = config.database_path(name);
-    match projection_db::open_read_only(&path)? {
-        Some(db) if projection_db::is_initialized(&db)? => projection_db::dead_letters(&db, LOG_SOURCE),
-        _ => Ok(Vec::new()),
+    let read = |path: &std::path::Path| -> Result<Option<Vec<DeadLetter>>> {
+        match projection_db::open_read_only(path)? {
+            Some(db) if projection_db::is_initialized(&db)? => {
+                Ok(Some(projection_db::dead_letters(&db, LOG_SOURCE)?))
+            }
+            _ => Ok(None),
+        }
+    };
+    let mut path = config.database_path(name);
+    // A rebuild taking over points the projection at a new file and removes
+    // the one read a moment ago: then read the new one.
+    for _ in 0..3 {
+        let letters = read(&path);
+        let now = config.database_path(name);
+        if now == path || matches!(letters, Ok(Some(_))) {
+            return letters.map(Option::unwrap_or_default);
+        }
+        path = now;
     }
+    read(&path).map(Option::unwrap_or_default)
 }
 
 /// Hand the selected dead letters of `name`, in position order, to the

@@ -113,8 +113,9 @@ impl EventLog {
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
         let path = data_dir.join("events.db");
-        let writer =
-            Connection::open(&path).with_context(|| format!("cannot open event log {}", path.display()))?;
+        let writer = Connection::open(&path)
+            .map_err(|err| explain(err.into(), &path))
+            .with_context(|| format!("cannot open event log {}", path.display()))?;
         // The busy timeout first: switching to WAL needs a moment of
         // exclusive access, which another process may be holding.
         writer.busy_timeout(Duration::from_secs(10))?;
@@ -135,7 +136,9 @@ impl EventLog {
                     std::thread::sleep(Duration::from_millis(10));
                 }
                 set_up => {
-                    set_up.with_context(|| format!("cannot set up event log {}", path.display()))?;
+                    set_up
+                        .map_err(|err| explain(err.into(), &path))
+                        .with_context(|| format!("cannot set up event log {}", path.display()))?;
                     break;
                 }
             }
@@ -152,6 +155,10 @@ impl EventLog {
     /// log are skipped and counted as duplicates.
     pub fn append(&self, stream: &str, events: &[NewEvent]) -> Result<AppendOutcome> {
         validate_stream_name(stream)?;
+        self.append_unexplained(stream, events).map_err(|err| explain(err, &self.path))
+    }
+
+    fn append_unexplained(&self, stream: &str, events: &[NewEvent]) -> Result<AppendOutcome> {
         let mut db = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let tx = db
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
@@ -320,6 +327,50 @@ fn head(db: &Connection) -> Result<u64> {
         .query_row([], |row| row.get(0))
         .context("reading the event log's head")?;
     Ok(head.unwrap_or(0) as u64)
+}
+
+/// `err`, with what to do, when the event log at `path` is damaged or its
+/// folder or file cannot be written.
+pub fn explain(err: anyhow::Error, path: &Path) -> anyhow::Error {
+    if crate::projection_db::is_damaged(&err) {
+        return err.context(format!(
+            "the event log {} is damaged; it is the source of truth and cannot be rebuilt: restore \
+             it from a backup (projection databases can then be rebuilt from it with `projector \
+             rebuild`)",
+            path.display()
+        ));
+    }
+    let code = err.chain().find_map(|c| c.downcast_ref::<rusqlite::Error>()?.sqlite_error_code());
+    if !matches!(
+        code,
+        Some(
+            rusqlite::ErrorCode::ReadOnly
+                | rusqlite::ErrorCode::CannotOpen
+                | rusqlite::ErrorCode::PermissionDenied
+        )
+    ) {
+        return err;
+    }
+    // SQLite does not say which file it could not write: find out.
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let refused = |err: std::io::Error| {
+        matches!(err.kind(), std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem)
+    };
+    if tempfile::tempfile_in(dir).is_err_and(refused) {
+        return err.context(format!(
+            "the data folder {} is read-only for this user; the log needs to write events.db and \
+             its -wal and -shm files there: make the folder writable, or point --data (the \
+             config's `data`) at one that is",
+            dir.display()
+        ));
+    }
+    if std::fs::OpenOptions::new().append(true).open(path).is_err_and(refused) {
+        return err.context(format!(
+            "the event log {} is read-only for this user: make it writable (e.g. `chmod u+w`)",
+            path.display()
+        ));
+    }
+    err
 }
 
 /// Stream names go into URLs and file listings: keep them plain.

@@ -7,8 +7,9 @@ use crate::projection_db::{self, LOG_SOURCE};
 use crate::supervisor::lock_path;
 use anyhow::{Context as _, Result};
 use base64::Engine as _;
+use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
 use rusqlite::types::ValueRef;
-use rusqlite::{Connection, Statement};
+use rusqlite::{Connection, Row, Statement};
 use serde::Serialize;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
@@ -58,79 +59,171 @@ pub fn status(config: &Config) -> Result<Vec<ProjectionStatus>> {
         .projections
         .iter()
         .map(|p| {
-            let path = config.database_path(&p.name);
-            // A database `run` is creating this instant has no tables yet.
-            let db = projection_db::open_read_only(&path)?
-                .filter(|db| projection_db::is_initialized(db).unwrap_or(false));
-            let Some(db) = db else {
-                return Ok(ProjectionStatus {
-                    name: p.name.clone(),
-                    module: file_sha256(&p.module),
-                    checkpoint: 0,
-                    head,
-                    lag: head,
-                    state: "new".into(),
-                    dead_letters: 0,
-                    error: None,
-                    retrying: None,
-                    refused: None,
-                    rebuilding: None,
-                });
-            };
-            let read = || -> Result<ProjectionStatus> {
-                let checkpoint = projection_db::checkpoint(&db, LOG_SOURCE)?;
-                let recorded = projection_db::meta(&db, "state")?.unwrap_or_else(|| "new".into());
-                let rebuilding = match (recorded.as_str(), host_running) {
-                    ("running", true) => projection_db::meta(&db, "rebuilding")?
-                        .and_then(|text| serde_json::from_str(&text).ok()),
-                    _ => None,
-                };
-                // `running` and `paused` are what a live host records; with no
-                // host holding the data folder (killed, say) neither is true.
-                let state = match recorded.as_str() {
-                    "running" | "paused" if !host_running => "stopped".to_string(),
-                    "running" if rebuilding.is_some() => "rebuilding".to_string(),
-                    _ => recorded,
-                };
-                let dead_letters: i64 =
-                    db.query_row("SELECT count(*) FROM projector_dead_letters", [], |r| r.get(0))?;
-                Ok(ProjectionStatus {
-                    name: p.name.clone(),
-                    module: projection_db::meta(&db, "module")?.or_else(|| file_sha256(&p.module)),
-                    checkpoint,
-                    head,
-                    lag: head.saturating_sub(checkpoint),
-                    error: if state == "faulted" { projection_db::meta(&db, "error")? } else { None },
-                    rebuilding,
-                    refused: projection_db::meta(&db, "refused")?
-                        .and_then(|text| serde_json::from_str(&text).ok()),
-                    retrying: match state.as_str() {
-                        "running" | "rebuilding" => projection_db::meta(&db, "retrying")?
-                            .and_then(|text| serde_json::from_str(&text).ok()),
-                        _ => None,
-                    },
-                    state,
-                    dead_letters: dead_letters as u64,
-                })
-            };
-            read().with_context(|| format!("cannot read the status of {}", path.display()))
+            let mut path = config.database_path(&p.name);
+            // A rebuild taking over points the projection at a new file and
+            // removes the one read a moment ago: then read the new one.
+            for _ in 0..3 {
+                let read = status_at(p, &path, head, host_running);
+                let now = config.database_path(&p.name);
+                if now == path || matches!(read, Ok(Some(_))) {
+                    return read.map(|status| status.unwrap_or_else(|| never_run(p, head)));
+                }
+                path = now;
+            }
+            Ok(status_at(p, &path, head, host_running)?.unwrap_or_else(|| never_run(p, head)))
         })
         .collect()
+}
+
+/// The status of a projection that has no database yet.
+fn never_run(p: &crate::config::ProjectionConfig, head: u64) -> ProjectionStatus {
+    ProjectionStatus {
+        name: p.name.clone(),
+        module: file_sha256(&p.module),
+        checkpoint: 0,
+        head,
+        lag: head,
+        state: "new".into(),
+        dead_letters: 0,
+        error: None,
+        retrying: None,
+        refused: None,
+        rebuilding: None,
+    }
+}
+
+/// The status recorded in projection `p`'s database at `path`; `None`
+/// when there is none yet.
+fn status_at(
+    p: &crate::config::ProjectionConfig,
+    path: &Path,
+    head: u64,
+    host_running: bool,
+) -> Result<Option<ProjectionStatus>> {
+    // A database `run` is creating this instant has no tables yet.
+    let db =
+        projection_db::open_read_only(path)?.filter(|db| projection_db::is_initialized(db).unwrap_or(false));
+    let Some(db) = db else { return Ok(None) };
+    let read = || -> Result<ProjectionStatus> {
+        let checkpoint = projection_db::checkpoint(&db, LOG_SOURCE)?;
+        let recorded = projection_db::meta(&db, "state")?.unwrap_or_else(|| "new".into());
+        let rebuilding = match (recorded.as_str(), host_running) {
+            ("running", true) => {
+                projection_db::meta(&db, "rebuilding")?.and_then(|text| serde_json::from_str(&text).ok())
+            }
+            _ => None,
+        };
+        // `running` and `paused` are what a live host records; with no
+        // host holding the data folder (killed, say) neither is true.
+        let state = match recorded.as_str() {
+            "running" | "paused" if !host_running => "stopped".to_string(),
+            "running" if rebuilding.is_some() => "rebuilding".to_string(),
+            _ => recorded,
+        };
+        let dead_letters: i64 =
+            db.query_row("SELECT count(*) FROM projector_dead_letters", [], |r| r.get(0))?;
+        Ok(ProjectionStatus {
+            name: p.name.clone(),
+            module: projection_db::meta(&db, "module")?.or_else(|| file_sha256(&p.module)),
+            checkpoint,
+            head,
+            lag: head.saturating_sub(checkpoint),
+            error: if state == "faulted" { projection_db::meta(&db, "error")? } else { None },
+            rebuilding,
+            refused: projection_db::meta(&db, "refused")?.and_then(|text| serde_json::from_str(&text).ok()),
+            retrying: match state.as_str() {
+                "running" | "rebuilding" => {
+                    projection_db::meta(&db, "retrying")?.and_then(|text| serde_json::from_str(&text).ok())
+                }
+                _ => None,
+            },
+            state,
+            dead_letters: dead_letters as u64,
+        })
+    };
+    read()
+        .map(Some)
+        .map_err(|err| projection_db::explain_damage(err, path))
+        .with_context(|| format!("cannot read the status of {}", path.display()))
 }
 
 /// Run a read-only `sql` on projection `name`'s database.
 pub fn query(config: &Config, name: &str, sql: &str) -> Result<Vec<Value>> {
     config.projection(name)?;
     let path = config.database_path(name);
-    let db = projection_db::open_read_only(&path)?.with_context(|| {
+    let mut db = projection_db::open_read_only(&path)?.with_context(|| {
         format!("projection {name:?} has no database yet ({}); start `projector run` first", path.display())
     })?;
+    db.authorizer(Some(reads_only))?;
     rows_json(&db, sql).with_context(|| format!("projection {name:?}"))
 }
 
-/// The rows of `sql` as JSON objects keyed by column name; blobs as base64.
+/// Why a statement given as a read was not run. Each is found before the
+/// statement takes a single step, so nothing touched the disk.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadRefused {
+    /// Nothing but whitespace or comments.
+    #[error("the SQL is empty; give one read-only statement, e.g. \"SELECT * FROM my_table LIMIT 10\"")]
+    Empty,
+    /// A write, `VACUUM`, `ATTACH`, a pragma or transaction control.
+    #[error(
+        "{0:?} is not a read: queries are read-only (one SELECT or WITH statement; no writes, \
+         VACUUM, ATTACH, pragmas or transactions)"
+    )]
+    NotARead(String),
+    /// SQLite could not prepare it (a syntax error, an unknown table, more
+    /// than one statement).
+    #[error("invalid query {sql:?}: {source}")]
+    Invalid {
+        /// The statement.
+        sql: String,
+        /// SQLite's reason.
+        source: rusqlite::Error,
+    },
+}
+
+/// The authorizer of connections that serve reads: read tables and call
+/// functions, nothing else. Writes, `ATTACH`/`DETACH`, pragmas and
+/// transaction control are refused when the statement is prepared.
+pub fn reads_only(context: AuthContext<'_>) -> Authorization {
+    match context.action {
+        AuthAction::Function { function_name } if function_name.eq_ignore_ascii_case("load_extension") => {
+            Authorization::Deny
+        }
+        AuthAction::Select
+        | AuthAction::Read { .. }
+        | AuthAction::Function { .. }
+        | AuthAction::Recursive => Authorization::Allow,
+        _ => Authorization::Deny,
+    }
+}
+
+/// Prepare `sql` on `db` as a read, refusing it before it runs unless it
+/// is one statement that only reads. `db` should carry [`reads_only`]; the
+/// check of the prepared statement is the second lock.
+pub fn prepare_read<'c>(db: &'c Connection, sql: &str) -> Result<Statement<'c>, ReadRefused> {
+    let stmt = match db.prepare(sql) {
+        Ok(stmt) => stmt,
+        Err(err) if err.sqlite_error_code() == Some(rusqlite::ErrorCode::AuthorizationForStatementDenied) => {
+            return Err(ReadRefused::NotARead(sql.to_string()));
+        }
+        Err(source) => return Err(ReadRefused::Invalid { sql: sql.to_string(), source }),
+    };
+    // SQLite prepares no statement from text with none in it.
+    if stmt.expanded_sql().is_none() {
+        return Err(ReadRefused::Empty);
+    }
+    if !stmt.readonly() {
+        return Err(ReadRefused::NotARead(sql.to_string()));
+    }
+    Ok(stmt)
+}
+
+/// The rows of the read-only `sql` as JSON objects keyed by column name;
+/// blobs as base64. Anything but a read is refused before it runs (see
+/// [`prepare_read`]).
 pub fn rows_json(db: &Connection, sql: &str) -> Result<Vec<Value>> {
-    let mut stmt = db.prepare(sql).with_context(|| format!("invalid query {sql:?}"))?;
+    let mut stmt = prepare_read(db, sql)?;
     statement_rows(&mut stmt, sql)
 }
 
@@ -140,13 +233,19 @@ pub fn statement_rows(stmt: &mut Statement<'_>, sql: &str) -> Result<Vec<Value>>
     let mut rows = stmt.query([]).with_context(|| format!("query {sql:?} failed"))?;
     let mut out = Vec::new();
     while let Some(row) = rows.next().with_context(|| format!("query {sql:?} failed"))? {
-        let mut object = Map::new();
-        for (i, column) in columns.iter().enumerate() {
-            object.insert(column.clone(), value_json(row.get_ref(i)?));
-        }
-        out.push(Value::Object(object));
+        out.push(row_json(row, &columns)?);
     }
     Ok(out)
+}
+
+/// One row as a JSON object keyed by `columns` (the statement's column
+/// names); blobs as base64.
+pub fn row_json(row: &Row<'_>, columns: &[String]) -> Result<Value> {
+    let mut object = Map::new();
+    for (i, column) in columns.iter().enumerate() {
+        object.insert(column.clone(), value_json(row.get_ref(i)?));
+    }
+    Ok(Value::Object(object))
 }
 
 /// The key/value state as one JSON object: values that are JSON are
@@ -185,8 +284,13 @@ fn log_head(data: &Path) -> Result<u64> {
     if !path.exists() {
         return Ok(0);
     }
-    let db = Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .with_context(|| format!("cannot open event log {}", path.display()))?;
+    read_log_head(&path)
+        .map_err(|err| crate::event_log::explain(err, &path))
+        .with_context(|| format!("cannot read event log {}", path.display()))
+}
+
+fn read_log_head(path: &Path) -> Result<u64> {
+    let db = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     db.execute_batch("PRAGMA busy_timeout=5000;")?;
     let created: i64 = db.query_row(
         "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'events'",
@@ -197,9 +301,7 @@ fn log_head(data: &Path) -> Result<u64> {
         // `run` or `append` is creating it this instant.
         return Ok(0);
     }
-    let head: Option<i64> = db
-        .query_row("SELECT max(position) FROM events", [], |row| row.get(0))
-        .with_context(|| format!("cannot read event log {}", path.display()))?;
+    let head: Option<i64> = db.query_row("SELECT max(position) FROM events", [], |row| row.get(0))?;
     Ok(head.unwrap_or(0) as u64)
 }
 

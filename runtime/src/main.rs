@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use projector::config::Config;
 use projector::dead_letters::{self, Selection};
 use projector::event_log::EventLog;
-use projector::http::{Api, router};
+use projector::http::{Api, ApiOptions, router};
 use projector::remote::Remote;
 use projector::replay::{ReplayOptions, replay};
 use projector::supervisor::Supervisor;
@@ -34,9 +34,23 @@ struct Target {
     #[arg(long, short, default_value = "projector.toml")]
     config: PathBuf,
     /// Talk to a running `projector run` at this URL (e.g.
-    /// http://127.0.0.1:7070) instead of reading the files.
+    /// http://127.0.0.1:7070) instead of reading the files. The API token,
+    /// when the config's `[http] token_file` names one, is sent with it.
     #[arg(long)]
     url: Option<String>,
+}
+
+impl Target {
+    /// The running host at `--url`, if given, with the config's API token.
+    fn remote(&self) -> Result<Option<Remote>> {
+        let Some(url) = &self.url else { return Ok(None) };
+        // With --url the config is optional: it only brings the token.
+        let token = match self.config.exists() {
+            true => projector::http::load_token(&Config::load(&self.config)?)?,
+            false => None,
+        };
+        Ok(Some(Remote::new(url, token)))
+    }
 }
 
 #[derive(Subcommand)]
@@ -51,9 +65,10 @@ enum Command {
         /// address is written to <data>/listen.addr).
         #[arg(long, default_value = "127.0.0.1:7070")]
         listen: String,
-        /// Refuse HTTP request bodies larger than this, in KiB.
-        #[arg(long, default_value_t = 16 * 1024)]
-        max_body_kib: usize,
+        /// Refuse HTTP request bodies larger than this, in KiB (1 to
+        /// 1048576, i.e. 1 GiB).
+        #[arg(long, default_value_t = 16 * 1024, value_parser = clap::value_parser!(u32).range(1..=1 << 20))]
+        max_body_kib: u32,
     },
     /// Append CloudEvents (JSON, one per line) to a stream of the event log.
     /// All or nothing: one bad line appends nothing. Events without a
@@ -209,20 +224,21 @@ fn path(name: &str, rest: &str) -> String {
 fn execute(command: Command) -> Result<()> {
     match command {
         Command::Run { config, listen, max_body_kib } => {
-            run(&Config::load(&config)?, &config, &listen, max_body_kib << 10)
+            run(&Config::load(&config)?, &config, &listen, (max_body_kib as usize) << 10)
         }
         Command::Append { data, stream, file } => {
             projector::event_log::validate_stream_name(&stream)?;
-            let (text, origin) = if file.as_os_str() == "-" {
-                let mut text = String::new();
-                std::io::stdin().read_to_string(&mut text).context("cannot read standard input")?;
-                (text, "stdin".to_string())
+            let (bytes, origin) = if file.as_os_str() == "-" {
+                let mut bytes = Vec::new();
+                std::io::stdin().read_to_end(&mut bytes).context("cannot read standard input")?;
+                (bytes, "stdin".to_string())
             } else {
-                let text = std::fs::read_to_string(&file)
-                    .with_context(|| format!("cannot read {}", file.display()))?;
-                (text, file.display().to_string())
+                let bytes =
+                    std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+                (bytes, file.display().to_string())
             };
-            let mut events = cloudevents::parse_lines(&text, &origin)?;
+            let text = cloudevents::utf8_text(&bytes, &origin)?;
+            let mut events = cloudevents::parse_lines(text, &origin)?;
             cloudevents::fill_correlation_ids(&mut events, &uuid::Uuid::new_v4().to_string());
             print(&EventLog::open(&data)?.append(&stream, &events)?)
         }
@@ -236,47 +252,41 @@ fn execute(command: Command) -> Result<()> {
             }
             print(&outcome.output)
         }
-        Command::Status { target } => match &target.url {
-            Some(url) => print(&Remote::new(url).get("/projections")?),
+        Command::Status { target } => match target.remote()? {
+            Some(remote) => print(&remote.get("/projections")?),
             None => print(&inspect::status(&Config::load(&target.config)?)?),
         },
-        Command::Query { target, projection, sql, request } => {
-            let remote = target.url.as_deref().map(Remote::new);
-            match (remote, sql, request) {
-                (Some(remote), Some(sql), _) => {
-                    print(&remote.post_json(&path(&projection, "/sql"), &json!({ "sql": sql }))?)
-                }
-                (Some(remote), None, Some(request)) => {
-                    print(&remote.post_bytes(&path(&projection, "/query"), request.as_bytes())?)
-                }
-                (None, Some(sql), _) => {
-                    print(&inspect::query(&Config::load(&target.config)?, &projection, &sql)?)
-                }
-                (None, None, Some(request)) => {
-                    let answer = inspect::guest_query(
-                        &Config::load(&target.config)?,
-                        &projection,
-                        request.as_bytes(),
-                    )?;
-                    match serde_json::from_slice::<Value>(&answer) {
-                        Ok(value) => print(&value),
-                        Err(_) => {
-                            println!("{}", String::from_utf8_lossy(&answer));
-                            Ok(())
-                        }
+        Command::Query { target, projection, sql, request } => match (target.remote()?, sql, request) {
+            (Some(remote), Some(sql), _) => {
+                print(&remote.post_json(&path(&projection, "/sql"), &json!({ "sql": sql }))?)
+            }
+            (Some(remote), None, Some(request)) => {
+                print(&remote.post_bytes(&path(&projection, "/query"), request.as_bytes())?)
+            }
+            (None, Some(sql), _) => {
+                print(&inspect::query(&Config::load(&target.config)?, &projection, &sql)?)
+            }
+            (None, None, Some(request)) => {
+                let answer =
+                    inspect::guest_query(&Config::load(&target.config)?, &projection, request.as_bytes())?;
+                match serde_json::from_slice::<Value>(&answer) {
+                    Ok(value) => print(&value),
+                    Err(_) => {
+                        println!("{}", String::from_utf8_lossy(&answer));
+                        Ok(())
                     }
                 }
-                (_, None, None) => unreachable!("clap requires --sql or --request"),
             }
-        }
+            (_, None, None) => unreachable!("clap requires --sql or --request"),
+        },
         Command::Rebuild { config, projection } => rebuild(&Config::load(&config)?, &projection),
         Command::DeadLetters { action } => match action {
-            DeadLetterAction::List { target, projection } => match &target.url {
-                Some(url) => print(&Remote::new(url).get(&path(&projection, "/dead-letters"))?),
+            DeadLetterAction::List { target, projection } => match target.remote()? {
+                Some(remote) => print(&remote.get(&path(&projection, "/dead-letters"))?),
                 None => print(&dead_letters::list(&Config::load(&target.config)?, &projection)?),
             },
-            DeadLetterAction::Retry { target, projection, ids, all } => match &target.url {
-                Some(url) => print(&Remote::new(url).post_json(
+            DeadLetterAction::Retry { target, projection, ids, all } => match target.remote()? {
+                Some(remote) => print(&remote.post_json(
                     &path(&projection, "/dead-letters/retry"),
                     &json!({ "ids": ids, "all": all }),
                 )?),
@@ -285,10 +295,9 @@ fn execute(command: Command) -> Result<()> {
                     print(&dead_letters::retry(&Config::load(&target.config)?, &projection, &selection)?)
                 }
             },
-            DeadLetterAction::Discard { target, projection, ids } => match &target.url {
-                Some(url) => print(
-                    &Remote::new(url)
-                        .post_json(&path(&projection, "/dead-letters/discard"), &json!({ "ids": ids }))?,
+            DeadLetterAction::Discard { target, projection, ids } => match target.remote()? {
+                Some(remote) => print(
+                    &remote.post_json(&path(&projection, "/dead-letters/discard"), &json!({ "ids": ids }))?,
                 ),
                 None => {
                     let discarded = dead_letters::discard(&Config::load(&target.config)?, &projection, &ids)?;
@@ -358,13 +367,20 @@ fn run(config: &Config, config_path: &std::path::Path, listen: &str, max_body: u
         format!("cannot listen on {listen}; pass --listen <addr:port> (port 0 picks a free one)")
     })?;
     let address = listener.local_addr()?;
+    let token = projector::http::load_token(config)?;
+    if token.is_none() && !address.ip().is_loopback() {
+        tracing::warn!(
+            "the HTTP API listens on {address}, beyond loopback, with no token: anyone who reaches \
+             it can ingest, pause, rebuild and read; set [http] token_file (see the README)"
+        );
+    }
     let supervisor = Supervisor::start(config, Some(config_path))?;
     let api = Arc::new(Api::new(
         supervisor.view().clone(),
         supervisor.log().clone(),
         supervisor.engines().clone(),
         supervisor.metrics().clone(),
-        max_body,
+        ApiOptions { max_body, listen: address, http: config.http.clone(), token },
     ));
     // Written whole then renamed into place: whoever polls for the file
     // (a script, the tests) never reads it empty or half written.
@@ -387,8 +403,7 @@ fn run(config: &Config, config_path: &std::path::Path, listen: &str, max_body: u
                 _ = term.recv() => {}
             }
         };
-        axum::serve(listener, router(api))
-            .with_graceful_shutdown(shutdown)
+        projector::http::serve(listener, router(api), &config.http, shutdown)
             .await
             .context("the HTTP API failed")
     });

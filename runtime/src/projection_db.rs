@@ -32,6 +32,7 @@ pub fn open(path: &Path) -> Result<Connection> {
             db.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA cache_size=-65536; PRAGMA wal_autocheckpoint=10000;")
         })
         .and_then(|()| db.execute_batch(&format!("BEGIN; {} COMMIT;", runtime_tables::SCHEMA)))
+        .map_err(|err| explain_damage(err.into(), path))
         .with_context(|| format!("cannot set up projection database {}", path.display()))?;
     Ok(db)
 }
@@ -46,7 +47,39 @@ pub fn open_read_only(path: &Path) -> Result<Option<Connection>> {
         Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
             .with_context(|| format!("cannot open projection database {}", path.display()))?;
     db.execute_batch("PRAGMA busy_timeout=5000; PRAGMA query_only=1;")?;
+    // SQLite reads nothing at open: read the schema now, so a damaged file
+    // is found here, with its name and what to do.
+    db.query_row("SELECT count(*) FROM sqlite_schema", [], |row| row.get::<_, i64>(0))
+        .map_err(|err| explain_damage(err.into(), path))?;
     Ok(Some(db))
+}
+
+/// Whether SQLite found a database file damaged (not a database at all,
+/// or malformed inside).
+pub fn is_damaged(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<rusqlite::Error>().and_then(rusqlite::Error::sqlite_error_code),
+            Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt)
+        )
+    })
+}
+
+/// `err`, with which file is damaged and what to do, when SQLite found the
+/// projection database at `path` damaged.
+pub fn explain_damage(err: anyhow::Error, path: &Path) -> anyhow::Error {
+    if !is_damaged(&err) {
+        return err;
+    }
+    // `<name>.db` or a rebuilt generation `<name>.<n>.db`; names hold no dots.
+    let file = path.file_name().and_then(|f| f.to_str()).unwrap_or("");
+    let name = file.split('.').next().unwrap_or(file);
+    err.context(format!(
+        "the projection database {} is damaged; it holds only state built from the event log, so \
+         build it again: stop `projector run`, then `projector rebuild {name}` (the damaged file \
+         is replaced; copy it aside first to keep it)",
+        path.display()
+    ))
 }
 
 /// Whether the runtime's tables exist yet.

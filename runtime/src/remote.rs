@@ -8,39 +8,45 @@ use serde_json::Value;
 pub struct Remote {
     base: String,
     agent: ureq::Agent,
+    /// `Bearer <token>`, sent with every request when the host wants one.
+    authorization: Option<String>,
 }
 
 impl Remote {
-    /// A client for the host at `base`.
-    pub fn new(base: &str) -> Self {
+    /// A client for the host at `base`, sending the API `token` if given.
+    pub fn new(base: &str, token: Option<String>) -> Self {
         let agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
-        Remote { base: base.trim_end_matches('/').to_string(), agent }
+        Remote {
+            base: base.trim_end_matches('/').to_string(),
+            agent,
+            authorization: token.map(|t| format!("Bearer {t}")),
+        }
     }
 
     /// `GET path`, as JSON.
     pub fn get(&self, path: &str) -> Result<Value> {
         let url = format!("{}{path}", self.base);
-        let response = self.agent.get(&url).call().with_context(|| format!("cannot reach {url}"))?;
+        let mut request = self.agent.get(&url);
+        if let Some(authorization) = &self.authorization {
+            request = request.header("authorization", authorization);
+        }
+        let response = request.call().with_context(|| format!("cannot reach {url}"))?;
         answer(&url, response)
     }
 
     /// `POST path` with a JSON body, as JSON.
     pub fn post_json(&self, path: &str, body: &Value) -> Result<Value> {
-        let url = format!("{}{path}", self.base);
-        let response =
-            self.agent.post(&url).send_json(body).with_context(|| format!("cannot reach {url}"))?;
-        answer(&url, response)
+        self.post_bytes(path, &serde_json::to_vec(body)?)
     }
 
-    /// `POST path` with raw bytes, as JSON.
+    /// `POST path` with raw bytes labelled JSON, as JSON.
     pub fn post_bytes(&self, path: &str, body: &[u8]) -> Result<Value> {
         let url = format!("{}{path}", self.base);
-        let response = self
-            .agent
-            .post(&url)
-            .header("content-type", "application/json")
-            .send(body)
-            .with_context(|| format!("cannot reach {url}"))?;
+        let mut request = self.agent.post(&url).header("content-type", "application/json");
+        if let Some(authorization) = &self.authorization {
+            request = request.header("authorization", authorization);
+        }
+        let response = request.send(body).with_context(|| format!("cannot reach {url}"))?;
         answer(&url, response)
     }
 }
