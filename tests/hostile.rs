@@ -361,3 +361,35 @@ fn a_relative_config_path_reloads_like_an_absolute_one() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[test]
+fn two_hosts_on_one_data_folder_without_the_lock_apply_each_event_once() {
+    let ws = Workspace::new();
+    ws.write_config(&[("rec", &guest("event_recorder"), &["s"])]);
+    let first = ws.start();
+    wait_until(WAIT, "the first host to run", || ws.status_of("rec")["state"] == "running");
+    // A careless cleanup removes the lock file: the second host gets a lock
+    // of its own and both process the same database.
+    std::fs::remove_file(ws.data().join("run.lock")).unwrap();
+    let log = std::fs::File::create(ws.path("second.log")).unwrap();
+    let mut second = projector()
+        .args(["run", "--config", &ws.config_str(), "--listen", "127.0.0.1:0"])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let mut total = 0u64;
+    for chunk in 0..20 {
+        let lines: Vec<String> =
+            (0..500).map(|i| cloud_event(&format!("e{chunk}-{i}"), "seen", json!(i))).collect();
+        total += ws.append("s", &ws.write_events(&format!("c{chunk}.jsonl"), &lines)).0;
+    }
+    ws.wait_caught_up(total, WAIT);
+    std::thread::sleep(Duration::from_millis(500));
+    let counted = ws.query("rec", "SELECT count(*) AS n, count(DISTINCT id) AS ids FROM handled");
+    second.kill().unwrap();
+    second.wait().unwrap();
+    drop(first);
+    assert_eq!(counted, json!([{"n": total, "ids": total}]), "an event was applied twice");
+}

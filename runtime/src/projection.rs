@@ -151,6 +151,9 @@ enum Applied {
     Committed,
     /// The module asked to retry: rolled back, to go again at `retry_at`.
     RetryLater,
+    /// Another writer had moved the checkpoint: rolled back, and the
+    /// runner read it again.
+    Resynced,
 }
 
 /// The first retry waits this long; each next one twice as long…
@@ -497,12 +500,15 @@ impl ProjectionRunner {
         if batch.events.is_empty() {
             self.write_unwritten()?;
             // Only events of other streams or types: move past them.
-            projection_db::set_checkpoint(self.db(), LOG_SOURCE, batch.scanned_to)?;
-            self.checkpoint = batch.scanned_to;
+            if projection_db::advance_checkpoint(self.db(), LOG_SOURCE, self.checkpoint, batch.scanned_to)? {
+                self.checkpoint = batch.scanned_to;
+            } else {
+                self.resync()?;
+            }
             return Ok(Step::Advanced(0));
         }
         Ok(match self.apply(&batch.events, batch.scanned_to)? {
-            Applied::Committed => Step::Advanced(batch.events.len()),
+            Applied::Committed | Applied::Resynced => Step::Advanced(batch.events.len()),
             Applied::RetryLater => Step::Retrying,
         })
     }
@@ -514,11 +520,18 @@ impl ProjectionRunner {
         let attempts = self.attempts;
         self.retry_at = None;
         let started = std::time::Instant::now();
-        let unwritten = &self.unwritten;
+        let (unwritten, from) = (&self.unwritten, self.checkpoint);
         let attempt = self.instance.handle_in_transaction(events, |db| {
             put_metas(db, unwritten)?;
-            projection_db::set_checkpoint(db, LOG_SOURCE, checkpoint_after)
-        })?;
+            match projection_db::advance_checkpoint(db, LOG_SOURCE, from, checkpoint_after)? {
+                true => Ok(()),
+                false => Err(CheckpointMoved.into()),
+            }
+        });
+        let attempt = match attempt {
+            Err(err) if err.downcast_ref::<CheckpointMoved>().is_some() => return self.resync(),
+            attempt => attempt?,
+        };
         let metrics = &self.live.metrics;
         match &attempt {
             Attempt::Committed => self.live.record_batch(events.len(), started.elapsed()),
@@ -578,8 +591,9 @@ impl ProjectionRunner {
             self.attempts = 0;
             for (i, event) in events.iter().enumerate() {
                 let after = if i + 1 == events.len() { checkpoint_after } else { event.position };
-                if self.apply(std::slice::from_ref(event), after)? == Applied::RetryLater {
-                    return Ok(Applied::RetryLater);
+                match self.apply(std::slice::from_ref(event), after)? {
+                    Applied::Committed => {}
+                    other => return Ok(other),
                 }
             }
             return Ok(Applied::Committed);
@@ -591,12 +605,16 @@ impl ProjectionRunner {
             let mid = events.len() / 2;
             return match self.apply(&events[..mid], events[mid - 1].position)? {
                 Applied::Committed => self.apply(&events[mid..], checkpoint_after),
-                Applied::RetryLater => Ok(Applied::RetryLater),
+                other => Ok(other),
             };
         }
         let event = &events[0];
         match self.policy {
-            FailurePolicy::DeadLetter => self.park(event, &reason, attempts, checkpoint_after)?,
+            FailurePolicy::DeadLetter => {
+                if !self.park(event, &reason, attempts, checkpoint_after)? {
+                    return self.resync();
+                }
+            }
             FailurePolicy::Halt => bail!(
                 "halted at event {} (position {}): {reason}; the checkpoint stays at {} \
                  (on_failure = \"halt\"): fix the module or the event, then restart",
@@ -836,14 +854,45 @@ impl ProjectionRunner {
         Ok(())
     }
 
-    /// Park `event` and move the checkpoint past it, in one transaction.
-    fn park(&mut self, event: &Event, reason: &str, attempts: u32, checkpoint_after: u64) -> Result<()> {
+    /// Another writer moved the checkpoint under this runner: read it again
+    /// and go on from there, so nothing is applied twice.
+    fn resync(&mut self) -> Result<Applied> {
+        let found = projection_db::checkpoint(self.db(), LOG_SOURCE)?;
+        tracing::warn!(
+            projection = &*self.name,
+            database = %self.database.display(),
+            "the checkpoint moved under this projection (from {} to {found}): another process \
+             writes its database — is a second host running on this data folder (its run.lock \
+             removed)? The batch was rolled back; going on from the checkpoint found",
+            self.checkpoint
+        );
+        self.checkpoint = found;
+        (self.attempts, self.retry_at) = (0, None);
+        Ok(Applied::Resynced)
+    }
+
+    /// Park `event` and move the checkpoint past it, in one transaction;
+    /// false (nothing written) if another writer had moved the checkpoint.
+    fn park(&mut self, event: &Event, reason: &str, attempts: u32, checkpoint_after: u64) -> Result<bool> {
         let module = self.instance.module().sha256.clone();
         let db = self.db();
         db.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
-        put_metas(db, &self.unwritten)?;
-        projection_db::park(db, LOG_SOURCE, event, reason, &module, attempts)?;
-        projection_db::set_checkpoint(db, LOG_SOURCE, checkpoint_after)?;
+        let written = put_metas(db, &self.unwritten)
+            .and_then(|()| projection_db::park(db, LOG_SOURCE, event, reason, &module, attempts))
+            .and_then(|()| {
+                projection_db::advance_checkpoint(db, LOG_SOURCE, self.checkpoint, checkpoint_after)
+            });
+        match written {
+            Ok(true) => {}
+            Ok(false) => {
+                db.prepare_cached("ROLLBACK")?.execute([])?;
+                return Ok(false);
+            }
+            Err(err) => {
+                let _ = db.execute_batch("ROLLBACK");
+                return Err(err);
+            }
+        }
         db.prepare_cached("COMMIT")?.execute([])?;
         self.unwritten.clear();
         self.checkpoint = checkpoint_after;
@@ -855,6 +904,13 @@ impl ProjectionRunner {
             position = event.position,
             "event parked as a dead letter: {reason}"
         );
-        Ok(())
+        Ok(true)
     }
 }
+
+/// The checkpoint in the database is not the one this runner read: another
+/// writer moved it. A type, so the loop tells it apart without reading the
+/// message.
+#[derive(Debug, thiserror::Error)]
+#[error("the checkpoint moved under this projection: another writer holds its database")]
+struct CheckpointMoved;

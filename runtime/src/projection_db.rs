@@ -101,6 +101,24 @@ pub fn checkpoint(db: &Connection, source: &str) -> Result<u64> {
     Ok(position.unwrap_or(0) as u64)
 }
 
+/// Move the checkpoint of `source` from `from` to `to`; call inside the
+/// batch's transaction. A compare-and-set: `false`, and nothing written, when
+/// the database no longer holds `from` — another writer moved it (a second
+/// host on the same data folder) — so the caller rolls back instead of
+/// applying the batch a second time.
+pub fn advance_checkpoint(db: &Connection, source: &str, from: u64, to: u64) -> Result<bool> {
+    let changed = db
+        .prepare_cached(
+            "INSERT INTO projector_checkpoints (source, position) VALUES (?1, ?3) \
+             ON CONFLICT (source) DO UPDATE SET position = excluded.position \
+             WHERE projector_checkpoints.position = ?2",
+        )?
+        .execute(params![source, from as i64, to as i64])?;
+    // A first checkpoint inserted while another writer inserted its own
+    // conflicts on the key and changes nothing either.
+    Ok(changed == 1 && (from != 0 || checkpoint(db, source)? == to))
+}
+
 /// Move the checkpoint of `source`; call inside the batch's transaction.
 pub fn set_checkpoint(db: &Connection, source: &str, position: u64) -> Result<()> {
     db.prepare_cached(
