@@ -36,8 +36,10 @@ pub struct Metrics {
     pub batch_seconds: Histogram,
     /// Events parked as dead letters, refreshed at each scrape.
     pub dead_letters: Family<ProjectionLabel, Gauge>,
-    /// Modules swapped in while running.
+    /// Modules swapped in while running (a rebuild's takeover is not one).
     pub module_swaps: Family<ProjectionLabel, Counter>,
+    /// Rebuilds that caught up and took over while running.
+    pub rebuilds: Family<ProjectionLabel, Counter>,
     /// Failed guest calls by kind.
     pub guest_errors: Family<GuestErrorLabel, Counter>,
 }
@@ -51,6 +53,7 @@ impl Default for Metrics {
         let dead_letters = Family::<ProjectionLabel, Gauge>::default();
         let module_swaps = Family::<ProjectionLabel, Counter>::default();
         let guest_errors = Family::<GuestErrorLabel, Counter>::default();
+        let rebuilds = Family::<ProjectionLabel, Counter>::default();
         registry.register(
             "projector_events_processed",
             "Events handed to a projection's module and committed",
@@ -64,12 +67,22 @@ impl Default for Metrics {
         );
         registry.register("projector_dead_letters", "Events parked as dead letters", dead_letters.clone());
         registry.register("projector_module_swaps", "Modules swapped in while running", module_swaps.clone());
+        registry.register("projector_rebuilds", "Rebuilds that took over while running", rebuilds.clone());
         registry.register(
             "projector_guest_errors",
-            "Failed guest calls by kind (retry, reject, trap)",
+            "Failed guest calls by kind (retry, reject, trap); a failing batch split to find its event counts once",
             guest_errors.clone(),
         );
-        Metrics { registry, events_processed, lag, batch_seconds, dead_letters, module_swaps, guest_errors }
+        Metrics {
+            registry,
+            events_processed,
+            lag,
+            batch_seconds,
+            dead_letters,
+            module_swaps,
+            rebuilds,
+            guest_errors,
+        }
     }
 }
 

@@ -130,6 +130,7 @@ fn put_metas(db: &Connection, metas: &[(&'static str, Option<String>)]) -> Resul
 fn start_series(live: &LiveProjection, name: &str) {
     let label = crate::metrics::Metrics::label(name);
     let _ = live.metrics.module_swaps.get_or_create(&label);
+    let _ = live.metrics.rebuilds.get_or_create(&label);
     let _ = live.metrics.events_processed.get_or_create(&label);
 }
 
@@ -533,6 +534,8 @@ impl ProjectionRunner {
             attempt => attempt?,
         };
         let metrics = &self.live.metrics;
+        // A failing batch is split to find its event: what the module said
+        // of that one event is counted, not each step of the search.
         match &attempt {
             Attempt::Committed => self.live.record_batch(events.len(), started.elapsed()),
             Attempt::Failed(Failure::Retry(reason)) => {
@@ -540,11 +543,15 @@ impl ProjectionRunner {
                 self.live.set_last_error(Some(format!("retry: {reason}")));
             }
             Attempt::Failed(Failure::Reject(reason)) => {
-                metrics.guest_error(&self.name, "reject");
+                if events.len() == 1 {
+                    metrics.guest_error(&self.name, "reject");
+                }
                 self.live.set_last_error(Some(format!("reject: {reason}")));
             }
             Attempt::Trapped(reason) | Attempt::Exhausted(reason) => {
-                metrics.guest_error(&self.name, "trap");
+                if events.len() == 1 {
+                    metrics.guest_error(&self.name, "trap");
+                }
                 self.live.set_last_error(Some(reason.clone()));
             }
         }
@@ -817,7 +824,7 @@ impl ProjectionRunner {
         projection_db::set_meta(db, "rebuilding", None)?;
         projection_db::set_meta(db, "refused", None)?;
         self.live.set_module(self.instance.module().clone());
-        self.live.metrics.module_swaps.get_or_create(&crate::metrics::Metrics::label(&self.name)).inc();
+        self.live.metrics.rebuilds.get_or_create(&crate::metrics::Metrics::label(&self.name)).inc();
         tracing::info!(
             projection = &*self.name,
             module = %module,
