@@ -393,3 +393,24 @@ fn two_hosts_on_one_data_folder_without_the_lock_apply_each_event_once() {
     drop(first);
     assert_eq!(counted, json!([{"n": total, "ids": total}]), "an event was applied twice");
 }
+
+#[test]
+fn a_second_offline_rebuild_refuses_while_the_first_runs() {
+    let ws = Workspace::new();
+    ws.write_config(&[("rec", &guest("event_recorder"), &["s"])]);
+    let lines: Vec<String> = (0..200_000).map(|i| cloud_event(&format!("e{i}"), "seen", json!(i))).collect();
+    ws.append("s", &ws.write_events("e.jsonl", &lines));
+    let mut first = projector().args(["rebuild", "--config", &ws.config_str(), "rec"]).spawn().unwrap();
+    let lock = ws.data().join("rebuild.lock");
+    wait_until(WAIT, "the first rebuild to hold its lock", || {
+        std::fs::File::open(&lock).is_ok_and(|f| f.try_lock_shared().is_err())
+    });
+    let second = projector().args(["rebuild", "--config", &ws.config_str(), "rec"]).output().unwrap();
+    let first_ok = first.wait().unwrap().success();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "the second rebuild reported success:\n{stderr}");
+    assert!(stderr.contains("another `projector rebuild` is running"), "{stderr}");
+    assert!(first_ok, "the first rebuild failed");
+    assert!(!ws.data().join("requests").exists() && !ws.data().join("projections/rec.rebuild").exists());
+    assert_eq!(ws.query("rec", "SELECT count(*) AS n FROM handled"), json!([{"n": 200000}]));
+}

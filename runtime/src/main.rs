@@ -320,6 +320,12 @@ fn rebuild(config: &Config, name: &str) -> Result<()> {
             bar.set_position(position);
         }
     };
+    if projector::rebuild::offline_rebuild_running(&config.data) {
+        anyhow::bail!(
+            "another `projector rebuild` is running on {}; wait for it to finish, then run this one",
+            config.data.display()
+        );
+    }
     if inspect::run_lock_held(&config.data) {
         projector::rebuild::request(config, name)?;
         eprintln!("rebuild: requested from the running host; waiting for it to take over");

@@ -147,6 +147,19 @@ pub fn request(config: &Config, name: &str) -> Result<()> {
     std::fs::write(&path, b"").with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// The lock an offline rebuild holds on data folder `data`.
+pub fn offline_lock_path(data: &Path) -> PathBuf {
+    data.join("rebuild.lock")
+}
+
+/// Whether an offline `projector rebuild` holds data folder `data`.
+pub fn offline_rebuild_running(data: &Path) -> bool {
+    match std::fs::File::open(offline_lock_path(data)) {
+        Ok(file) => file.try_lock_shared().is_err(),
+        Err(_) => false,
+    }
+}
+
 /// Rebuild projection `name` here, with no `run` holding the data folder:
 /// the next generation is built from the log with the config's module, then
 /// takes over. `progress(position, head)` is called after every batch.
@@ -156,6 +169,17 @@ pub fn offline(config: &Config, name: &str, progress: impl FnMut(u64, u64)) -> R
     let lock_file = crate::supervisor::lock_path(&config.data);
     std::fs::create_dir_all(&config.data)
         .with_context(|| format!("cannot create data directory {}", config.data.display()))?;
+    // Held for the whole rebuild, beside the run lock: a second `projector
+    // rebuild` sees an offline rebuild, not a running host, and refuses.
+    let rebuild_lock_file = offline_lock_path(&config.data);
+    let rebuild_lock = std::fs::File::create(&rebuild_lock_file)
+        .with_context(|| format!("cannot create {}", rebuild_lock_file.display()))?;
+    rebuild_lock.try_lock().map_err(|_| {
+        anyhow::anyhow!(
+            "another `projector rebuild` is running on {}; wait for it to finish, then run this one",
+            config.data.display()
+        )
+    })?;
     let lock = std::fs::File::create(&lock_file)
         .with_context(|| format!("cannot create {}", lock_file.display()))?;
     lock.try_lock()
