@@ -276,3 +276,41 @@ fn a_module_built_against_the_first_contract_still_loads_and_runs() {
     let answer = run_ok(&["query", "--config", &ws.config_str(), "old", "--request", "{}"]);
     assert_eq!(json(&answer), json!({"count": 3}));
 }
+
+#[test]
+fn replay_answers_a_request_to_the_modules_query() {
+    let dir = root().join("projections/user-view/fixtures");
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let events = dir.join("scenario.jsonl");
+    let module = guest("user_view");
+    let queries = expected["queries"].as_array().unwrap();
+    assert!(!queries.is_empty());
+    for q in queries {
+        let out = run_ok(&[
+            "replay",
+            "--module",
+            module.to_str().unwrap(),
+            "--events",
+            events.to_str().unwrap(),
+            "--stream",
+            "users",
+            "--request",
+            &q["request"].to_string(),
+        ]);
+        assert_eq!(json(&out), q["answer"], "for {}", q["request"]);
+    }
+    // A request the module refuses fails the command with its reason.
+    let err = run_err(&[
+        "replay",
+        "--module",
+        module.to_str().unwrap(),
+        "--events",
+        events.to_str().unwrap(),
+        "--stream",
+        "users",
+        "--request",
+        "not json",
+    ]);
+    assert!(err.contains("the module refused the request not json"), "{err}");
+}

@@ -97,8 +97,12 @@ enum Command {
         stream: String,
         /// Print this query's rows (a JSON array of objects) instead of the
         /// key/value state.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "request")]
         sql: Option<String>,
+        /// After the replay, send this request to the module's own `query`
+        /// and print its answer, e.g. '{"user_id": "u1"}'.
+        #[arg(long)]
+        request: Option<String>,
         /// Events per batch.
         #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
         batch: u32,
@@ -242,8 +246,9 @@ fn execute(command: Command) -> Result<()> {
             cloudevents::fill_correlation_ids(&mut events, &uuid::Uuid::new_v4().to_string());
             print(&EventLog::open(&data)?.append(&stream, &events)?)
         }
-        Command::Replay { module, events, stream, sql, batch } => {
-            let outcome = replay(&ReplayOptions { module, events, stream, sql, batch: batch as usize })?;
+        Command::Replay { module, events, stream, sql, request, batch } => {
+            let outcome =
+                replay(&ReplayOptions { module, events, stream, sql, request, batch: batch as usize })?;
             if outcome.duplicates > 0 {
                 eprintln!("replay: skipped {} events whose id came earlier in the file", outcome.duplicates);
             }

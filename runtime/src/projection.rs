@@ -367,6 +367,11 @@ impl ProjectionRunner {
         &self.name
     }
 
+    /// The running module.
+    pub fn module(&self) -> &LoadedModule {
+        self.instance.module()
+    }
+
     /// The sha256 of the running module.
     pub fn module_sha256(&self) -> &str {
         &self.instance.module().sha256

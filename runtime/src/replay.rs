@@ -27,6 +27,9 @@ pub struct ReplayOptions {
     pub stream: String,
     /// A query whose rows to return instead of the key/value state.
     pub sql: Option<String>,
+    /// Send this request to the module's `query` after the replay and print
+    /// its answer instead of the state.
+    pub request: Option<String>,
     /// Events per batch.
     pub batch: usize,
 }
@@ -77,7 +80,8 @@ pub fn replay(options: &ReplayOptions) -> Result<ReplayOutcome> {
         policy: FailurePolicy::DeadLetter,
     };
     let live = Arc::new(LiveProjection::new("replay", Arc::default()));
-    let mut runner = ProjectionRunner::start(engine, &spec, &log, Arc::new(AtomicBool::new(false)), live)?;
+    let mut runner =
+        ProjectionRunner::start(engine.clone(), &spec, &log, Arc::new(AtomicBool::new(false)), live)?;
     let bar = progress_bar(appended.appended);
     runner.catch_up_with(|checkpoint, head| {
         if let Some(bar) = &bar {
@@ -89,9 +93,27 @@ pub fn replay(options: &ReplayOptions) -> Result<ReplayOutcome> {
         bar.finish_and_clear();
     }
     let db = runner.db();
-    let output = match &options.sql {
-        Some(sql) => Value::Array(inspect::rows_json(db, sql)?),
-        None => inspect::state_json(db)?,
+    let output = match (&options.sql, &options.request) {
+        (Some(sql), _) => Value::Array(inspect::rows_json(db, sql)?),
+        (None, Some(request)) => {
+            // As `run` serves it: a read-only instance over a read-only
+            // connection to the state the replay built.
+            let reader = crate::projection_db::open_read_only(&spec.database)?
+                .context("the replay's database is missing")?;
+            let host = crate::guest_host::GuestHost::new(reader, "replay".into(), spec.limits)?;
+            let mut instance = crate::instance::GuestInstance::reader(engine, runner.module().clone(), host)?;
+            match instance.query(request.as_bytes())? {
+                crate::instance::QueryOutcome::Answer(answer) => serde_json::from_slice(&answer)
+                    .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&answer).into_owned())),
+                crate::instance::QueryOutcome::Refused(reason) => {
+                    anyhow::bail!("the module refused the request {request}: {reason}")
+                }
+                crate::instance::QueryOutcome::Trapped(reason) => {
+                    anyhow::bail!("the module failed the request {request}: {reason}")
+                }
+            }
+        }
+        (None, None) => inspect::state_json(db)?,
     };
     let mut stmt = db.prepare("SELECT id, position, reason FROM projector_dead_letters ORDER BY position")?;
     let dead_letters = stmt
