@@ -358,6 +358,7 @@ fn dead_letters_over_http_and_url() {
     let letters: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(letters[0]["id"], "bad");
     assert_eq!(letters[0]["reason"], "poison event bad");
+    assert_eq!(letters[0]["data"], json!(2), "the parked event's data is shown");
     let listed = json(&run_ok(&["dead-letters", "list", "--url", &base, "recorder"]));
     assert_eq!(listed[0]["id"], "bad");
     let retried = json(&run_ok(&["dead-letters", "retry", "--url", &base, "recorder", "bad"]));
@@ -650,4 +651,13 @@ fn listen_addr_is_never_seen_half_written() {
         .filter(|name| name.starts_with("listen.addr") && name != "listen.addr")
         .collect();
     assert!(leftovers.is_empty(), "no partial files left: {leftovers:?}");
+}
+
+#[test]
+fn dead_letters_list_shows_the_payload_from_the_files_too() {
+    let ws = Workspace::new();
+    let (_host, _base) = start_with_a_dead_letter(&ws);
+    let listed = json(&run_ok(&["dead-letters", "list", "--config", &ws.config_str(), "recorder"]));
+    assert_eq!(listed[0]["id"], "bad");
+    assert_eq!(listed[0]["data"], json!(2));
 }

@@ -229,8 +229,10 @@ pub struct DeadLetter {
     pub correlation_id: Option<String>,
     /// Its causation id.
     pub causation_id: Option<String>,
-    /// Its payload.
-    #[serde(skip)]
+    /// Its payload: shown as JSON when it is JSON, as text when it is
+    /// UTF-8, else base64 (`{"base64": "…"}`), so an operator can decide
+    /// what to do with it.
+    #[serde(serialize_with = "payload")]
     pub data: Vec<u8>,
 }
 
@@ -408,5 +410,19 @@ mod tests {
             )
             .is_err()
         );
+    }
+}
+
+/// A payload as a person can read it: the JSON it holds, its text, or base64.
+fn payload<S: serde::Serializer>(data: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
+    use base64::Engine as _;
+    use serde::Serialize as _;
+    match (serde_json::from_slice::<serde_json::Value>(data), std::str::from_utf8(data)) {
+        (Ok(value), _) => value.serialize(serializer),
+        (Err(_), Ok(text)) => text.serialize(serializer),
+        (Err(_), Err(_)) => {
+            serde_json::json!({ "base64": base64::engine::general_purpose::STANDARD.encode(data) })
+                .serialize(serializer)
+        }
     }
 }
