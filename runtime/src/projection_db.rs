@@ -364,6 +364,20 @@ pub fn outbox_remove(db: &Connection, up_to_seq: i64) -> Result<usize> {
     Ok(db.prepare_cached("DELETE FROM projector_outbox WHERE seq <= ?1")?.execute([up_to_seq])?)
 }
 
+/// A payload as a person can read it: the JSON it holds, its text, or base64.
+fn payload<S: serde::Serializer>(data: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
+    use base64::Engine as _;
+    use serde::Serialize as _;
+    match (serde_json::from_slice::<serde_json::Value>(data), std::str::from_utf8(data)) {
+        (Ok(value), _) => value.serialize(serializer),
+        (Err(_), Ok(text)) => text.serialize(serializer),
+        (Err(_), Err(_)) => {
+            serde_json::json!({ "base64": base64::engine::general_purpose::STANDARD.encode(data) })
+                .serialize(serializer)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -410,19 +424,5 @@ mod tests {
             )
             .is_err()
         );
-    }
-}
-
-/// A payload as a person can read it: the JSON it holds, its text, or base64.
-fn payload<S: serde::Serializer>(data: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
-    use base64::Engine as _;
-    use serde::Serialize as _;
-    match (serde_json::from_slice::<serde_json::Value>(data), std::str::from_utf8(data)) {
-        (Ok(value), _) => value.serialize(serializer),
-        (Err(_), Ok(text)) => text.serialize(serializer),
-        (Err(_), Err(_)) => {
-            serde_json::json!({ "base64": base64::engine::general_purpose::STANDARD.encode(data) })
-                .serialize(serializer)
-        }
     }
 }
