@@ -2,7 +2,7 @@
 
 mod util;
 
-use projector::engine::ProjectorEngine;
+use projector::sandbox::engine::ProjectorEngine;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -8,11 +8,11 @@
 #[path = "../../tests/util.rs"]
 mod util;
 
-use projector::cloudevents;
 use projector::config::Config;
-use projector::event_log::EventLog;
-use projector::inspect;
-use projector::supervisor::Supervisor;
+use projector::projection::supervisor::Supervisor;
+use projector::serve::inspect;
+use projector::sources::cloudevents;
+use projector::sources::embedded::EventLog;
 use serde_json::json;
 use std::path::Path;
 use std::time::{Duration, Instant};

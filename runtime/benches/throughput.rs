@@ -9,10 +9,10 @@
 #[path = "../../tests/util.rs"]
 mod util;
 
-use projector::cloudevents;
-use projector::engine::ProjectorEngine;
-use projector::event_log::{EventLog, Filter};
-use projector::projection::{ProjectionRunner, ProjectionSpec};
+use projector::projection::runner::{ProjectionRunner, ProjectionSpec};
+use projector::sandbox::engine::ProjectorEngine;
+use projector::sources::cloudevents;
+use projector::sources::embedded::{EventLog, Filter};
 use projector_sdk::Event;
 use projector_sdk::testing::Harness;
 use std::sync::Arc;
@@ -52,7 +52,8 @@ fn main() {
             limits: Default::default(),
             policy: Default::default(),
         };
-        let live = Arc::new(projector::live::LiveProjection::new("wallet-allowlist", Arc::default()));
+        let live =
+            Arc::new(projector::projection::live::LiveProjection::new("wallet-allowlist", Arc::default()));
         let mut runner =
             ProjectionRunner::start(engine, &spec, &log, Arc::new(AtomicBool::new(false)), live).unwrap();
         let start = Instant::now();

@@ -15,11 +15,13 @@
 //! token_file = "api.token"
 //! ```
 
-use crate::event_log::validate_stream_name;
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 use thiserror::Error;
+
+pub mod paths;
 
 /// The config format this projector reads.
 pub const VERSION: u32 = 1;
@@ -392,11 +394,11 @@ impl Config {
                 )));
             }
         }
-        crate::engine::Limits::resolve(&config.limits, &LimitsConfig::default())
+        Limits::resolve(&config.limits, &LimitsConfig::default())
             .map_err(|err| invalid(format!("[limits]: {err}")))?;
         config.http.check().map_err(|err| invalid(format!("[http]: {err}")))?;
         for p in &config.projections {
-            crate::engine::Limits::resolve(&config.limits, &p.limits)
+            Limits::resolve(&config.limits, &p.limits)
                 .map_err(|err| invalid(format!("projection {:?}: limits: {err}", p.name)))?;
         }
         config.data = base.join(&config.data);
@@ -418,8 +420,8 @@ impl Config {
     }
 
     /// The limits projection `p` runs under.
-    pub fn limits(&self, p: &ProjectionConfig) -> crate::engine::Limits {
-        crate::engine::Limits::resolve(&self.limits, &p.limits).expect("limits checked at load")
+    pub fn limits(&self, p: &ProjectionConfig) -> Limits {
+        Limits::resolve(&self.limits, &p.limits).expect("limits checked at load")
     }
 
     /// Where projection `name` keeps its database.
@@ -430,11 +432,22 @@ impl Config {
     /// rebuild.
     pub fn database_path(&self, name: &str) -> PathBuf {
         let dir = self.data.join("projections");
-        match std::fs::read_to_string(crate::rebuild::pointer_path(&dir, name)) {
+        match std::fs::read_to_string(paths::pointer_path(&dir, name)) {
             Ok(file) if !file.trim().is_empty() => dir.join(file.trim()),
             _ => dir.join(format!("{name}.db")),
         }
     }
+}
+
+/// Stream names go into URLs and file listings: keep them plain.
+pub fn validate_stream_name(stream: &str) -> anyhow::Result<()> {
+    let ok = !stream.is_empty()
+        && stream.len() <= 128
+        && stream.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !ok {
+        anyhow::bail!("invalid stream name {stream:?}: use 1 to 128 ASCII letters, digits, '-', '_' or '.'");
+    }
+    Ok(())
 }
 
 /// The line (from 1) of the `name` of the `index`th `[[projection]]` in
@@ -556,5 +569,73 @@ types = ["wallet_updated", "kyc_verified"]
     fn a_parse_error_gives_the_line() {
         let err = parse(&GOOD.replace("streams = [\"wallets\"]", "streams = [\"wallets\"")).unwrap_err();
         assert!(err.to_string().contains("line 8"), "{err}");
+    }
+}
+
+/// The limits one projection's instances run under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Linear memory cap per instance, bytes.
+    pub memory_bytes: usize,
+    /// Wall-clock deadline per guest call.
+    pub call_timeout: Duration,
+    /// Fuel per guest call; `None`: unmetered.
+    pub fuel: Option<u64>,
+    /// Table elements cap per table.
+    pub table_elements: usize,
+    /// Instances, tables and memories cap per store.
+    pub instances: usize,
+    /// Largest key + value, SQL text or blob parameter, bytes.
+    pub value_bytes: usize,
+    /// Guest log lines per second.
+    pub log_lines_per_second: u64,
+    /// Longest guest log line, bytes.
+    pub log_line_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits::resolve(&LimitsConfig::default(), &LimitsConfig::default()).expect("defaults are valid")
+    }
+}
+
+impl Limits {
+    /// `overrides`, falling back to `defaults`, then to the built-in values.
+    pub fn resolve(defaults: &LimitsConfig, overrides: &LimitsConfig) -> Result<Limits, String> {
+        fn pick(name: &str, a: Option<u64>, b: Option<u64>, builtin: u64, max: u64) -> Result<u64, String> {
+            let value = a.or(b).unwrap_or(builtin);
+            if value == 0 || value > max {
+                return Err(format!("{name} = {value} is out of range; use 1 to {max}"));
+            }
+            Ok(value)
+        }
+        let (o, d) = (overrides, defaults);
+        Ok(Limits {
+            memory_bytes: (pick("memory_mib", o.memory_mib, d.memory_mib, 64, 4096)? << 20) as usize,
+            call_timeout: Duration::from_millis(pick(
+                "call_timeout_ms",
+                o.call_timeout_ms,
+                d.call_timeout_ms,
+                5000,
+                3_600_000,
+            )?),
+            fuel: match o.fuel.or(d.fuel) {
+                Some(0) => return Err("fuel = 0 is out of range; use at least 1".into()),
+                fuel => fuel,
+            },
+            table_elements: pick("table_elements", o.table_elements, d.table_elements, 20_000, 10_000_000)?
+                as usize,
+            instances: pick("instances", o.instances, d.instances, 16, 10_000)? as usize,
+            value_bytes: (pick("value_kib", o.value_kib, d.value_kib, 1024, 1 << 20)? << 10) as usize,
+            log_lines_per_second: pick(
+                "log_lines_per_second",
+                o.log_lines_per_second,
+                d.log_lines_per_second,
+                100,
+                1_000_000,
+            )?,
+            log_line_bytes: pick("log_line_bytes", o.log_line_bytes, d.log_line_bytes, 4096, 1 << 20)?
+                as usize,
+        })
     }
 }

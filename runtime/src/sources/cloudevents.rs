@@ -9,7 +9,7 @@
 //! CloudEvents spec asks producers to keep them short. Large values belong
 //! in `data`.
 
-use crate::event_log::NewEvent;
+use crate::sources::embedded::NewEvent;
 use base64::Engine as _;
 use serde_json::{Map, Value};
 use thiserror::Error;

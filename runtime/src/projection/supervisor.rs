@@ -13,13 +13,14 @@
 //! Each database is marked running, stopped or faulted so `status` can tell
 //! from another process.
 
+use crate::config::paths::lock_path;
 use crate::config::{Config, ProjectionConfig};
-use crate::engine::{Engines, ProjectorEngine};
-use crate::event_log::{EventLog, Filter};
-use crate::live::LiveProjection;
-use crate::metrics::Metrics;
-use crate::projection::{ModuleUpdate, ProjectionRunner, ProjectionSpec, prepare_update};
-use crate::projection_db;
+use crate::projection::live::LiveProjection;
+use crate::projection::metrics::Metrics;
+use crate::projection::runner::{ModuleUpdate, ProjectionRunner, ProjectionSpec, prepare_update};
+use crate::sandbox::engine::{Engines, ProjectorEngine};
+use crate::sources::embedded::{EventLog, Filter};
+use crate::store;
 use anyhow::{Context as _, Result};
 use notify_debouncer_full::notify::RecursiveMode;
 use notify_debouncer_full::{DebounceEventResult, new_debouncer};
@@ -69,12 +70,6 @@ struct Running {
     stop: Arc<AtomicBool>,
     updates: Sender<ModuleUpdate>,
     thread: JoinHandle<()>,
-}
-
-/// The lock file `run` holds while it runs; `status` checks it to tell a
-/// running projection from one whose host was killed.
-pub fn lock_path(data: &Path) -> PathBuf {
-    data.join("run.lock")
 }
 
 impl Supervisor {
@@ -477,16 +472,16 @@ fn run_projection(
         let ran = runner.run();
         database = runner.database().to_path_buf();
         ran?;
-        projection_db::set_meta(runner.db(), "state", Some("stopped"))?;
+        store::set_meta(runner.db(), "state", Some("stopped"))?;
         tracing::info!(projection = name, checkpoint = runner.checkpoint(), "projection stopped");
         Ok(())
     });
     if let Err(err) = result {
         tracing::error!(projection = name, "projection faulted: {err:#}");
         shared.set_last_error(Some(format!("{err:#}")));
-        let marked = projection_db::open(&database).and_then(|db| {
-            projection_db::set_meta(&db, "state", Some("faulted"))?;
-            projection_db::set_meta(&db, "error", Some(&format!("{err:#}")))
+        let marked = store::open(&database).and_then(|db| {
+            store::set_meta(&db, "state", Some("faulted"))?;
+            store::set_meta(&db, "error", Some(&format!("{err:#}")))
         });
         if let Err(mark_err) = marked {
             tracing::error!(projection = name, "cannot record the fault: {mark_err:#}");

@@ -3,8 +3,8 @@
 //! databases read-only, so it works while `run` is processing.
 
 use crate::config::Config;
-use crate::projection_db::{self, LOG_SOURCE};
-use crate::supervisor::lock_path;
+use crate::config::paths::lock_path;
+use crate::store::{self, LOG_SOURCE};
 use anyhow::{Context as _, Result};
 use base64::Engine as _;
 use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
@@ -101,15 +101,14 @@ fn status_at(
     host_running: bool,
 ) -> Result<Option<ProjectionStatus>> {
     // A database `run` is creating this instant has no tables yet.
-    let db =
-        projection_db::open_read_only(path)?.filter(|db| projection_db::is_initialized(db).unwrap_or(false));
+    let db = store::open_read_only(path)?.filter(|db| store::is_initialized(db).unwrap_or(false));
     let Some(db) = db else { return Ok(None) };
     let read = || -> Result<ProjectionStatus> {
-        let checkpoint = projection_db::checkpoint(&db, LOG_SOURCE)?;
-        let recorded = projection_db::meta(&db, "state")?.unwrap_or_else(|| "new".into());
+        let checkpoint = store::checkpoint(&db, LOG_SOURCE)?;
+        let recorded = store::meta(&db, "state")?.unwrap_or_else(|| "new".into());
         let rebuilding = match (recorded.as_str(), host_running) {
             ("running", true) => {
-                projection_db::meta(&db, "rebuilding")?.and_then(|text| serde_json::from_str(&text).ok())
+                store::meta(&db, "rebuilding")?.and_then(|text| serde_json::from_str(&text).ok())
             }
             _ => None,
         };
@@ -124,16 +123,16 @@ fn status_at(
             db.query_row("SELECT count(*) FROM projector_dead_letters", [], |r| r.get(0))?;
         Ok(ProjectionStatus {
             name: p.name.clone(),
-            module: projection_db::meta(&db, "module")?.or_else(|| file_sha256(&p.module)),
+            module: store::meta(&db, "module")?.or_else(|| file_sha256(&p.module)),
             checkpoint,
             head,
             lag: head.saturating_sub(checkpoint),
-            error: if state == "faulted" { projection_db::meta(&db, "error")? } else { None },
+            error: if state == "faulted" { store::meta(&db, "error")? } else { None },
             rebuilding,
-            refused: projection_db::meta(&db, "refused")?.and_then(|text| serde_json::from_str(&text).ok()),
+            refused: store::meta(&db, "refused")?.and_then(|text| serde_json::from_str(&text).ok()),
             retrying: match state.as_str() {
                 "running" | "rebuilding" => {
-                    projection_db::meta(&db, "retrying")?.and_then(|text| serde_json::from_str(&text).ok())
+                    store::meta(&db, "retrying")?.and_then(|text| serde_json::from_str(&text).ok())
                 }
                 _ => None,
             },
@@ -143,7 +142,7 @@ fn status_at(
     };
     read()
         .map(Some)
-        .map_err(|err| projection_db::explain_damage(err, path))
+        .map_err(|err| store::explain_damage(err, path))
         .with_context(|| format!("cannot read the status of {}", path.display()))
 }
 
@@ -151,7 +150,7 @@ fn status_at(
 pub fn query(config: &Config, name: &str, sql: &str) -> Result<Vec<Value>> {
     config.projection(name)?;
     let path = config.database_path(name);
-    let mut db = projection_db::open_read_only(&path)?.with_context(|| {
+    let mut db = store::open_read_only(&path)?.with_context(|| {
         format!("projection {name:?} has no database yet ({}); start `projector run` first", path.display())
     })?;
     db.authorizer(Some(reads_only))?;
@@ -285,7 +284,7 @@ fn log_head(data: &Path) -> Result<u64> {
         return Ok(0);
     }
     read_log_head(&path)
-        .map_err(|err| crate::event_log::explain(err, &path))
+        .map_err(|err| crate::sources::embedded::explain(err, &path))
         .with_context(|| format!("cannot read event log {}", path.display()))
 }
 
@@ -320,13 +319,13 @@ fn file_sha256(path: &Path) -> Option<String> {
 /// Call projection `name`'s `query` export with `request`, on a read-only
 /// instance over a read-only connection (works while `run` is running).
 pub fn guest_query(config: &Config, name: &str, request: &[u8]) -> Result<Vec<u8>> {
-    use crate::engine::ProjectorEngine;
-    use crate::guest_host::GuestHost;
-    use crate::instance::{GuestInstance, QueryOutcome};
+    use crate::sandbox::engine::ProjectorEngine;
+    use crate::sandbox::host::GuestHost;
+    use crate::sandbox::instance::{GuestInstance, QueryOutcome};
     let projection = config.projection(name)?;
     let limits = config.limits(projection);
     let path = config.database_path(name);
-    let db = projection_db::open_read_only(&path)?.with_context(|| {
+    let db = store::open_read_only(&path)?.with_context(|| {
         format!("projection {name:?} has no database yet ({}); start `projector run` first", path.display())
     })?;
     let engine = std::sync::Arc::new(ProjectorEngine::new(limits.fuel.is_some())?);

@@ -6,9 +6,10 @@
 //! transaction.
 
 use crate::bindings::Event;
+use crate::config::paths::pointer_path;
 use anyhow::{Context as _, Result};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The runtime's tables and the outbox's rules, in one file with the SDK's
 /// harness, which builds databases of the same layout.
@@ -374,6 +375,29 @@ fn payload<S: serde::Serializer>(data: &[u8], serializer: S) -> Result<S::Ok, S:
         (Err(_), Err(_)) => {
             serde_json::json!({ "base64": base64::engine::general_purpose::STANDARD.encode(data) })
                 .serialize(serializer)
+        }
+    }
+}
+
+/// Point projection `name` at `database` (in the same folder), atomically.
+pub fn switch_to(name: &str, database: &Path) -> Result<()> {
+    let dir = database.parent().context("a database has a folder")?;
+    let file = database.file_name().and_then(|f| f.to_str()).context("a database has a file name")?;
+    let pointer = pointer_path(dir, name);
+    let partial = pointer.with_extension("current-partial");
+    std::fs::write(&partial, file)
+        .and_then(|()| std::fs::rename(&partial, &pointer))
+        .with_context(|| format!("cannot point {} at {file}", pointer.display()))
+}
+
+/// Remove a database file and its WAL companions.
+pub fn remove_database(path: &Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let file = PathBuf::from(format!("{}{suffix}", path.display()));
+        match std::fs::remove_file(&file) {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => tracing::warn!(file = %file.display(), "cannot remove: {err}"),
         }
     }
 }

@@ -9,7 +9,8 @@
 //! process are seen by polling, every [`POLL_INTERVAL`].
 
 use crate::bindings::Event;
-use anyhow::{Context as _, Result, bail};
+use crate::config::validate_stream_name;
+use anyhow::{Context as _, Result};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params, params_from_iter};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
@@ -332,7 +333,7 @@ fn head(db: &Connection) -> Result<u64> {
 /// `err`, with what to do, when the event log at `path` is damaged or its
 /// folder or file cannot be written.
 pub fn explain(err: anyhow::Error, path: &Path) -> anyhow::Error {
-    if crate::projection_db::is_damaged(&err) {
+    if crate::store::is_damaged(&err) {
         return err.context(format!(
             "the event log {} is damaged; it is the source of truth and cannot be rebuilt: restore \
              it from a backup (projection databases can then be rebuilt from it with `projector \
@@ -371,15 +372,4 @@ pub fn explain(err: anyhow::Error, path: &Path) -> anyhow::Error {
         ));
     }
     err
-}
-
-/// Stream names go into URLs and file listings: keep them plain.
-pub fn validate_stream_name(stream: &str) -> Result<()> {
-    let ok = !stream.is_empty()
-        && stream.len() <= 128
-        && stream.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if !ok {
-        bail!("invalid stream name {stream:?}: use 1 to 128 ASCII letters, digits, '-', '_' or '.'");
-    }
-    Ok(())
 }

@@ -7,9 +7,9 @@
 //! trapped is thrown away and a fresh one made from its `InstancePre`.
 
 use crate::bindings::{Event, Failure, Projection};
-use crate::engine::{LoadedModule, ProjectorEngine};
-use crate::guest_host::GuestHost;
-use crate::projection_db;
+use crate::sandbox::engine::{LoadedModule, ProjectorEngine};
+use crate::sandbox::host::GuestHost;
+use crate::store;
 use anyhow::{Context as _, Result, bail};
 use rusqlite::Connection;
 use std::sync::Arc;
@@ -237,7 +237,7 @@ fn instantiate(
         ),
     };
     let db = store.data().db();
-    let found = projection_db::meta(db, "state_version")?
+    let found = store::meta(db, "state_version")?
         .map(|v| v.parse::<u32>())
         .transpose()
         .context("the database's state_version is not a number")?;
@@ -257,7 +257,7 @@ fn instantiate(
     match guest.call_init(&mut store, found) {
         Ok(Ok(())) => {
             let db = store.data().db();
-            projection_db::set_meta(db, "state_version", Some(&version.to_string()))?;
+            store::set_meta(db, "state_version", Some(&version.to_string()))?;
             db.prepare_cached("COMMIT")?.execute([])?;
         }
         Ok(Err(reason)) => {

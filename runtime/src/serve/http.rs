@@ -24,18 +24,19 @@
 //! [`serve`] runs the connections itself, for the header and idle timeouts
 //! and the connection cap that `axum::serve` does not offer.
 
-use crate::cloudevents;
+use crate::config::validate_stream_name;
 use crate::config::{Config, HttpConfig};
-use crate::dead_letters::{self, Selection};
-use crate::engine::{Engines, Limits};
-use crate::event_log::{EventLog, NewEvent, validate_stream_name};
-use crate::guest_host::GuestHost;
-use crate::inspect;
-use crate::instance::{GuestInstance, QueryOutcome};
-use crate::live::LiveProjection;
-use crate::metrics::Metrics;
-use crate::projection_db;
-use crate::supervisor::HostView;
+use crate::projection::dead_letters::{self, Selection};
+use crate::projection::live::LiveProjection;
+use crate::projection::metrics::Metrics;
+use crate::projection::supervisor::HostView;
+use crate::sandbox::engine::{Engines, Limits};
+use crate::sandbox::host::GuestHost;
+use crate::sandbox::instance::{GuestInstance, QueryOutcome};
+use crate::serve::inspect;
+use crate::sources::cloudevents;
+use crate::sources::embedded::{EventLog, NewEvent};
+use crate::store;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, JsonRejection};
@@ -802,7 +803,7 @@ fn check_ids(config: &Config, name: &str, ids: &[String]) -> ApiResult<()> {
 }
 
 fn open_reads(name: &str, database: &std::path::Path) -> ApiResult<Connection> {
-    projection_db::open_read_only(database)?.ok_or_else(|| {
+    store::open_read_only(database)?.ok_or_else(|| {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("projection {name:?} has no database yet"))
     })
 }
@@ -1001,7 +1002,7 @@ async fn request_rebuild(
     expect_json(&headers)?;
     blocking(move || {
         api.served(&name)?;
-        Ok(crate::rebuild::request(&api.config(), &name)?)
+        Ok(crate::projection::offline::request(&api.config(), &name)?)
     })
     .await?;
     Ok((StatusCode::ACCEPTED, axum::Json(json!({ "rebuild": "requested" }))).into_response())

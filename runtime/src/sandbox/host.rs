@@ -27,7 +27,7 @@
 //! rate-limited, with a count of what was dropped.
 
 use crate::bindings::{EmitHost, Event, Level, LogHost, Rows, SqlHost, StateHost, TypesHost, Value};
-use crate::engine::Limits;
+use crate::config::Limits;
 use anyhow::{Result, bail};
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, ErrorCode, ToSql, ffi, params_from_iter};
@@ -37,12 +37,12 @@ use std::time::Instant;
 use wasmtime::Trap;
 
 // One file of rules for the host and the SDK's native harness.
-#[path = "../../guest-sdk/src/sql_rules.rs"]
+#[path = "../../../guest-sdk/src/sql_rules.rs"]
 mod sql_rules;
 pub use sql_rules::RUNTIME_TABLES;
 use sql_rules::{GUEST_SQL_PREFIX, GuestRules};
 // The outbox and the rules of `emit`, shared with the harness too.
-use crate::projection_db::runtime_tables;
+use crate::store::runtime_tables;
 
 /// How many SQLite virtual machine instructions run between two looks at
 /// the call's deadline: frequent enough to stop within a millisecond or so,
@@ -430,7 +430,7 @@ impl EmitHost for GuestHost {
     ) -> Result<Result<(), String>> {
         // The harness's order too: names, then the size (a trap), then the
         // cause.
-        if let Err(err) = crate::event_log::validate_stream_name(&stream) {
+        if let Err(err) = crate::config::validate_stream_name(&stream) {
             return Ok(Err(format!("{err:#}")));
         }
         if let Err(message) = runtime_tables::check_emit_names(&event_type, subject.as_deref()) {
@@ -686,7 +686,7 @@ mod tests {
     #[test]
     fn the_sdk_checks_stream_names_as_the_event_log_does() {
         for name in ["orders", "a", "a.b-c_d", "", "a b", "ü", "x/y", &"s".repeat(128), &"s".repeat(129)] {
-            let log = crate::event_log::validate_stream_name(name).map_err(|err| format!("{err:#}"));
+            let log = crate::config::validate_stream_name(name).map_err(|err| format!("{err:#}"));
             assert_eq!(runtime_tables::check_stream_name(name), log, "{name:?}");
         }
     }

@@ -22,8 +22,7 @@
 //! guest SQL that outlives it.
 
 use crate::bindings::{Projection, ProjectionPre};
-use crate::config::LimitsConfig;
-use crate::guest_host::GuestHost;
+use crate::sandbox::host::GuestHost;
 use anyhow::{Context as _, Result, bail};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -37,73 +36,10 @@ use wasmtime::{Config, Engine, Store, Trap};
 /// How often the engine's epoch advances: the resolution of call deadlines.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
-/// The limits one projection's instances run under.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
-    /// Linear memory cap per instance, bytes.
-    pub memory_bytes: usize,
-    /// Wall-clock deadline per guest call.
-    pub call_timeout: Duration,
-    /// Fuel per guest call; `None`: unmetered.
-    pub fuel: Option<u64>,
-    /// Table elements cap per table.
-    pub table_elements: usize,
-    /// Instances, tables and memories cap per store.
-    pub instances: usize,
-    /// Largest key + value, SQL text or blob parameter, bytes.
-    pub value_bytes: usize,
-    /// Guest log lines per second.
-    pub log_lines_per_second: u64,
-    /// Longest guest log line, bytes.
-    pub log_line_bytes: usize,
-}
+pub use crate::config::Limits;
 
-impl Default for Limits {
-    fn default() -> Self {
-        Limits::resolve(&LimitsConfig::default(), &LimitsConfig::default()).expect("defaults are valid")
-    }
-}
-
+/// Enforcing the limits, in the engine: arming a call and reading a trap.
 impl Limits {
-    /// `overrides`, falling back to `defaults`, then to the built-in values.
-    pub fn resolve(defaults: &LimitsConfig, overrides: &LimitsConfig) -> Result<Limits, String> {
-        fn pick(name: &str, a: Option<u64>, b: Option<u64>, builtin: u64, max: u64) -> Result<u64, String> {
-            let value = a.or(b).unwrap_or(builtin);
-            if value == 0 || value > max {
-                return Err(format!("{name} = {value} is out of range; use 1 to {max}"));
-            }
-            Ok(value)
-        }
-        let (o, d) = (overrides, defaults);
-        Ok(Limits {
-            memory_bytes: (pick("memory_mib", o.memory_mib, d.memory_mib, 64, 4096)? << 20) as usize,
-            call_timeout: Duration::from_millis(pick(
-                "call_timeout_ms",
-                o.call_timeout_ms,
-                d.call_timeout_ms,
-                5000,
-                3_600_000,
-            )?),
-            fuel: match o.fuel.or(d.fuel) {
-                Some(0) => return Err("fuel = 0 is out of range; use at least 1".into()),
-                fuel => fuel,
-            },
-            table_elements: pick("table_elements", o.table_elements, d.table_elements, 20_000, 10_000_000)?
-                as usize,
-            instances: pick("instances", o.instances, d.instances, 16, 10_000)? as usize,
-            value_bytes: (pick("value_kib", o.value_kib, d.value_kib, 1024, 1 << 20)? << 10) as usize,
-            log_lines_per_second: pick(
-                "log_lines_per_second",
-                o.log_lines_per_second,
-                d.log_lines_per_second,
-                100,
-                1_000_000,
-            )?,
-            log_line_bytes: pick("log_line_bytes", o.log_line_bytes, d.log_line_bytes, 4096, 1 << 20)?
-                as usize,
-        })
-    }
-
     /// Arm `store` for one guest call: a fresh deadline, for its wasm code
     /// (the epoch) and its SQL (the host's progress handler), and fuel.
     pub fn arm(&self, store: &mut Store<GuestHost>, fuel_enabled: bool) -> Result<()> {

@@ -2,8 +2,8 @@
 //! its rate, last error, pause switch and current module — and the host's
 //! [`Metrics`].
 
-use crate::engine::LoadedModule;
-use crate::metrics::Metrics;
+use crate::projection::metrics::Metrics;
+use crate::sandbox::engine::LoadedModule;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

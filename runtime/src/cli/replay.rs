@@ -3,13 +3,13 @@
 //! repeated event id is skipped), and return the state it built. The
 //! fastest development loop, and what tests and CI drive.
 
-use crate::cloudevents;
 use crate::config::FailurePolicy;
-use crate::engine::{Limits, ProjectorEngine};
-use crate::event_log::{EventLog, Filter};
-use crate::inspect;
-use crate::live::LiveProjection;
-use crate::projection::{ProjectionRunner, ProjectionSpec};
+use crate::projection::live::LiveProjection;
+use crate::projection::runner::{ProjectionRunner, ProjectionSpec};
+use crate::sandbox::engine::{Limits, ProjectorEngine};
+use crate::serve::inspect;
+use crate::sources::cloudevents;
+use crate::sources::embedded::{EventLog, Filter};
 use anyhow::{Context as _, Result};
 use serde_json::Value;
 use std::path::PathBuf;
@@ -98,17 +98,18 @@ pub fn replay(options: &ReplayOptions) -> Result<ReplayOutcome> {
         (None, Some(request)) => {
             // As `run` serves it: a read-only instance over a read-only
             // connection to the state the replay built.
-            let reader = crate::projection_db::open_read_only(&spec.database)?
-                .context("the replay's database is missing")?;
-            let host = crate::guest_host::GuestHost::new(reader, "replay".into(), spec.limits)?;
-            let mut instance = crate::instance::GuestInstance::reader(engine, runner.module().clone(), host)?;
+            let reader =
+                crate::store::open_read_only(&spec.database)?.context("the replay's database is missing")?;
+            let host = crate::sandbox::host::GuestHost::new(reader, "replay".into(), spec.limits)?;
+            let mut instance =
+                crate::sandbox::instance::GuestInstance::reader(engine, runner.module().clone(), host)?;
             match instance.query(request.as_bytes())? {
-                crate::instance::QueryOutcome::Answer(answer) => serde_json::from_slice(&answer)
+                crate::sandbox::instance::QueryOutcome::Answer(answer) => serde_json::from_slice(&answer)
                     .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&answer).into_owned())),
-                crate::instance::QueryOutcome::Refused(reason) => {
+                crate::sandbox::instance::QueryOutcome::Refused(reason) => {
                     anyhow::bail!("the module refused the request {request}: {reason}")
                 }
-                crate::instance::QueryOutcome::Trapped(reason) => {
+                crate::sandbox::instance::QueryOutcome::Trapped(reason) => {
                     anyhow::bail!("the module failed the request {request}: {reason}")
                 }
             }

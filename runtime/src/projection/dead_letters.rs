@@ -4,10 +4,10 @@
 
 use crate::bindings::Failure;
 use crate::config::Config;
-use crate::engine::ProjectorEngine;
-use crate::guest_host::GuestHost;
-use crate::instance::{Attempt, GuestInstance};
-use crate::projection_db::{self, DeadLetter, LOG_SOURCE};
+use crate::sandbox::engine::ProjectorEngine;
+use crate::sandbox::host::GuestHost;
+use crate::sandbox::instance::{Attempt, GuestInstance};
+use crate::store::{self, DeadLetter, LOG_SOURCE};
 use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
 use std::sync::Arc;
@@ -49,10 +49,8 @@ pub struct FailedRetry {
 pub fn list(config: &Config, name: &str) -> Result<Vec<DeadLetter>> {
     config.projection(name)?;
     let read = |path: &std::path::Path| -> Result<Option<Vec<DeadLetter>>> {
-        match projection_db::open_read_only(path)? {
-            Some(db) if projection_db::is_initialized(&db)? => {
-                Ok(Some(projection_db::dead_letters(&db, LOG_SOURCE)?))
-            }
+        match store::open_read_only(path)? {
+            Some(db) if store::is_initialized(&db)? => Ok(Some(store::dead_letters(&db, LOG_SOURCE)?)),
             _ => Ok(None),
         }
     };
@@ -85,20 +83,18 @@ pub fn retry(config: &Config, name: &str, selection: &Selection) -> Result<Retry
     let module = engine
         .load_file(&projection.module)
         .with_context(|| format!("projection {name}: cannot load its module"))?;
-    let db = projection_db::open(&config.database_path(name))?;
+    let db = store::open(&config.database_path(name))?;
     let mut instance = GuestInstance::new(engine, module, GuestHost::new(db, name.into(), limits)?)?;
     for letter in chosen {
         // The selection was read before this transaction: a concurrent
         // retry or discard may have taken the letter since. Then nothing of
         // this attempt may stay, or the event would be applied twice.
         let attempt =
-            instance.handle_in_transaction(&[letter.event()], |db| match projection_db::remove_dead_letter(
-                db,
-                LOG_SOURCE,
-                letter.position,
-            )? {
-                true => Ok(()),
-                false => Err(anyhow::Error::new(TakenMeanwhile)),
+            instance.handle_in_transaction(&[letter.event()], |db| {
+                match store::remove_dead_letter(db, LOG_SOURCE, letter.position)? {
+                    true => Ok(()),
+                    false => Err(anyhow::Error::new(TakenMeanwhile)),
+                }
             });
         let attempt = match attempt {
             Err(err) if err.downcast_ref::<TakenMeanwhile>().is_some() => continue,
@@ -113,7 +109,7 @@ pub fn retry(config: &Config, name: &str, selection: &Selection) -> Result<Retry
             Attempt::Trapped(reason) | Attempt::Exhausted(reason) => reason,
         };
         let module = instance.module().sha256.clone();
-        projection_db::record_failed_retry(instance.db(), LOG_SOURCE, letter.position, &reason, &module)?;
+        store::record_failed_retry(instance.db(), LOG_SOURCE, letter.position, &reason, &module)?;
         outcome.failed.push(FailedRetry { id: letter.id, reason });
     }
     Ok(outcome)
@@ -123,10 +119,10 @@ pub fn retry(config: &Config, name: &str, selection: &Selection) -> Result<Retry
 /// nothing is removed. Returns how many were removed.
 pub fn discard(config: &Config, name: &str, ids: &[String]) -> Result<usize> {
     let chosen = select(config, name, &Selection::Ids(ids.to_vec()))?;
-    let mut db = projection_db::open(&config.database_path(name))?;
+    let mut db = store::open(&config.database_path(name))?;
     let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     for letter in &chosen {
-        if !projection_db::remove_dead_letter(&tx, LOG_SOURCE, letter.position)? {
+        if !store::remove_dead_letter(&tx, LOG_SOURCE, letter.position)? {
             bail!(
                 "projection {name:?}: the dead letter {} was retried or discarded meanwhile; \
                  nothing was discarded",

@@ -1,0 +1,90 @@
+//! Rebuilds with no host running: `projector rebuild` on a data folder no
+//! `run` holds, and the request a running host picks up otherwise.
+
+use crate::config::Config;
+use crate::config::paths::{lock_path, next_generation, offline_lock_path, request_path};
+use crate::projection::live::LiveProjection;
+use crate::projection::runner::{ProjectionRunner, ProjectionSpec};
+use crate::sandbox::engine::ProjectorEngine;
+use crate::sources::embedded::EventLog;
+use crate::store::{remove_database, switch_to};
+use anyhow::{Context as _, Result};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+/// Ask the `run` holding `config`'s data folder to rebuild projection
+/// `name` (it checks between batches).
+pub fn request(config: &Config, name: &str) -> Result<()> {
+    config.projection(name)?;
+    let dir = config.data.join("projections");
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let path = request_path(&dir, name);
+    std::fs::write(&path, b"").with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Whether an offline `projector rebuild` holds data folder `data`.
+pub fn offline_rebuild_running(data: &Path) -> bool {
+    match std::fs::File::open(offline_lock_path(data)) {
+        Ok(file) => file.try_lock_shared().is_err(),
+        Err(_) => false,
+    }
+}
+
+/// Rebuild projection `name` here, with no `run` holding the data folder:
+/// the next generation is built from the log with the config's module, then
+/// takes over. `progress(position, head)` is called after every batch.
+/// Returns the new database file and its checkpoint.
+pub fn offline(config: &Config, name: &str, progress: impl FnMut(u64, u64)) -> Result<(PathBuf, u64)> {
+    let p = config.projection(name)?;
+    let lock_file = lock_path(&config.data);
+    std::fs::create_dir_all(&config.data)
+        .with_context(|| format!("cannot create data directory {}", config.data.display()))?;
+    // Held for the whole rebuild, beside the run lock: a second `projector
+    // rebuild` sees an offline rebuild, not a running host, and refuses.
+    let rebuild_lock_file = offline_lock_path(&config.data);
+    let rebuild_lock = std::fs::File::create(&rebuild_lock_file)
+        .with_context(|| format!("cannot create {}", rebuild_lock_file.display()))?;
+    rebuild_lock.try_lock().map_err(|_| {
+        anyhow::anyhow!(
+            "another `projector rebuild` is running on {}; wait for it to finish, then run this one",
+            config.data.display()
+        )
+    })?;
+    let lock = std::fs::File::create(&lock_file)
+        .with_context(|| format!("cannot create {}", lock_file.display()))?;
+    lock.try_lock()
+        .map_err(|_| anyhow::anyhow!("a `projector run` started on {}; try again", config.data.display()))?;
+    let current = config.database_path(name);
+    let spec = ProjectionSpec {
+        name: name.to_string(),
+        module: p.module.clone(),
+        database: next_generation(&current, name),
+        filter: crate::sources::embedded::Filter { streams: p.streams.clone(), types: p.types.clone() },
+        batch_size: p.batch_size,
+        limits: config.limits(p),
+        policy: p.on_failure,
+    };
+    remove_database(&spec.database);
+    let log = Arc::new(EventLog::open(&config.data)?);
+    let engine = Arc::new(
+        ProjectorEngine::new(config.limits(p).fuel.is_some())?.with_cache(config.data.join("cache")),
+    );
+    let live = Arc::new(LiveProjection::new(name, Arc::default()));
+    let built = ProjectionRunner::start(engine, &spec, &log, Arc::new(AtomicBool::new(false)), live)
+        .and_then(|mut runner| {
+            runner.catch_up_with(progress)?;
+            crate::store::set_meta(runner.db(), "state", Some("stopped"))?;
+            Ok(runner.checkpoint())
+        });
+    let checkpoint = match built {
+        Ok(checkpoint) => checkpoint,
+        Err(err) => {
+            remove_database(&spec.database);
+            return Err(err.context(format!("rebuilding {name} failed; its database is unchanged")));
+        }
+    };
+    switch_to(name, &spec.database)?;
+    remove_database(&current);
+    Ok((spec.database, checkpoint))
+}

@@ -1,0 +1,949 @@
+//! [`ProjectionRunner`]: one projection's processing loop.
+//!
+//! 1. read the next batch after the checkpoint (types it does not subscribe
+//!    to are skipped in the read);
+//! 2. `BEGIN`; `handle(batch)`; write the new checkpoint; `COMMIT` — so the
+//!    effect on state is exactly once, whatever the source redelivers;
+//! 3. on `retry`: roll back, back off, try again (shown in status); on
+//!    `reject` or a trap: roll back, split the batch to find the event, then
+//!    by policy park it as a dead letter in the transaction that moves the
+//!    checkpoint past it, or halt the projection as faulted before it.
+
+use crate::bindings::{Event, Failure};
+use crate::config::FailurePolicy;
+use crate::projection::live::LiveProjection;
+use crate::projection::rebuild::Rebuild;
+use crate::sandbox::engine::{Limits, LoadedModule, ProjectorEngine};
+use crate::sandbox::host::GuestHost;
+use crate::sandbox::instance::{Attempt, GuestInstance};
+use crate::sources::embedded::{EventLog, Filter, LogReader, POLL_INTERVAL};
+use crate::store::{self, LOG_SOURCE};
+use anyhow::{Context as _, Result, bail};
+use rusqlite::Connection;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+/// Where a projection's pieces are, and how it runs.
+#[derive(Debug, Clone)]
+pub struct ProjectionSpec {
+    /// The projection's name.
+    pub name: String,
+    /// The module file.
+    pub module: PathBuf,
+    /// The projection's database file.
+    pub database: PathBuf,
+    /// Which events it consumes.
+    pub filter: Filter,
+    /// At most this many events per batch.
+    pub batch_size: usize,
+    /// The sandbox's limits.
+    pub limits: Limits,
+    /// What to do with an event the module rejects or traps on.
+    pub policy: FailurePolicy,
+}
+
+/// What the module watcher (or an operator) hands a projection's thread;
+/// applied between two batches.
+#[derive(Clone)]
+pub enum ModuleUpdate {
+    /// A module file changed and its new contents compiled, linked and
+    /// implement the world: swap it in.
+    Ready(LoadedModule),
+    /// The same, prepared off the projection's thread: an instance over a
+    /// connection of its own to `database`, its `init` already run, so the
+    /// swap itself is only a hand-over.
+    Prepared {
+        /// The new module's instance.
+        instance: Arc<std::sync::Mutex<Option<GuestInstance>>>,
+        /// The database it was prepared over.
+        database: PathBuf,
+    },
+    /// A module file changed but cannot be used; the running module stays.
+    Refused {
+        /// sha256 of the refused file.
+        sha256: String,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The state version `module` declares, asked of a throwaway instance over
+/// an in-memory database (so nothing of the projection's is touched).
+pub fn declared_state_version(
+    engine: &Arc<ProjectorEngine>,
+    name: &str,
+    limits: Limits,
+    module: &LoadedModule,
+) -> Result<u32> {
+    let host = GuestHost::new(Connection::open_in_memory()?, name.into(), limits)?;
+    GuestInstance::reader(engine.clone(), module.clone(), host)?.state_version()
+}
+
+/// Prepare `module` for the projection `name` over `database`, off the
+/// projection's thread: check the state version it declares, and if it is
+/// the one the database holds, make its instance and run its `init` on a
+/// connection of its own. A module with another state version is handed
+/// over as is (the projection's thread starts a rebuild).
+pub fn prepare_update(
+    engine: &Arc<ProjectorEngine>,
+    name: &str,
+    database: &std::path::Path,
+    limits: Limits,
+    module: LoadedModule,
+) -> ModuleUpdate {
+    let refused = |reason: String| ModuleUpdate::Refused {
+        sha256: module.sha256.clone(),
+        path: module.path.clone(),
+        reason,
+    };
+    let declared = match declared_state_version(engine, name, limits, &module) {
+        Ok(version) => version,
+        Err(err) => return refused(format!("{err:#}")),
+    };
+    let Ok(db) = store::open(database) else { return ModuleUpdate::Ready(module) };
+    match store::meta(&db, "state_version") {
+        Ok(Some(found)) if found == declared.to_string() => {}
+        _ => return ModuleUpdate::Ready(module),
+    }
+    match GuestHost::new(db, name.into(), limits)
+        .and_then(|host| GuestInstance::new(engine.clone(), module.clone(), host))
+    {
+        Ok(instance) => ModuleUpdate::Prepared {
+            instance: Arc::new(std::sync::Mutex::new(Some(instance))),
+            database: database.to_path_buf(),
+        },
+        Err(err) => refused(format!("{err:#}")),
+    }
+}
+
+/// Write `metas` (key, value or none to remove) into `db`'s meta, inside
+/// the caller's transaction.
+fn put_metas(db: &Connection, metas: &[(&'static str, Option<String>)]) -> Result<()> {
+    metas.iter().try_for_each(|(key, value)| store::set_meta(db, key, value.as_deref()))
+}
+
+/// Every series of a projection exists from its start, at zero.
+fn start_series(live: &LiveProjection, name: &str) {
+    let label = crate::projection::metrics::Metrics::label(name);
+    let _ = live.metrics.module_swaps.get_or_create(&label);
+    let _ = live.metrics.rebuilds.get_or_create(&label);
+    let _ = live.metrics.events_processed.get_or_create(&label);
+}
+
+/// What one step of the loop did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Nothing new in the log.
+    Idle,
+    /// The checkpoint moved; this many events were handed to the module.
+    Advanced(usize),
+    /// The module asked to retry; the batch waits out its backoff.
+    Retrying,
+}
+
+/// How applying a batch ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Applied {
+    /// Committed (a failing event found by splitting was parked).
+    Committed,
+    /// The module asked to retry: rolled back, to go again at `retry_at`.
+    RetryLater,
+    /// Another writer had moved the checkpoint: rolled back, and the
+    /// runner read it again.
+    Resynced,
+}
+
+/// The first retry waits this long; each next one twice as long…
+const RETRY_BACKOFF_START: Duration = Duration::from_millis(10);
+/// …up to this.
+const RETRY_BACKOFF_CAP: Duration = Duration::from_secs(5);
+
+/// Runs one projection: a module over the event log into its database.
+pub struct ProjectionRunner {
+    name: Arc<str>,
+    engine: Arc<ProjectorEngine>,
+    spec: ProjectionSpec,
+    log: Arc<EventLog>,
+    rebuild: Option<Rebuild<ProjectionRunner>>,
+    last_rebuild_check: std::time::Instant,
+    database: PathBuf,
+    limits: Limits,
+    updates: Option<std::sync::mpsc::Receiver<ModuleUpdate>>,
+    instance: GuestInstance,
+    reader: LogReader,
+    filter: Filter,
+    batch_size: usize,
+    policy: FailurePolicy,
+    checkpoint: u64,
+    stop: Arc<AtomicBool>,
+    live: Arc<LiveProjection>,
+    /// Attempts so far at the batch after the checkpoint, while the module
+    /// keeps asking to retry it.
+    attempts: u32,
+    /// When that batch may be tried again.
+    retry_at: Option<std::time::Instant>,
+    /// Status to write with the next commit: what a swap changed (`module`,
+    /// …), so the swap itself writes nothing (a commit of its own could meet
+    /// a WAL checkpoint and hold processing up for milliseconds), and the
+    /// end of `retrying` once a retried batch commits or is parked.
+    unwritten: Vec<(&'static str, Option<String>)>,
+    handled: u64,
+    parked: u64,
+}
+
+impl ProjectionRunner {
+    /// Load the module, open the database, instantiate and `init`.
+    ///
+    /// `stop`, when set, makes [`ProjectionRunner::run`] return after the
+    /// batch in flight; `live` is what it shares with the HTTP API.
+    pub fn start(
+        engine: Arc<ProjectorEngine>,
+        spec: &ProjectionSpec,
+        log: &Arc<EventLog>,
+        stop: Arc<AtomicBool>,
+        live: Arc<LiveProjection>,
+    ) -> Result<Self> {
+        let module = engine
+            .load_file(&spec.module)
+            .with_context(|| format!("projection {}: cannot load its module", spec.name))?;
+        Self::start_with_module(engine, spec, module, log, stop, live)
+    }
+
+    /// [`ProjectionRunner::start`], unless the database holds another state
+    /// version than the module declares (`run` stopped in the middle of a
+    /// rebuild, or the config names a module of a new version): then the next
+    /// generation of the database is first built from the log with this
+    /// module, while the old one keeps serving reads (status: `rebuilding`),
+    /// and takes over once it has caught up. `None` if a stop came first;
+    /// the old database is then left as it was.
+    pub fn start_or_rebuild(
+        engine: Arc<ProjectorEngine>,
+        spec: &ProjectionSpec,
+        log: &Arc<EventLog>,
+        stop: Arc<AtomicBool>,
+        live: Arc<LiveProjection>,
+    ) -> Result<Option<Self>> {
+        let module = engine
+            .load_file(&spec.module)
+            .with_context(|| format!("projection {}: cannot load its module", spec.name))?;
+        let found = match store::open_read_only(&spec.database)? {
+            Some(db) if store::is_initialized(&db)? => store::meta(&db, "state_version")?,
+            _ => None,
+        };
+        let declared = declared_state_version(&engine, &spec.name, spec.limits, &module)
+            .with_context(|| format!("projection {}: module {}", spec.name, spec.module.display()))?;
+        let Some(found) = found.filter(|found| *found != declared.to_string()) else {
+            return Self::start_with_module(engine, spec, module, log, stop, live).map(Some);
+        };
+        tracing::info!(
+            projection = %spec.name,
+            module = %module.sha256,
+            "the module builds state version {declared}, the database holds {found}: \
+             rebuilding from the log before processing"
+        );
+        let old = store::open(&spec.database)?;
+        let mut green_spec = spec.clone();
+        green_spec.database = crate::config::paths::next_generation(&spec.database, &spec.name);
+        store::remove_database(&green_spec.database);
+        let sha256 = module.sha256.clone();
+        // Until it takes over, the new module is not the projection's: the
+        // API must not run its `query` over the old database.
+        let scratch = Arc::new(LiveProjection::new(&spec.name, Arc::default()));
+        let built = Self::start_with_module(engine, &green_spec, module, log, stop.clone(), scratch)
+            .and_then(|mut green| {
+                store::set_meta(&old, "state", Some("running"))?;
+                let mut reported = std::time::Instant::now();
+                loop {
+                    green.catch_up_with(|position, head| {
+                        if reported.elapsed() >= Duration::from_millis(100) {
+                            reported = std::time::Instant::now();
+                            let progress = serde_json::json!({
+                                "module": sha256, "position": position, "head": head,
+                            });
+                            let _ = store::set_meta(&old, "rebuilding", Some(&progress.to_string()));
+                        }
+                    })?;
+                    if stop.load(Ordering::Relaxed) || green.behind()? == 0 {
+                        return Ok(green);
+                    }
+                }
+            });
+        store::set_meta(&old, "rebuilding", None)?;
+        match built {
+            Ok(mut green) if !stop.load(Ordering::Relaxed) => {
+                drop(old);
+                live.set_module(green.instance.module().clone());
+                start_series(&live, &spec.name);
+                green.live = live;
+                // Readers see the new database as running from its first
+                // moment behind the pointer.
+                store::set_meta(green.db(), "state", Some("running"))?;
+                store::switch_to(&spec.name, &green_spec.database)?;
+                store::remove_database(&spec.database);
+                tracing::info!(
+                    projection = %spec.name,
+                    checkpoint = green.checkpoint,
+                    database = %green_spec.database.display(),
+                    "rebuild caught up and took over"
+                );
+                Ok(Some(green))
+            }
+            Ok(stopped) => {
+                drop(stopped);
+                store::remove_database(&green_spec.database);
+                store::set_meta(&old, "state", Some("stopped"))?;
+                Ok(None)
+            }
+            Err(err) => {
+                store::remove_database(&green_spec.database);
+                Err(err.context(format!(
+                    "projection {}: the rebuild failed; its database is unchanged",
+                    spec.name
+                )))
+            }
+        }
+    }
+
+    /// [`ProjectionRunner::start`] with a module already loaded.
+    pub fn start_with_module(
+        engine: Arc<ProjectorEngine>,
+        spec: &ProjectionSpec,
+        module: LoadedModule,
+        log: &Arc<EventLog>,
+        stop: Arc<AtomicBool>,
+        live: Arc<LiveProjection>,
+    ) -> Result<Self> {
+        let name: Arc<str> = spec.name.as_str().into();
+        let db = store::open(&spec.database)?;
+        let checkpoint = store::checkpoint(&db, LOG_SOURCE)?;
+        let host = GuestHost::new(db, name.clone(), spec.limits)?;
+        let instance = GuestInstance::new(engine.clone(), module, host)?;
+        let db = instance.db();
+        store::set_meta(db, "module", Some(&instance.module().sha256))?;
+        store::set_meta(db, "module_path", Some(&instance.module().path.to_string_lossy()))?;
+        store::set_meta(db, "error", None)?;
+        store::set_meta(db, "retrying", None)?;
+        live.set_module(instance.module().clone());
+        start_series(&live, &name);
+        store::set_meta(db, "refused", None)?;
+        Ok(ProjectionRunner {
+            name,
+            engine,
+            spec: spec.clone(),
+            log: log.clone(),
+            rebuild: None,
+            last_rebuild_check: std::time::Instant::now(),
+            database: spec.database.clone(),
+            limits: spec.limits,
+            updates: None,
+            instance,
+            reader: log.reader()?,
+            filter: spec.filter.clone(),
+            batch_size: spec.batch_size,
+            policy: spec.policy,
+            checkpoint,
+            stop,
+            live,
+            attempts: 0,
+            retry_at: None,
+            unwritten: Vec::new(),
+            handled: 0,
+            parked: 0,
+        })
+    }
+
+    /// Take module updates from `updates`, between batches.
+    pub fn with_updates(mut self, updates: std::sync::mpsc::Receiver<ModuleUpdate>) -> Self {
+        self.updates = Some(updates);
+        self
+    }
+
+    /// The projection's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The running module.
+    pub fn module(&self) -> &LoadedModule {
+        self.instance.module()
+    }
+
+    /// The sha256 of the running module.
+    pub fn module_sha256(&self) -> &str {
+        &self.instance.module().sha256
+    }
+
+    /// The position up to which every event's effect is committed.
+    pub fn checkpoint(&self) -> u64 {
+        self.checkpoint
+    }
+
+    /// Events handed to the module and committed, since start.
+    pub fn handled(&self) -> u64 {
+        self.handled
+    }
+
+    /// Events parked as dead letters, since start.
+    pub fn parked(&self) -> u64 {
+        self.parked
+    }
+
+    /// The projection's database file (a rebuild's take-over moves it).
+    pub fn database(&self) -> &std::path::Path {
+        &self.database
+    }
+
+    /// The projection's database (processing connection).
+    pub fn db(&self) -> &Connection {
+        self.instance.db()
+    }
+
+    /// Process until the stop flag is set. The batch in flight commits or
+    /// rolls back as a whole; nothing is half-applied.
+    pub fn run(&mut self) -> Result<()> {
+        store::set_meta(self.db(), "state", Some("running"))?;
+        let mut paused = false;
+        while !self.stop.load(Ordering::Relaxed) {
+            if self.live.is_paused() != paused {
+                paused = !paused;
+                let state = if paused { "paused" } else { "running" };
+                store::set_meta(self.db(), "state", Some(state))?;
+                tracing::info!(projection = &*self.name, checkpoint = self.checkpoint, "{state}");
+            }
+            self.take_updates()?;
+            self.tend_rebuild()?;
+            if paused {
+                // A swap's status goes out now: no batch will carry it.
+                self.write_unwritten()?;
+                std::thread::sleep(POLL_INTERVAL);
+                continue;
+            }
+            match self.step()? {
+                Step::Idle => self.reader.wait(POLL_INTERVAL),
+                // Waiting out a backoff here, not inside the batch, keeps
+                // swaps, rebuilds, pauses and stops working meanwhile.
+                Step::Retrying => self.wait_for_retry(POLL_INTERVAL),
+                Step::Advanced(_) => {}
+            }
+        }
+        if let Some(rebuild) = self.rebuild.take() {
+            rebuild.cancel();
+            store::set_meta(self.db(), "rebuilding", None)?;
+        }
+        self.write_unwritten()
+    }
+
+    /// Write the status waiting for a commit now, in a transaction of its
+    /// own.
+    fn write_unwritten(&mut self) -> Result<()> {
+        if !self.unwritten.is_empty() {
+            let values: Vec<(&str, Option<&str>)> =
+                self.unwritten.iter().map(|(key, value)| (*key, value.as_deref())).collect();
+            store::set_metas(self.db(), &values)?;
+            self.unwritten.clear();
+        }
+        Ok(())
+    }
+
+    /// Process until the checkpoint reaches the log's head as it is now
+    /// (events appended meanwhile are left for later: under continuous
+    /// appends, "until idle" might never come).
+    pub fn catch_up(&mut self) -> Result<()> {
+        self.catch_up_with(|_, _| {})
+    }
+
+    /// [`ProjectionRunner::catch_up`], calling `progress(checkpoint, head)`
+    /// after every batch.
+    pub fn catch_up_with(&mut self, mut progress: impl FnMut(u64, u64)) -> Result<()> {
+        let head = self.reader.head()?;
+        while self.checkpoint < head && !self.stop.load(Ordering::Relaxed) {
+            match self.step()? {
+                Step::Idle => break,
+                Step::Retrying => self.wait_for_retry(Duration::MAX),
+                Step::Advanced(_) => progress(self.checkpoint, head.max(self.checkpoint)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Sleep until the batch waiting to be retried may go again, at most
+    /// `longest`, waking early for a stop.
+    fn wait_for_retry(&self, longest: Duration) {
+        let Some(at) = self.retry_at else { return };
+        let until = at.min(std::time::Instant::now() + longest.min(Duration::from_secs(3600)));
+        while std::time::Instant::now() < until && !self.stop.load(Ordering::Relaxed) {
+            std::thread::sleep(
+                until.saturating_duration_since(std::time::Instant::now()).min(Duration::from_millis(5)),
+            );
+        }
+    }
+
+    /// Events in the log after the checkpoint.
+    pub fn behind(&self) -> Result<u64> {
+        Ok(self.reader.head()?.saturating_sub(self.checkpoint))
+    }
+
+    /// The batch size.
+    pub fn batch_size(&self) -> usize {
+        self.batch_size
+    }
+
+    /// Read one batch and apply it.
+    pub fn step(&mut self) -> Result<Step> {
+        if self.retry_at.is_some_and(|at| std::time::Instant::now() < at) {
+            return Ok(Step::Retrying);
+        }
+        let batch = self.reader.read_after(self.checkpoint, &self.filter, self.batch_size)?;
+        if batch.scanned_to == self.checkpoint {
+            // Nothing to process, so nothing waits on this write.
+            self.write_unwritten()?;
+            return Ok(Step::Idle);
+        }
+        if batch.events.is_empty() {
+            self.write_unwritten()?;
+            // Only events of other streams or types: move past them.
+            if store::advance_checkpoint(self.db(), LOG_SOURCE, self.checkpoint, batch.scanned_to)? {
+                self.checkpoint = batch.scanned_to;
+            } else {
+                self.resync()?;
+            }
+            return Ok(Step::Advanced(0));
+        }
+        Ok(match self.apply(&batch.events, batch.scanned_to)? {
+            Applied::Committed | Applied::Resynced => Step::Advanced(batch.events.len()),
+            Applied::RetryLater => Step::Retrying,
+        })
+    }
+
+    /// Apply `events` and move the checkpoint to `checkpoint_after`, or,
+    /// when the module asks to retry, roll back and set when to try again.
+    fn apply(&mut self, events: &[Event], checkpoint_after: u64) -> Result<Applied> {
+        self.attempts += 1;
+        let attempts = self.attempts;
+        self.retry_at = None;
+        let started = std::time::Instant::now();
+        let (unwritten, from) = (&self.unwritten, self.checkpoint);
+        let attempt = self.instance.handle_in_transaction(events, |db| {
+            put_metas(db, unwritten)?;
+            match store::advance_checkpoint(db, LOG_SOURCE, from, checkpoint_after)? {
+                true => Ok(()),
+                false => Err(CheckpointMoved.into()),
+            }
+        });
+        let attempt = match attempt {
+            Err(err) if err.downcast_ref::<CheckpointMoved>().is_some() => return self.resync(),
+            attempt => attempt?,
+        };
+        let metrics = &self.live.metrics;
+        // A failing batch is split to find its event: what the module said
+        // of that one event is counted, not each step of the search.
+        match &attempt {
+            Attempt::Committed => self.live.record_batch(events.len(), started.elapsed()),
+            Attempt::Failed(Failure::Retry(reason)) => {
+                metrics.guest_error(&self.name, "retry");
+                self.live.set_last_error(Some(format!("retry: {reason}")));
+            }
+            Attempt::Failed(Failure::Reject(reason)) => {
+                if events.len() == 1 {
+                    metrics.guest_error(&self.name, "reject");
+                }
+                self.live.set_last_error(Some(format!("reject: {reason}")));
+            }
+            Attempt::Trapped(reason) | Attempt::Exhausted(reason) => {
+                if events.len() == 1 {
+                    metrics.guest_error(&self.name, "trap");
+                }
+                self.live.set_last_error(Some(reason.clone()));
+            }
+        }
+        let exhausted = matches!(attempt, Attempt::Exhausted(_));
+        let reason = match attempt {
+            Attempt::Committed => {
+                self.unwritten.clear();
+                self.checkpoint = checkpoint_after;
+                self.handled += events.len() as u64;
+                self.attempts = 0;
+                return Ok(Applied::Committed);
+            }
+            Attempt::Failed(Failure::Retry(reason)) => {
+                let wait =
+                    RETRY_BACKOFF_START.saturating_mul(1 << (attempts - 1).min(16)).min(RETRY_BACKOFF_CAP);
+                let (event_id, correlation_id) = crate::sandbox::instance::single_event_ids(events);
+                tracing::warn!(
+                    projection = &*self.name,
+                    first_position = events[0].position,
+                    events = events.len(),
+                    event_id,
+                    correlation_id,
+                    attempts,
+                    "module asked to retry: {reason}; retrying in {wait:?}"
+                );
+                let retrying = serde_json::json!({
+                    "position": events[0].position,
+                    "attempts": attempts,
+                    "reason": reason,
+                });
+                store::set_meta(self.db(), "retrying", Some(&retrying.to_string()))?;
+                if !self.unwritten.iter().any(|(key, _)| *key == "retrying") {
+                    self.unwritten.push(("retrying", None));
+                }
+                self.retry_at = Some(std::time::Instant::now() + wait);
+                return Ok(Applied::RetryLater);
+            }
+            Attempt::Failed(Failure::Reject(reason)) => reason,
+            Attempt::Trapped(reason) | Attempt::Exhausted(reason) => reason,
+        };
+        if events.len() > 1 && exhausted {
+            // Halving would spend the whole deadline (or fuel) again at every
+            // level, ~log2(n) times; one event at a time spends it once more.
+            self.attempts = 0;
+            for (i, event) in events.iter().enumerate() {
+                let after = if i + 1 == events.len() { checkpoint_after } else { event.position };
+                match self.apply(std::slice::from_ref(event), after)? {
+                    Applied::Committed => {}
+                    other => return Ok(other),
+                }
+            }
+            return Ok(Applied::Committed);
+        }
+        if events.len() > 1 {
+            // Split to find the event: the halves commit on their own, each
+            // counting its own attempts.
+            self.attempts = 0;
+            let mid = events.len() / 2;
+            return match self.apply(&events[..mid], events[mid - 1].position)? {
+                Applied::Committed => self.apply(&events[mid..], checkpoint_after),
+                other => Ok(other),
+            };
+        }
+        let event = &events[0];
+        match self.policy {
+            FailurePolicy::DeadLetter => {
+                if !self.park(event, &reason, attempts, checkpoint_after)? {
+                    return self.resync();
+                }
+            }
+            FailurePolicy::Halt => bail!(
+                "halted at event {} (position {}): {reason}; the checkpoint stays at {} \
+                 (on_failure = \"halt\"): fix the module or the event, then restart",
+                event.id,
+                event.position,
+                self.checkpoint
+            ),
+        }
+        self.attempts = 0;
+        Ok(Applied::Committed)
+    }
+
+    /// Apply the module updates waiting, if any: this is the swap point,
+    /// between two batches.
+    fn take_updates(&mut self) -> Result<()> {
+        loop {
+            let update = match &self.updates {
+                Some(updates) => match updates.try_recv() {
+                    Ok(update) => update,
+                    Err(_) => return Ok(()),
+                },
+                None => return Ok(()),
+            };
+            match update {
+                ModuleUpdate::Ready(module) => self.swap(module)?,
+                ModuleUpdate::Prepared { instance, database } => {
+                    let Some(instance) = instance.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+                        continue;
+                    };
+                    if instance.module().sha256 == self.instance.module().sha256 {
+                        // The running module's bytes again: nothing to swap.
+                        self.unwritten.retain(|(key, _)| *key != "refused");
+                        store::set_meta(self.db(), "refused", None)?;
+                        continue;
+                    }
+                    self.drop_rebuild()?;
+                    if database == self.database {
+                        self.install(instance, std::time::Instant::now())?;
+                    } else {
+                        // A rebuild took over meanwhile: prepare again here.
+                        let module = instance.module().clone();
+                        drop(instance);
+                        self.swap(module)?;
+                    }
+                }
+                ModuleUpdate::Refused { sha256, path, reason } => self.refuse(&sha256, &path, &reason)?,
+            }
+        }
+    }
+
+    /// Swap `module` in: every event before this point was handled by the
+    /// old module, every event after by the new one.
+    pub fn swap(&mut self, module: LoadedModule) -> Result<()> {
+        if module.sha256 == self.instance.module().sha256 {
+            // The running module's bytes again (say, after a refused file
+            // was put back): nothing to swap, nothing refused any more.
+            store::set_meta(self.db(), "refused", None)?;
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        let (sha256, path) = (module.sha256.clone(), module.path.clone());
+        let found = store::meta(self.db(), "state_version")?;
+        let declared = match declared_state_version(&self.engine, &self.name, self.limits, &module) {
+            Ok(version) => version,
+            Err(err) => return self.refuse(&sha256, &path, &format!("{err:#}")),
+        };
+        self.drop_rebuild()?;
+        if found.as_deref() != Some(declared.to_string().as_str()) {
+            tracing::info!(
+                projection = &*self.name,
+                module = %sha256,
+                "the module builds state version {declared}, the database holds {}: rebuilding from the log",
+                found.unwrap_or_default()
+            );
+            return self.start_rebuild(module);
+        }
+        // init runs on a connection of its own, so a module that fails it
+        // leaves the running one untouched.
+        let swapped = store::open(&self.database)
+            .and_then(|db| GuestHost::new(db, self.name.clone(), self.limits))
+            .and_then(|host| GuestInstance::new(self.engine.clone(), module.clone(), host));
+        let instance = match swapped {
+            Ok(instance) => instance,
+            Err(err) => return self.refuse(&sha256, &path, &format!("{err:#}")),
+        };
+        self.install(instance, started)
+    }
+
+    /// Put `instance` (of a new module, over this database, `init` run) in
+    /// place of the running one, and record it.
+    fn install(&mut self, instance: GuestInstance, started: std::time::Instant) -> Result<()> {
+        let old = std::mem::replace(&mut self.instance, instance);
+        // A batch the old module asked to retry goes to the new one now.
+        (self.attempts, self.retry_at) = (0, None);
+        // Tearing the old instance down (its memory, its connection) is not
+        // the processing thread's work.
+        std::thread::spawn(move || drop(old));
+        let module = self.instance.module().clone();
+        self.unwritten.retain(|(key, _)| !matches!(*key, "module" | "module_path" | "refused"));
+        self.unwritten.extend([
+            ("module", Some(module.sha256.clone())),
+            ("module_path", Some(module.path.to_string_lossy().into_owned())),
+            ("refused", None),
+        ]);
+        let sha256 = module.sha256.clone();
+        self.live.set_module(module);
+        self.live
+            .metrics
+            .module_swaps
+            .get_or_create(&crate::projection::metrics::Metrics::label(&self.name))
+            .inc();
+        tracing::info!(
+            projection = &*self.name,
+            module = %sha256,
+            checkpoint = self.checkpoint,
+            pause_micros = started.elapsed().as_micros() as u64,
+            "module swapped in"
+        );
+        Ok(())
+    }
+
+    /// A newer module arrived: the rebuild under way (if any) is dropped.
+    fn drop_rebuild(&mut self) -> Result<()> {
+        if let Some(rebuild) = self.rebuild.take() {
+            tracing::info!(
+                projection = &*self.name,
+                "a newer module arrived: the rebuild under way is dropped"
+            );
+            rebuild.cancel();
+            store::set_meta(self.db(), "rebuilding", None)?;
+        }
+        Ok(())
+    }
+
+    /// Start building the next generation of the database with `module`,
+    /// in the background; the running module keeps processing.
+    pub fn start_rebuild(&mut self, module: LoadedModule) -> Result<()> {
+        let mut spec = self.spec.clone();
+        spec.database = crate::config::paths::next_generation(&self.database, &self.name);
+        spec.module = module.path.clone();
+        let sha256 = module.sha256.clone();
+        let (engine, log) = (self.engine.clone(), self.log.clone());
+        // The module is loaded already; the rebuild thread instantiates it.
+        let name = spec.name.clone();
+        let rebuild = Rebuild::spawn(&name, spec.database.clone(), sha256.clone(), move |stop, position| {
+            let live = Arc::new(LiveProjection::new(&spec.name, Arc::default()));
+            let mut runner =
+                ProjectionRunner::start_with_module(engine, &spec, module, &log, stop.clone(), live)?;
+            // Rounds until within a couple of batches of the head; the
+            // projection's thread applies the rest before taking over.
+            let close_enough = 2 * runner.batch_size() as u64;
+            while !stop.load(Ordering::Relaxed) {
+                runner.catch_up_with(|checkpoint, _| position.store(checkpoint, Ordering::Relaxed))?;
+                if runner.behind()? <= close_enough {
+                    break;
+                }
+            }
+            Ok(runner)
+        });
+        tracing::info!(projection = &*self.name, module = %sha256, into = %rebuild.database.display(), "rebuild started");
+        self.rebuild = Some(rebuild);
+        self.report_rebuild()?;
+        Ok(())
+    }
+
+    /// Between batches: pick up a rebuild request, report a rebuild's
+    /// progress, and take over when it has caught up.
+    fn tend_rebuild(&mut self) -> Result<()> {
+        if self.last_rebuild_check.elapsed() < std::time::Duration::from_millis(100) {
+            return Ok(());
+        }
+        self.last_rebuild_check = std::time::Instant::now();
+        let dir = self.database.parent().map(std::path::Path::to_path_buf).unwrap_or_default();
+        let request = crate::config::paths::request_path(&dir, &self.name);
+        if request.exists() {
+            let _ = std::fs::remove_file(&request);
+            if self.rebuild.is_none() {
+                tracing::info!(projection = &*self.name, "rebuild requested");
+                let module = self.instance.module().clone();
+                self.start_rebuild(module)?;
+            }
+        }
+        let Some(rebuild) = &self.rebuild else { return Ok(()) };
+        if !rebuild.is_finished() {
+            return self.report_rebuild();
+        }
+        let rebuild = self.rebuild.take().expect("checked");
+        let (database, module) = (rebuild.database.clone(), rebuild.module.clone());
+        let green = rebuild.finish().and_then(|mut green| {
+            // The events appended since, on this thread: the old module is
+            // not processing meanwhile, so nothing is handled twice.
+            green.catch_up()?;
+            Ok(green)
+        });
+        let mut green = match green {
+            Ok(green) => green,
+            Err(err) => {
+                store::remove_database(&database);
+                store::set_meta(self.db(), "rebuilding", None)?;
+                let path = self.spec.module.clone();
+                return self.refuse(&module, &path, &format!("the rebuild failed: {err:#}"));
+            }
+        };
+        // Readers see the new database as running from its first moment
+        // behind the pointer.
+        store::set_meta(green.db(), "state", Some("running"))?;
+        store::switch_to(&self.name, &database)?;
+        let old = std::mem::replace(&mut self.database, database);
+        std::mem::swap(&mut self.instance, &mut green.instance);
+        std::mem::swap(&mut self.reader, &mut green.reader);
+        self.checkpoint = green.checkpoint;
+        (self.attempts, self.retry_at) = (0, None);
+        // The green database holds its own module's status.
+        self.unwritten.clear();
+        drop(green);
+        store::remove_database(&old);
+        let db = self.db();
+        store::set_meta(db, "state", Some("running"))?;
+        store::set_meta(db, "rebuilding", None)?;
+        store::set_meta(db, "refused", None)?;
+        self.live.set_module(self.instance.module().clone());
+        self.live
+            .metrics
+            .rebuilds
+            .get_or_create(&crate::projection::metrics::Metrics::label(&self.name))
+            .inc();
+        tracing::info!(
+            projection = &*self.name,
+            module = %module,
+            checkpoint = self.checkpoint,
+            database = %self.database.display(),
+            "rebuild caught up and took over"
+        );
+        Ok(())
+    }
+
+    fn report_rebuild(&self) -> Result<()> {
+        let Some(rebuild) = &self.rebuild else { return Ok(()) };
+        let progress = serde_json::json!({
+            "module": rebuild.module,
+            "position": rebuild.position.load(Ordering::Relaxed),
+            "head": self.reader.head()?,
+        });
+        store::set_meta(self.db(), "rebuilding", Some(&progress.to_string()))
+    }
+
+    /// Record that the module file at `path` was refused; the running
+    /// module keeps processing.
+    fn refuse(&mut self, sha256: &str, path: &std::path::Path, reason: &str) -> Result<()> {
+        tracing::warn!(
+            projection = &*self.name,
+            module = %path.display(),
+            sha256,
+            "module refused, the running module stays: {reason}"
+        );
+        self.unwritten.retain(|(key, _)| *key != "refused");
+        let refused = serde_json::json!({ "module": sha256, "path": path, "reason": reason });
+        store::set_meta(self.db(), "refused", Some(&refused.to_string()))?;
+        self.live.set_last_error(Some(format!("module {} refused: {reason}", path.display())));
+        Ok(())
+    }
+
+    /// Another writer moved the checkpoint under this runner: read it again
+    /// and go on from there, so nothing is applied twice.
+    fn resync(&mut self) -> Result<Applied> {
+        let found = store::checkpoint(self.db(), LOG_SOURCE)?;
+        tracing::warn!(
+            projection = &*self.name,
+            database = %self.database.display(),
+            "the checkpoint moved under this projection (from {} to {found}): another process \
+             writes its database — is a second host running on this data folder (its run.lock \
+             removed)? The batch was rolled back; going on from the checkpoint found",
+            self.checkpoint
+        );
+        self.checkpoint = found;
+        (self.attempts, self.retry_at) = (0, None);
+        Ok(Applied::Resynced)
+    }
+
+    /// Park `event` and move the checkpoint past it, in one transaction;
+    /// false (nothing written) if another writer had moved the checkpoint.
+    fn park(&mut self, event: &Event, reason: &str, attempts: u32, checkpoint_after: u64) -> Result<bool> {
+        let module = self.instance.module().sha256.clone();
+        let db = self.db();
+        db.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+        let written = put_metas(db, &self.unwritten)
+            .and_then(|()| store::park(db, LOG_SOURCE, event, reason, &module, attempts))
+            .and_then(|()| store::advance_checkpoint(db, LOG_SOURCE, self.checkpoint, checkpoint_after));
+        match written {
+            Ok(true) => {}
+            Ok(false) => {
+                db.prepare_cached("ROLLBACK")?.execute([])?;
+                return Ok(false);
+            }
+            Err(err) => {
+                let _ = db.execute_batch("ROLLBACK");
+                return Err(err);
+            }
+        }
+        db.prepare_cached("COMMIT")?.execute([])?;
+        self.unwritten.clear();
+        self.checkpoint = checkpoint_after;
+        self.parked += 1;
+        tracing::warn!(
+            projection = &*self.name,
+            event_id = %event.id,
+            correlation_id = event.correlation_id.as_deref().unwrap_or(""),
+            position = event.position,
+            "event parked as a dead letter: {reason}"
+        );
+        Ok(true)
+    }
+}
+
+/// The checkpoint in the database is not the one this runner read: another
+/// writer moved it. A type, so the loop tells it apart without reading the
+/// message.
+#[derive(Debug, thiserror::Error)]
+#[error("the checkpoint moved under this projection: another writer holds its database")]
+struct CheckpointMoved;
