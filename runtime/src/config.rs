@@ -16,7 +16,7 @@
 //! ```
 
 use serde::Deserialize;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use thiserror::Error;
@@ -54,6 +54,63 @@ pub struct Config {
     /// `[http]` / `hosts = ["projector.internal"]`
     #[serde(default)]
     pub http: HttpConfig,
+    /// Event sources besides the embedded log, by name; a projection names
+    /// one with `source`.
+    ///
+    /// `[sources.bus]` / `nats = "nats://127.0.0.1:4222"` / `stream = "WALLETS"`
+    #[serde(default)]
+    pub sources: BTreeMap<String, SourceConfig>,
+}
+
+/// `[sources.<name>]`: a broker to read events from.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// NATS JetStream: the server URL, or a list of server URLs of one
+    /// cluster.
+    ///
+    /// `nats = "nats://127.0.0.1:4222"` or `nats = ["nats://a:4222", "nats://b:4222"]`
+    pub nats: Option<Servers>,
+    /// The JetStream stream to read (for `nats`).
+    ///
+    /// `stream = "WALLETS"`
+    pub stream: Option<String>,
+}
+
+/// One server URL, or several of one cluster.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum Servers {
+    /// `"nats://127.0.0.1:4222"`
+    One(String),
+    /// `["nats://a:4222", "nats://b:4222"]`
+    Many(Vec<String>),
+}
+
+impl Servers {
+    /// Every URL.
+    pub fn urls(&self) -> Vec<String> {
+        match self {
+            Servers::One(url) => vec![url.clone()],
+            Servers::Many(urls) => urls.clone(),
+        }
+    }
+}
+
+/// What a `[sources.<name>]` table configures, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceKind<'a> {
+    /// The embedded log (a projection naming no source).
+    Embedded,
+    /// A NATS JetStream stream.
+    Nats {
+        /// The source's name.
+        name: &'a str,
+        /// Server URLs.
+        urls: Vec<String>,
+        /// The stream.
+        stream: &'a str,
+    },
 }
 
 /// `[http]`: who the API answers, and how much it gives any one request.
@@ -239,9 +296,17 @@ pub struct ProjectionConfig {
     ///
     /// `module = "target/projections/wallet_allowlist.wasm"`
     pub module: PathBuf,
-    /// The streams of the event log the projection consumes (at least one).
+    /// The source it reads: a name from `[sources]`. Absent: the embedded
+    /// log.
     ///
-    /// `streams = ["wallets"]`
+    /// `source = "bus"`
+    #[serde(default)]
+    pub source: Option<String>,
+    /// What the source calls streams (at least one): stream names of the
+    /// embedded log; for NATS, subject filters within the JetStream stream
+    /// (wildcards `*` and `>` allowed).
+    ///
+    /// `streams = ["wallets"]` or `streams = ["wallets.>"]`
     pub streams: Vec<String>,
     /// Only these event types are delivered; others are skipped without
     /// calling the module. Absent: every type.
@@ -373,9 +438,33 @@ impl Config {
                     at(i)
                 )));
             }
-            for stream in &p.streams {
-                validate_stream_name(stream)
-                    .map_err(|err| invalid(format!("projection {:?}{}: {err:#}", p.name, at(i))))?;
+            match &p.source {
+                None => {
+                    for stream in &p.streams {
+                        validate_stream_name(stream)
+                            .map_err(|err| invalid(format!("projection {:?}{}: {err:#}", p.name, at(i))))?;
+                    }
+                }
+                Some(source) if !config.sources.contains_key(source) => {
+                    let known: Vec<&str> = config.sources.keys().map(String::as_str).collect();
+                    return Err(invalid(format!(
+                        "projection {:?}{}: source = {source:?} is not defined; define it as \
+                         [sources.{source}], or use one of: {}",
+                        p.name,
+                        at(i),
+                        if known.is_empty() {
+                            "(no [sources] defined)".to_string()
+                        } else {
+                            known.join(", ")
+                        }
+                    )));
+                }
+                Some(_) => {
+                    for subject in &p.streams {
+                        validate_subject_filter(subject)
+                            .map_err(|err| invalid(format!("projection {:?}{}: {err}", p.name, at(i))))?;
+                    }
+                }
             }
             if p.types.as_ref().is_some_and(Vec::is_empty) {
                 return Err(invalid(format!(
@@ -393,6 +482,9 @@ impl Config {
                     p.batch_size
                 )));
             }
+        }
+        for (name, source) in &config.sources {
+            source.check(name).map_err(|err| invalid(format!("[sources.{name}]: {err}")))?;
         }
         Limits::resolve(&config.limits, &LimitsConfig::default())
             .map_err(|err| invalid(format!("[limits]: {err}")))?;
@@ -417,6 +509,16 @@ impl Config {
             let known: Vec<&str> = self.projections.iter().map(|p| p.name.as_str()).collect();
             anyhow::anyhow!("no projection named {name:?} in the config; it has: {}", known.join(", "))
         })
+    }
+
+    /// The source projection `p` reads, checked at load.
+    pub fn source_of<'a>(&'a self, p: &'a ProjectionConfig) -> SourceKind<'a> {
+        let Some(name) = &p.source else { return SourceKind::Embedded };
+        let source = &self.sources[name];
+        match (&source.nats, &source.stream) {
+            (Some(servers), Some(stream)) => SourceKind::Nats { name, urls: servers.urls(), stream },
+            _ => unreachable!("checked at load"),
+        }
     }
 
     /// The limits projection `p` runs under.
@@ -448,6 +550,69 @@ pub fn validate_stream_name(stream: &str) -> anyhow::Result<()> {
         anyhow::bail!("invalid stream name {stream:?}: use 1 to 128 ASCII letters, digits, '-', '_' or '.'");
     }
     Ok(())
+}
+
+impl SourceConfig {
+    fn check(&self, name: &str) -> Result<(), String> {
+        let name_ok = !name.is_empty()
+            && name.len() <= 64
+            && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+        if !name_ok {
+            return Err(format!(
+                "the name {name:?} is not allowed: use 1 to 64 lowercase letters, digits, '-' or '_'"
+            ));
+        }
+        let Some(servers) = &self.nats else {
+            return Err("say which broker: nats = \"nats://host:4222\" (NATS JetStream)".into());
+        };
+        let urls = servers.urls();
+        if urls.is_empty() {
+            return Err(
+                "nats = [] lists no server; give at least one URL, e.g. \"nats://127.0.0.1:4222\"".into()
+            );
+        }
+        for url in &urls {
+            let rest = url.strip_prefix("nats://").or_else(|| url.strip_prefix("tls://")).unwrap_or(url);
+            if rest.is_empty() || rest.contains(char::is_whitespace) || rest.contains('/') {
+                return Err(format!("nats = {url:?} is not a server URL; write nats://host:port"));
+            }
+        }
+        let Some(stream) = &self.stream else {
+            return Err("name the JetStream stream to read: stream = \"WALLETS\"".into());
+        };
+        let stream_ok = !stream.is_empty()
+            && stream.len() <= 255
+            && stream.chars().all(|c| c.is_ascii_graphic() && !matches!(c, '.' | '*' | '>' | '/' | '\\'));
+        if !stream_ok {
+            return Err(format!(
+                "stream = {stream:?} is not a JetStream stream name: use printable characters \
+                 without '.', '*', '>', '/' or '\\'"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A NATS subject filter: dot-separated tokens, `*` for one token, `>` for
+/// the rest (last only).
+pub fn validate_subject_filter(subject: &str) -> Result<(), String> {
+    let tokens: Vec<&str> = subject.split('.').collect();
+    let ok = !subject.is_empty()
+        && subject.len() <= 256
+        && tokens.iter().enumerate().all(|(i, token)| {
+            !token.is_empty()
+                && token.chars().all(|c| c.is_ascii_graphic())
+                && (*token == "*" || *token == ">" || !token.contains(['*', '>']))
+                && (*token != ">" || i + 1 == tokens.len())
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{subject:?} is not a NATS subject filter: use dot-separated tokens, `*` for one token \
+             and `>` (last) for the rest, e.g. \"wallets.>\""
+        ))
+    }
 }
 
 /// The line (from 1) of the `name` of the `index`th `[[projection]]` in

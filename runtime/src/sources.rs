@@ -1,5 +1,218 @@
-//! Where events come from: the embedded log ([`embedded`]), and the
-//! CloudEvents parsing every source shares ([`cloudevents`]).
+//! Where events come from, behind one [`Source`] trait: the embedded log
+//! ([`embedded`]), NATS JetStream ([`nats`]), and the CloudEvents parsing
+//! every source shares ([`cloudevents`]).
+//!
+//! A projection's runner never knows which source it reads. It asks for the
+//! batch after its [`Checkpoint`], applies it and moves the checkpoint in
+//! one SQLite transaction of its own database, then acknowledges. The
+//! checkpoint in that database is the truth: a source starts wherever the
+//! runner says, whatever a broker remembers, so a broker that redelivers
+//! cannot make an event take effect twice.
+//!
+//! A checkpoint is a set of positions, one per partition: the embedded log
+//! and a JetStream stream each have one partition; a Kafka topic has many.
+
+use crate::bindings::Event;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
 
 pub mod cloudevents;
 pub mod embedded;
+
+/// How far a projection has applied a source: the last position taken, per
+/// partition (a partition not named is at 0, before its first event).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Checkpoint(BTreeMap<String, u64>);
+
+impl Checkpoint {
+    /// One partition at `position`.
+    pub fn at(partition: &str, position: u64) -> Self {
+        let mut checkpoint = Checkpoint::default();
+        checkpoint.set(partition, position);
+        checkpoint
+    }
+
+    /// The last position taken in `partition`.
+    pub fn position(&self, partition: &str) -> u64 {
+        self.0.get(partition).copied().unwrap_or(0)
+    }
+
+    /// Move `partition` to `position`.
+    pub fn set(&mut self, partition: &str, position: u64) {
+        self.0.insert(partition.to_string(), position);
+    }
+
+    /// Every partition named, with its position.
+    pub fn partitions(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.0.iter().map(|(partition, position)| (partition.as_str(), *position))
+    }
+
+    /// The positions added up: for one partition, its position. What status
+    /// and progress bars show.
+    pub fn total(&self) -> u64 {
+        self.0.values().sum()
+    }
+
+    /// As JSON: a number for one partition (or none), else an object of
+    /// partitions.
+    pub fn to_json(&self) -> serde_json::Value {
+        match self.0.len() {
+            0 => 0.into(),
+            1 => self.total().into(),
+            _ => serde_json::json!(self.0),
+        }
+    }
+}
+
+/// A message the source could not read as an event (neither CloudEvents
+/// mode, say): the runner parks it as a dead letter in the transaction that
+/// moves past it, rather than stopping.
+#[derive(Debug, Clone)]
+pub struct Malformed {
+    /// The message, as far as it could be read: its position and stream,
+    /// an id (the broker's message id, or one made from the position), an
+    /// empty type, and the raw body as `data`.
+    pub event: Event,
+    /// What was wrong with it.
+    pub reason: String,
+}
+
+/// One read from a source.
+///
+/// Either events (possibly none, when everything read was filtered out) or
+/// one malformed message, never both: a source ends a batch before a
+/// malformed message and returns it alone next.
+#[derive(Debug, Clone, Default)]
+pub struct Batch {
+    /// The events to apply, in order.
+    pub events: Vec<Event>,
+    /// The partition of each event (as long as `events`).
+    pub partitions: Vec<Arc<str>>,
+    /// Where the checkpoint goes once the whole batch is applied: past the
+    /// messages skipped in the read too (other types, redeliveries).
+    pub end: Checkpoint,
+    /// A message that is not an event, alone in its batch.
+    pub malformed: Option<Malformed>,
+}
+
+impl Batch {
+    /// Nothing was read: the checkpoint stays where it is.
+    pub fn is_idle(&self, after: &Checkpoint) -> bool {
+        self.events.is_empty() && self.malformed.is_none() && self.end == *after
+    }
+
+    /// The checkpoint once the first `taken` events are applied, from
+    /// `start` (the checkpoint before the batch): `end` when all are.
+    pub fn checkpoint_after(&self, start: &Checkpoint, taken: usize) -> Checkpoint {
+        if taken >= self.events.len() {
+            return self.end.clone();
+        }
+        let mut checkpoint = start.clone();
+        for (event, partition) in self.events[..taken].iter().zip(&self.partitions) {
+            checkpoint.set(partition, event.position);
+        }
+        checkpoint
+    }
+}
+
+/// How far a source reaches, and how far behind a checkpoint is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// The last position the source holds, per partition.
+    pub head: Checkpoint,
+    /// Messages after the checkpoint not yet applied (as the source counts
+    /// them: a broker counts those matching the projection's filter).
+    pub lag: u64,
+}
+
+/// Whether a source can be read now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    /// Reading.
+    Connected,
+    /// Not reachable yet, or lost: trying again, with the last error.
+    Connecting {
+        /// Why the last attempt failed, if one did.
+        error: Option<String>,
+    },
+}
+
+/// Why a read failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The source cannot be reached now (a server down, a connection
+    /// lost): the projection shows `connecting` with this message and
+    /// tries again with backoff. Never a fault.
+    #[error("{0}")]
+    Unavailable(String),
+    /// Anything else (the embedded log damaged, say): the projection
+    /// faults with it.
+    #[error(transparent)]
+    Failed(#[from] anyhow::Error),
+}
+
+/// Wakes a reader waiting in [`Source::next_batch`] early: a command for
+/// the projection arrived.
+pub trait Wake: Send + Sync {
+    /// Make the waiting read (if any) return now.
+    fn wake(&self);
+}
+
+/// A stream of events a projection reads: one per runner (and one more per
+/// rebuild), opened by a [`SourceOpener`].
+pub trait Source: Send {
+    /// The key its partitions go by in checkpoints and dead letters (`log`
+    /// for the embedded log, `nats:<stream>` for a JetStream stream): a
+    /// source of another key starts from 0.
+    fn key(&self) -> &str;
+
+    /// The batch after `after`: at most `max` events, waiting at most
+    /// `wait` for the first. Reads from just after `after` whatever was
+    /// read before (a retried batch is read again), so the caller's
+    /// checkpoint is the only position that counts.
+    fn next_batch(&mut self, after: &Checkpoint, max: usize, wait: Duration) -> Result<Batch, SourceError>;
+
+    /// Everything up to `upto` is committed in the projection's database:
+    /// the source may forget it (a broker's acknowledgement).
+    fn acknowledge(&mut self, upto: &Checkpoint) -> Result<(), SourceError>;
+
+    /// How far the source reaches and how far behind `at` is.
+    fn progress(&mut self, at: &Checkpoint) -> Result<Progress, SourceError>;
+
+    /// Whether it is connected.
+    fn health(&self) -> Health {
+        Health::Connected
+    }
+
+    /// Something an operator should know, if any (a stream whose oldest
+    /// messages retention dropped, so a rebuild cannot see them).
+    fn warning(&self) -> Option<String> {
+        None
+    }
+
+    /// What wakes a [`Source::next_batch`] waiting.
+    fn waker(&self) -> Arc<dyn Wake>;
+}
+
+/// Which events of a source a projection takes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filter {
+    /// What the source calls streams: embedded stream names, NATS subject
+    /// filters (wildcards allowed). Empty means all.
+    pub streams: Vec<String>,
+    /// Event types; `None` means every type.
+    pub types: Option<Vec<String>>,
+}
+
+/// Opens readers of one configured source: one per projection runner, one
+/// more for each rebuild.
+pub trait SourceOpener: Send + Sync {
+    /// The source's name in the config (`log` for the embedded log).
+    fn name(&self) -> &str;
+
+    /// A reader of the events `filter` selects, for `reader` (the
+    /// projection's name, with the database generation it builds: a
+    /// broker's consumer is named after it).
+    fn open(&self, filter: &Filter, reader: &str) -> anyhow::Result<Box<dyn Source>>;
+}

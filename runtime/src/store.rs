@@ -7,6 +7,7 @@
 
 use crate::bindings::Event;
 use crate::config::paths::pointer_path;
+use crate::sources::Checkpoint;
 use anyhow::{Context as _, Result};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use std::path::{Path, PathBuf};
@@ -15,9 +16,6 @@ use std::path::{Path, PathBuf};
 /// harness, which builds databases of the same layout.
 #[path = "../../guest-sdk/src/runtime_tables.rs"]
 pub mod runtime_tables;
-
-/// The source name of the embedded event log in checkpoints.
-pub const LOG_SOURCE: &str = "log";
 
 /// Open (creating if needed) a projection's database for processing.
 pub fn open(path: &Path) -> Result<Connection> {
@@ -93,41 +91,56 @@ pub fn is_initialized(db: &Connection) -> Result<bool> {
     Ok(tables == 1)
 }
 
-/// The position of the last event of `source` whose effect is committed.
-pub fn checkpoint(db: &Connection, source: &str) -> Result<u64> {
+/// How far the effect of source `key`'s events is committed: the position
+/// of each of its partitions (`key` itself, or `key/…` for a source of
+/// several).
+pub fn checkpoint(db: &Connection, key: &str) -> Result<Checkpoint> {
+    let mut stmt = db.prepare_cached(
+        "SELECT source, position FROM projector_checkpoints \
+         WHERE source = ?1 OR substr(source, 1, length(?1) + 1) = ?1 || '/'",
+    )?;
+    let mut checkpoint = Checkpoint::default();
+    for row in stmt.query_map([key], |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?)))? {
+        let (partition, position) = row?;
+        checkpoint.set(&partition, position as u64);
+    }
+    Ok(checkpoint)
+}
+
+/// Move the checkpoint from `from` to `to`; call inside the batch's
+/// transaction. A compare-and-set per partition: `false`, and the caller
+/// rolls back, when the database no longer holds `from` — another writer
+/// moved it (a second host on the same data folder) — so the batch is not
+/// applied a second time.
+pub fn advance_checkpoint(db: &Connection, from: &Checkpoint, to: &Checkpoint) -> Result<bool> {
+    for (partition, position) in to.partitions() {
+        let was = from.position(partition);
+        if was != position && !advance_partition(db, partition, was, position)? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+fn partition_position(db: &Connection, partition: &str) -> Result<u64> {
     let position: Option<i64> = db
         .prepare_cached("SELECT position FROM projector_checkpoints WHERE source = ?1")?
-        .query_row([source], |row| row.get(0))
+        .query_row([partition], |row| row.get(0))
         .optional()?;
     Ok(position.unwrap_or(0) as u64)
 }
 
-/// Move the checkpoint of `source` from `from` to `to`; call inside the
-/// batch's transaction. A compare-and-set: `false`, and nothing written, when
-/// the database no longer holds `from` — another writer moved it (a second
-/// host on the same data folder) — so the caller rolls back instead of
-/// applying the batch a second time.
-pub fn advance_checkpoint(db: &Connection, source: &str, from: u64, to: u64) -> Result<bool> {
+fn advance_partition(db: &Connection, partition: &str, from: u64, to: u64) -> Result<bool> {
     let changed = db
         .prepare_cached(
             "INSERT INTO projector_checkpoints (source, position) VALUES (?1, ?3) \
              ON CONFLICT (source) DO UPDATE SET position = excluded.position \
              WHERE projector_checkpoints.position = ?2",
         )?
-        .execute(params![source, from as i64, to as i64])?;
+        .execute(params![partition, from as i64, to as i64])?;
     // A first checkpoint inserted while another writer inserted its own
     // conflicts on the key and changes nothing either.
-    Ok(changed == 1 && (from != 0 || checkpoint(db, source)? == to))
-}
-
-/// Move the checkpoint of `source`; call inside the batch's transaction.
-pub fn set_checkpoint(db: &Connection, source: &str, position: u64) -> Result<()> {
-    db.prepare_cached(
-        "INSERT INTO projector_checkpoints (source, position) VALUES (?1, ?2) \
-         ON CONFLICT (source) DO UPDATE SET position = excluded.position",
-    )?
-    .execute(params![source, position as i64])?;
-    Ok(())
+    Ok(changed == 1 && (from != 0 || partition_position(db, partition)? == to))
 }
 
 /// A metadata value (module hash, state version, run state, last error).
@@ -205,6 +218,9 @@ pub fn park(
 /// A parked event, as `dead-letters list` shows it.
 #[derive(Debug, Clone, serde::Serialize, PartialEq, Eq)]
 pub struct DeadLetter {
+    /// The source partition it came from (`log` for the embedded log).
+    #[serde(skip)]
+    pub source: String,
     /// The event's id.
     pub id: String,
     /// Its position in the source.
@@ -254,15 +270,16 @@ impl DeadLetter {
     }
 }
 
-/// Every dead letter of `source`, in position order.
-pub fn dead_letters(db: &Connection, source: &str) -> Result<Vec<DeadLetter>> {
+/// Every dead letter, in the order its source gave it.
+pub fn dead_letters(db: &Connection) -> Result<Vec<DeadLetter>> {
     let mut stmt = db.prepare(
         "SELECT id, position, stream, type, reason, module, attempts, parked_at, subject, time, \
-         correlation_id, causation_id, data FROM projector_dead_letters WHERE source = ?1 \
-         ORDER BY position",
+         correlation_id, causation_id, data, source FROM projector_dead_letters \
+         ORDER BY source, position",
     )?;
-    let rows = stmt.query_map([source], |row| {
+    let rows = stmt.query_map([], |row| {
         Ok(DeadLetter {
+            source: row.get(13)?,
             id: row.get(0)?,
             position: row.get::<_, i64>(1)? as u64,
             stream: row.get(2)?,

@@ -7,7 +7,7 @@ use crate::config::Config;
 use crate::sandbox::engine::ProjectorEngine;
 use crate::sandbox::host::GuestHost;
 use crate::sandbox::instance::{Attempt, GuestInstance};
-use crate::store::{self, DeadLetter, LOG_SOURCE};
+use crate::store::{self, DeadLetter};
 use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
 use std::sync::Arc;
@@ -50,7 +50,7 @@ pub fn list(config: &Config, name: &str) -> Result<Vec<DeadLetter>> {
     config.projection(name)?;
     let read = |path: &std::path::Path| -> Result<Option<Vec<DeadLetter>>> {
         match store::open_read_only(path)? {
-            Some(db) if store::is_initialized(&db)? => Ok(Some(store::dead_letters(&db, LOG_SOURCE)?)),
+            Some(db) if store::is_initialized(&db)? => Ok(Some(store::dead_letters(&db)?)),
             _ => Ok(None),
         }
     };
@@ -91,7 +91,7 @@ pub fn retry(config: &Config, name: &str, selection: &Selection) -> Result<Retry
         // this attempt may stay, or the event would be applied twice.
         let attempt =
             instance.handle_in_transaction(&[letter.event()], |db| {
-                match store::remove_dead_letter(db, LOG_SOURCE, letter.position)? {
+                match store::remove_dead_letter(db, &letter.source, letter.position)? {
                     true => Ok(()),
                     false => Err(anyhow::Error::new(TakenMeanwhile)),
                 }
@@ -109,7 +109,7 @@ pub fn retry(config: &Config, name: &str, selection: &Selection) -> Result<Retry
             Attempt::Trapped(reason) | Attempt::Exhausted(reason) => reason,
         };
         let module = instance.module().sha256.clone();
-        store::record_failed_retry(instance.db(), LOG_SOURCE, letter.position, &reason, &module)?;
+        store::record_failed_retry(instance.db(), &letter.source, letter.position, &reason, &module)?;
         outcome.failed.push(FailedRetry { id: letter.id, reason });
     }
     Ok(outcome)
@@ -122,7 +122,7 @@ pub fn discard(config: &Config, name: &str, ids: &[String]) -> Result<usize> {
     let mut db = store::open(&config.database_path(name))?;
     let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     for letter in &chosen {
-        if !store::remove_dead_letter(&tx, LOG_SOURCE, letter.position)? {
+        if !store::remove_dead_letter(&tx, &letter.source, letter.position)? {
             bail!(
                 "projection {name:?}: the dead letter {} was retried or discarded meanwhile; \
                  nothing was discarded",

@@ -16,8 +16,10 @@ use crate::projection::rebuild::Rebuild;
 use crate::sandbox::engine::{Limits, LoadedModule, ProjectorEngine};
 use crate::sandbox::host::GuestHost;
 use crate::sandbox::instance::{Attempt, GuestInstance};
+use crate::sources::Checkpoint;
+use crate::sources::embedded::PARTITION;
 use crate::sources::embedded::{EventLog, Filter, LogReader, POLL_INTERVAL};
-use crate::store::{self, LOG_SOURCE};
+use crate::store;
 use anyhow::{Context as _, Result, bail};
 use rusqlite::Connection;
 use std::path::PathBuf;
@@ -319,7 +321,7 @@ impl ProjectionRunner {
     ) -> Result<Self> {
         let name: Arc<str> = spec.name.as_str().into();
         let db = store::open(&spec.database)?;
-        let checkpoint = store::checkpoint(&db, LOG_SOURCE)?;
+        let checkpoint = store::checkpoint(&db, PARTITION)?.position(PARTITION);
         let host = GuestHost::new(db, name.clone(), spec.limits)?;
         let instance = GuestInstance::new(engine.clone(), module, host)?;
         let db = instance.db();
@@ -506,7 +508,11 @@ impl ProjectionRunner {
         if batch.events.is_empty() {
             self.write_unwritten()?;
             // Only events of other streams or types: move past them.
-            if store::advance_checkpoint(self.db(), LOG_SOURCE, self.checkpoint, batch.scanned_to)? {
+            if store::advance_checkpoint(
+                self.db(),
+                &Checkpoint::at(PARTITION, self.checkpoint),
+                &Checkpoint::at(PARTITION, batch.scanned_to),
+            )? {
                 self.checkpoint = batch.scanned_to;
             } else {
                 self.resync()?;
@@ -529,7 +535,11 @@ impl ProjectionRunner {
         let (unwritten, from) = (&self.unwritten, self.checkpoint);
         let attempt = self.instance.handle_in_transaction(events, |db| {
             put_metas(db, unwritten)?;
-            match store::advance_checkpoint(db, LOG_SOURCE, from, checkpoint_after)? {
+            match store::advance_checkpoint(
+                db,
+                &Checkpoint::at(PARTITION, from),
+                &Checkpoint::at(PARTITION, checkpoint_after),
+            )? {
                 true => Ok(()),
                 false => Err(CheckpointMoved.into()),
             }
@@ -892,7 +902,7 @@ impl ProjectionRunner {
     /// Another writer moved the checkpoint under this runner: read it again
     /// and go on from there, so nothing is applied twice.
     fn resync(&mut self) -> Result<Applied> {
-        let found = store::checkpoint(self.db(), LOG_SOURCE)?;
+        let found = store::checkpoint(self.db(), PARTITION)?.position(PARTITION);
         tracing::warn!(
             projection = &*self.name,
             database = %self.database.display(),
@@ -913,8 +923,14 @@ impl ProjectionRunner {
         let db = self.db();
         db.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
         let written = put_metas(db, &self.unwritten)
-            .and_then(|()| store::park(db, LOG_SOURCE, event, reason, &module, attempts))
-            .and_then(|()| store::advance_checkpoint(db, LOG_SOURCE, self.checkpoint, checkpoint_after));
+            .and_then(|()| store::park(db, PARTITION, event, reason, &module, attempts))
+            .and_then(|()| {
+                store::advance_checkpoint(
+                    db,
+                    &Checkpoint::at(PARTITION, self.checkpoint),
+                    &Checkpoint::at(PARTITION, checkpoint_after),
+                )
+            });
         match written {
             Ok(true) => {}
             Ok(false) => {

@@ -4,7 +4,8 @@
 
 use crate::config::Config;
 use crate::config::paths::lock_path;
-use crate::store::{self, LOG_SOURCE};
+use crate::sources::embedded::PARTITION;
+use crate::store;
 use anyhow::{Context as _, Result};
 use base64::Engine as _;
 use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
@@ -104,7 +105,7 @@ fn status_at(
     let db = store::open_read_only(path)?.filter(|db| store::is_initialized(db).unwrap_or(false));
     let Some(db) = db else { return Ok(None) };
     let read = || -> Result<ProjectionStatus> {
-        let checkpoint = store::checkpoint(&db, LOG_SOURCE)?;
+        let checkpoint = store::checkpoint(&db, PARTITION)?.position(PARTITION);
         let recorded = store::meta(&db, "state")?.unwrap_or_else(|| "new".into());
         let rebuilding = match (recorded.as_str(), host_running) {
             ("running", true) => {

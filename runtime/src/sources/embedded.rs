@@ -10,6 +10,8 @@
 
 use crate::bindings::Event;
 use crate::config::validate_stream_name;
+pub use crate::sources::Filter;
+use crate::sources::{Batch as SourceBatch, Checkpoint, Progress, Source, SourceError, SourceOpener, Wake};
 use anyhow::{Context as _, Result};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params, params_from_iter};
 use std::path::{Path, PathBuf};
@@ -73,15 +75,6 @@ pub struct AppendOutcome {
     pub appended: u64,
     /// Events whose id was already in the log (not appended again).
     pub duplicates: u64,
-}
-
-/// Which events a reader wants.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Filter {
-    /// Streams to read; empty means every stream.
-    pub streams: Vec<String>,
-    /// Event types to read; `None` means every type.
-    pub types: Option<Vec<String>>,
 }
 
 /// One read: the matching events, and how far the log was scanned. The
@@ -372,4 +365,96 @@ pub fn explain(err: anyhow::Error, path: &Path) -> anyhow::Error {
         ));
     }
     err
+}
+
+/// The partition key of the embedded log in checkpoints and dead letters.
+pub const PARTITION: &str = "log";
+
+/// The embedded log as a [`Source`]: one partition, positions from 1.
+pub struct EmbeddedSource {
+    reader: LogReader,
+    filter: Filter,
+    partition: Arc<str>,
+}
+
+impl EmbeddedSource {
+    /// A reader of `log` for the events `filter` selects.
+    pub fn new(log: &EventLog, filter: &Filter) -> Result<Self> {
+        Ok(EmbeddedSource { reader: log.reader()?, filter: filter.clone(), partition: PARTITION.into() })
+    }
+}
+
+impl Source for EmbeddedSource {
+    fn key(&self) -> &str {
+        PARTITION
+    }
+
+    fn next_batch(
+        &mut self,
+        after: &Checkpoint,
+        max: usize,
+        wait: Duration,
+    ) -> Result<SourceBatch, SourceError> {
+        let from = after.position(PARTITION);
+        let mut batch = self.reader.read_after(from, &self.filter, max)?;
+        if batch.scanned_to == from && !wait.is_zero() {
+            self.reader.wait(wait.min(POLL_INTERVAL));
+            batch = self.reader.read_after(from, &self.filter, max)?;
+        }
+        Ok(SourceBatch {
+            partitions: vec![self.partition.clone(); batch.events.len()],
+            events: batch.events,
+            end: Checkpoint::at(PARTITION, batch.scanned_to),
+            malformed: None,
+        })
+    }
+
+    fn acknowledge(&mut self, _upto: &Checkpoint) -> Result<(), SourceError> {
+        // The log keeps every event: nothing to forget.
+        Ok(())
+    }
+
+    fn progress(&mut self, at: &Checkpoint) -> Result<Progress, SourceError> {
+        let head = self.reader.head()?;
+        Ok(Progress {
+            head: Checkpoint::at(PARTITION, head),
+            lag: head.saturating_sub(at.position(PARTITION)),
+        })
+    }
+
+    fn waker(&self) -> Arc<dyn Wake> {
+        Arc::new(LogWaker(self.reader.signal.clone()))
+    }
+}
+
+/// Wakes the log's waiting readers.
+struct LogWaker(Arc<AppendSignal>);
+
+impl Wake for LogWaker {
+    fn wake(&self) {
+        *self.0.appends.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        self.0.woken.notify_all();
+    }
+}
+
+/// Opens readers of the embedded log.
+pub struct EmbeddedOpener {
+    log: Arc<EventLog>,
+}
+
+impl EmbeddedOpener {
+    /// Readers of `log`.
+    pub fn new(log: Arc<EventLog>) -> Self {
+        EmbeddedOpener { log }
+    }
+}
+
+impl SourceOpener for EmbeddedOpener {
+    fn name(&self) -> &str {
+        PARTITION
+    }
+
+    fn open(&self, filter: &Filter, _reader: &str) -> Result<Box<dyn Source>> {
+        Ok(Box::new(EmbeddedSource::new(&self.log, filter)?))
+    }
 }
