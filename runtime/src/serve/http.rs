@@ -27,6 +27,7 @@
 use crate::config::validate_stream_name;
 use crate::config::{Config, HttpConfig};
 use crate::projection::dead_letters::{self, Selection};
+use crate::projection::live::Command;
 use crate::projection::live::LiveProjection;
 use crate::projection::metrics::Metrics;
 use crate::projection::supervisor::HostView;
@@ -980,7 +981,7 @@ async fn pause(
     headers: HeaderMap,
 ) -> ApiResult<axum::Json<Value>> {
     expect_json(&headers)?;
-    blocking(move || api.served(&name)).await?.live.set_paused(true);
+    blocking(move || api.served(&name)).await?.live.send(Command::Pause);
     Ok(axum::Json(json!({ "paused": true })))
 }
 
@@ -990,7 +991,7 @@ async fn resume(
     headers: HeaderMap,
 ) -> ApiResult<axum::Json<Value>> {
     expect_json(&headers)?;
-    blocking(move || api.served(&name)).await?.live.set_paused(false);
+    blocking(move || api.served(&name)).await?.live.send(Command::Resume);
     Ok(axum::Json(json!({ "paused": false })))
 }
 
@@ -1001,7 +1002,11 @@ async fn request_rebuild(
 ) -> ApiResult<Response> {
     expect_json(&headers)?;
     blocking(move || {
-        api.served(&name)?;
+        if api.served(&name)?.live.send(Command::Rebuild) {
+            return Ok(());
+        }
+        // Between its thread's end and a restart: the host takes the file
+        // when it starts the projection again.
         Ok(crate::projection::offline::request(&api.config(), &name)?)
     })
     .await?;
