@@ -351,9 +351,10 @@ fn rebuild(config: &Config, name: &str) -> Result<()> {
                         s.error.as_deref().unwrap_or("no reason recorded")
                     );
                 }
-                if let Some(reason) = s.refused.as_ref().and_then(|r| r["reason"].as_str())
-                    && reason.starts_with("the rebuild failed")
+                if let Some(refused) = &s.refused
+                    && refused["rebuild_failed"] == true
                 {
+                    let reason = refused["reason"].as_str().unwrap_or("the rebuild failed");
                     anyhow::bail!("projection {name}: {reason}");
                 }
             }

@@ -17,7 +17,7 @@ use crate::sandbox::engine::{Limits, LoadedModule, ProjectorEngine};
 use crate::sandbox::host::GuestHost;
 use crate::sandbox::instance::{Attempt, GuestInstance};
 use crate::sources::Checkpoint;
-use crate::sources::{Batch, Filter, Source, SourceError, SourceOpener};
+use crate::sources::{Batch, Filter, Health, Source, SourceError, SourceOpener};
 use crate::store;
 use anyhow::{Context as _, Result, bail};
 use rusqlite::Connection;
@@ -173,6 +173,8 @@ const CONNECT_BACKOFF_CAP: Duration = Duration::from_secs(5);
 /// How long an idle projection waits for the source before looking at its
 /// commands again (a command wakes it sooner).
 const POLL_INTERVAL: Duration = Duration::from_millis(25);
+/// How often the source's head, lag and health are written for status.
+const SOURCE_REPORT_INTERVAL: Duration = Duration::from_secs(1);
 /// How often a rebuild's progress is written to the running database.
 const REBUILD_REPORT_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -207,6 +209,8 @@ pub struct ProjectionRunner {
     parked: u64,
     /// Since the source became unreachable: why, and the backoff now.
     unavailable: Option<(String, Duration)>,
+    /// When the source's report was last written, and what it said.
+    reported: Option<(Instant, String)>,
 }
 
 impl ProjectionRunner {
@@ -338,6 +342,7 @@ impl ProjectionRunner {
             .open(&spec.filter, reader)
             .with_context(|| format!("projection {}: cannot open source {}", spec.name, opener.name()))?;
         let checkpoint = store::checkpoint(&db, source.key())?;
+        store::set_meta(&db, "source_key", Some(source.key()))?;
         let host = GuestHost::new(db, name.clone(), spec.limits)?;
         let instance = GuestInstance::new(engine.clone(), module, host)?;
         let db = instance.db();
@@ -370,6 +375,7 @@ impl ProjectionRunner {
             handled: 0,
             parked: 0,
             unavailable: None,
+            reported: None,
         })
     }
 
@@ -456,6 +462,7 @@ impl ProjectionRunner {
                 break;
             }
             self.tend_rebuild()?;
+            self.report_source()?;
             if paused {
                 // A swap's status goes out now: no batch will carry it.
                 self.write_unwritten()?;
@@ -481,6 +488,40 @@ impl ProjectionRunner {
             store::set_meta(self.db(), "rebuilding", None)?;
         }
         self.write_unwritten()
+    }
+
+    /// Every so often, write how the source is doing where status reads
+    /// it: its name, head, the lag behind it, whether it answers and what
+    /// an operator should know.
+    fn report_source(&mut self) -> Result<()> {
+        if self.reported.as_ref().is_some_and(|(at, _)| at.elapsed() < SOURCE_REPORT_INTERVAL) {
+            return Ok(());
+        }
+        let progress = self.source.progress(&self.checkpoint);
+        let health = self.source.health();
+        let mut report = serde_json::json!({
+            "name": self.opener.name(),
+            "connected": matches!(health, Health::Connected) && progress.is_ok(),
+        });
+        if let Ok(progress) = &progress {
+            report["head"] = progress.head.total().into();
+            report["lag"] = progress.lag.into();
+        }
+        if let Health::Connecting { error: Some(error) } = &health {
+            report["error"] = error.clone().into();
+        } else if let Err(err) = &progress {
+            report["error"] = format!("{err:#}").into();
+        }
+        if let Some(warning) = self.source.warning() {
+            report["warning"] = warning.into();
+        }
+        let report = report.to_string();
+        let changed = self.reported.as_ref().is_none_or(|(_, last)| *last != report);
+        if changed {
+            store::set_meta(self.db(), "source", Some(&report))?;
+        }
+        self.reported = Some((Instant::now(), report));
+        Ok(())
     }
 
     /// Record `state` (what status shows).
@@ -817,7 +858,9 @@ impl ProjectionRunner {
                         self.swap(module)?;
                     }
                 }
-                ModuleUpdate::Refused { sha256, path, reason } => self.refuse(&sha256, &path, &reason)?,
+                ModuleUpdate::Refused { sha256, path, reason } => {
+                    self.refuse(&sha256, &path, &reason, false)?
+                }
             }
         }
         Ok(())
@@ -837,7 +880,7 @@ impl ProjectionRunner {
         let found = store::meta(self.db(), "state_version")?;
         let declared = match declared_state_version(&self.engine, &self.name, self.limits, &module) {
             Ok(version) => version,
-            Err(err) => return self.refuse(&sha256, &path, &format!("{err:#}")),
+            Err(err) => return self.refuse(&sha256, &path, &format!("{err:#}"), false),
         };
         self.drop_rebuild()?;
         if found.as_deref() != Some(declared.to_string().as_str()) {
@@ -856,7 +899,7 @@ impl ProjectionRunner {
             .and_then(|host| GuestInstance::new(self.engine.clone(), module.clone(), host));
         let instance = match swapped {
             Ok(instance) => instance,
-            Err(err) => return self.refuse(&sha256, &path, &format!("{err:#}")),
+            Err(err) => return self.refuse(&sha256, &path, &format!("{err:#}"), false),
         };
         self.install(instance, started)
     }
@@ -963,7 +1006,7 @@ impl ProjectionRunner {
                 store::remove_database(&database);
                 store::set_meta(self.db(), "rebuilding", None)?;
                 let path = self.spec.module.clone();
-                return self.refuse(&module, &path, &format!("the rebuild failed: {err:#}"));
+                return self.refuse(&module, &path, &format!("the rebuild failed: {err:#}"), true);
             }
         };
         // Readers see the new database as running from its first moment
@@ -1012,7 +1055,13 @@ impl ProjectionRunner {
 
     /// Record that the module file at `path` was refused; the running
     /// module keeps processing.
-    fn refuse(&mut self, sha256: &str, path: &std::path::Path, reason: &str) -> Result<()> {
+    fn refuse(
+        &mut self,
+        sha256: &str,
+        path: &std::path::Path,
+        reason: &str,
+        rebuild_failed: bool,
+    ) -> Result<()> {
         tracing::warn!(
             projection = &*self.name,
             module = %path.display(),
@@ -1020,7 +1069,9 @@ impl ProjectionRunner {
             "module refused, the running module stays: {reason}"
         );
         self.unwritten.retain(|(key, _)| *key != "refused");
-        let refused = serde_json::json!({ "module": sha256, "path": path, "reason": reason });
+        let refused = serde_json::json!({
+            "module": sha256, "path": path, "reason": reason, "rebuild_failed": rebuild_failed,
+        });
         store::set_meta(self.db(), "refused", Some(&refused.to_string()))?;
         self.live.set_last_error(Some(format!("module {} refused: {reason}", path.display())));
         Ok(())

@@ -775,7 +775,7 @@ fn dead_letter_failure(err: anyhow::Error) -> ApiError {
             StatusCode::SERVICE_UNAVAILABLE,
             format!("{err:#}; the projection's database is busy, try again"),
         ),
-        _ if err.root_cause().to_string().contains("has no dead letter with id") => {
+        _ if err.chain().any(|cause| cause.is::<crate::projection::dead_letters::NoSuchDeadLetter>()) => {
             ApiError::new(StatusCode::CONFLICT, format!("{err:#}"))
         }
         _ => ApiError::from(err),
@@ -819,6 +819,11 @@ async fn metrics(State(api): State<Arc<Api>>) -> ApiResult<Response> {
             let label = Metrics::label(&status.name);
             api.metrics.lag.get_or_create(&label).set(status.lag as i64);
             api.metrics.dead_letters.get_or_create(&label).set(status.dead_letters as i64);
+            api.metrics.source_head.get_or_create(&label).set(status.head as i64);
+            api.metrics
+                .source_connected
+                .get_or_create(&label)
+                .set(i64::from(status.connected != Some(false)));
         }
         Ok(api.metrics.encode())
     })
