@@ -85,6 +85,41 @@ pub fn declared_state_version(
     GuestInstance::reader(engine.clone(), module.clone(), host)?.state_version()
 }
 
+/// How the state version a module declares compares with the one a
+/// database holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateVersion {
+    /// The same: the module runs over the database as it is.
+    Same,
+    /// The database holds none yet: the module's `init` sets it.
+    Fresh,
+    /// Another: the state must be rebuilt from the source.
+    Differs {
+        /// What the database holds.
+        found: String,
+        /// What the module declares.
+        declared: u32,
+    },
+}
+
+/// The one state-version check: `module`'s declared version against
+/// `found`, the database's `state_version` (none before its first `init`).
+/// An error when the module cannot say (it traps in `state-version`).
+pub fn check_state_version(
+    engine: &Arc<ProjectorEngine>,
+    name: &str,
+    limits: Limits,
+    module: &LoadedModule,
+    found: Option<String>,
+) -> Result<StateVersion> {
+    let declared = declared_state_version(engine, name, limits, module)?;
+    Ok(match found {
+        None => StateVersion::Fresh,
+        Some(found) if found == declared.to_string() => StateVersion::Same,
+        Some(found) => StateVersion::Differs { found, declared },
+    })
+}
+
 /// Prepare `module` for the projection `name` over `database`, off the
 /// projection's thread: check the state version it declares, and if it is
 /// the one the database holds, make its instance and run its `init` on a
@@ -102,14 +137,12 @@ pub fn prepare_update(
         path: module.path.clone(),
         reason,
     };
-    let declared = match declared_state_version(engine, name, limits, &module) {
-        Ok(version) => version,
-        Err(err) => return refused(format!("{err:#}")),
-    };
     let Ok(db) = store::open(database) else { return ModuleUpdate::Ready(module) };
-    match store::meta(&db, "state_version") {
-        Ok(Some(found)) if found == declared.to_string() => {}
-        _ => return ModuleUpdate::Ready(module),
+    let found = store::meta(&db, "state_version").ok().flatten();
+    match check_state_version(engine, name, limits, &module, found) {
+        Ok(StateVersion::Same) => {}
+        Ok(_) => return ModuleUpdate::Ready(module),
+        Err(err) => return refused(format!("{err:#}")),
     }
     match GuestHost::new(db, name.into(), limits)
         .and_then(|host| GuestInstance::new(engine.clone(), module.clone(), host))
@@ -122,10 +155,18 @@ pub fn prepare_update(
     }
 }
 
-/// Write `metas` (key, value or none to remove) into `db`'s meta, inside
-/// the caller's transaction.
-fn put_metas(db: &Connection, metas: &[(&'static str, Option<String>)]) -> Result<()> {
-    metas.iter().try_for_each(|(key, value)| store::set_meta(db, key, value.as_deref()))
+/// What every transaction that moves the checkpoint writes besides the
+/// module's changes: the status waiting for a commit (`metas`, key and value
+/// or none to remove), and the checkpoint's compare-and-set from `from` to
+/// `to`. False, and the caller rolls back, when another writer moved it.
+fn batch_writes(
+    db: &Connection,
+    metas: &[(&'static str, Option<String>)],
+    from: &Checkpoint,
+    to: &Checkpoint,
+) -> Result<bool> {
+    metas.iter().try_for_each(|(key, value)| store::set_meta(db, key, value.as_deref()))?;
+    store::advance_checkpoint(db, from, to)
 }
 
 /// Every series of a projection exists from its start, at zero.
@@ -252,10 +293,13 @@ impl ProjectionRunner {
             Some(db) if store::is_initialized(&db)? => store::meta(&db, "state_version")?,
             _ => None,
         };
-        let declared = declared_state_version(&engine, &spec.name, spec.limits, &module)
-            .with_context(|| format!("projection {}: module {}", spec.name, spec.module.display()))?;
-        let Some(found) = found.filter(|found| *found != declared.to_string()) else {
-            return Self::start_with_module(engine, spec, module, opener, stop, live).map(Some);
+        let (found, declared) = match check_state_version(&engine, &spec.name, spec.limits, &module, found)
+            .with_context(|| format!("projection {}: module {}", spec.name, spec.module.display()))?
+        {
+            StateVersion::Same | StateVersion::Fresh => {
+                return Self::start_with_module(engine, spec, module, opener, stop, live).map(Some);
+            }
+            StateVersion::Differs { found, declared } => (found, declared),
         };
         tracing::info!(
             projection = %spec.name,
@@ -294,20 +338,9 @@ impl ProjectionRunner {
         match built {
             Ok(mut green) if !stop.load(Ordering::Relaxed) => {
                 drop(old);
-                live.set_module(green.instance.module().clone());
                 start_series(&live, &spec.name);
                 green.live = live;
-                // Readers see the new database as running from its first
-                // moment behind the pointer.
-                store::set_meta(green.db(), "state", Some("running"))?;
-                store::switch_to(&spec.name, &green_spec.database)?;
-                store::remove_database(&spec.database);
-                tracing::info!(
-                    projection = %spec.name,
-                    checkpoint = %green.checkpoint.to_json(),
-                    database = %green_spec.database.display(),
-                    "rebuild caught up and took over"
-                );
+                green.take_over(&spec.database)?;
                 Ok(Some(green))
             }
             Ok(stopped) => {
@@ -678,9 +711,10 @@ impl ProjectionRunner {
             return Ok(Step::Advanced(0));
         }
         if batch.events.is_empty() {
-            self.write_unwritten()?;
             // Only events of other streams or types: move past them.
-            if store::advance_checkpoint(self.db(), &self.checkpoint, &batch.end)? {
+            let (unwritten, from) = (&self.unwritten, &self.checkpoint);
+            if store::commit_if(self.instance.db(), |db| batch_writes(db, unwritten, from, &batch.end))? {
+                self.unwritten.clear();
                 self.checkpoint = batch.end;
                 self.acknowledge();
             } else {
@@ -723,8 +757,7 @@ impl ProjectionRunner {
         let started = std::time::Instant::now();
         let (unwritten, from) = (&self.unwritten, &self.checkpoint);
         let attempt = self.instance.handle_in_transaction(events, |db| {
-            put_metas(db, unwritten)?;
-            match store::advance_checkpoint(db, from, &checkpoint_after)? {
+            match batch_writes(db, unwritten, from, &checkpoint_after)? {
                 true => Ok(()),
                 false => Err(CheckpointMoved.into()),
             }
@@ -878,17 +911,17 @@ impl ProjectionRunner {
         let started = std::time::Instant::now();
         let (sha256, path) = (module.sha256.clone(), module.path.clone());
         let found = store::meta(self.db(), "state_version")?;
-        let declared = match declared_state_version(&self.engine, &self.name, self.limits, &module) {
-            Ok(version) => version,
+        let check = check_state_version(&self.engine, &self.name, self.limits, &module, found);
+        let check = match check {
+            Ok(check) => check,
             Err(err) => return self.refuse(&sha256, &path, &format!("{err:#}"), false),
         };
         self.drop_rebuild()?;
-        if found.as_deref() != Some(declared.to_string().as_str()) {
+        if let StateVersion::Differs { found, declared } = check {
             tracing::info!(
                 projection = &*self.name,
                 module = %sha256,
-                "the module builds state version {declared}, the database holds {}: rebuilding from the log",
-                found.unwrap_or_default()
+                "the module builds state version {declared}, the database holds {found}: rebuilding from the source"
             );
             return self.start_rebuild(module);
         }
@@ -1009,10 +1042,8 @@ impl ProjectionRunner {
                 return self.refuse(&module, &path, &format!("the rebuild failed: {err:#}"), true);
             }
         };
-        // Readers see the new database as running from its first moment
-        // behind the pointer.
-        store::set_meta(green.db(), "state", Some("running"))?;
-        store::switch_to(&self.name, &database)?;
+        // The green runner's pieces become this one's; the old ones go with
+        // `green`, their files with `take_over`.
         let old = std::mem::replace(&mut self.database, database);
         std::mem::swap(&mut self.instance, &mut green.instance);
         std::mem::swap(&mut self.source, &mut green.source);
@@ -1022,20 +1053,30 @@ impl ProjectionRunner {
         // The green database holds its own module's status.
         self.unwritten.clear();
         drop(green);
-        store::remove_database(&old);
-        let db = self.db();
-        store::set_meta(db, "state", Some("running"))?;
-        store::set_meta(db, "rebuilding", None)?;
-        store::set_meta(db, "refused", None)?;
-        self.live.set_module(self.instance.module().clone());
+        self.take_over(&old)?;
         self.live
             .metrics
             .rebuilds
             .get_or_create(&crate::projection::metrics::Metrics::label(&self.name))
             .inc();
+        Ok(())
+    }
+
+    /// This runner's database — a rebuild's new generation, caught up —
+    /// becomes the projection's: marked running (readers see it so from its
+    /// first moment behind the pointer), pointed at in one rename, and the
+    /// `old` generation's files removed.
+    fn take_over(&mut self, old: &std::path::Path) -> Result<()> {
+        store::set_metas(
+            self.db(),
+            &[("state", Some(RunState::Running.as_str())), ("rebuilding", None), ("refused", None)],
+        )?;
+        store::switch_to(&self.name, &self.database)?;
+        store::remove_database(old);
+        self.live.set_module(self.instance.module().clone());
         tracing::info!(
             projection = &*self.name,
-            module = %module,
+            module = %self.instance.module().sha256,
             checkpoint = %self.checkpoint.to_json(),
             database = %self.database.display(),
             "rebuild caught up and took over"
@@ -1106,23 +1147,14 @@ impl ProjectionRunner {
     ) -> Result<bool> {
         let partition = self.source.key().to_string();
         let module = self.instance.module().sha256.clone();
-        let db = self.db();
-        db.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
-        let written = put_metas(db, &self.unwritten)
-            .and_then(|()| store::park(db, &partition, event, reason, &module, attempts))
-            .and_then(|()| store::advance_checkpoint(db, &self.checkpoint, checkpoint_after));
-        match written {
-            Ok(true) => {}
-            Ok(false) => {
-                db.prepare_cached("ROLLBACK")?.execute([])?;
-                return Ok(false);
-            }
-            Err(err) => {
-                let _ = db.execute_batch("ROLLBACK");
-                return Err(err);
-            }
+        let (unwritten, from) = (&self.unwritten, &self.checkpoint);
+        let parked = store::commit_if(self.instance.db(), |db| {
+            store::park(db, &partition, event, reason, &module, attempts)?;
+            batch_writes(db, unwritten, from, checkpoint_after)
+        })?;
+        if !parked {
+            return Ok(false);
         }
-        db.prepare_cached("COMMIT")?.execute([])?;
         self.unwritten.clear();
         self.checkpoint = checkpoint_after.clone();
         self.parked += 1;
