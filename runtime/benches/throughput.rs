@@ -50,7 +50,7 @@ fn main() {
             module: module.clone(),
             database: dir.path().join("wallet-allowlist.db"),
             filter: Filter { streams: vec!["wallets".into()], types: None },
-            batch_size: BATCH,
+            batch_size: Some(BATCH),
             limits: Default::default(),
             policy: Default::default(),
         };

@@ -314,12 +314,14 @@ pub struct ProjectionConfig {
     /// `types = ["wallet_updated", "kyc_verified"]`
     #[serde(default)]
     pub types: Option<Vec<String>>,
-    /// At most this many events per `handle` call and transaction. Default
-    /// 1000.
+    /// At most this many events per `handle` call and transaction. Absent:
+    /// adaptive — batches start at 1000 events and grow (up to 10000) while
+    /// the projection is behind and each batch commits quickly, and shrink
+    /// when one takes long; a projection that keeps up sees small batches.
     ///
     /// `batch_size = 1000`
-    #[serde(default = "default_batch_size")]
-    pub batch_size: usize,
+    #[serde(default)]
+    pub batch_size: Option<usize>,
     /// What to do with an event the module rejects or traps on:
     /// `"dead-letter"` (default) or `"halt"`.
     ///
@@ -337,9 +339,6 @@ fn default_data() -> PathBuf {
     PathBuf::from("data")
 }
 
-fn default_batch_size() -> usize {
-    1000
-}
 
 /// Why a config file was refused.
 #[derive(Debug, Error)]
@@ -474,12 +473,14 @@ impl Config {
                     at(i)
                 )));
             }
-            if !(1..=100_000).contains(&p.batch_size) {
+            if let Some(batch_size) = p.batch_size
+                && !(1..=100_000).contains(&batch_size)
+            {
                 return Err(invalid(format!(
                     "projection {:?}{}: batch_size = {} is out of range; use 1 to 100000",
                     p.name,
                     at(i),
-                    p.batch_size
+                    batch_size
                 )));
             }
         }
@@ -656,7 +657,7 @@ types = ["wallet_updated", "kyc_verified"]
         assert_eq!(config.data, Path::new("/srv/state"));
         let p = &config.projections[0];
         assert_eq!(p.module, Path::new("/srv/wallet_allowlist.wasm"));
-        assert_eq!(p.batch_size, 1000);
+        assert_eq!(p.batch_size, None);
         assert_eq!(p.types.as_deref().unwrap().len(), 2);
         assert_eq!(
             config.database_path("wallet-allowlist"),

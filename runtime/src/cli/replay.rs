@@ -77,7 +77,7 @@ pub fn replay(options: &ReplayOptions) -> Result<ReplayOutcome> {
         module: options.module.clone(),
         database: dir.path().join("replay.db"),
         filter: Filter::default(),
-        batch_size: options.batch,
+        batch_size: Some(options.batch),
         limits: Limits::default(),
         policy: FailurePolicy::DeadLetter,
     };

@@ -39,7 +39,8 @@ pub struct ProjectionSpec {
     /// Which events it consumes.
     pub filter: Filter,
     /// At most this many events per batch.
-    pub batch_size: usize,
+    /// At most this many events per batch; `None`: adaptive.
+    pub batch_size: Option<usize>,
     /// The sandbox's limits.
     pub limits: Limits,
     /// What to do with an event the module rejects or traps on.
@@ -214,6 +215,15 @@ const CONNECT_BACKOFF_CAP: Duration = Duration::from_secs(5);
 /// How long an idle projection waits for the source before looking at its
 /// commands again (a command wakes it sooner).
 const POLL_INTERVAL: Duration = Duration::from_millis(25);
+/// An adaptive batch starts at this many events…
+const ADAPTIVE_START: usize = 1000;
+/// …grows up to this…
+const ADAPTIVE_MAX: usize = 10_000;
+/// …while batches commit within this…
+const ADAPTIVE_QUICK: Duration = Duration::from_millis(250);
+/// …and shrinks, down to this, after one that took longer than this.
+const ADAPTIVE_MIN: usize = 100;
+const ADAPTIVE_SLOW: Duration = Duration::from_secs(1);
 /// How often the source's head, lag and health are written for status.
 const SOURCE_REPORT_INTERVAL: Duration = Duration::from_secs(1);
 /// How often a rebuild's progress is written to the running database.
@@ -231,7 +241,9 @@ pub struct ProjectionRunner {
     limits: Limits,
     instance: GuestInstance,
     source: Box<dyn Source>,
+    /// The batch size now, and whether it adapts.
     batch_size: usize,
+    adaptive: bool,
     policy: FailurePolicy,
     checkpoint: Checkpoint,
     stop: Arc<AtomicBool>,
@@ -397,7 +409,8 @@ impl ProjectionRunner {
             limits: spec.limits,
             instance,
             source,
-            batch_size: spec.batch_size,
+            batch_size: spec.batch_size.unwrap_or(ADAPTIVE_START),
+            adaptive: spec.batch_size.is_none(),
             policy: spec.policy,
             checkpoint,
             stop,
@@ -722,14 +735,31 @@ impl ProjectionRunner {
             }
             return Ok(Step::Advanced(0));
         }
+        let started = Instant::now();
         let applied = self.apply(&batch, 0..batch.events.len())?;
         if applied == Applied::Committed {
             self.acknowledge();
+            self.adapt_batch_size(batch.events.len(), started.elapsed());
         }
         Ok(match applied {
             Applied::Committed | Applied::Resynced => Step::Advanced(batch.events.len()),
             Applied::RetryLater => Step::Retrying,
         })
+    }
+
+    /// An adaptive batch grows while the projection is behind (the batch
+    /// came full) and batches commit quickly, and shrinks when one is slow:
+    /// big batches amortise each commit, small ones keep a rejected event
+    /// cheap to find and a swap or a stop prompt.
+    fn adapt_batch_size(&mut self, taken: usize, took: Duration) {
+        if !self.adaptive {
+            return;
+        }
+        if taken >= self.batch_size && took < ADAPTIVE_QUICK {
+            self.batch_size = (self.batch_size * 2).min(ADAPTIVE_MAX);
+        } else if took > ADAPTIVE_SLOW {
+            self.batch_size = (self.batch_size / 2).max(ADAPTIVE_MIN);
+        }
     }
 
     /// Tell the source what is committed; a failure only delays its

@@ -1,0 +1,85 @@
+"""The Python peer of `cargo bench -p projector --bench peers`: the
+wallet-allowlist rule as a team would hand-write it with the standard
+library's sqlite3, reading the same embedded log (`events.db`) in batches
+after its checkpoint and committing state and checkpoint in one transaction.
+
+Usage: python3 peers.py <events.db> <state.db> <batch>
+Prints the number of events applied.
+"""
+
+import json
+import sqlite3
+import sys
+
+ALLOWLIST = (
+    "INSERT INTO allowlist (wallet_address, user_id, allowlisted_at) VALUES (?, ?, ?) "
+    "ON CONFLICT (wallet_address) DO NOTHING"
+)
+
+
+def main():
+    events_path, state_path, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    log = sqlite3.connect(f"file:{events_path}?mode=ro", uri=True)
+    db = sqlite3.connect(state_path, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    db.executescript(
+        """
+        CREATE TABLE IF NOT EXISTS allowlist (
+            wallet_address TEXT PRIMARY KEY NOT NULL, user_id TEXT NOT NULL, allowlisted_at TEXT
+        ) WITHOUT ROWID;
+        CREATE TABLE IF NOT EXISTS users (
+            user_id TEXT PRIMARY KEY NOT NULL, wallet_address TEXT, kyc_verified_at TEXT
+        ) WITHOUT ROWID;
+        CREATE TABLE IF NOT EXISTS checkpoint (id INTEGER PRIMARY KEY, position INTEGER NOT NULL);
+        """
+    )
+    row = db.execute("SELECT position FROM checkpoint WHERE id = 1").fetchone()
+    checkpoint = row[0] if row else 0
+    applied = 0
+    while True:
+        rows = log.execute(
+            "SELECT position, type, time, data FROM events WHERE position > ? "
+            "AND stream = 'wallets' ORDER BY position LIMIT ?",
+            (checkpoint, batch),
+        ).fetchall()
+        if not rows:
+            break
+        db.execute("BEGIN IMMEDIATE")
+        for position, event_type, time, data in rows:
+            if event_type == "wallet_updated":
+                update = json.loads(data)
+                at = update.get("created_at") or time
+                verified = db.execute(
+                    "INSERT INTO users (user_id, wallet_address) VALUES (?, ?) "
+                    "ON CONFLICT (user_id) DO UPDATE SET wallet_address = excluded.wallet_address "
+                    "RETURNING kyc_verified_at",
+                    (update["user_id"], update["wallet_address"]),
+                ).fetchone()
+                if verified and verified[0] is not None:
+                    db.execute(ALLOWLIST, (update["wallet_address"], update["user_id"], at))
+            elif event_type == "kyc_verified":
+                kyc = json.loads(data)
+                at = kyc.get("kyc_verified_at") or time or ""
+                wallet = db.execute(
+                    "INSERT INTO users (user_id, kyc_verified_at) VALUES (?, ?) "
+                    "ON CONFLICT (user_id) DO UPDATE "
+                    "SET kyc_verified_at = coalesce(users.kyc_verified_at, excluded.kyc_verified_at) "
+                    "RETURNING wallet_address",
+                    (kyc["user_id"], at),
+                ).fetchone()
+                if wallet and wallet[0] is not None:
+                    db.execute(ALLOWLIST, (wallet[0], kyc["user_id"], at))
+        checkpoint = rows[-1][0]
+        db.execute(
+            "INSERT INTO checkpoint (id, position) VALUES (1, ?) "
+            "ON CONFLICT (id) DO UPDATE SET position = excluded.position",
+            (checkpoint,),
+        )
+        db.execute("COMMIT")
+        applied += len(rows)
+    print(applied)
+
+
+if __name__ == "__main__":
+    main()
