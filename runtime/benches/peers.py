@@ -1,7 +1,9 @@
 """The Python peer of `cargo bench -p projector --bench peers`: the
 wallet-allowlist rule as a team would hand-write it with the standard
 library's sqlite3, reading the same embedded log (`events.db`) in batches
-after its checkpoint and committing state and checkpoint in one transaction.
+after its checkpoint and committing state and checkpoint in one transaction,
+on its best settings (a 64 MiB page cache, the WAL checkpointed once at the
+end).
 
 Usage: python3 peers.py <events.db> <state.db> <batch>
 Prints the number of events applied.
@@ -23,6 +25,8 @@ def main():
     db = sqlite3.connect(state_path, isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")
+    db.execute("PRAGMA cache_size=-65536")
+    db.execute("PRAGMA wal_autocheckpoint=0")
     db.executescript(
         """
         CREATE TABLE IF NOT EXISTS allowlist (
@@ -78,6 +82,7 @@ def main():
         )
         db.execute("COMMIT")
         applied += len(rows)
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     print(applied)
 
 
