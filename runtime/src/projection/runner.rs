@@ -7,11 +7,15 @@
 //! 3. on `retry`: roll back, back off, try again (shown in status); on
 //!    `reject` or a trap: roll back, split the batch to find the event, then
 //!    by policy park it as a dead letter in the transaction that moves the
-//!    checkpoint past it, or halt the projection as faulted before it.
+//!    checkpoint past it, or halt the projection as faulted before it;
+//! 4. after the commit, when the batch emitted events, publish the outbox
+//!    (see [`outbox`]), off the batch's transaction.
 
 use crate::bindings::{Event, Failure};
 use crate::config::FailurePolicy;
 use crate::projection::live::{Command, LiveProjection, RunState};
+use crate::projection::metrics::Metrics;
+use crate::projection::outbox::{self, Publisher};
 use crate::projection::rebuild::Rebuild;
 use crate::sandbox::engine::{Limits, LoadedModule, ProjectorEngine};
 use crate::sandbox::host::GuestHost;
@@ -175,6 +179,13 @@ fn start_series(live: &LiveProjection, name: &str) {
     let _ = live.metrics.module_swaps.get_or_create(&label);
     let _ = live.metrics.rebuilds.get_or_create(&label);
     let _ = live.metrics.events_processed.get_or_create(&label);
+    let _ = live.metrics.events_emitted.get_or_create(&label);
+    let _ = live.metrics.events_published.get_or_create(&label);
+}
+
+/// The counter of events `name` published.
+fn published_counter(live: &LiveProjection, name: &str) -> prometheus_client::metrics::counter::Counter {
+    live.metrics.events_published.get_or_create(&Metrics::label(name)).clone()
 }
 
 /// What one step of the loop did.
@@ -218,6 +229,9 @@ const POLL_INTERVAL: Duration = Duration::from_millis(25);
 const SOURCE_REPORT_INTERVAL: Duration = Duration::from_secs(1);
 /// How often a rebuild's progress is written to the running database.
 const REBUILD_REPORT_INTERVAL: Duration = Duration::from_millis(100);
+/// How often the outbox is looked at when no batch emitted: for events a
+/// dead-letter retry emitted, and to try a failed publish again.
+const OUTBOX_LOOK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Runs one projection: a module over the event log into its database.
 pub struct ProjectionRunner {
@@ -252,6 +266,15 @@ pub struct ProjectionRunner {
     unavailable: Option<(String, Duration)>,
     /// When the source's report was last written, and what it said.
     reported: Option<(Instant, String)>,
+    /// Where emitted events are published; none while rebuilding (a
+    /// rebuild never publishes) and offline.
+    publisher: Option<Arc<dyn Publisher>>,
+    /// A batch committed with emitted events not yet published.
+    unpublished: bool,
+    /// When the outbox was last published.
+    outbox_looked: Instant,
+    /// Why publishing fails, while it does.
+    publish_failing: Option<String>,
 }
 
 impl ProjectionRunner {
@@ -279,10 +302,14 @@ impl ProjectionRunner {
     /// module, while the old one keeps serving reads (status: `rebuilding`),
     /// and takes over once it has caught up. `None` if a stop came first;
     /// the old database is then left as it was.
+    ///
+    /// The runner publishes what its projection emits to `publisher`,
+    /// starting with what a previous run left unpublished.
     pub fn start_or_rebuild(
         engine: Arc<ProjectorEngine>,
         spec: &ProjectionSpec,
         opener: &Arc<dyn SourceOpener>,
+        publisher: Option<Arc<dyn Publisher>>,
         stop: Arc<AtomicBool>,
         live: Arc<LiveProjection>,
     ) -> Result<Option<Self>> {
@@ -297,7 +324,10 @@ impl ProjectionRunner {
             .with_context(|| format!("projection {}: module {}", spec.name, spec.module.display()))?
         {
             StateVersion::Same | StateVersion::Fresh => {
-                return Self::start_with_module(engine, spec, module, opener, stop, live).map(Some);
+                let mut runner = Self::start_with_module(engine, spec, module, opener, stop, live)?;
+                runner.publisher = publisher;
+                runner.publish_outbox();
+                return Ok(Some(runner));
             }
             StateVersion::Differs { found, declared } => (found, declared),
         };
@@ -335,12 +365,22 @@ impl ProjectionRunner {
                 }
             });
         store::set_meta(&old, "rebuilding", None)?;
+        let built = built.and_then(|green| {
+            if !stop.load(Ordering::Relaxed) {
+                let published = published_counter(&live, &spec.name);
+                let key = green.source.key();
+                outbox::hand_over(&old, green.db(), key, publisher.as_deref(), &published)?;
+            }
+            Ok(green)
+        });
         match built {
             Ok(mut green) if !stop.load(Ordering::Relaxed) => {
                 drop(old);
                 start_series(&live, &spec.name);
                 green.live = live;
                 green.take_over(&spec.database)?;
+                green.publisher = publisher;
+                green.publish_outbox();
                 Ok(Some(green))
             }
             Ok(stopped) => {
@@ -409,6 +449,10 @@ impl ProjectionRunner {
             parked: 0,
             unavailable: None,
             reported: None,
+            publisher: None,
+            unpublished: false,
+            outbox_looked: Instant::now(),
+            publish_failing: None,
         })
     }
 
@@ -440,6 +484,11 @@ impl ProjectionRunner {
     /// Events parked as dead letters, since start.
     pub fn parked(&self) -> u64 {
         self.parked
+    }
+
+    /// The key of the source it reads, as its checkpoint names it.
+    pub fn source_key(&self) -> &str {
+        self.source.key()
     }
 
     /// The projection's database file (a rebuild's take-over moves it).
@@ -496,6 +545,9 @@ impl ProjectionRunner {
             }
             self.tend_rebuild()?;
             self.report_source()?;
+            if self.publisher.is_some() && self.outbox_looked.elapsed() >= OUTBOX_LOOK_INTERVAL {
+                self.publish_outbox();
+            }
             if paused {
                 // A swap's status goes out now: no batch will carry it.
                 self.write_unwritten()?;
@@ -726,6 +778,9 @@ impl ProjectionRunner {
         if applied == Applied::Committed {
             self.acknowledge();
         }
+        if self.unpublished {
+            self.publish_outbox();
+        }
         Ok(match applied {
             Applied::Committed | Applied::Resynced => Step::Advanced(batch.events.len()),
             Applied::RetryLater => Step::Retrying,
@@ -795,6 +850,11 @@ impl ProjectionRunner {
                 self.checkpoint = checkpoint_after;
                 self.handled += events.len() as u64;
                 self.attempts = 0;
+                let emitted = self.instance.emitted();
+                if emitted > 0 {
+                    self.unpublished = true;
+                    metrics.events_emitted.get_or_create(&Metrics::label(&self.name)).inc_by(emitted);
+                }
                 return Ok(Applied::Committed);
             }
             Attempt::Failed(Failure::Retry(reason)) => {
@@ -1031,6 +1091,9 @@ impl ProjectionRunner {
             // The events appended since, on this thread: the old module is
             // not processing meanwhile, so nothing is handled twice.
             green.catch_up()?;
+            let published = published_counter(&self.live, &self.name);
+            let publisher = self.publisher.as_deref();
+            outbox::hand_over(self.db(), green.db(), self.source.key(), publisher, &published)?;
             Ok(green)
         });
         let mut green = match green {
@@ -1054,6 +1117,7 @@ impl ProjectionRunner {
         self.unwritten.clear();
         drop(green);
         self.take_over(&old)?;
+        self.publish_outbox();
         self.live
             .metrics
             .rebuilds
@@ -1082,6 +1146,38 @@ impl ProjectionRunner {
             "rebuild caught up and took over"
         );
         Ok(())
+    }
+
+    /// Publish what the outbox holds (see [`outbox`]). A failure is logged
+    /// and shown as the last error, and the events wait for the next
+    /// attempt: what the batch did to the state is committed either way.
+    fn publish_outbox(&mut self) {
+        self.unpublished = false;
+        self.outbox_looked = Instant::now();
+        let Some(publisher) = self.publisher.clone() else { return };
+        let published = published_counter(&self.live, &self.name);
+        match outbox::publish_pending(self.db(), &*publisher, &published) {
+            Ok(()) => {
+                if let Some(reason) = self.publish_failing.take() {
+                    tracing::info!(
+                        projection = &*self.name,
+                        "publishing the outbox again (it failed: {reason})"
+                    );
+                    self.live.set_last_error(None);
+                }
+            }
+            Err(err) => {
+                let reason = format!("{err:#}");
+                if self.publish_failing.as_deref() != Some(reason.as_str()) {
+                    tracing::warn!(
+                        projection = &*self.name,
+                        "cannot publish the outbox: {reason}; its events wait for the next attempt"
+                    );
+                }
+                self.live.set_last_error(Some(format!("publishing the outbox: {reason}")));
+                self.publish_failing = Some(reason);
+            }
+        }
     }
 
     fn report_rebuild(&mut self) -> Result<()> {
