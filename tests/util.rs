@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use serde_json::{Value, json};
+use std::collections::HashMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -165,6 +166,10 @@ impl Workspace {
     pub fn status_of(&self, name: &str) -> Value {
         self.status().into_iter().find(|s| s["name"] == name).unwrap()
     }
+    /// `projector events` of `stream`: its events as CloudEvents JSON.
+    pub fn events(&self, stream: &str) -> Vec<Value> {
+        run_ok(&["events", "--data", &self.data_str(), stream]).lines().map(json).collect()
+    }
     /// `projector query`, parsed.
     pub fn query(&self, projection: &str, sql: &str) -> Value {
         json(&run_ok(&["query", "--config", &self.config_str(), projection, "--sql", sql]))
@@ -272,4 +277,31 @@ pub fn wait_until(timeout: Duration, what: &str, mut condition: impl FnMut() -> 
 pub fn sha256_file(path: &Path) -> String {
     use sha2::Digest as _;
     hex::encode(sha2::Sha256::digest(std::fs::read(path).unwrap()))
+}
+
+/// Parse the Prometheus/OpenMetrics text format into sample → value.
+pub fn parse_metrics(text: &str) -> HashMap<String, f64> {
+    let mut samples = HashMap::new();
+    for line in text.lines() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            assert!(
+                line.is_empty()
+                    || line.starts_with("# HELP ")
+                    || line.starts_with("# TYPE ")
+                    || line == "# EOF",
+                "bad comment line {line:?}"
+            );
+            continue;
+        }
+        let (name, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("bad sample line {line:?}"));
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value in {line:?}"));
+        samples.insert(name.to_string(), value);
+    }
+    samples
+}
+
+/// `GET <base>/metrics` of a running host, parsed.
+pub fn metrics(base: &str) -> HashMap<String, f64> {
+    let text = ureq::get(format!("{base}/metrics")).call().unwrap().body_mut().read_to_string().unwrap();
+    parse_metrics(&text)
 }

@@ -106,6 +106,7 @@ fn hand_over(current: &Path, rebuilt: &ProjectionRunner, log: &EventLog) -> Resu
     let handed = store::open(current).and_then(|old| {
         outbox::hand_over(&old, rebuilt.db(), rebuilt.source_key(), Some(log), &Default::default())
     });
+    let handed = handed.map(drop);
     match handed {
         Err(err) if store::is_damaged(&err) => {
             tracing::warn!(

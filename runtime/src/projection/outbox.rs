@@ -68,14 +68,15 @@ pub fn publish_pending(db: &Connection, publisher: &dyn Publisher, published: &C
 /// (`old`): what `old` emitted and has not published yet is published
 /// (when there is a `publisher`), then `new`'s events caused at or below
 /// `old`'s checkpoint of source `source_key` are dropped: `old` published
-/// them. Call before `new` becomes the projection's database.
+/// them. Call before `new` becomes the projection's database. Returns how
+/// many events `new` emitted that `old` never did: what is left to publish.
 pub fn hand_over(
     old: &Connection,
     new: &Connection,
     source_key: &str,
     publisher: Option<&dyn Publisher>,
     published: &Counter,
-) -> Result<()> {
+) -> Result<u64> {
     if let Some(publisher) = publisher {
         publish_pending(old, publisher, published)
             .context("cannot publish what the replaced generation emitted")?;
@@ -88,7 +89,7 @@ pub fn hand_over(
     if dropped > 0 {
         tracing::debug!(dropped, through, "events the replaced generation published dropped from the outbox");
     }
-    Ok(())
+    store::outbox_len(new)
 }
 
 /// An outbox row as the log takes it: its id, the projection as source,
@@ -203,7 +204,7 @@ mod tests {
         }
         let recorder = Recorder::default();
         let published = Counter::default();
-        hand_over(&old, &new, "log", Some(&recorder), &published).unwrap();
+        assert_eq!(hand_over(&old, &new, "log", Some(&recorder), &published).unwrap(), 1);
         assert_eq!(published.get(), 1);
         assert_eq!(recorder.appended.lock().unwrap().clone(), [("a".to_string(), "p:5:0".to_string())]);
         let left: Vec<String> = store::outbox_pending(&new, 10).unwrap().into_iter().map(|e| e.id).collect();

@@ -369,7 +369,8 @@ impl ProjectionRunner {
             if !stop.load(Ordering::Relaxed) {
                 let published = published_counter(&live, &spec.name);
                 let key = green.source.key();
-                outbox::hand_over(&old, green.db(), key, publisher.as_deref(), &published)?;
+                let new = outbox::hand_over(&old, green.db(), key, publisher.as_deref(), &published)?;
+                live.metrics.events_emitted.get_or_create(&Metrics::label(&spec.name)).inc_by(new);
             }
             Ok(green)
         });
@@ -1093,7 +1094,8 @@ impl ProjectionRunner {
             green.catch_up()?;
             let published = published_counter(&self.live, &self.name);
             let publisher = self.publisher.as_deref();
-            outbox::hand_over(self.db(), green.db(), self.source.key(), publisher, &published)?;
+            let new = outbox::hand_over(self.db(), green.db(), self.source.key(), publisher, &published)?;
+            self.live.metrics.events_emitted.get_or_create(&Metrics::label(&self.name)).inc_by(new);
             Ok(green)
         });
         let mut green = match green {
@@ -1127,13 +1129,18 @@ impl ProjectionRunner {
     }
 
     /// This runner's database — a rebuild's new generation, caught up —
-    /// becomes the projection's: marked running (readers see it so from its
+    /// becomes the projection's: marked running or paused (readers see it so from its
     /// first moment behind the pointer), pointed at in one rename, and the
     /// `old` generation's files removed.
     fn take_over(&mut self, old: &std::path::Path) -> Result<()> {
+        // A paused projection stays paused through the takeover.
+        let state = match self.live.state() {
+            RunState::Paused => RunState::Paused,
+            _ => RunState::Running,
+        };
         store::set_metas(
             self.db(),
-            &[("state", Some(RunState::Running.as_str())), ("rebuilding", None), ("refused", None)],
+            &[("state", Some(state.as_str())), ("rebuilding", None), ("refused", None)],
         )?;
         store::switch_to(&self.name, &self.database)?;
         store::remove_database(old);
