@@ -201,6 +201,19 @@ impl Workspace {
             _ => dir.join(format!("{name}.db")),
         }
     }
+    /// Projection `name`'s checkpoint in the embedded log, read from its
+    /// database file (0 before it has one): what a test watches to kill a
+    /// host mid-stream.
+    pub fn checkpoint(&self, name: &str) -> u64 {
+        let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY;
+        let Ok(db) = rusqlite::Connection::open_with_flags(self.database(name), flags) else {
+            return 0;
+        };
+        db.query_row("SELECT position FROM projector_checkpoints WHERE source = 'log'", [], |r| {
+            r.get::<_, i64>(0)
+        })
+        .unwrap_or(0) as u64
+    }
     /// Wait until every projection's lag is 0 and its checkpoint is `head`.
     pub fn wait_caught_up(&self, head: u64, timeout: Duration) {
         wait_until(timeout, &format!("every projection at position {head}"), || {
