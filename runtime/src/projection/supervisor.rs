@@ -12,6 +12,9 @@
 //!
 //! Each database is marked running, stopped or faulted so `status` can tell
 //! from another process.
+//!
+//! Each runner is handed the embedded log as the [`Publisher`] of what its
+//! projection emits, whichever source it reads.
 
 use crate::config::paths::{lock_path, request_path};
 use crate::config::{Config, ProjectionConfig};
