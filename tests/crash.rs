@@ -11,18 +11,6 @@ use util::*;
 const TOTAL: usize = 120_000;
 const CHUNK: usize = 20_000;
 
-fn checkpoint(ws: &Workspace, projection: &str) -> u64 {
-    let path = ws.data().join("projections").join(format!("{projection}.db"));
-    let Ok(db) = rusqlite::Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-    else {
-        return 0;
-    };
-    db.query_row("SELECT position FROM projector_checkpoints WHERE source = 'log'", [], |r| {
-        r.get::<_, i64>(0)
-    })
-    .unwrap_or(0) as u64
-}
-
 #[test]
 fn sigkill_mid_stream_loses_nothing_and_applies_nothing_twice() {
     let ws = Workspace::new();
@@ -51,7 +39,7 @@ fn sigkill_mid_stream_loses_nothing_and_applies_nothing_twice() {
         if let Some(&(_, depth)) = kill_depths.iter().find(|(at, _)| *at == i) {
             let target = (i * CHUNK + depth) as u64;
             let deadline = std::time::Instant::now() + Duration::from_secs(60);
-            while checkpoint(&ws, "recorder") < target {
+            while ws.checkpoint("recorder") < target {
                 assert!(
                     std::time::Instant::now() < deadline,
                     "timed out waiting for the recorder past {target}"
@@ -59,7 +47,7 @@ fn sigkill_mid_stream_loses_nothing_and_applies_nothing_twice() {
                 std::thread::sleep(Duration::from_millis(1));
             }
             host.kill();
-            let at = checkpoint(&ws, "recorder");
+            let at = ws.checkpoint("recorder");
             assert!(at < appended, "the kill landed mid-stream (checkpoint {at} of {appended})");
             assert_eq!(ws.status_of("recorder")["state"], "stopped", "a killed host is not reported running");
             killed_at.push(at);

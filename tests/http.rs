@@ -5,7 +5,6 @@
 mod util;
 
 use serde_json::{Value, json};
-use std::collections::HashMap;
 use std::time::Duration;
 use util::*;
 
@@ -209,27 +208,6 @@ fn reads_serve_the_state_the_guest_query_and_sql() {
         r#"{"wallet_address":"0xB2"}"#,
     ]));
     assert_eq!(answer, json!({"allowlisted": true, "user_id": "user-2"}));
-}
-
-/// Parse the Prometheus/OpenMetrics text format into sample → value.
-fn parse_metrics(text: &str) -> HashMap<String, f64> {
-    let mut samples = HashMap::new();
-    for line in text.lines() {
-        if line.starts_with('#') || line.trim().is_empty() {
-            assert!(
-                line.is_empty()
-                    || line.starts_with("# HELP ")
-                    || line.starts_with("# TYPE ")
-                    || line == "# EOF",
-                "bad comment line {line:?}"
-            );
-            continue;
-        }
-        let (name, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("bad sample line {line:?}"));
-        let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value in {line:?}"));
-        samples.insert(name.to_string(), value);
-    }
-    samples
 }
 
 #[test]

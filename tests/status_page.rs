@@ -1,6 +1,6 @@
 //! The status page at `/`, rendered by a real headless Chromium: the table
 //! the page's script builds from `/projections` (state, checkpoint, lag,
-//! events/s, dead letters, last error), and a screenshot of it.
+//! events/s, dead letters, outbox, last error), and a screenshot of it.
 
 mod util;
 
@@ -107,22 +107,24 @@ fn the_status_page_shows_every_projection_in_a_real_browser() {
             .unwrap_or_else(|| panic!("no row for {name}:\n{dom}"));
         dom[start..].split("</tr>").next().unwrap().to_string()
     };
-    // name, state, module, checkpoint / head, lag, events/s, dead letters, last error
+    // name, state, module, checkpoint / head, lag, events/s, dead letters,
+    // outbox, last error
     let allowlist = cells(&row("wallet-allowlist"));
-    assert_eq!(allowlist.len(), 8, "{allowlist:?}");
+    assert_eq!(allowlist.len(), 9, "{allowlist:?}");
     assert_eq!(allowlist[1].1, "running", "{allowlist:?}");
     let module = sha256_file(&guest("wallet_allowlist"));
     assert_eq!(allowlist[2].1, module[..12], "module hash: {allowlist:?}");
     assert_eq!(allowlist[3].1, "14 / 14", "checkpoint / head: {allowlist:?}");
     assert_eq!(allowlist[4], ("num".into(), "0".into()), "no lag: {allowlist:?}");
     assert_eq!(allowlist[6], ("num".into(), "0".into()), "no dead letters: {allowlist:?}");
+    assert_eq!(allowlist[7], ("num".into(), "0".into()), "nothing to publish: {allowlist:?}");
     let recorder = cells(&row("recorder"));
     assert_eq!(recorder[1].1, "paused", "{recorder:?}");
     assert_eq!(recorder[3].1, "11 / 14", "checkpoint / head: {recorder:?}");
     assert_eq!(recorder[4], ("num lagging".into(), "3".into()), "lag, highlighted: {recorder:?}");
     assert_eq!(recorder[6], ("num".into(), "1".into()), "one dead letter: {recorder:?}");
-    assert_eq!(recorder[7].0, "error", "{recorder:?}");
-    assert!(recorder[7].1.contains("poison event bad-1"), "last error: {recorder:?}");
+    assert_eq!(recorder[8].0, "error", "{recorder:?}");
+    assert!(recorder[8].1.contains("poison event bad-1"), "last error: {recorder:?}");
     for row in [&allowlist, &recorder] {
         // events/s: a whole number, the host's rate over its last window.
         assert_eq!(row[5].0, "num", "{row:?}");

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use serde_json::{Value, json};
+use std::collections::HashMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -165,6 +166,10 @@ impl Workspace {
     pub fn status_of(&self, name: &str) -> Value {
         self.status().into_iter().find(|s| s["name"] == name).unwrap()
     }
+    /// `projector events` of `stream`: its events as CloudEvents JSON.
+    pub fn events(&self, stream: &str) -> Vec<Value> {
+        run_ok(&["events", "--data", &self.data_str(), stream]).lines().map(json).collect()
+    }
     /// `projector query`, parsed.
     pub fn query(&self, projection: &str, sql: &str) -> Value {
         json(&run_ok(&["query", "--config", &self.config_str(), projection, "--sql", sql]))
@@ -195,6 +200,19 @@ impl Workspace {
             Ok(file) if !file.trim().is_empty() => dir.join(file.trim()),
             _ => dir.join(format!("{name}.db")),
         }
+    }
+    /// Projection `name`'s checkpoint in the embedded log, read from its
+    /// database file (0 before it has one): what a test watches to kill a
+    /// host mid-stream.
+    pub fn checkpoint(&self, name: &str) -> u64 {
+        let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY;
+        let Ok(db) = rusqlite::Connection::open_with_flags(self.database(name), flags) else {
+            return 0;
+        };
+        db.query_row("SELECT position FROM projector_checkpoints WHERE source = 'log'", [], |r| {
+            r.get::<_, i64>(0)
+        })
+        .unwrap_or(0) as u64
     }
     /// Wait until every projection's lag is 0 and its checkpoint is `head`.
     pub fn wait_caught_up(&self, head: u64, timeout: Duration) {
@@ -272,4 +290,31 @@ pub fn wait_until(timeout: Duration, what: &str, mut condition: impl FnMut() -> 
 pub fn sha256_file(path: &Path) -> String {
     use sha2::Digest as _;
     hex::encode(sha2::Sha256::digest(std::fs::read(path).unwrap()))
+}
+
+/// Parse the Prometheus/OpenMetrics text format into sample → value.
+pub fn parse_metrics(text: &str) -> HashMap<String, f64> {
+    let mut samples = HashMap::new();
+    for line in text.lines() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            assert!(
+                line.is_empty()
+                    || line.starts_with("# HELP ")
+                    || line.starts_with("# TYPE ")
+                    || line == "# EOF",
+                "bad comment line {line:?}"
+            );
+            continue;
+        }
+        let (name, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("bad sample line {line:?}"));
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value in {line:?}"));
+        samples.insert(name.to_string(), value);
+    }
+    samples
+}
+
+/// `GET <base>/metrics` of a running host, parsed.
+pub fn metrics(base: &str) -> HashMap<String, f64> {
+    let text = ureq::get(format!("{base}/metrics")).call().unwrap().body_mut().read_to_string().unwrap();
+    parse_metrics(&text)
 }

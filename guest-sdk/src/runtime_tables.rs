@@ -1,6 +1,6 @@
 //! The tables the runtime keeps in a projection's database, and the rules
 //! of the `emit` import that writes one of them, in one place for the host
-//! (`runtime/src/projection_db.rs`, `runtime/src/guest_host.rs`) and the
+//! (`runtime/src/store.rs`, `runtime/src/sandbox/host.rs`) and the
 //! SDK's native harness (`projector_sdk::testing`): a database the harness
 //! built has the host's layout, and an event emitted in a test is checked
 //! and recorded as the host checks and records it.
@@ -14,7 +14,8 @@
 /// - `projector_meta`: module hash, state version, run state, last error;
 /// - `projector_dead_letters`: events parked with the reason;
 /// - `projector_outbox`: events the projection emitted, written in the
-///   transaction of the batch that caused them and removed once published.
+///   transaction of the batch that caused them and removed once published
+///   (`runtime/src/projection/outbox.rs`).
 ///   `id` is deterministic ([`emit_id`]), so handling the same event again
 ///   (a rebuild) emits the same ids and a log that keeps ids unique does not
 ///   take them twice.

@@ -1,7 +1,8 @@
-//! The `projector` command line: run the host, append to the event log,
-//! replay a module offline, and inspect and operate projections — from the
-//! files, or with `--url` through a running host's HTTP API.
+//! The `projector` command line: run the host, append to and read the
+//! event log, replay a module offline, and inspect and operate projections
+//! — from the files, or with `--url` through a running host's HTTP API.
 
+pub mod events;
 pub mod remote;
 pub mod replay;
 
@@ -86,6 +87,22 @@ enum Command {
         stream: String,
         /// The file to read, or `-` for standard input.
         file: PathBuf,
+    },
+    /// Print a stream of the event log as CloudEvents JSON, one per line:
+    /// what was appended and what projections published. Works while `run`
+    /// runs.
+    Events {
+        /// The data folder holding events.db (the config's `data`).
+        #[arg(long)]
+        data: PathBuf,
+        /// The stream to print.
+        stream: String,
+        /// Start at the stream's event at this position (its first is 1).
+        #[arg(long, default_value_t = 1)]
+        from: u64,
+        /// Keep printing events as they are appended, until interrupted.
+        #[arg(long)]
+        follow: bool,
     },
     /// Run one module over a JSONL file of CloudEvents in a temporary
     /// database and print the state it built as JSON.
@@ -251,6 +268,7 @@ fn execute(command: Command) -> Result<()> {
             cloudevents::fill_correlation_ids(&mut events, &uuid::Uuid::new_v4().to_string());
             print(&EventLog::open(&data)?.append(&stream, &events)?)
         }
+        Command::Events { data, stream, from, follow } => events::print_stream(&data, &stream, from, follow),
         Command::Replay { module, events, stream, sql, request, batch } => {
             let outcome =
                 replay(&ReplayOptions { module, events, stream, sql, request, batch: batch as usize })?;

@@ -405,6 +405,22 @@ pub fn outbox_remove(db: &Connection, up_to_seq: i64) -> Result<usize> {
     Ok(db.prepare_cached("DELETE FROM projector_outbox WHERE seq <= ?1")?.execute([up_to_seq])?)
 }
 
+/// How many events wait in the outbox to be published.
+pub fn outbox_len(db: &Connection) -> Result<u64> {
+    let n: i64 =
+        db.prepare_cached("SELECT count(*) FROM projector_outbox")?.query_row([], |row| row.get(0))?;
+    Ok(n as u64)
+}
+
+/// Remove the outbox's events caused by an event at or below `position`:
+/// a rebuilt generation's copies of what the generation it replaces
+/// published already. Returns how many were removed.
+pub fn outbox_drop_through(db: &Connection, position: u64) -> Result<usize> {
+    Ok(db
+        .prepare_cached("DELETE FROM projector_outbox WHERE position <= ?1")?
+        .execute([i64::try_from(position).unwrap_or(i64::MAX)])?)
+}
+
 /// A payload as a person can read it: the JSON it holds, its text, or base64.
 fn payload<S: serde::Serializer>(data: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
     use base64::Engine as _;
@@ -488,5 +504,9 @@ mod tests {
             )
             .is_err()
         );
+        assert_eq!(outbox_len(&db).unwrap(), 1);
+        assert_eq!(outbox_drop_through(&db, 2).unwrap(), 0, "caused later than 2");
+        assert_eq!(outbox_drop_through(&db, 3).unwrap(), 1);
+        assert_eq!(outbox_len(&db).unwrap(), 0);
     }
 }

@@ -46,6 +46,11 @@ pub struct Metrics {
     pub source_head: Family<ProjectionLabel, Gauge>,
     /// 1 while the projection's source answers, 0 while connecting.
     pub source_connected: Family<ProjectionLabel, Gauge>,
+    /// Events emitted into the outbox by committed batches.
+    pub events_emitted: Family<ProjectionLabel, Counter>,
+    /// Outbox events handed to the event log (appended, or found there
+    /// already from a publish cut short) and removed from the outbox.
+    pub events_published: Family<ProjectionLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -60,6 +65,8 @@ impl Default for Metrics {
         let rebuilds = Family::<ProjectionLabel, Counter>::default();
         let source_head = Family::<ProjectionLabel, Gauge>::default();
         let source_connected = Family::<ProjectionLabel, Gauge>::default();
+        let events_emitted = Family::<ProjectionLabel, Counter>::default();
+        let events_published = Family::<ProjectionLabel, Counter>::default();
         registry.register(
             "projector_source_head",
             "The last position of the projection's source",
@@ -85,6 +92,16 @@ impl Default for Metrics {
             "Time to handle and commit one batch",
             batch_seconds.clone(),
         );
+        registry.register(
+            "projector_events_emitted",
+            "Events a projection emitted into its outbox, in batches that committed",
+            events_emitted.clone(),
+        );
+        registry.register(
+            "projector_events_published",
+            "Events taken from a projection's outbox and published to the event log",
+            events_published.clone(),
+        );
         registry.register("projector_dead_letters", "Events parked as dead letters", dead_letters.clone());
         registry.register("projector_module_swaps", "Modules swapped in while running", module_swaps.clone());
         registry.register("projector_rebuilds", "Rebuilds that took over while running", rebuilds.clone());
@@ -104,6 +121,8 @@ impl Default for Metrics {
             module_swaps,
             rebuilds,
             guest_errors,
+            events_emitted,
+            events_published,
         }
     }
 }

@@ -4,10 +4,11 @@
 use crate::config::Config;
 use crate::config::paths::{lock_path, next_generation, offline_lock_path, request_path};
 use crate::projection::live::LiveProjection;
+use crate::projection::outbox;
 use crate::projection::runner::{ProjectionRunner, ProjectionSpec};
 use crate::sandbox::engine::ProjectorEngine;
 use crate::sources::embedded::EventLog;
-use crate::store::{remove_database, switch_to};
+use crate::store::{self, remove_database, switch_to};
 use anyhow::{Context as _, Result};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -76,6 +77,7 @@ pub fn offline(config: &Config, name: &str, progress: impl FnMut(u64, u64)) -> R
         .and_then(|mut runner| {
             runner.catch_up_with(progress)?;
             crate::store::set_meta(runner.db(), "state", Some("stopped"))?;
+            hand_over(&current, &runner, &log)?;
             Ok(runner.checkpoint().total())
         });
     let checkpoint = match built {
@@ -88,4 +90,32 @@ pub fn offline(config: &Config, name: &str, progress: impl FnMut(u64, u64)) -> R
     switch_to(name, &spec.database)?;
     remove_database(&current);
     Ok((spec.database, checkpoint))
+}
+
+/// The outbox at the takeover, as a running host hands it over (see
+/// [`outbox`]): what the `current` generation left unpublished is published
+/// to `log`, and what it published is dropped from the rebuilt one's outbox.
+/// Nothing the rebuild emitted is published here: the next `run` publishes
+/// what is left. A damaged `current` has no outbox to read: the rebuilt one
+/// keeps every event it emitted, and the log drops those published before
+/// (they carry the same ids).
+fn hand_over(current: &Path, rebuilt: &ProjectionRunner, log: &EventLog) -> Result<()> {
+    if !current.exists() {
+        return Ok(());
+    }
+    let handed = store::open(current).and_then(|old| {
+        outbox::hand_over(&old, rebuilt.db(), rebuilt.source_key(), Some(log), &Default::default())
+    });
+    let handed = handed.map(drop);
+    match handed {
+        Err(err) if store::is_damaged(&err) => {
+            tracing::warn!(
+                database = %current.display(),
+                "the database being replaced is damaged, its outbox unreadable: every event the \
+                 rebuild emitted stays in the outbox; the log drops those published before"
+            );
+            Ok(())
+        }
+        handed => handed,
+    }
 }

@@ -7,11 +7,15 @@
 //! 3. on `retry`: roll back, back off, try again (shown in status); on
 //!    `reject` or a trap: roll back, split the batch to find the event, then
 //!    by policy park it as a dead letter in the transaction that moves the
-//!    checkpoint past it, or halt the projection as faulted before it.
+//!    checkpoint past it, or halt the projection as faulted before it;
+//! 4. after the commit, when the batch emitted events, publish the outbox
+//!    (see [`outbox`]), off the batch's transaction.
 
 use crate::bindings::{Event, Failure};
 use crate::config::FailurePolicy;
 use crate::projection::live::{Command, LiveProjection, RunState};
+use crate::projection::metrics::Metrics;
+use crate::projection::outbox::{self, Publisher};
 use crate::projection::rebuild::Rebuild;
 use crate::sandbox::engine::{Limits, LoadedModule, ProjectorEngine};
 use crate::sandbox::host::GuestHost;
@@ -176,6 +180,13 @@ fn start_series(live: &LiveProjection, name: &str) {
     let _ = live.metrics.module_swaps.get_or_create(&label);
     let _ = live.metrics.rebuilds.get_or_create(&label);
     let _ = live.metrics.events_processed.get_or_create(&label);
+    let _ = live.metrics.events_emitted.get_or_create(&label);
+    let _ = live.metrics.events_published.get_or_create(&label);
+}
+
+/// The counter of events `name` published.
+fn published_counter(live: &LiveProjection, name: &str) -> prometheus_client::metrics::counter::Counter {
+    live.metrics.events_published.get_or_create(&Metrics::label(name)).clone()
 }
 
 /// What one step of the loop did.
@@ -228,6 +239,9 @@ const ADAPTIVE_SLOW: Duration = Duration::from_secs(1);
 const SOURCE_REPORT_INTERVAL: Duration = Duration::from_secs(1);
 /// How often a rebuild's progress is written to the running database.
 const REBUILD_REPORT_INTERVAL: Duration = Duration::from_millis(100);
+/// How often the outbox is looked at when no batch emitted: for events a
+/// dead-letter retry emitted, and to try a failed publish again.
+const OUTBOX_LOOK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Runs one projection: a module over the event log into its database.
 pub struct ProjectionRunner {
@@ -264,6 +278,15 @@ pub struct ProjectionRunner {
     unavailable: Option<(String, Duration)>,
     /// When the source's report was last written, and what it said.
     reported: Option<(Instant, String)>,
+    /// Where emitted events are published; none while rebuilding (a
+    /// rebuild never publishes) and offline.
+    publisher: Option<Arc<dyn Publisher>>,
+    /// A batch committed with emitted events not yet published.
+    unpublished: bool,
+    /// When the outbox was last published.
+    outbox_looked: Instant,
+    /// Why publishing fails, while it does.
+    publish_failing: Option<String>,
 }
 
 impl ProjectionRunner {
@@ -291,10 +314,14 @@ impl ProjectionRunner {
     /// module, while the old one keeps serving reads (status: `rebuilding`),
     /// and takes over once it has caught up. `None` if a stop came first;
     /// the old database is then left as it was.
+    ///
+    /// The runner publishes what its projection emits to `publisher`,
+    /// starting with what a previous run left unpublished.
     pub fn start_or_rebuild(
         engine: Arc<ProjectorEngine>,
         spec: &ProjectionSpec,
         opener: &Arc<dyn SourceOpener>,
+        publisher: Option<Arc<dyn Publisher>>,
         stop: Arc<AtomicBool>,
         live: Arc<LiveProjection>,
     ) -> Result<Option<Self>> {
@@ -309,7 +336,10 @@ impl ProjectionRunner {
             .with_context(|| format!("projection {}: module {}", spec.name, spec.module.display()))?
         {
             StateVersion::Same | StateVersion::Fresh => {
-                return Self::start_with_module(engine, spec, module, opener, stop, live).map(Some);
+                let mut runner = Self::start_with_module(engine, spec, module, opener, stop, live)?;
+                runner.publisher = publisher;
+                runner.publish_outbox();
+                return Ok(Some(runner));
             }
             StateVersion::Differs { found, declared } => (found, declared),
         };
@@ -347,12 +377,23 @@ impl ProjectionRunner {
                 }
             });
         store::set_meta(&old, "rebuilding", None)?;
+        let built = built.and_then(|green| {
+            if !stop.load(Ordering::Relaxed) {
+                let published = published_counter(&live, &spec.name);
+                let key = green.source.key();
+                let new = outbox::hand_over(&old, green.db(), key, publisher.as_deref(), &published)?;
+                live.metrics.events_emitted.get_or_create(&Metrics::label(&spec.name)).inc_by(new);
+            }
+            Ok(green)
+        });
         match built {
             Ok(mut green) if !stop.load(Ordering::Relaxed) => {
                 drop(old);
                 start_series(&live, &spec.name);
                 green.live = live;
                 green.take_over(&spec.database)?;
+                green.publisher = publisher;
+                green.publish_outbox();
                 Ok(Some(green))
             }
             Ok(stopped) => {
@@ -422,6 +463,10 @@ impl ProjectionRunner {
             parked: 0,
             unavailable: None,
             reported: None,
+            publisher: None,
+            unpublished: false,
+            outbox_looked: Instant::now(),
+            publish_failing: None,
         })
     }
 
@@ -453,6 +498,11 @@ impl ProjectionRunner {
     /// Events parked as dead letters, since start.
     pub fn parked(&self) -> u64 {
         self.parked
+    }
+
+    /// The key of the source it reads, as its checkpoint names it.
+    pub fn source_key(&self) -> &str {
+        self.source.key()
     }
 
     /// The projection's database file (a rebuild's take-over moves it).
@@ -509,6 +559,9 @@ impl ProjectionRunner {
             }
             self.tend_rebuild()?;
             self.report_source()?;
+            if self.publisher.is_some() && self.outbox_looked.elapsed() >= OUTBOX_LOOK_INTERVAL {
+                self.publish_outbox();
+            }
             if paused {
                 // A swap's status goes out now: no batch will carry it.
                 self.write_unwritten()?;
@@ -741,6 +794,9 @@ impl ProjectionRunner {
             self.acknowledge();
             self.adapt_batch_size(batch.events.len(), started.elapsed());
         }
+        if self.unpublished {
+            self.publish_outbox();
+        }
         Ok(match applied {
             Applied::Committed | Applied::Resynced => Step::Advanced(batch.events.len()),
             Applied::RetryLater => Step::Retrying,
@@ -825,6 +881,11 @@ impl ProjectionRunner {
                 self.checkpoint = checkpoint_after;
                 self.handled += events.len() as u64;
                 self.attempts = 0;
+                let emitted = self.instance.emitted();
+                if emitted > 0 {
+                    self.unpublished = true;
+                    metrics.events_emitted.get_or_create(&Metrics::label(&self.name)).inc_by(emitted);
+                }
                 return Ok(Applied::Committed);
             }
             Attempt::Failed(Failure::Retry(reason)) => {
@@ -1061,6 +1122,10 @@ impl ProjectionRunner {
             // The events appended since, on this thread: the old module is
             // not processing meanwhile, so nothing is handled twice.
             green.catch_up()?;
+            let published = published_counter(&self.live, &self.name);
+            let publisher = self.publisher.as_deref();
+            let new = outbox::hand_over(self.db(), green.db(), self.source.key(), publisher, &published)?;
+            self.live.metrics.events_emitted.get_or_create(&Metrics::label(&self.name)).inc_by(new);
             Ok(green)
         });
         let mut green = match green {
@@ -1084,6 +1149,7 @@ impl ProjectionRunner {
         self.unwritten.clear();
         drop(green);
         self.take_over(&old)?;
+        self.publish_outbox();
         self.live
             .metrics
             .rebuilds
@@ -1093,13 +1159,18 @@ impl ProjectionRunner {
     }
 
     /// This runner's database — a rebuild's new generation, caught up —
-    /// becomes the projection's: marked running (readers see it so from its
+    /// becomes the projection's: marked running or paused (readers see it so from its
     /// first moment behind the pointer), pointed at in one rename, and the
     /// `old` generation's files removed.
     fn take_over(&mut self, old: &std::path::Path) -> Result<()> {
+        // A paused projection stays paused through the takeover.
+        let state = match self.live.state() {
+            RunState::Paused => RunState::Paused,
+            _ => RunState::Running,
+        };
         store::set_metas(
             self.db(),
-            &[("state", Some(RunState::Running.as_str())), ("rebuilding", None), ("refused", None)],
+            &[("state", Some(state.as_str())), ("rebuilding", None), ("refused", None)],
         )?;
         store::switch_to(&self.name, &self.database)?;
         store::remove_database(old);
@@ -1112,6 +1183,38 @@ impl ProjectionRunner {
             "rebuild caught up and took over"
         );
         Ok(())
+    }
+
+    /// Publish what the outbox holds (see [`outbox`]). A failure is logged
+    /// and shown as the last error, and the events wait for the next
+    /// attempt: what the batch did to the state is committed either way.
+    fn publish_outbox(&mut self) {
+        self.unpublished = false;
+        self.outbox_looked = Instant::now();
+        let Some(publisher) = self.publisher.clone() else { return };
+        let published = published_counter(&self.live, &self.name);
+        match outbox::publish_pending(self.db(), &*publisher, &published) {
+            Ok(()) => {
+                if let Some(reason) = self.publish_failing.take() {
+                    tracing::info!(
+                        projection = &*self.name,
+                        "publishing the outbox again (it failed: {reason})"
+                    );
+                    self.live.set_last_error(None);
+                }
+            }
+            Err(err) => {
+                let reason = format!("{err:#}");
+                if self.publish_failing.as_deref() != Some(reason.as_str()) {
+                    tracing::warn!(
+                        projection = &*self.name,
+                        "cannot publish the outbox: {reason}; its events wait for the next attempt"
+                    );
+                }
+                self.live.set_last_error(Some(format!("publishing the outbox: {reason}")));
+                self.publish_failing = Some(reason);
+            }
+        }
     }
 
     fn report_rebuild(&mut self) -> Result<()> {

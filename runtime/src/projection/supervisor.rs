@@ -12,11 +12,15 @@
 //!
 //! Each database is marked running, stopped or faulted so `status` can tell
 //! from another process.
+//!
+//! Each runner is handed the embedded log as the [`Publisher`] of what its
+//! projection emits, whichever source it reads.
 
 use crate::config::paths::{lock_path, request_path};
 use crate::config::{Config, ProjectionConfig};
 use crate::projection::live::{Command, LiveProjection, RunState};
 use crate::projection::metrics::Metrics;
+use crate::projection::outbox::Publisher;
 use crate::projection::runner::{ModuleUpdate, ProjectionRunner, ProjectionSpec, prepare_update};
 use crate::sandbox::engine::{Engines, ProjectorEngine};
 use crate::sources::embedded::EventLog;
@@ -222,6 +226,8 @@ impl ControlState {
             live.send(Command::Rebuild);
         }
         let opener = crate::sources::opener_for(&self.config, &p, &self.log);
+        // Emitted events go to the embedded log, whatever the source.
+        let publisher: Arc<dyn Publisher> = self.log.clone();
         let (engines, thread_live) = (self.engines.clone(), live.clone());
         let thread = std::thread::Builder::new()
             .name(format!("projection-{}", p.name))
@@ -229,7 +235,7 @@ impl ControlState {
                 // Before anything starts: a rebuild's thread inherits it.
                 crate::priority::lower_current_thread();
                 let engine = engines.for_limits(&spec.limits);
-                run_projection(engine, &spec, opener, thread_live, commands)
+                run_projection(engine, &spec, opener, publisher, thread_live, commands)
             })
             .expect("the OS starts a thread");
         if let Ok(bytes) = std::fs::read(&p.module) {
@@ -462,6 +468,7 @@ fn run_projection(
     engine: Result<Arc<ProjectorEngine>>,
     spec: &ProjectionSpec,
     opener: Result<Arc<dyn SourceOpener>>,
+    publisher: Arc<dyn Publisher>,
     live: Arc<LiveProjection>,
     commands: Receiver<Command>,
 ) {
@@ -470,8 +477,9 @@ fn run_projection(
     // Where a fault is recorded: a rebuild's take-over moves the database.
     let mut database = spec.database.clone();
     let stop = live.stopping();
-    let result =
-        engine.and_then(|engine| ProjectionRunner::start_or_rebuild(engine, spec, &opener?, stop, live));
+    let result = engine.and_then(|engine| {
+        ProjectionRunner::start_or_rebuild(engine, spec, &opener?, Some(publisher), stop, live)
+    });
     let result = result.and_then(|runner| {
         let Some(runner) = runner else {
             tracing::info!(projection = name, "projection stopped during its rebuild");

@@ -164,6 +164,12 @@ impl GuestHost {
         self.batch.extend(events.iter().map(|e| (e.position, e.id.clone(), e.correlation_id.clone(), 0)));
     }
 
+    /// How many events the batch last handled emitted: the runner looks at
+    /// the outbox after a commit only when this is not 0.
+    pub fn emitted(&self) -> u64 {
+        self.batch.iter().map(|(.., emitted)| u64::from(*emitted)).sum()
+    }
+
     /// Take the host-side error behind the last trap, if there was one.
     pub fn take_host_error(&mut self) -> Option<anyhow::Error> {
         self.host_error.take()
@@ -586,6 +592,9 @@ mod tests {
         emit(&mut host, "charges", "order_charged", 7).unwrap().unwrap();
         emit(&mut host, "charges", "order_noted", 7).unwrap().unwrap();
         emit(&mut host, "audit", "order_charged", 9).unwrap().unwrap();
+        assert_eq!(host.emitted(), 3, "the batch knows it emitted");
+        host.set_batch(&[event(10, "evt-10", None)]);
+        assert_eq!(host.emitted(), 0, "a new batch has emitted nothing yet");
         type Row = (i64, String, String, String, Option<String>, String, String, u64);
         let rows: Vec<Row> = host
             .db()

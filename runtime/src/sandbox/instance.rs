@@ -102,6 +102,13 @@ impl GuestInstance {
         &self.module
     }
 
+    /// How many events the last `handle` call emitted into the outbox
+    /// (committed only if that call's [`Attempt`] is
+    /// [`Attempt::Committed`]).
+    pub fn emitted(&self) -> u64 {
+        self.store.data().emitted()
+    }
+
     /// The projection's database (this instance's connection).
     pub fn db(&self) -> &Connection {
         self.store.data().db()

@@ -46,6 +46,9 @@ pub struct ProjectionStatus {
     pub state: String,
     /// Events parked as dead letters.
     pub dead_letters: u64,
+    /// Events the projection emitted that wait in its outbox to be
+    /// published (0 once published).
+    pub outbox: u64,
     /// Why it faulted, if it did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -100,6 +103,7 @@ fn never_run(p: &crate::config::ProjectionConfig, head: u64) -> ProjectionStatus
         warning: None,
         state: "new".into(),
         dead_letters: 0,
+        outbox: 0,
         error: None,
         retrying: None,
         refused: None,
@@ -177,6 +181,7 @@ fn status_at(
             },
             state,
             dead_letters: dead_letters as u64,
+            outbox: store::outbox_len(&db)?,
         })
     };
     read()

@@ -174,6 +174,45 @@ pub fn from_object(mut object: Map<String, Value>) -> Result<NewEvent, CloudEven
     })
 }
 
+/// An event as CloudEvents JSON, as [`parse_event`] reads it back: `data`
+/// holds the payload as JSON when the content type is JSON (or absent) and
+/// the bytes are JSON, as a string when the content type is another and the
+/// bytes are UTF-8, and otherwise `data_base64` holds it. An empty payload
+/// is no data at all.
+pub fn to_json(event: &NewEvent) -> Value {
+    let mut object = Map::new();
+    object.insert("specversion".into(), "1.0".into());
+    object.insert("id".into(), event.id.clone().into());
+    object.insert("source".into(), event.source.clone().into());
+    object.insert("type".into(), event.event_type.clone().into());
+    let optional = [
+        ("subject", &event.subject),
+        ("time", &event.time),
+        ("datacontenttype", &event.datacontenttype),
+        ("correlationid", &event.correlation_id),
+        ("causationid", &event.causation_id),
+    ];
+    for (attribute, value) in optional {
+        if let Some(value) = value {
+            object.insert(attribute.into(), value.clone().into());
+        }
+    }
+    if !event.data.is_empty() {
+        let data = match is_json(event.datacontenttype.as_deref()) {
+            true => serde_json::from_slice::<Value>(&event.data).ok(),
+            false => std::str::from_utf8(&event.data).ok().map(|text| Value::String(text.into())),
+        };
+        match data {
+            Some(data) => object.insert("data".into(), data),
+            None => object.insert(
+                "data_base64".into(),
+                base64::engine::general_purpose::STANDARD.encode(&event.data).into(),
+            ),
+        };
+    }
+    Value::Object(object)
+}
+
 /// Whether a `datacontenttype` means the `data` attribute holds JSON (as it
 /// does when the type is absent).
 fn is_json(content_type: Option<&str>) -> bool {
@@ -270,6 +309,25 @@ mod tests {
         )
         .unwrap();
         assert_eq!(text.data, b"hi");
+    }
+
+    #[test]
+    fn an_event_written_as_json_reads_back_the_same() {
+        let lines = [
+            GOOD,
+            r#"{"specversion":"1.0","id":"e2","source":"s","type":"t","subject":"u1","time":"2026-01-01T00:00:00Z","correlationid":"c1","causationid":"k1","data":"a string"}"#,
+            r#"{"specversion":"1.0","id":"e3","source":"s","type":"t","datacontenttype":"text/plain","data":"{not json"}"#,
+            r#"{"specversion":"1.0","id":"e4","source":"s","type":"t","datacontenttype":"text/plain","data":"\"quoted\""}"#,
+            r#"{"specversion":"1.0","id":"e5","source":"s","type":"t","data_base64":"/wA="}"#,
+            r#"{"specversion":"1.0","id":"e6","source":"s","type":"t","datacontenttype":"application/octet-stream","data_base64":"/wA="}"#,
+            r#"{"specversion":"1.0","id":"e7","source":"s","type":"t"}"#,
+        ];
+        for line in lines {
+            let event = parse_event(line).unwrap();
+            let written = to_json(&event);
+            assert_eq!(written, serde_json::from_str::<Value>(line).unwrap(), "{line}");
+            assert_eq!(parse_event(&written.to_string()).unwrap(), event, "{line}");
+        }
     }
 
     #[test]

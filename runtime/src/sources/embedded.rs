@@ -315,6 +315,79 @@ impl LogReader {
     }
 }
 
+/// Reads one stream of a log from any process, read-only, while `run` or
+/// `append` may be writing it: what `projector events` prints.
+pub struct StreamReader {
+    db: Connection,
+    stream: String,
+}
+
+impl StreamReader {
+    /// A reader of `stream` in the log of data folder `data_dir`. The folder
+    /// and its `events.db` must exist: reading never creates a log.
+    pub fn open(data_dir: &Path, stream: &str) -> Result<Self> {
+        validate_stream_name(stream)?;
+        if !data_dir.is_dir() {
+            anyhow::bail!(
+                "there is no data folder {}: give the folder `projector run` and `projector append` \
+                 use (the config's `data`)",
+                data_dir.display()
+            );
+        }
+        let path = data_dir.join("events.db");
+        if !path.exists() {
+            anyhow::bail!(
+                "there is no event log in {} (no events.db): nothing was appended there yet; \
+                 `projector append` or `projector run` creates it",
+                data_dir.display()
+            );
+        }
+        let db = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .and_then(|db| db.execute_batch("PRAGMA busy_timeout=10000;").map(|()| db))
+            .map_err(|err| explain(err.into(), &path))
+            .with_context(|| format!("cannot open event log {}", path.display()))?;
+        Ok(StreamReader { db, stream: stream.to_string() })
+    }
+
+    /// Up to `limit` events of the stream from its position `from` on
+    /// (positions in a stream start at 1), each with its position.
+    pub fn read_from(&mut self, from: u64, limit: usize) -> Result<Vec<(u64, NewEvent)>> {
+        let created: i64 = self.db.query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'events'",
+            [],
+            |row| row.get(0),
+        )?;
+        if created == 0 {
+            // `run` or `append` is creating it this instant.
+            return Ok(Vec::new());
+        }
+        let mut stmt = self.db.prepare_cached(
+            "SELECT stream_position, id, source, type, subject, time, datacontenttype, correlation_id, \
+             causation_id, data FROM events WHERE stream = ?1 AND stream_position >= ?2 \
+             ORDER BY stream_position LIMIT ?3",
+        )?;
+        let from = i64::try_from(from).unwrap_or(i64::MAX);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = stmt.query_map(params![self.stream, from, limit], |row| {
+            Ok((
+                row.get::<_, i64>(0)? as u64,
+                NewEvent {
+                    id: row.get(1)?,
+                    source: row.get(2)?,
+                    event_type: row.get(3)?,
+                    subject: row.get(4)?,
+                    time: row.get(5)?,
+                    datacontenttype: row.get(6)?,
+                    correlation_id: row.get(7)?,
+                    causation_id: row.get(8)?,
+                    data: row.get(9)?,
+                },
+            ))
+        })?;
+        rows.collect::<rusqlite::Result<_>>().context("reading the event log")
+    }
+}
+
 fn head(db: &Connection) -> Result<u64> {
     let head: Option<i64> = db
         .prepare_cached("SELECT max(position) FROM events")?
