@@ -255,12 +255,14 @@ fn main() {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("state.db");
         let start = Instant::now();
-        let out = Command::new("python3").arg(&script).arg(&events).arg(&state).arg("10000").output().unwrap();
+        let out =
+            Command::new("python3").arg(&script).arg(&events).arg(&state).arg("10000").output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), n.to_string());
         n as f64 / start.elapsed().as_secs_f64()
     });
-    let projected: i64 = ws.query("wallet-allowlist", "SELECT count(*) AS n FROM allowlist")[0]["n"].as_i64().unwrap();
+    let projected: i64 =
+        ws.query("wallet-allowlist", "SELECT count(*) AS n FROM allowlist")[0]["n"].as_i64().unwrap();
     assert_eq!(Some(projected), state_rows, "projector builds the allowlist the peers build");
 
     println!("  projector rebuild, defaults:            {projector:>9.0}");
