@@ -19,6 +19,7 @@ use std::time::Duration;
 
 pub mod cloudevents;
 pub mod embedded;
+pub mod nats;
 
 /// How far a projection has applied a source: the last position taken, per
 /// partition (a partition not named is at 0, before its first event).

@@ -174,6 +174,50 @@ pub fn from_object(mut object: Map<String, Value>) -> Result<NewEvent, CloudEven
     })
 }
 
+/// `event` as a CloudEvents JSON object (structured mode), which
+/// [`parse_event`] reads back as the same event: `data` as JSON when the
+/// content type is JSON and the bytes are JSON as this module writes it, as
+/// text for a text type, else `data_base64`.
+pub fn to_json(event: &NewEvent) -> Value {
+    let mut object = Map::new();
+    object.insert("specversion".into(), "1.0".into());
+    object.insert("id".into(), event.id.clone().into());
+    object.insert("source".into(), event.source.clone().into());
+    object.insert("type".into(), event.event_type.clone().into());
+    let optional = [
+        ("subject", &event.subject),
+        ("time", &event.time),
+        ("datacontenttype", &event.datacontenttype),
+        ("correlationid", &event.correlation_id),
+        ("causationid", &event.causation_id),
+    ];
+    for (attribute, value) in optional {
+        if let Some(value) = value {
+            object.insert(attribute.into(), value.clone().into());
+        }
+    }
+    if !event.data.is_empty() {
+        let json = is_json(event.datacontenttype.as_deref());
+        let as_json = json
+            .then(|| serde_json::from_slice::<Value>(&event.data).ok())
+            .flatten()
+            .filter(|value| serde_json::to_vec(value).is_ok_and(|bytes| bytes == event.data));
+        match (as_json, std::str::from_utf8(&event.data)) {
+            (Some(value), _) => {
+                object.insert("data".into(), value);
+            }
+            (None, Ok(text)) if !json => {
+                object.insert("data".into(), text.into());
+            }
+            _ => {
+                let encoded = base64::engine::general_purpose::STANDARD.encode(&event.data);
+                object.insert("data_base64".into(), encoded.into());
+            }
+        }
+    }
+    Value::Object(object)
+}
+
 /// Whether a `datacontenttype` means the `data` attribute holds JSON (as it
 /// does when the type is absent).
 fn is_json(content_type: Option<&str>) -> bool {
@@ -339,6 +383,32 @@ mod tests {
         assert!(parse_event(&big_data.to_string()).is_ok());
         let input = format!("{GOOD}\n{}\n", event("id", &long));
         assert_eq!(parse_lines(&input, "big.jsonl").unwrap_err().line, 2);
+    }
+
+    #[test]
+    fn events_written_as_json_read_back_the_same() {
+        let base = parse_event(
+            r#"{"specversion":"1.0","id":"e1","source":"api","type":"t","subject":"u1","time":"2026-01-01T00:00:00Z",
+                "correlationid":"c1","causationid":"k1","data":{"a":[1,2.5,"x"]}}"#,
+        )
+        .unwrap();
+        let with = |datacontenttype: Option<&str>, data: &[u8]| NewEvent {
+            datacontenttype: datacontenttype.map(str::to_string),
+            data: data.to_vec(),
+            ..base.clone()
+        };
+        for event in [
+            base.clone(),
+            with(None, b""),
+            with(None, b"{ \"spaced\": true }"),
+            with(Some("application/json"), b"[1,2]"),
+            with(Some("text/plain"), b"caf\xc3\xa9"),
+            with(Some("application/octet-stream"), b"\x00\xff"),
+            with(None, b"\xff"),
+        ] {
+            let json = to_json(&event).to_string();
+            assert_eq!(parse_event(&json).unwrap(), event, "{json}");
+        }
     }
 
     #[test]
