@@ -12,7 +12,8 @@ mod util;
 use projector::projection::runner::{ProjectionRunner, ProjectionSpec};
 use projector::sandbox::engine::ProjectorEngine;
 use projector::sources::cloudevents;
-use projector::sources::embedded::{EventLog, Filter};
+use projector::sources::embedded::{EmbeddedOpener, EventLog};
+use projector::sources::{Filter, SourceOpener};
 use projector_sdk::Event;
 use projector_sdk::testing::Harness;
 use std::sync::Arc;
@@ -42,6 +43,7 @@ fn main() {
         }
         append.push(start.elapsed());
 
+        let opener: Arc<dyn SourceOpener> = Arc::new(EmbeddedOpener::new(log.clone()));
         let engine = Arc::new(ProjectorEngine::new(false).unwrap());
         let spec = ProjectionSpec {
             name: "wallet-allowlist".into(),
@@ -55,11 +57,11 @@ fn main() {
         let live =
             Arc::new(projector::projection::live::LiveProjection::new("wallet-allowlist", Arc::default()));
         let mut runner =
-            ProjectionRunner::start(engine, &spec, &log, Arc::new(AtomicBool::new(false)), live).unwrap();
+            ProjectionRunner::start(engine, &spec, &opener, Arc::new(AtomicBool::new(false)), live).unwrap();
         let start = Instant::now();
         runner.catch_up().unwrap();
         wasm.push(start.elapsed());
-        assert_eq!(runner.checkpoint(), n as u64);
+        assert_eq!(runner.checkpoint().total(), n as u64);
         assert_eq!(runner.parked(), 0);
 
         let sdk_events: Vec<Event> = events

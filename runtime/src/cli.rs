@@ -398,9 +398,10 @@ fn rebuild(config: &Config, name: &str) -> Result<()> {
                         s.error.as_deref().unwrap_or("no reason recorded")
                     );
                 }
-                if let Some(reason) = s.refused.as_ref().and_then(|r| r["reason"].as_str())
-                    && reason.starts_with("the rebuild failed")
+                if let Some(refused) = &s.refused
+                    && refused["rebuild_failed"] == true
                 {
+                    let reason = refused["reason"].as_str().unwrap_or("the rebuild failed");
                     anyhow::bail!("projection {name}: {reason}");
                 }
             }
@@ -437,6 +438,17 @@ fn run(config: &Config, config_path: &std::path::Path, listen: &str, max_body: u
              it can ingest, pause, rebuild and read; set [http] token_file (see the README)"
         );
     }
+    // The handlers go in before anything announces the host is up: a
+    // SIGTERM right after `listen.addr` appears must stop it cleanly, not
+    // kill it.
+    let (mut term, mut interrupt) = {
+        let _runtime = runtime.enter();
+        use tokio::signal::unix::{SignalKind, signal};
+        (
+            signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
+            signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?,
+        )
+    };
     let supervisor = Supervisor::start(config, Some(config_path))?;
     let api = Arc::new(Api::new(
         supervisor.view().clone(),
@@ -458,11 +470,9 @@ fn run(config: &Config, config_path: &std::path::Path, listen: &str, max_body: u
         "projector running, HTTP API on http://{address}/; stop with Ctrl-C or SIGTERM"
     );
     let served = runtime.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .context("cannot listen for SIGTERM")?;
         let shutdown = async move {
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
+                _ = interrupt.recv() => {}
                 _ = term.recv() => {}
             }
         };

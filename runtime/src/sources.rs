@@ -13,6 +13,7 @@
 //! and a JetStream stream each have one partition; a Kafka topic has many.
 
 use crate::bindings::Event;
+use crate::config::SourceKind;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -216,4 +217,19 @@ pub trait SourceOpener: Send + Sync {
     /// projection's name, with the database generation it builds: a
     /// broker's consumer is named after it).
     fn open(&self, filter: &Filter, reader: &str) -> anyhow::Result<Box<dyn Source>>;
+}
+
+/// The opener of the source projection `p` of `config` reads: the embedded
+/// `log`, or the broker its `source` names.
+pub fn opener_for(
+    config: &crate::config::Config,
+    p: &crate::config::ProjectionConfig,
+    log: &Arc<embedded::EventLog>,
+) -> anyhow::Result<Arc<dyn SourceOpener>> {
+    match config.source_of(p) {
+        SourceKind::Embedded => Ok(Arc::new(embedded::EmbeddedOpener::new(log.clone()))),
+        SourceKind::Nats { name, .. } => {
+            anyhow::bail!("source {name:?}: this build reads NATS JetStream only with the nats module")
+        }
+    }
 }

@@ -143,6 +143,29 @@ fn advance_partition(db: &Connection, partition: &str, from: u64, to: u64) -> Re
     Ok(changed == 1 && (from != 0 || partition_position(db, partition)? == to))
 }
 
+/// Run `write` in one `BEGIN IMMEDIATE` transaction: committed when it
+/// returns true, rolled back when it returns false or fails.
+pub fn commit_if(db: &Connection, write: impl FnOnce(&Connection) -> Result<bool>) -> Result<bool> {
+    db.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+    match write(db) {
+        Ok(true) => {
+            if let Err(err) = db.prepare_cached("COMMIT").and_then(|mut commit| commit.execute([])) {
+                let _ = db.execute_batch("ROLLBACK");
+                return Err(err.into());
+            }
+            Ok(true)
+        }
+        Ok(false) => {
+            db.prepare_cached("ROLLBACK")?.execute([])?;
+            Ok(false)
+        }
+        Err(err) => {
+            let _ = db.execute_batch("ROLLBACK");
+            Err(err)
+        }
+    }
+}
+
 /// A metadata value (module hash, state version, run state, last error).
 pub fn meta(db: &Connection, key: &str) -> Result<Option<String>> {
     Ok(db

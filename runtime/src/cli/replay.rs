@@ -9,7 +9,8 @@ use crate::projection::runner::{ProjectionRunner, ProjectionSpec};
 use crate::sandbox::engine::{Limits, ProjectorEngine};
 use crate::serve::inspect;
 use crate::sources::cloudevents;
-use crate::sources::embedded::{EventLog, Filter};
+use crate::sources::embedded::{EmbeddedOpener, EventLog};
+use crate::sources::{Filter, SourceOpener};
 use anyhow::{Context as _, Result};
 use serde_json::Value;
 use std::path::PathBuf;
@@ -69,6 +70,7 @@ pub fn replay(options: &ReplayOptions) -> Result<ReplayOutcome> {
     let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
     let log = Arc::new(EventLog::open(dir.path())?);
     let appended = log.append(&options.stream, &events)?;
+    let opener: Arc<dyn SourceOpener> = Arc::new(EmbeddedOpener::new(log));
     let engine = Arc::new(ProjectorEngine::new(false)?);
     let spec = ProjectionSpec {
         name: "replay".into(),
@@ -81,7 +83,7 @@ pub fn replay(options: &ReplayOptions) -> Result<ReplayOutcome> {
     };
     let live = Arc::new(LiveProjection::new("replay", Arc::default()));
     let mut runner =
-        ProjectionRunner::start(engine.clone(), &spec, &log, Arc::new(AtomicBool::new(false)), live)?;
+        ProjectionRunner::start(engine.clone(), &spec, &opener, Arc::new(AtomicBool::new(false)), live)?;
     let bar = progress_bar(appended.appended);
     runner.catch_up_with(|checkpoint, head| {
         if let Some(bar) = &bar {

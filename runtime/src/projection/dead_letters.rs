@@ -134,6 +134,19 @@ pub fn discard(config: &Config, name: &str, ids: &[String]) -> Result<usize> {
     Ok(chosen.len())
 }
 
+/// Ids named that are not (or no longer) dead letters of the projection.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "projection {projection:?} has no dead letter with id {}; `projector dead-letters list` shows them",
+    ids.join(", ")
+)]
+pub struct NoSuchDeadLetter {
+    /// The projection.
+    pub projection: String,
+    /// The ids not found.
+    pub ids: Vec<String>,
+}
+
 fn select(config: &Config, name: &str, selection: &Selection) -> Result<Vec<DeadLetter>> {
     let all = list(config, name)?;
     match selection {
@@ -145,11 +158,11 @@ fn select(config: &Config, name: &str, selection: &Selection) -> Result<Vec<Dead
             let missing: Vec<&str> =
                 ids.iter().filter(|id| !all.iter().any(|l| &&l.id == id)).map(String::as_str).collect();
             if !missing.is_empty() {
-                bail!(
-                    "projection {name:?} has no dead letter with id {}; `projector dead-letters \
-                     list` shows them",
-                    missing.join(", ")
-                );
+                return Err(NoSuchDeadLetter {
+                    projection: name.to_string(),
+                    ids: missing.into_iter().map(String::from).collect(),
+                }
+                .into());
             }
             Ok(all.into_iter().filter(|l| ids.contains(&l.id)).collect())
         }

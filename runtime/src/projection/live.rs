@@ -1,12 +1,68 @@
-//! [`LiveProjection`]: what a running projection shares with the HTTP API —
-//! its rate, last error, pause switch and current module — and the host's
-//! [`Metrics`].
+//! [`LiveProjection`]: what a running projection shares with the rest of
+//! the host — its state, rate, last error and current module, the host's
+//! [`Metrics`] — and the one way to steer it: a [`Command`] on its channel.
 
 use crate::projection::metrics::Metrics;
+use crate::projection::runner::ModuleUpdate;
 use crate::sandbox::engine::LoadedModule;
+use crate::sources::Wake;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// What a projection is told to do; it acts between two batches.
+pub enum Command {
+    /// Stop taking batches (reads still served) until [`Command::Resume`].
+    Pause,
+    /// Take batches again.
+    Resume,
+    /// Build the state again from the source into a new generation of the
+    /// database, with the running module, while it keeps serving.
+    Rebuild,
+    /// A module file changed: swap it in (or record why it was refused).
+    Swap(ModuleUpdate),
+    /// Finish the batch in flight and return.
+    Stop,
+}
+
+/// What a projection is doing, as status shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunState {
+    /// Starting (loading its module, or rebuilding before it can run).
+    Starting,
+    /// Taking batches.
+    Running,
+    /// Paused by an operator.
+    Paused,
+    /// Its source cannot be reached: trying again.
+    Connecting,
+    /// Stopped.
+    Stopped,
+    /// Halted by an error it cannot get past.
+    Faulted,
+}
+
+impl RunState {
+    /// As status and the database's `state` show it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunState::Starting => "starting",
+            RunState::Running => "running",
+            RunState::Paused => "paused",
+            RunState::Connecting => "connecting",
+            RunState::Stopped => "stopped",
+            RunState::Faulted => "faulted",
+        }
+    }
+}
+
+impl std::fmt::Display for RunState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// One running projection, as the rest of the host sees it.
 pub struct LiveProjection {
@@ -14,7 +70,12 @@ pub struct LiveProjection {
     pub name: String,
     /// The host's metrics.
     pub metrics: Arc<Metrics>,
-    paused: AtomicBool,
+    commands: Mutex<Option<Sender<Command>>>,
+    /// Set with [`Command::Stop`], for the long loops that take no commands
+    /// (a rebuild before the projection starts).
+    stopping: Arc<AtomicBool>,
+    waker: Mutex<Option<Arc<dyn Wake>>>,
+    state: Mutex<RunState>,
     module: Mutex<Option<LoadedModule>>,
     last_error: Mutex<Option<String>>,
     rate: Mutex<Rate>,
@@ -35,7 +96,10 @@ impl LiveProjection {
         LiveProjection {
             name: name.to_string(),
             metrics,
-            paused: AtomicBool::new(false),
+            commands: Mutex::new(None),
+            stopping: Arc::new(AtomicBool::new(false)),
+            waker: Mutex::new(None),
+            state: Mutex::new(RunState::Starting),
             module: Mutex::new(None),
             last_error: Mutex::new(None),
             rate: Mutex::new(Rate { window_start: Instant::now(), in_window: 0, per_second: 0.0 }),
@@ -68,14 +132,48 @@ impl LiveProjection {
         self.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Pause or resume processing (between batches).
-    pub fn set_paused(&self, paused: bool) {
-        self.paused.store(paused, Ordering::Relaxed);
+    /// The projection's command channel: the receiving end, for its
+    /// runner; commands sent before stay queued.
+    pub fn open_commands(&self) -> Receiver<Command> {
+        let (sender, receiver) = channel();
+        *self.commands.lock().unwrap_or_else(|e| e.into_inner()) = Some(sender);
+        receiver
     }
 
-    /// Whether processing is paused.
-    pub fn is_paused(&self) -> bool {
-        self.paused.load(Ordering::Relaxed)
+    /// Tell the projection to do something, between two batches; wakes it
+    /// if it waits for events. False if it no longer runs.
+    pub fn send(&self, command: Command) -> bool {
+        if matches!(command, Command::Stop) {
+            self.stopping.store(true, Ordering::Relaxed);
+        }
+        let sent = match &*self.commands.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(sender) => sender.send(command).is_ok(),
+            None => false,
+        };
+        if let Some(waker) = &*self.waker.lock().unwrap_or_else(|e| e.into_inner()) {
+            waker.wake();
+        }
+        sent
+    }
+
+    /// The flag [`Command::Stop`] sets.
+    pub fn stopping(&self) -> Arc<AtomicBool> {
+        self.stopping.clone()
+    }
+
+    /// What wakes the projection's source read (set by its runner).
+    pub fn set_waker(&self, waker: Arc<dyn Wake>) {
+        *self.waker.lock().unwrap_or_else(|e| e.into_inner()) = Some(waker);
+    }
+
+    /// What it is doing.
+    pub fn state(&self) -> RunState {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Record what it is doing.
+    pub fn set_state(&self, state: RunState) {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = state;
     }
 
     /// Publish the module now running.

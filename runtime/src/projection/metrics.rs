@@ -42,6 +42,10 @@ pub struct Metrics {
     pub rebuilds: Family<ProjectionLabel, Counter>,
     /// Failed guest calls by kind.
     pub guest_errors: Family<GuestErrorLabel, Counter>,
+    /// The source's last position, refreshed at each scrape.
+    pub source_head: Family<ProjectionLabel, Gauge>,
+    /// 1 while the projection's source answers, 0 while connecting.
+    pub source_connected: Family<ProjectionLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -54,12 +58,28 @@ impl Default for Metrics {
         let module_swaps = Family::<ProjectionLabel, Counter>::default();
         let guest_errors = Family::<GuestErrorLabel, Counter>::default();
         let rebuilds = Family::<ProjectionLabel, Counter>::default();
+        let source_head = Family::<ProjectionLabel, Gauge>::default();
+        let source_connected = Family::<ProjectionLabel, Gauge>::default();
+        registry.register(
+            "projector_source_head",
+            "The last position of the projection's source",
+            source_head.clone(),
+        );
+        registry.register(
+            "projector_source_connected",
+            "1 while the projection's source answers, 0 while it is connecting",
+            source_connected.clone(),
+        );
         registry.register(
             "projector_events_processed",
             "Events handed to a projection's module and committed",
             events_processed.clone(),
         );
-        registry.register("projector_lag", "Event log head minus the projection's checkpoint", lag.clone());
+        registry.register(
+            "projector_lag",
+            "Events of the projection's source after its checkpoint (for a broker, as the broker counts them)",
+            lag.clone(),
+        );
         registry.register(
             "projector_batch_seconds",
             "Time to handle and commit one batch",
@@ -77,6 +97,8 @@ impl Default for Metrics {
             registry,
             events_processed,
             lag,
+            source_head,
+            source_connected,
             batch_seconds,
             dead_letters,
             module_swaps,

@@ -60,22 +60,23 @@ pub fn offline(config: &Config, name: &str, progress: impl FnMut(u64, u64)) -> R
         name: name.to_string(),
         module: p.module.clone(),
         database: next_generation(&current, name),
-        filter: crate::sources::embedded::Filter { streams: p.streams.clone(), types: p.types.clone() },
+        filter: crate::sources::Filter { streams: p.streams.clone(), types: p.types.clone() },
         batch_size: p.batch_size,
         limits: config.limits(p),
         policy: p.on_failure,
     };
     remove_database(&spec.database);
     let log = Arc::new(EventLog::open(&config.data)?);
+    let opener = crate::sources::opener_for(config, p, &log)?;
     let engine = Arc::new(
         ProjectorEngine::new(config.limits(p).fuel.is_some())?.with_cache(config.data.join("cache")),
     );
     let live = Arc::new(LiveProjection::new(name, Arc::default()));
-    let built = ProjectionRunner::start(engine, &spec, &log, Arc::new(AtomicBool::new(false)), live)
+    let built = ProjectionRunner::start(engine, &spec, &opener, Arc::new(AtomicBool::new(false)), live)
         .and_then(|mut runner| {
             runner.catch_up_with(progress)?;
             crate::store::set_meta(runner.db(), "state", Some("stopped"))?;
-            Ok(runner.checkpoint())
+            Ok(runner.checkpoint().total())
         });
     let checkpoint = match built {
         Ok(checkpoint) => checkpoint,

@@ -11,21 +11,21 @@
 
 use crate::bindings::{Event, Failure};
 use crate::config::FailurePolicy;
-use crate::projection::live::LiveProjection;
+use crate::projection::live::{Command, LiveProjection, RunState};
 use crate::projection::rebuild::Rebuild;
 use crate::sandbox::engine::{Limits, LoadedModule, ProjectorEngine};
 use crate::sandbox::host::GuestHost;
 use crate::sandbox::instance::{Attempt, GuestInstance};
 use crate::sources::Checkpoint;
-use crate::sources::embedded::PARTITION;
-use crate::sources::embedded::{EventLog, Filter, LogReader, POLL_INTERVAL};
+use crate::sources::{Batch, Filter, Health, Source, SourceError, SourceOpener};
 use crate::store;
 use anyhow::{Context as _, Result, bail};
 use rusqlite::Connection;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::time::{Duration, Instant};
 
 /// Where a projection's pieces are, and how it runs.
 #[derive(Debug, Clone)]
@@ -85,6 +85,41 @@ pub fn declared_state_version(
     GuestInstance::reader(engine.clone(), module.clone(), host)?.state_version()
 }
 
+/// How the state version a module declares compares with the one a
+/// database holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateVersion {
+    /// The same: the module runs over the database as it is.
+    Same,
+    /// The database holds none yet: the module's `init` sets it.
+    Fresh,
+    /// Another: the state must be rebuilt from the source.
+    Differs {
+        /// What the database holds.
+        found: String,
+        /// What the module declares.
+        declared: u32,
+    },
+}
+
+/// The one state-version check: `module`'s declared version against
+/// `found`, the database's `state_version` (none before its first `init`).
+/// An error when the module cannot say (it traps in `state-version`).
+pub fn check_state_version(
+    engine: &Arc<ProjectorEngine>,
+    name: &str,
+    limits: Limits,
+    module: &LoadedModule,
+    found: Option<String>,
+) -> Result<StateVersion> {
+    let declared = declared_state_version(engine, name, limits, module)?;
+    Ok(match found {
+        None => StateVersion::Fresh,
+        Some(found) if found == declared.to_string() => StateVersion::Same,
+        Some(found) => StateVersion::Differs { found, declared },
+    })
+}
+
 /// Prepare `module` for the projection `name` over `database`, off the
 /// projection's thread: check the state version it declares, and if it is
 /// the one the database holds, make its instance and run its `init` on a
@@ -102,14 +137,12 @@ pub fn prepare_update(
         path: module.path.clone(),
         reason,
     };
-    let declared = match declared_state_version(engine, name, limits, &module) {
-        Ok(version) => version,
-        Err(err) => return refused(format!("{err:#}")),
-    };
     let Ok(db) = store::open(database) else { return ModuleUpdate::Ready(module) };
-    match store::meta(&db, "state_version") {
-        Ok(Some(found)) if found == declared.to_string() => {}
-        _ => return ModuleUpdate::Ready(module),
+    let found = store::meta(&db, "state_version").ok().flatten();
+    match check_state_version(engine, name, limits, &module, found) {
+        Ok(StateVersion::Same) => {}
+        Ok(_) => return ModuleUpdate::Ready(module),
+        Err(err) => return refused(format!("{err:#}")),
     }
     match GuestHost::new(db, name.into(), limits)
         .and_then(|host| GuestInstance::new(engine.clone(), module.clone(), host))
@@ -122,10 +155,18 @@ pub fn prepare_update(
     }
 }
 
-/// Write `metas` (key, value or none to remove) into `db`'s meta, inside
-/// the caller's transaction.
-fn put_metas(db: &Connection, metas: &[(&'static str, Option<String>)]) -> Result<()> {
-    metas.iter().try_for_each(|(key, value)| store::set_meta(db, key, value.as_deref()))
+/// What every transaction that moves the checkpoint writes besides the
+/// module's changes: the status waiting for a commit (`metas`, key and value
+/// or none to remove), and the checkpoint's compare-and-set from `from` to
+/// `to`. False, and the caller rolls back, when another writer moved it.
+fn batch_writes(
+    db: &Connection,
+    metas: &[(&'static str, Option<String>)],
+    from: &Checkpoint,
+    to: &Checkpoint,
+) -> Result<bool> {
+    metas.iter().try_for_each(|(key, value)| store::set_meta(db, key, value.as_deref()))?;
+    store::advance_checkpoint(db, from, to)
 }
 
 /// Every series of a projection exists from its start, at zero.
@@ -137,7 +178,7 @@ fn start_series(live: &LiveProjection, name: &str) {
 }
 
 /// What one step of the loop did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
     /// Nothing new in the log.
     Idle,
@@ -145,6 +186,8 @@ pub enum Step {
     Advanced(usize),
     /// The module asked to retry; the batch waits out its backoff.
     Retrying,
+    /// The source cannot be reached now, for this reason.
+    Connecting(String),
 }
 
 /// How applying a batch ended.
@@ -163,24 +206,34 @@ enum Applied {
 const RETRY_BACKOFF_START: Duration = Duration::from_millis(10);
 /// …up to this.
 const RETRY_BACKOFF_CAP: Duration = Duration::from_secs(5);
+/// The first wait after a source was unreachable; each next one twice as
+/// long…
+const CONNECT_BACKOFF_START: Duration = Duration::from_millis(100);
+/// …up to this.
+const CONNECT_BACKOFF_CAP: Duration = Duration::from_secs(5);
+/// How long an idle projection waits for the source before looking at its
+/// commands again (a command wakes it sooner).
+const POLL_INTERVAL: Duration = Duration::from_millis(25);
+/// How often the source's head, lag and health are written for status.
+const SOURCE_REPORT_INTERVAL: Duration = Duration::from_secs(1);
+/// How often a rebuild's progress is written to the running database.
+const REBUILD_REPORT_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Runs one projection: a module over the event log into its database.
 pub struct ProjectionRunner {
     name: Arc<str>,
     engine: Arc<ProjectorEngine>,
     spec: ProjectionSpec,
-    log: Arc<EventLog>,
+    opener: Arc<dyn SourceOpener>,
     rebuild: Option<Rebuild<ProjectionRunner>>,
     last_rebuild_check: std::time::Instant,
     database: PathBuf,
     limits: Limits,
-    updates: Option<std::sync::mpsc::Receiver<ModuleUpdate>>,
     instance: GuestInstance,
-    reader: LogReader,
-    filter: Filter,
+    source: Box<dyn Source>,
     batch_size: usize,
     policy: FailurePolicy,
-    checkpoint: u64,
+    checkpoint: Checkpoint,
     stop: Arc<AtomicBool>,
     live: Arc<LiveProjection>,
     /// Attempts so far at the batch after the checkpoint, while the module
@@ -195,6 +248,10 @@ pub struct ProjectionRunner {
     unwritten: Vec<(&'static str, Option<String>)>,
     handled: u64,
     parked: u64,
+    /// Since the source became unreachable: why, and the backoff now.
+    unavailable: Option<(String, Duration)>,
+    /// When the source's report was last written, and what it said.
+    reported: Option<(Instant, String)>,
 }
 
 impl ProjectionRunner {
@@ -205,14 +262,14 @@ impl ProjectionRunner {
     pub fn start(
         engine: Arc<ProjectorEngine>,
         spec: &ProjectionSpec,
-        log: &Arc<EventLog>,
+        opener: &Arc<dyn SourceOpener>,
         stop: Arc<AtomicBool>,
         live: Arc<LiveProjection>,
     ) -> Result<Self> {
         let module = engine
             .load_file(&spec.module)
             .with_context(|| format!("projection {}: cannot load its module", spec.name))?;
-        Self::start_with_module(engine, spec, module, log, stop, live)
+        Self::start_with_module(engine, spec, module, opener, stop, live)
     }
 
     /// [`ProjectionRunner::start`], unless the database holds another state
@@ -225,7 +282,7 @@ impl ProjectionRunner {
     pub fn start_or_rebuild(
         engine: Arc<ProjectorEngine>,
         spec: &ProjectionSpec,
-        log: &Arc<EventLog>,
+        opener: &Arc<dyn SourceOpener>,
         stop: Arc<AtomicBool>,
         live: Arc<LiveProjection>,
     ) -> Result<Option<Self>> {
@@ -236,10 +293,13 @@ impl ProjectionRunner {
             Some(db) if store::is_initialized(&db)? => store::meta(&db, "state_version")?,
             _ => None,
         };
-        let declared = declared_state_version(&engine, &spec.name, spec.limits, &module)
-            .with_context(|| format!("projection {}: module {}", spec.name, spec.module.display()))?;
-        let Some(found) = found.filter(|found| *found != declared.to_string()) else {
-            return Self::start_with_module(engine, spec, module, log, stop, live).map(Some);
+        let (found, declared) = match check_state_version(&engine, &spec.name, spec.limits, &module, found)
+            .with_context(|| format!("projection {}: module {}", spec.name, spec.module.display()))?
+        {
+            StateVersion::Same | StateVersion::Fresh => {
+                return Self::start_with_module(engine, spec, module, opener, stop, live).map(Some);
+            }
+            StateVersion::Differs { found, declared } => (found, declared),
         };
         tracing::info!(
             projection = %spec.name,
@@ -255,7 +315,7 @@ impl ProjectionRunner {
         // Until it takes over, the new module is not the projection's: the
         // API must not run its `query` over the old database.
         let scratch = Arc::new(LiveProjection::new(&spec.name, Arc::default()));
-        let built = Self::start_with_module(engine, &green_spec, module, log, stop.clone(), scratch)
+        let built = Self::start_with_module(engine, &green_spec, module, opener, stop.clone(), scratch)
             .and_then(|mut green| {
                 store::set_meta(&old, "state", Some("running"))?;
                 let mut reported = std::time::Instant::now();
@@ -278,20 +338,9 @@ impl ProjectionRunner {
         match built {
             Ok(mut green) if !stop.load(Ordering::Relaxed) => {
                 drop(old);
-                live.set_module(green.instance.module().clone());
                 start_series(&live, &spec.name);
                 green.live = live;
-                // Readers see the new database as running from its first
-                // moment behind the pointer.
-                store::set_meta(green.db(), "state", Some("running"))?;
-                store::switch_to(&spec.name, &green_spec.database)?;
-                store::remove_database(&spec.database);
-                tracing::info!(
-                    projection = %spec.name,
-                    checkpoint = green.checkpoint,
-                    database = %green_spec.database.display(),
-                    "rebuild caught up and took over"
-                );
+                green.take_over(&spec.database)?;
                 Ok(Some(green))
             }
             Ok(stopped) => {
@@ -315,13 +364,18 @@ impl ProjectionRunner {
         engine: Arc<ProjectorEngine>,
         spec: &ProjectionSpec,
         module: LoadedModule,
-        log: &Arc<EventLog>,
+        opener: &Arc<dyn SourceOpener>,
         stop: Arc<AtomicBool>,
         live: Arc<LiveProjection>,
     ) -> Result<Self> {
         let name: Arc<str> = spec.name.as_str().into();
         let db = store::open(&spec.database)?;
-        let checkpoint = store::checkpoint(&db, PARTITION)?.position(PARTITION);
+        let reader = spec.database.file_stem().and_then(|stem| stem.to_str()).unwrap_or(&spec.name);
+        let source = opener
+            .open(&spec.filter, reader)
+            .with_context(|| format!("projection {}: cannot open source {}", spec.name, opener.name()))?;
+        let checkpoint = store::checkpoint(&db, source.key())?;
+        store::set_meta(&db, "source_key", Some(source.key()))?;
         let host = GuestHost::new(db, name.clone(), spec.limits)?;
         let instance = GuestInstance::new(engine.clone(), module, host)?;
         let db = instance.db();
@@ -336,15 +390,13 @@ impl ProjectionRunner {
             name,
             engine,
             spec: spec.clone(),
-            log: log.clone(),
+            opener: opener.clone(),
             rebuild: None,
             last_rebuild_check: std::time::Instant::now(),
             database: spec.database.clone(),
             limits: spec.limits,
-            updates: None,
             instance,
-            reader: log.reader()?,
-            filter: spec.filter.clone(),
+            source,
             batch_size: spec.batch_size,
             policy: spec.policy,
             checkpoint,
@@ -355,13 +407,9 @@ impl ProjectionRunner {
             unwritten: Vec::new(),
             handled: 0,
             parked: 0,
+            unavailable: None,
+            reported: None,
         })
-    }
-
-    /// Take module updates from `updates`, between batches.
-    pub fn with_updates(mut self, updates: std::sync::mpsc::Receiver<ModuleUpdate>) -> Self {
-        self.updates = Some(updates);
-        self
     }
 
     /// The projection's name.
@@ -379,9 +427,9 @@ impl ProjectionRunner {
         &self.instance.module().sha256
     }
 
-    /// The position up to which every event's effect is committed.
-    pub fn checkpoint(&self) -> u64 {
-        self.checkpoint
+    /// How far every event's effect is committed.
+    pub fn checkpoint(&self) -> &Checkpoint {
+        &self.checkpoint
     }
 
     /// Events handed to the module and committed, since start.
@@ -404,39 +452,155 @@ impl ProjectionRunner {
         self.instance.db()
     }
 
-    /// Process until the stop flag is set. The batch in flight commits or
-    /// rolls back as a whole; nothing is half-applied.
-    pub fn run(&mut self) -> Result<()> {
-        store::set_meta(self.db(), "state", Some("running"))?;
+    /// Process until told to stop (a [`Command::Stop`], or the stop flag
+    /// this runner was started with), taking `commands` between batches.
+    /// The batch in flight commits or rolls back as a whole; nothing is
+    /// half-applied.
+    pub fn run(&mut self, commands: &Receiver<Command>) -> Result<()> {
+        self.set_state(RunState::Running)?;
+        self.live.set_waker(self.source.waker());
         let mut paused = false;
-        while !self.stop.load(Ordering::Relaxed) {
-            if self.live.is_paused() != paused {
-                paused = !paused;
-                let state = if paused { "paused" } else { "running" };
-                store::set_meta(self.db(), "state", Some(state))?;
-                tracing::info!(projection = &*self.name, checkpoint = self.checkpoint, "{state}");
+        let mut wait = Duration::ZERO;
+        loop {
+            let first = match wait.is_zero() {
+                true => commands.try_recv().map_err(|err| matches!(err, TryRecvError::Disconnected)),
+                false => {
+                    commands.recv_timeout(wait).map_err(|err| matches!(err, RecvTimeoutError::Disconnected))
+                }
+            };
+            let mut stop = matches!(first, Err(true)) || self.stop.load(Ordering::Relaxed);
+            for command in first.ok().into_iter().chain(std::iter::from_fn(|| commands.try_recv().ok())) {
+                match command {
+                    Command::Stop => stop = true,
+                    Command::Pause | Command::Resume => {
+                        let pause = matches!(command, Command::Pause);
+                        if pause != paused {
+                            paused = pause;
+                            let state = if paused { RunState::Paused } else { RunState::Running };
+                            self.set_state(state)?;
+                            tracing::info!(projection = &*self.name, checkpoint = %self.checkpoint.to_json(), "{state}");
+                        }
+                    }
+                    Command::Rebuild => {
+                        if self.rebuild.is_none() {
+                            tracing::info!(projection = &*self.name, "rebuild requested");
+                            let module = self.instance.module().clone();
+                            self.start_rebuild(module)?;
+                        }
+                    }
+                    Command::Swap(update) => self.take_update(update)?,
+                }
             }
-            self.take_updates()?;
+            if stop {
+                break;
+            }
             self.tend_rebuild()?;
+            self.report_source()?;
             if paused {
                 // A swap's status goes out now: no batch will carry it.
                 self.write_unwritten()?;
-                std::thread::sleep(POLL_INTERVAL);
+                wait = POLL_INTERVAL;
                 continue;
             }
-            match self.step()? {
-                Step::Idle => self.reader.wait(POLL_INTERVAL),
+            wait = match self.step(POLL_INTERVAL)? {
+                Step::Idle | Step::Advanced(_) => {
+                    self.connected()?;
+                    Duration::ZERO
+                }
                 // Waiting out a backoff here, not inside the batch, keeps
                 // swaps, rebuilds, pauses and stops working meanwhile.
-                Step::Retrying => self.wait_for_retry(POLL_INTERVAL),
-                Step::Advanced(_) => {}
-            }
+                Step::Retrying => self
+                    .retry_at
+                    .map_or(Duration::ZERO, |at| at.saturating_duration_since(Instant::now()))
+                    .min(POLL_INTERVAL),
+                Step::Connecting(reason) => self.connecting(reason)?,
+            };
         }
         if let Some(rebuild) = self.rebuild.take() {
             rebuild.cancel();
             store::set_meta(self.db(), "rebuilding", None)?;
         }
         self.write_unwritten()
+    }
+
+    /// Every so often, write how the source is doing where status reads
+    /// it: its name, head, the lag behind it, whether it answers and what
+    /// an operator should know.
+    fn report_source(&mut self) -> Result<()> {
+        if self.reported.as_ref().is_some_and(|(at, _)| at.elapsed() < SOURCE_REPORT_INTERVAL) {
+            return Ok(());
+        }
+        let progress = self.source.progress(&self.checkpoint);
+        let health = self.source.health();
+        let mut report = serde_json::json!({
+            "name": self.opener.name(),
+            "connected": matches!(health, Health::Connected) && progress.is_ok(),
+        });
+        if let Ok(progress) = &progress {
+            report["head"] = progress.head.total().into();
+            report["lag"] = progress.lag.into();
+        }
+        if let Health::Connecting { error: Some(error) } = &health {
+            report["error"] = error.clone().into();
+        } else if let Err(err) = &progress {
+            report["error"] = format!("{err:#}").into();
+        }
+        if let Some(warning) = self.source.warning() {
+            report["warning"] = warning.into();
+        }
+        let report = report.to_string();
+        let changed = self.reported.as_ref().is_none_or(|(_, last)| *last != report);
+        if changed {
+            store::set_meta(self.db(), "source", Some(&report))?;
+        }
+        self.reported = Some((Instant::now(), report));
+        Ok(())
+    }
+
+    /// Record `state` (what status shows).
+    fn set_state(&mut self, state: RunState) -> Result<()> {
+        self.live.set_state(state);
+        store::set_meta(self.db(), "state", Some(state.as_str()))
+    }
+
+    /// The source cannot be read now: show `connecting` with why, and wait
+    /// longer each time before trying again.
+    fn connecting(&mut self, reason: String) -> Result<Duration> {
+        let backoff = match self.unavailable.take() {
+            None => {
+                tracing::warn!(
+                    projection = &*self.name,
+                    source = self.opener.name(),
+                    "source unavailable: {reason}; retrying"
+                );
+                CONNECT_BACKOFF_START
+            }
+            Some((_, backoff)) => (backoff * 2).min(CONNECT_BACKOFF_CAP),
+        };
+        if self.live.state() != RunState::Connecting
+            || self.live.last_error().as_deref() != Some(reason.as_str())
+        {
+            self.set_state(RunState::Connecting)?;
+            store::set_meta(self.db(), "error", Some(&reason))?;
+            self.live.set_last_error(Some(reason.clone()));
+        }
+        self.unavailable = Some((reason, backoff));
+        Ok(backoff)
+    }
+
+    /// The source answered again after being unavailable.
+    fn connected(&mut self) -> Result<()> {
+        if let Some((reason, _)) = self.unavailable.take() {
+            tracing::info!(
+                projection = &*self.name,
+                source = self.opener.name(),
+                "source reachable again (was: {reason})"
+            );
+            store::set_meta(self.db(), "error", None)?;
+            self.live.set_last_error(None);
+            self.set_state(RunState::Running)?;
+        }
+        Ok(())
     }
 
     /// Write the status waiting for a commit now, in a transaction of its
@@ -451,7 +615,7 @@ impl ProjectionRunner {
         Ok(())
     }
 
-    /// Process until the checkpoint reaches the log's head as it is now
+    /// Process until the checkpoint reaches the source's head as it is now
     /// (events appended meanwhile are left for later: under continuous
     /// appends, "until idle" might never come).
     pub fn catch_up(&mut self) -> Result<()> {
@@ -461,32 +625,60 @@ impl ProjectionRunner {
     /// [`ProjectionRunner::catch_up`], calling `progress(checkpoint, head)`
     /// after every batch.
     pub fn catch_up_with(&mut self, mut progress: impl FnMut(u64, u64)) -> Result<()> {
-        let head = self.reader.head()?;
-        while self.checkpoint < head && !self.stop.load(Ordering::Relaxed) {
-            match self.step()? {
+        let head = loop {
+            match self.source.progress(&self.checkpoint) {
+                Ok(progress) => break progress.head,
+                Err(SourceError::Unavailable(reason)) => {
+                    let wait = self.connecting(reason)?;
+                    self.sleep_unless_stopped(wait);
+                    if self.stop.load(Ordering::Relaxed) {
+                        return Ok(());
+                    }
+                }
+                Err(SourceError::Failed(err)) => return Err(err),
+            }
+        };
+        let reached = |checkpoint: &Checkpoint| head.partitions().all(|(p, at)| checkpoint.position(p) >= at);
+        while !reached(&self.checkpoint) && !self.stop.load(Ordering::Relaxed) {
+            match self.step(POLL_INTERVAL)? {
                 Step::Idle => break,
                 Step::Retrying => self.wait_for_retry(Duration::MAX),
-                Step::Advanced(_) => progress(self.checkpoint, head.max(self.checkpoint)),
+                Step::Connecting(reason) => {
+                    let wait = self.connecting(reason)?;
+                    self.sleep_unless_stopped(wait);
+                }
+                Step::Advanced(_) => {
+                    self.connected()?;
+                    progress(self.checkpoint.total(), head.total().max(self.checkpoint.total()))
+                }
             }
         }
         Ok(())
+    }
+
+    /// Sleep `wait`, waking early for a stop.
+    fn sleep_unless_stopped(&self, wait: Duration) {
+        let until = Instant::now() + wait;
+        while Instant::now() < until && !self.stop.load(Ordering::Relaxed) {
+            std::thread::sleep(until.saturating_duration_since(Instant::now()).min(Duration::from_millis(5)));
+        }
     }
 
     /// Sleep until the batch waiting to be retried may go again, at most
     /// `longest`, waking early for a stop.
     fn wait_for_retry(&self, longest: Duration) {
         let Some(at) = self.retry_at else { return };
-        let until = at.min(std::time::Instant::now() + longest.min(Duration::from_secs(3600)));
-        while std::time::Instant::now() < until && !self.stop.load(Ordering::Relaxed) {
-            std::thread::sleep(
-                until.saturating_duration_since(std::time::Instant::now()).min(Duration::from_millis(5)),
-            );
-        }
+        let until = at.min(Instant::now() + longest.min(Duration::from_secs(3600)));
+        self.sleep_unless_stopped(until.saturating_duration_since(Instant::now()));
     }
 
-    /// Events in the log after the checkpoint.
-    pub fn behind(&self) -> Result<u64> {
-        Ok(self.reader.head()?.saturating_sub(self.checkpoint))
+    /// Events in the source after the checkpoint.
+    pub fn behind(&mut self) -> Result<u64> {
+        match self.source.progress(&self.checkpoint) {
+            Ok(progress) => Ok(progress.lag),
+            Err(SourceError::Unavailable(_)) => Ok(u64::MAX),
+            Err(SourceError::Failed(err)) => Err(err),
+        }
     }
 
     /// The batch size.
@@ -494,52 +686,78 @@ impl ProjectionRunner {
         self.batch_size
     }
 
-    /// Read one batch and apply it.
-    pub fn step(&mut self) -> Result<Step> {
-        if self.retry_at.is_some_and(|at| std::time::Instant::now() < at) {
+    /// Read one batch (waiting at most `wait` for it) and apply it.
+    pub fn step(&mut self, wait: Duration) -> Result<Step> {
+        if self.retry_at.is_some_and(|at| Instant::now() < at) {
             return Ok(Step::Retrying);
         }
-        let batch = self.reader.read_after(self.checkpoint, &self.filter, self.batch_size)?;
-        if batch.scanned_to == self.checkpoint {
+        let batch = match self.source.next_batch(&self.checkpoint, self.batch_size, wait) {
+            Ok(batch) => batch,
+            Err(SourceError::Unavailable(reason)) => return Ok(Step::Connecting(reason)),
+            Err(SourceError::Failed(err)) => return Err(err),
+        };
+        if batch.is_idle(&self.checkpoint) {
             // Nothing to process, so nothing waits on this write.
             self.write_unwritten()?;
             return Ok(Step::Idle);
         }
-        if batch.events.is_empty() {
-            self.write_unwritten()?;
-            // Only events of other streams or types: move past them.
-            if store::advance_checkpoint(
-                self.db(),
-                &Checkpoint::at(PARTITION, self.checkpoint),
-                &Checkpoint::at(PARTITION, batch.scanned_to),
-            )? {
-                self.checkpoint = batch.scanned_to;
+        if let Some(malformed) = &batch.malformed {
+            let reason = format!("not an event: {}", malformed.reason);
+            if self.park(&malformed.event, &reason, 0, &batch.end)? {
+                self.acknowledge();
             } else {
                 self.resync()?;
             }
             return Ok(Step::Advanced(0));
         }
-        Ok(match self.apply(&batch.events, batch.scanned_to)? {
+        if batch.events.is_empty() {
+            // Only events of other streams or types: move past them.
+            let (unwritten, from) = (&self.unwritten, &self.checkpoint);
+            if store::commit_if(self.instance.db(), |db| batch_writes(db, unwritten, from, &batch.end))? {
+                self.unwritten.clear();
+                self.checkpoint = batch.end;
+                self.acknowledge();
+            } else {
+                self.resync()?;
+            }
+            return Ok(Step::Advanced(0));
+        }
+        let applied = self.apply(&batch, 0..batch.events.len())?;
+        if applied == Applied::Committed {
+            self.acknowledge();
+        }
+        Ok(match applied {
             Applied::Committed | Applied::Resynced => Step::Advanced(batch.events.len()),
             Applied::RetryLater => Step::Retrying,
         })
     }
 
-    /// Apply `events` and move the checkpoint to `checkpoint_after`, or,
-    /// when the module asks to retry, roll back and set when to try again.
-    fn apply(&mut self, events: &[Event], checkpoint_after: u64) -> Result<Applied> {
+    /// Tell the source what is committed; a failure only delays its
+    /// bookkeeping (the checkpoint here is the truth).
+    fn acknowledge(&mut self) {
+        if let Err(err) = self.source.acknowledge(&self.checkpoint) {
+            tracing::debug!(projection = &*self.name, "acknowledging {}: {err:#}", self.checkpoint.to_json());
+        }
+    }
+
+    /// The checkpoint once `batch`'s first `taken` events are applied.
+    fn checkpoint_after(&self, batch: &Batch, taken: usize) -> Checkpoint {
+        batch.checkpoint_after(&self.checkpoint, taken)
+    }
+
+    /// Apply `batch`'s events in `range` and move the checkpoint past them,
+    /// or, when the module asks to retry, roll back and set when to try
+    /// again.
+    fn apply(&mut self, batch: &Batch, range: std::ops::Range<usize>) -> Result<Applied> {
+        let events = &batch.events[range.clone()];
+        let checkpoint_after = self.checkpoint_after(batch, range.end);
         self.attempts += 1;
         let attempts = self.attempts;
         self.retry_at = None;
         let started = std::time::Instant::now();
-        let (unwritten, from) = (&self.unwritten, self.checkpoint);
+        let (unwritten, from) = (&self.unwritten, &self.checkpoint);
         let attempt = self.instance.handle_in_transaction(events, |db| {
-            put_metas(db, unwritten)?;
-            match store::advance_checkpoint(
-                db,
-                &Checkpoint::at(PARTITION, from),
-                &Checkpoint::at(PARTITION, checkpoint_after),
-            )? {
+            match batch_writes(db, unwritten, from, &checkpoint_after)? {
                 true => Ok(()),
                 false => Err(CheckpointMoved.into()),
             }
@@ -611,9 +829,8 @@ impl ProjectionRunner {
             // Halving would spend the whole deadline (or fuel) again at every
             // level, ~log2(n) times; one event at a time spends it once more.
             self.attempts = 0;
-            for (i, event) in events.iter().enumerate() {
-                let after = if i + 1 == events.len() { checkpoint_after } else { event.position };
-                match self.apply(std::slice::from_ref(event), after)? {
+            for i in range {
+                match self.apply(batch, i..i + 1)? {
                     Applied::Committed => {}
                     other => return Ok(other),
                 }
@@ -624,16 +841,16 @@ impl ProjectionRunner {
             // Split to find the event: the halves commit on their own, each
             // counting its own attempts.
             self.attempts = 0;
-            let mid = events.len() / 2;
-            return match self.apply(&events[..mid], events[mid - 1].position)? {
-                Applied::Committed => self.apply(&events[mid..], checkpoint_after),
+            let mid = range.start + events.len() / 2;
+            return match self.apply(batch, range.start..mid)? {
+                Applied::Committed => self.apply(batch, mid..range.end),
                 other => Ok(other),
             };
         }
         let event = &events[0];
         match self.policy {
             FailurePolicy::DeadLetter => {
-                if !self.park(event, &reason, attempts, checkpoint_after)? {
+                if !self.park(event, &reason, attempts, &checkpoint_after)? {
                     return self.resync();
                 }
             }
@@ -642,35 +859,27 @@ impl ProjectionRunner {
                  (on_failure = \"halt\"): fix the module or the event, then restart",
                 event.id,
                 event.position,
-                self.checkpoint
+                self.checkpoint.to_json()
             ),
         }
         self.attempts = 0;
         Ok(Applied::Committed)
     }
 
-    /// Apply the module updates waiting, if any: this is the swap point,
-    /// between two batches.
-    fn take_updates(&mut self) -> Result<()> {
-        loop {
-            let update = match &self.updates {
-                Some(updates) => match updates.try_recv() {
-                    Ok(update) => update,
-                    Err(_) => return Ok(()),
-                },
-                None => return Ok(()),
-            };
+    /// Apply a module update: this is the swap point, between two batches.
+    fn take_update(&mut self, update: ModuleUpdate) -> Result<()> {
+        {
             match update {
                 ModuleUpdate::Ready(module) => self.swap(module)?,
                 ModuleUpdate::Prepared { instance, database } => {
                     let Some(instance) = instance.lock().unwrap_or_else(|e| e.into_inner()).take() else {
-                        continue;
+                        return Ok(());
                     };
                     if instance.module().sha256 == self.instance.module().sha256 {
                         // The running module's bytes again: nothing to swap.
                         self.unwritten.retain(|(key, _)| *key != "refused");
                         store::set_meta(self.db(), "refused", None)?;
-                        continue;
+                        return Ok(());
                     }
                     self.drop_rebuild()?;
                     if database == self.database {
@@ -682,9 +891,12 @@ impl ProjectionRunner {
                         self.swap(module)?;
                     }
                 }
-                ModuleUpdate::Refused { sha256, path, reason } => self.refuse(&sha256, &path, &reason)?,
+                ModuleUpdate::Refused { sha256, path, reason } => {
+                    self.refuse(&sha256, &path, &reason, false)?
+                }
             }
         }
+        Ok(())
     }
 
     /// Swap `module` in: every event before this point was handled by the
@@ -699,17 +911,17 @@ impl ProjectionRunner {
         let started = std::time::Instant::now();
         let (sha256, path) = (module.sha256.clone(), module.path.clone());
         let found = store::meta(self.db(), "state_version")?;
-        let declared = match declared_state_version(&self.engine, &self.name, self.limits, &module) {
-            Ok(version) => version,
-            Err(err) => return self.refuse(&sha256, &path, &format!("{err:#}")),
+        let check = check_state_version(&self.engine, &self.name, self.limits, &module, found);
+        let check = match check {
+            Ok(check) => check,
+            Err(err) => return self.refuse(&sha256, &path, &format!("{err:#}"), false),
         };
         self.drop_rebuild()?;
-        if found.as_deref() != Some(declared.to_string().as_str()) {
+        if let StateVersion::Differs { found, declared } = check {
             tracing::info!(
                 projection = &*self.name,
                 module = %sha256,
-                "the module builds state version {declared}, the database holds {}: rebuilding from the log",
-                found.unwrap_or_default()
+                "the module builds state version {declared}, the database holds {found}: rebuilding from the source"
             );
             return self.start_rebuild(module);
         }
@@ -720,7 +932,7 @@ impl ProjectionRunner {
             .and_then(|host| GuestInstance::new(self.engine.clone(), module.clone(), host));
         let instance = match swapped {
             Ok(instance) => instance,
-            Err(err) => return self.refuse(&sha256, &path, &format!("{err:#}")),
+            Err(err) => return self.refuse(&sha256, &path, &format!("{err:#}"), false),
         };
         self.install(instance, started)
     }
@@ -751,7 +963,7 @@ impl ProjectionRunner {
         tracing::info!(
             projection = &*self.name,
             module = %sha256,
-            checkpoint = self.checkpoint,
+            checkpoint = %self.checkpoint.to_json(),
             pause_micros = started.elapsed().as_micros() as u64,
             "module swapped in"
         );
@@ -778,13 +990,13 @@ impl ProjectionRunner {
         spec.database = crate::config::paths::next_generation(&self.database, &self.name);
         spec.module = module.path.clone();
         let sha256 = module.sha256.clone();
-        let (engine, log) = (self.engine.clone(), self.log.clone());
+        let (engine, opener) = (self.engine.clone(), self.opener.clone());
         // The module is loaded already; the rebuild thread instantiates it.
         let name = spec.name.clone();
         let rebuild = Rebuild::spawn(&name, spec.database.clone(), sha256.clone(), move |stop, position| {
             let live = Arc::new(LiveProjection::new(&spec.name, Arc::default()));
             let mut runner =
-                ProjectionRunner::start_with_module(engine, &spec, module, &log, stop.clone(), live)?;
+                ProjectionRunner::start_with_module(engine, &spec, module, &opener, stop.clone(), live)?;
             // Rounds until within a couple of batches of the head; the
             // projection's thread applies the rest before taking over.
             let close_enough = 2 * runner.batch_size() as u64;
@@ -805,20 +1017,10 @@ impl ProjectionRunner {
     /// Between batches: pick up a rebuild request, report a rebuild's
     /// progress, and take over when it has caught up.
     fn tend_rebuild(&mut self) -> Result<()> {
-        if self.last_rebuild_check.elapsed() < std::time::Duration::from_millis(100) {
+        if self.last_rebuild_check.elapsed() < REBUILD_REPORT_INTERVAL {
             return Ok(());
         }
-        self.last_rebuild_check = std::time::Instant::now();
-        let dir = self.database.parent().map(std::path::Path::to_path_buf).unwrap_or_default();
-        let request = crate::config::paths::request_path(&dir, &self.name);
-        if request.exists() {
-            let _ = std::fs::remove_file(&request);
-            if self.rebuild.is_none() {
-                tracing::info!(projection = &*self.name, "rebuild requested");
-                let module = self.instance.module().clone();
-                self.start_rebuild(module)?;
-            }
-        }
+        self.last_rebuild_check = Instant::now();
         let Some(rebuild) = &self.rebuild else { return Ok(()) };
         if !rebuild.is_finished() {
             return self.report_rebuild();
@@ -837,55 +1039,70 @@ impl ProjectionRunner {
                 store::remove_database(&database);
                 store::set_meta(self.db(), "rebuilding", None)?;
                 let path = self.spec.module.clone();
-                return self.refuse(&module, &path, &format!("the rebuild failed: {err:#}"));
+                return self.refuse(&module, &path, &format!("the rebuild failed: {err:#}"), true);
             }
         };
-        // Readers see the new database as running from its first moment
-        // behind the pointer.
-        store::set_meta(green.db(), "state", Some("running"))?;
-        store::switch_to(&self.name, &database)?;
+        // The green runner's pieces become this one's; the old ones go with
+        // `green`, their files with `take_over`.
         let old = std::mem::replace(&mut self.database, database);
         std::mem::swap(&mut self.instance, &mut green.instance);
-        std::mem::swap(&mut self.reader, &mut green.reader);
-        self.checkpoint = green.checkpoint;
+        std::mem::swap(&mut self.source, &mut green.source);
+        self.live.set_waker(self.source.waker());
+        self.checkpoint = std::mem::take(&mut green.checkpoint);
         (self.attempts, self.retry_at) = (0, None);
         // The green database holds its own module's status.
         self.unwritten.clear();
         drop(green);
-        store::remove_database(&old);
-        let db = self.db();
-        store::set_meta(db, "state", Some("running"))?;
-        store::set_meta(db, "rebuilding", None)?;
-        store::set_meta(db, "refused", None)?;
-        self.live.set_module(self.instance.module().clone());
+        self.take_over(&old)?;
         self.live
             .metrics
             .rebuilds
             .get_or_create(&crate::projection::metrics::Metrics::label(&self.name))
             .inc();
+        Ok(())
+    }
+
+    /// This runner's database — a rebuild's new generation, caught up —
+    /// becomes the projection's: marked running (readers see it so from its
+    /// first moment behind the pointer), pointed at in one rename, and the
+    /// `old` generation's files removed.
+    fn take_over(&mut self, old: &std::path::Path) -> Result<()> {
+        store::set_metas(
+            self.db(),
+            &[("state", Some(RunState::Running.as_str())), ("rebuilding", None), ("refused", None)],
+        )?;
+        store::switch_to(&self.name, &self.database)?;
+        store::remove_database(old);
+        self.live.set_module(self.instance.module().clone());
         tracing::info!(
             projection = &*self.name,
-            module = %module,
-            checkpoint = self.checkpoint,
+            module = %self.instance.module().sha256,
+            checkpoint = %self.checkpoint.to_json(),
             database = %self.database.display(),
             "rebuild caught up and took over"
         );
         Ok(())
     }
 
-    fn report_rebuild(&self) -> Result<()> {
+    fn report_rebuild(&mut self) -> Result<()> {
         let Some(rebuild) = &self.rebuild else { return Ok(()) };
         let progress = serde_json::json!({
             "module": rebuild.module,
             "position": rebuild.position.load(Ordering::Relaxed),
-            "head": self.reader.head()?,
+            "head": self.source.progress(&self.checkpoint).map(|p| p.head.total()).unwrap_or(0),
         });
         store::set_meta(self.db(), "rebuilding", Some(&progress.to_string()))
     }
 
     /// Record that the module file at `path` was refused; the running
     /// module keeps processing.
-    fn refuse(&mut self, sha256: &str, path: &std::path::Path, reason: &str) -> Result<()> {
+    fn refuse(
+        &mut self,
+        sha256: &str,
+        path: &std::path::Path,
+        reason: &str,
+        rebuild_failed: bool,
+    ) -> Result<()> {
         tracing::warn!(
             projection = &*self.name,
             module = %path.display(),
@@ -893,7 +1110,9 @@ impl ProjectionRunner {
             "module refused, the running module stays: {reason}"
         );
         self.unwritten.retain(|(key, _)| *key != "refused");
-        let refused = serde_json::json!({ "module": sha256, "path": path, "reason": reason });
+        let refused = serde_json::json!({
+            "module": sha256, "path": path, "reason": reason, "rebuild_failed": rebuild_failed,
+        });
         store::set_meta(self.db(), "refused", Some(&refused.to_string()))?;
         self.live.set_last_error(Some(format!("module {} refused: {reason}", path.display())));
         Ok(())
@@ -902,14 +1121,15 @@ impl ProjectionRunner {
     /// Another writer moved the checkpoint under this runner: read it again
     /// and go on from there, so nothing is applied twice.
     fn resync(&mut self) -> Result<Applied> {
-        let found = store::checkpoint(self.db(), PARTITION)?.position(PARTITION);
+        let found = store::checkpoint(self.db(), self.source.key())?;
         tracing::warn!(
             projection = &*self.name,
             database = %self.database.display(),
-            "the checkpoint moved under this projection (from {} to {found}): another process \
+            "the checkpoint moved under this projection (from {} to {}): another process \
              writes its database — is a second host running on this data folder (its run.lock \
              removed)? The batch was rolled back; going on from the checkpoint found",
-            self.checkpoint
+            self.checkpoint.to_json(),
+            found.to_json()
         );
         self.checkpoint = found;
         (self.attempts, self.retry_at) = (0, None);
@@ -918,33 +1138,25 @@ impl ProjectionRunner {
 
     /// Park `event` and move the checkpoint past it, in one transaction;
     /// false (nothing written) if another writer had moved the checkpoint.
-    fn park(&mut self, event: &Event, reason: &str, attempts: u32, checkpoint_after: u64) -> Result<bool> {
+    fn park(
+        &mut self,
+        event: &Event,
+        reason: &str,
+        attempts: u32,
+        checkpoint_after: &Checkpoint,
+    ) -> Result<bool> {
+        let partition = self.source.key().to_string();
         let module = self.instance.module().sha256.clone();
-        let db = self.db();
-        db.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
-        let written = put_metas(db, &self.unwritten)
-            .and_then(|()| store::park(db, PARTITION, event, reason, &module, attempts))
-            .and_then(|()| {
-                store::advance_checkpoint(
-                    db,
-                    &Checkpoint::at(PARTITION, self.checkpoint),
-                    &Checkpoint::at(PARTITION, checkpoint_after),
-                )
-            });
-        match written {
-            Ok(true) => {}
-            Ok(false) => {
-                db.prepare_cached("ROLLBACK")?.execute([])?;
-                return Ok(false);
-            }
-            Err(err) => {
-                let _ = db.execute_batch("ROLLBACK");
-                return Err(err);
-            }
+        let (unwritten, from) = (&self.unwritten, &self.checkpoint);
+        let parked = store::commit_if(self.instance.db(), |db| {
+            store::park(db, &partition, event, reason, &module, attempts)?;
+            batch_writes(db, unwritten, from, checkpoint_after)
+        })?;
+        if !parked {
+            return Ok(false);
         }
-        db.prepare_cached("COMMIT")?.execute([])?;
         self.unwritten.clear();
-        self.checkpoint = checkpoint_after;
+        self.checkpoint = checkpoint_after.clone();
         self.parked += 1;
         tracing::warn!(
             projection = &*self.name,

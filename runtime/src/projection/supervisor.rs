@@ -13,13 +13,14 @@
 //! Each database is marked running, stopped or faulted so `status` can tell
 //! from another process.
 
-use crate::config::paths::lock_path;
+use crate::config::paths::{lock_path, request_path};
 use crate::config::{Config, ProjectionConfig};
-use crate::projection::live::LiveProjection;
+use crate::projection::live::{Command, LiveProjection, RunState};
 use crate::projection::metrics::Metrics;
 use crate::projection::runner::{ModuleUpdate, ProjectionRunner, ProjectionSpec, prepare_update};
 use crate::sandbox::engine::{Engines, ProjectorEngine};
-use crate::sources::embedded::{EventLog, Filter};
+use crate::sources::embedded::EventLog;
+use crate::sources::{Filter, SourceOpener};
 use crate::store;
 use anyhow::{Context as _, Result};
 use notify_debouncer_full::notify::RecursiveMode;
@@ -28,7 +29,6 @@ use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
@@ -67,8 +67,7 @@ enum Control {
 /// One running projection, as the control thread holds it.
 struct Running {
     config: ProjectionConfig,
-    stop: Arc<AtomicBool>,
-    updates: Sender<ModuleUpdate>,
+    live: Arc<LiveProjection>,
     thread: JoinHandle<()>,
 }
 
@@ -196,7 +195,7 @@ impl ControlState {
             }
         }
         for (name, running) in std::mem::take(&mut self.running) {
-            stop_projection(&name, running, &self.log);
+            stop_projection(&name, running);
         }
     }
 
@@ -215,24 +214,29 @@ impl ControlState {
     fn start_projection(&mut self, p: ProjectionConfig) {
         let spec = self.spec(&p);
         let live = Arc::new(LiveProjection::new(&p.name, self.metrics.clone()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (updates, receiver) = channel();
-        let (engines, log, thread_stop, thread_live) =
-            (self.engines.clone(), self.log.clone(), stop.clone(), live.clone());
+        let commands = live.open_commands();
+        // A request another process left while this projection was not
+        // running is taken now.
+        let request = request_path(&self.config.data.join("projections"), &p.name);
+        if std::fs::remove_file(&request).is_ok() {
+            live.send(Command::Rebuild);
+        }
+        let opener = crate::sources::opener_for(&self.config, &p, &self.log);
+        let (engines, thread_live) = (self.engines.clone(), live.clone());
         let thread = std::thread::Builder::new()
             .name(format!("projection-{}", p.name))
             .spawn(move || {
                 // Before anything starts: a rebuild's thread inherits it.
                 crate::priority::lower_current_thread();
                 let engine = engines.for_limits(&spec.limits);
-                run_projection(engine, &spec, &log, thread_stop, thread_live, receiver)
+                run_projection(engine, &spec, opener, thread_live, commands)
             })
             .expect("the OS starts a thread");
         if let Ok(bytes) = std::fs::read(&p.module) {
             self.seen.insert(absolute(&p.module), hex::encode(Sha256::digest(bytes)));
         }
-        self.view.write().unwrap_or_else(|e| e.into_inner()).projections.insert(p.name.clone(), live);
-        self.running.insert(p.name.clone(), Running { config: p, stop, updates, thread });
+        self.view.write().unwrap_or_else(|e| e.into_inner()).projections.insert(p.name.clone(), live.clone());
+        self.running.insert(p.name.clone(), Running { config: p, live, thread });
     }
 
     fn publish(&self) {
@@ -275,7 +279,12 @@ impl ControlState {
             .iter()
             .cloned()
             .chain(self.config.projections.iter().map(|p| absolute(&p.module)));
-        let dirs: HashSet<PathBuf> = files.filter_map(|f| f.parent().map(Path::to_path_buf)).collect();
+        let mut dirs: HashSet<PathBuf> = files.filter_map(|f| f.parent().map(Path::to_path_buf)).collect();
+        // Where another process's `projector rebuild` leaves its request.
+        let requests = self.config.data.join("projections");
+        if std::fs::create_dir_all(&requests).is_ok() {
+            dirs.insert(absolute(&requests.join("x")).parent().map(Path::to_path_buf).unwrap_or(requests));
+        }
         for dir in dirs {
             if let Err(err) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
                 tracing::warn!(dir = %dir.display(), "cannot watch: {err}");
@@ -289,6 +298,14 @@ impl ControlState {
             && paths.contains(&config_path)
         {
             self.reload_config(&config_path);
+        }
+        let requests = absolute(&self.config.data.join("projections").join("x"));
+        let requests = requests.parent().unwrap_or(Path::new("/"));
+        for (name, running) in &self.running {
+            let request = requests.join(format!("{name}.rebuild"));
+            if paths.contains(&request) && std::fs::remove_file(&request).is_ok() {
+                running.live.send(Command::Rebuild);
+            }
         }
         let modules: HashSet<PathBuf> =
             self.running.values().map(|r| absolute(&r.config.module)).filter(|m| paths.contains(m)).collect();
@@ -323,7 +340,7 @@ impl ControlState {
             for name in faulted {
                 let running = self.running.remove(&name).expect("listed");
                 let config = running.config.clone();
-                stop_projection(&name, running, &self.log);
+                stop_projection(&name, running);
                 tracing::info!(projection = %name, module = %sha256, "restarting the faulted projection with the new module");
                 self.start_projection(config);
                 restarted.push(name);
@@ -351,10 +368,8 @@ impl ControlState {
                 path: path.to_path_buf(),
                 reason: format!("{err:#}"),
             });
-            let _ = running.updates.send(update);
+            running.live.send(Command::Swap(update));
         }
-        // Wake idle projections so they take the update now.
-        self.log.wake();
     }
 
     /// Load the changed config and bring the running set in line with it;
@@ -393,7 +408,7 @@ impl ControlState {
             });
             if !unchanged {
                 let running = self.running.remove(&name).expect("listed");
-                stop_projection(&name, running, &self.log);
+                stop_projection(&name, running);
                 self.view.write().unwrap_or_else(|e| e.into_inner()).projections.remove(&name);
                 if !wanted.contains_key(&name) {
                     tracing::info!(projection = %name, "projection removed from the config; its database is kept");
@@ -436,9 +451,8 @@ fn absolute(path: &Path) -> PathBuf {
     }
 }
 
-fn stop_projection(name: &str, running: Running, log: &EventLog) {
-    running.stop.store(true, Ordering::Relaxed);
-    log.wake();
+fn stop_projection(name: &str, running: Running) {
+    running.live.send(Command::Stop);
     if running.thread.join().is_err() {
         tracing::error!(projection = %name, "projection thread panicked");
     }
@@ -447,40 +461,42 @@ fn stop_projection(name: &str, running: Running, log: &EventLog) {
 fn run_projection(
     engine: Result<Arc<ProjectorEngine>>,
     spec: &ProjectionSpec,
-    log: &Arc<EventLog>,
-    stop: Arc<AtomicBool>,
+    opener: Result<Arc<dyn SourceOpener>>,
     live: Arc<LiveProjection>,
-    updates: Receiver<ModuleUpdate>,
+    commands: Receiver<Command>,
 ) {
     let name = spec.name.as_str();
     let shared = live.clone();
     // Where a fault is recorded: a rebuild's take-over moves the database.
     let mut database = spec.database.clone();
-    let result = engine.and_then(|engine| ProjectionRunner::start_or_rebuild(engine, spec, log, stop, live));
+    let stop = live.stopping();
+    let result =
+        engine.and_then(|engine| ProjectionRunner::start_or_rebuild(engine, spec, &opener?, stop, live));
     let result = result.and_then(|runner| {
         let Some(runner) = runner else {
             tracing::info!(projection = name, "projection stopped during its rebuild");
             return Ok(());
         };
-        let mut runner = runner.with_updates(updates);
+        let mut runner = runner;
         tracing::info!(
             projection = name,
             module = runner.module_sha256(),
-            checkpoint = runner.checkpoint(),
+            checkpoint = %runner.checkpoint().to_json(),
             "projection started"
         );
-        let ran = runner.run();
+        let ran = runner.run(&commands);
         database = runner.database().to_path_buf();
         ran?;
-        store::set_meta(runner.db(), "state", Some("stopped"))?;
-        tracing::info!(projection = name, checkpoint = runner.checkpoint(), "projection stopped");
+        store::set_meta(runner.db(), "state", Some(RunState::Stopped.as_str()))?;
+        tracing::info!(projection = name, checkpoint = %runner.checkpoint().to_json(), "projection stopped");
         Ok(())
     });
     if let Err(err) = result {
         tracing::error!(projection = name, "projection faulted: {err:#}");
         shared.set_last_error(Some(format!("{err:#}")));
+        shared.set_state(RunState::Faulted);
         let marked = store::open(&database).and_then(|db| {
-            store::set_meta(&db, "state", Some("faulted"))?;
+            store::set_meta(&db, "state", Some(RunState::Faulted.as_str()))?;
             store::set_meta(&db, "error", Some(&format!("{err:#}")))
         });
         if let Err(mark_err) = marked {

@@ -27,6 +27,7 @@
 use crate::config::validate_stream_name;
 use crate::config::{Config, HttpConfig};
 use crate::projection::dead_letters::{self, Selection};
+use crate::projection::live::Command;
 use crate::projection::live::LiveProjection;
 use crate::projection::metrics::Metrics;
 use crate::projection::supervisor::HostView;
@@ -774,7 +775,7 @@ fn dead_letter_failure(err: anyhow::Error) -> ApiError {
             StatusCode::SERVICE_UNAVAILABLE,
             format!("{err:#}; the projection's database is busy, try again"),
         ),
-        _ if err.root_cause().to_string().contains("has no dead letter with id") => {
+        _ if err.chain().any(|cause| cause.is::<crate::projection::dead_letters::NoSuchDeadLetter>()) => {
             ApiError::new(StatusCode::CONFLICT, format!("{err:#}"))
         }
         _ => ApiError::from(err),
@@ -818,6 +819,11 @@ async fn metrics(State(api): State<Arc<Api>>) -> ApiResult<Response> {
             let label = Metrics::label(&status.name);
             api.metrics.lag.get_or_create(&label).set(status.lag as i64);
             api.metrics.dead_letters.get_or_create(&label).set(status.dead_letters as i64);
+            api.metrics.source_head.get_or_create(&label).set(status.head as i64);
+            api.metrics
+                .source_connected
+                .get_or_create(&label)
+                .set(i64::from(status.connected != Some(false)));
         }
         Ok(api.metrics.encode())
     })
@@ -980,7 +986,7 @@ async fn pause(
     headers: HeaderMap,
 ) -> ApiResult<axum::Json<Value>> {
     expect_json(&headers)?;
-    blocking(move || api.served(&name)).await?.live.set_paused(true);
+    blocking(move || api.served(&name)).await?.live.send(Command::Pause);
     Ok(axum::Json(json!({ "paused": true })))
 }
 
@@ -990,7 +996,7 @@ async fn resume(
     headers: HeaderMap,
 ) -> ApiResult<axum::Json<Value>> {
     expect_json(&headers)?;
-    blocking(move || api.served(&name)).await?.live.set_paused(false);
+    blocking(move || api.served(&name)).await?.live.send(Command::Resume);
     Ok(axum::Json(json!({ "paused": false })))
 }
 
@@ -1001,7 +1007,11 @@ async fn request_rebuild(
 ) -> ApiResult<Response> {
     expect_json(&headers)?;
     blocking(move || {
-        api.served(&name)?;
+        if api.served(&name)?.live.send(Command::Rebuild) {
+            return Ok(());
+        }
+        // Between its thread's end and a restart: the host takes the file
+        // when it starts the projection again.
         Ok(crate::projection::offline::request(&api.config(), &name)?)
     })
     .await?;

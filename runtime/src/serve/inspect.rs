@@ -24,14 +24,25 @@ pub struct ProjectionStatus {
     pub name: String,
     /// sha256 of the running module (or, before the first run, of the file).
     pub module: Option<String>,
-    /// Every event up to this log position has taken effect.
+    /// The source it reads: `log` (the embedded log) or a `[sources]` name.
+    pub source: String,
+    /// Every event up to this position of its source has taken effect.
     pub checkpoint: u64,
-    /// The log's last position.
+    /// The source's last position (for a broker: as the running host last
+    /// saw it).
     pub head: u64,
-    /// `head - checkpoint`.
+    /// Events after the checkpoint (for a broker: those it counts for the
+    /// projection's filter).
     pub lag: u64,
-    /// `running`, `paused`, `rebuilding`, `stopped`, `faulted` or `new`
-    /// (never run).
+    /// Whether the source answers, for a broker while a host runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connected: Option<bool>,
+    /// What an operator should know about the source (a stream whose oldest
+    /// messages retention dropped).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
+    /// `running`, `paused`, `rebuilding`, `connecting`, `stopped`,
+    /// `faulted` or `new` (never run).
     pub state: String,
     /// Events parked as dead letters.
     pub dead_letters: u64,
@@ -80,10 +91,13 @@ pub fn status(config: &Config) -> Result<Vec<ProjectionStatus>> {
 fn never_run(p: &crate::config::ProjectionConfig, head: u64) -> ProjectionStatus {
     ProjectionStatus {
         name: p.name.clone(),
+        source: p.source.clone().unwrap_or_else(|| PARTITION.into()),
         module: file_sha256(&p.module),
         checkpoint: 0,
-        head,
-        lag: head,
+        head: if p.source.is_none() { head } else { 0 },
+        lag: if p.source.is_none() { head } else { 0 },
+        connected: None,
+        warning: None,
         state: "new".into(),
         dead_letters: 0,
         error: None,
@@ -105,7 +119,25 @@ fn status_at(
     let db = store::open_read_only(path)?.filter(|db| store::is_initialized(db).unwrap_or(false));
     let Some(db) = db else { return Ok(None) };
     let read = || -> Result<ProjectionStatus> {
-        let checkpoint = store::checkpoint(&db, PARTITION)?.position(PARTITION);
+        // A broker's head and lag are what the running host last saw.
+        let report: Option<Value> = match &p.source {
+            Some(_) => store::meta(&db, "source")?.and_then(|text| serde_json::from_str(&text).ok()),
+            None => None,
+        };
+        let key = match (&p.source, &report) {
+            (None, _) => PARTITION.to_string(),
+            (Some(_), _) => store::meta(&db, "source_key")?.unwrap_or_default(),
+        };
+        let checkpoint = store::checkpoint(&db, &key)?.total();
+        let head = match &report {
+            Some(report) => report["head"].as_u64().unwrap_or(checkpoint),
+            None if p.source.is_some() => checkpoint,
+            None => head,
+        };
+        let lag = match &report {
+            Some(report) => report["lag"].as_u64().unwrap_or(0),
+            None => head.saturating_sub(checkpoint),
+        };
         let recorded = store::meta(&db, "state")?.unwrap_or_else(|| "new".into());
         let rebuilding = match (recorded.as_str(), host_running) {
             ("running", true) => {
@@ -116,7 +148,7 @@ fn status_at(
         // `running` and `paused` are what a live host records; with no
         // host holding the data folder (killed, say) neither is true.
         let state = match recorded.as_str() {
-            "running" | "paused" if !host_running => "stopped".to_string(),
+            "running" | "paused" | "connecting" if !host_running => "stopped".to_string(),
             "running" if rebuilding.is_some() => "rebuilding".to_string(),
             _ => recorded,
         };
@@ -124,11 +156,17 @@ fn status_at(
             db.query_row("SELECT count(*) FROM projector_dead_letters", [], |r| r.get(0))?;
         Ok(ProjectionStatus {
             name: p.name.clone(),
+            source: p.source.clone().unwrap_or_else(|| PARTITION.into()),
             module: store::meta(&db, "module")?.or_else(|| file_sha256(&p.module)),
             checkpoint,
             head,
-            lag: head.saturating_sub(checkpoint),
-            error: if state == "faulted" { store::meta(&db, "error")? } else { None },
+            lag,
+            connected: report.as_ref().filter(|_| host_running).and_then(|r| r["connected"].as_bool()),
+            warning: report.as_ref().and_then(|r| r["warning"].as_str().map(String::from)),
+            error: match state.as_str() {
+                "faulted" | "connecting" => store::meta(&db, "error")?,
+                _ => None,
+            },
             rebuilding,
             refused: store::meta(&db, "refused")?.and_then(|text| serde_json::from_str(&text).ok()),
             retrying: match state.as_str() {
