@@ -228,8 +228,6 @@ pub fn opener_for(
 ) -> anyhow::Result<Arc<dyn SourceOpener>> {
     match config.source_of(p) {
         SourceKind::Embedded => Ok(Arc::new(embedded::EmbeddedOpener::new(log.clone()))),
-        SourceKind::Nats { name, .. } => {
-            anyhow::bail!("source {name:?}: this build reads NATS JetStream only with the nats module")
-        }
+        SourceKind::Nats { name, urls, stream } => Ok(Arc::new(nats::NatsOpener::new(name, urls, stream)?)),
     }
 }

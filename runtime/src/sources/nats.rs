@@ -42,9 +42,9 @@ use anyhow::{Context as _, Result};
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, ErrorCode, consumer, stream};
 use futures_util::StreamExt as _;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 /// What a JetStream stream's partition is called in checkpoints and dead
@@ -66,12 +66,18 @@ const PULL_EXPIRES: Duration = Duration::from_secs(5);
 /// How often the server says a waiting pull request is alive; two missed
 /// mean the consumer (or the server) is gone.
 const PULL_HEARTBEAT: Duration = Duration::from_secs(1);
+/// Publishes awaiting their acknowledgement at most, in [`publish`] (the
+/// client lets 5000 wait before it holds further publishes back).
+const PUBLISH_WINDOW: usize = 1024;
 /// How long a JetStream API request may take.
 const API_TIMEOUT: Duration = Duration::from_secs(3);
 /// After the first message of a batch, how long more a read waits for
 /// others to fill it: a quiet stream is applied promptly, a busy one in big
 /// batches.
 const FILL: Duration = Duration::from_millis(5);
+/// How long a read waits at most, past the caller's wait, for the server
+/// to say whether anything is there: an idle batch means caught up.
+const SETTLE: Duration = Duration::from_secs(2);
 /// How long the stream's head, read from the server, is reused.
 const HEAD_CACHE: Duration = Duration::from_secs(1);
 /// A consumer nobody reads is removed by the server after this long (a
@@ -170,6 +176,21 @@ impl Connection {
         Ok(Connection { client, jetstream, servers, last_error })
     }
 
+    /// The client of the cluster at `urls`: one per process however many
+    /// projections (and sources naming the same servers) read it, for as
+    /// long as one does.
+    fn shared(urls: &[String]) -> Result<Arc<Self>> {
+        static CLIENTS: OnceLock<Mutex<HashMap<Vec<String>, Weak<Connection>>>> = OnceLock::new();
+        let mut clients = lock(CLIENTS.get_or_init(Mutex::default));
+        clients.retain(|_, connection| connection.strong_count() > 0);
+        if let Some(connection) = clients.get(urls).and_then(Weak::upgrade) {
+            return Ok(connection);
+        }
+        let connection = Arc::new(Connection::open(urls)?);
+        clients.insert(urls.to_vec(), Arc::downgrade(&connection));
+        Ok(connection)
+    }
+
     /// How the client's connection stands.
     fn link(&self) -> Link {
         let last_error = lock(&self.last_error).clone();
@@ -228,7 +249,7 @@ impl NatsOpener {
         Ok(NatsOpener {
             name: name.to_string(),
             stream: stream.to_string(),
-            connection: Arc::new(Connection::open(&urls)?),
+            connection: Connection::shared(&urls)?,
         })
     }
 }
@@ -481,19 +502,33 @@ impl Source for NatsSource {
         let started = Instant::now();
         let wakes = self.reading.shared.lock().wakes;
         let mut fill_until = None;
+        let mut settling = false;
         loop {
             if self.backlog.is_empty() {
-                let until = fill_until.unwrap_or(started + wait);
+                let until = match (fill_until, settling) {
+                    (Some(until), _) => until,
+                    (None, false) => started + wait,
+                    (None, true) => started + SETTLE,
+                };
                 let want = max - batch.events.len();
                 let inner = self.take(want, until, wakes);
                 let woken = inner.wakes != wakes;
                 let failure = inner.failure.clone();
+                let settled = inner.pending == Some(0);
                 drop(inner);
                 if self.backlog.is_empty() {
                     if last == from && fill_until.is_none() && !woken {
                         // Nothing at all: why, if something is wrong.
                         if let Some(reason) = failure.or_else(|| self.reading.connection.down()) {
                             return Err(SourceError::Unavailable(reason));
+                        }
+                        // Nothing yet, but the server has not said there
+                        // is nothing (the consumer is being made, messages
+                        // are on their way): an idle batch means caught up,
+                        // so wait for that a little longer.
+                        if !settled && !settling && Instant::now() < started + SETTLE {
+                            settling = true;
+                            continue;
                         }
                     }
                     break;
@@ -936,21 +971,30 @@ pub fn publish(urls: &[String], stream: &str, subject: &str, events: &[NewEvent]
         let jetstream =
             jetstream::ContextBuilder::new().timeout(Duration::from_secs(10)).build(client.clone());
         ensure_stream(&jetstream, &stream, &subject, &servers).await?;
-        let mut acks = Vec::with_capacity(bodies.len());
-        for (id, body) in bodies {
-            let message = jetstream::message::PublishMessage::build()
-                .payload(body.into())
-                .message_id(&id)
-                .header("Content-Type", "application/cloudevents+json");
-            let ack = jetstream
-                .send_publish(subject.clone(), message)
-                .await
-                .with_context(|| format!("cannot publish event {id} to {subject} on {servers}"))?;
-            acks.push((id, ack));
-        }
-        let total = acks.len();
+        let total = bodies.len();
         let mut outcome = PublishOutcome { published: 0, duplicates: 0 };
-        for (i, (id, ack)) in acks.into_iter().enumerate() {
+        let mut in_flight = VecDeque::with_capacity(PUBLISH_WINDOW);
+        let mut bodies = bodies.into_iter().enumerate();
+        loop {
+            // Keep a window of publishes awaiting their acks: one round trip
+            // per window, not per event.
+            let next = match in_flight.len() < PUBLISH_WINDOW {
+                true => bodies.next(),
+                false => None,
+            };
+            if let Some((i, (id, body))) = next {
+                let message = jetstream::message::PublishMessage::build()
+                    .payload(Vec::into(body))
+                    .message_id(&id)
+                    .header("Content-Type", "application/cloudevents+json");
+                let ack = jetstream
+                    .send_publish(subject.clone(), message)
+                    .await
+                    .with_context(|| format!("cannot publish event {id} to {subject} on {servers}"))?;
+                in_flight.push_back((i, id, ack));
+                continue;
+            }
+            let Some((i, id, ack)) = in_flight.pop_front() else { break };
             let ack = ack.await.with_context(|| {
                 format!(
                     "the server did not confirm event {id} ({} of {total}); publishing again is safe: events \
