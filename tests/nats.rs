@@ -1,7 +1,9 @@
 //! NATS JetStream as a source, against a real `nats-server -js` on loopback
 //! (and a real 3-node cluster): reading in order from a checkpoint, seeking,
 //! filters, malformed messages, a server killed mid-read, a missing stream,
-//! retention's warning, and `projector publish`.
+//! retention's warning, `projector publish`; and end to end through
+//! `projector run`: the state equals a replay after host kills, a server
+//! restart, on two replicas and on a cluster losing a node.
 
 mod util;
 
@@ -550,4 +552,266 @@ fn projector_publish_stores_each_event_once_and_a_file_with_a_bad_line_publishes
     assert!(err.contains("no NATS source named \"nope\"; it has: bus"), "{err}");
     let err = run_err(&["publish", "--config", &ws.config_str(), "--source", "bus", "orders.eu", &file]);
     assert!(err.contains("stream WALLETS on") && err.contains("captures wallets.>, not orders.eu"), "{err}");
+}
+
+// End to end: `projector run` reading a NATS source.
+
+/// The state tables of the wallet-allowlist projection, in a stable order.
+const STATE_SQL: [&str; 2] = [
+    "SELECT wallet_address, user_id, allowlisted_at FROM allowlist ORDER BY wallet_address",
+    "SELECT user_id, wallet_address, kyc_verified_at FROM users ORDER BY user_id",
+];
+
+/// A config whose wallet-allowlist and event recorder read `wallets.>` of
+/// stream WALLETS on `urls` (the source `bus`).
+fn write_nats_config(ws: &Workspace, urls: &[String]) {
+    let mut text =
+        format!("version = 1\ndata = \"data\"\n\n[sources.bus]\nnats = {urls:?}\nstream = \"WALLETS\"\n");
+    for (name, module) in [("wallet-allowlist", "wallet_allowlist"), ("recorder", "event_recorder")] {
+        text.push_str(&format!(
+            "\n[[projection]]\nname = {name:?}\nmodule = {:?}\nsource = \"bus\"\nstreams = [\"wallets.>\"]\n",
+            guest(module).to_string_lossy()
+        ));
+    }
+    std::fs::write(ws.config(), text).unwrap();
+}
+
+/// `projector publish` of `lines` to `wallets.eu` through the config's
+/// source; returns (published, duplicates).
+fn publish_cli(ws: &Workspace, name: &str, lines: &[String]) -> (u64, u64) {
+    let file = ws.write_events(name, lines);
+    let out =
+        json(&run_ok(&["publish", "--config", &ws.config_str(), "--source", "bus", "wallets.eu", &file]));
+    (out["published"].as_u64().unwrap(), out["duplicates"].as_u64().unwrap())
+}
+
+/// Publish `lines` in chunks, alternating between `projector publish`
+/// (structured mode) and another client's binary mode, then publish the
+/// first two chunks again (all duplicates).
+fn publish_mixed(ws: &Workspace, urls: &[String], lines: &[String], chunk: usize) {
+    for (i, part) in lines.chunks(chunk).enumerate() {
+        let outcome = match i % 2 {
+            0 => publish_cli(ws, &format!("chunk-{i}.jsonl"), part),
+            _ => {
+                let events: Vec<NewEvent> = part.iter().map(|line| parse_event(line).unwrap()).collect();
+                let outcome = publish_binary(urls, "wallets.us", &events);
+                (outcome.published, outcome.duplicates)
+            }
+        };
+        assert_eq!(outcome, (part.len() as u64, 0), "chunk {i}");
+    }
+    let again = &lines[..chunk.min(lines.len())];
+    assert_eq!(publish_cli(ws, "again.jsonl", again), (0, again.len() as u64));
+    let events: Vec<NewEvent> =
+        lines[chunk..2 * chunk].iter().map(|line| parse_event(line).unwrap()).collect();
+    assert_eq!(publish_binary(urls, "wallets.us", &events).duplicates, chunk as u64);
+}
+
+/// The recorder's checkpoint in its database (0 before it has one).
+fn checkpoint(ws: &Workspace, projection: &str) -> u64 {
+    let path = ws.database(projection);
+    let Ok(db) = rusqlite::Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+    else {
+        return 0;
+    };
+    db.query_row("SELECT position FROM projector_checkpoints WHERE source = ?1", [KEY], |r| {
+        r.get::<_, i64>(0)
+    })
+    .unwrap_or(0) as u64
+}
+
+/// Wait until the recorder's checkpoint reaches `position`.
+fn wait_checkpoint(ws: &Workspace, position: u64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while checkpoint(ws, "recorder") < position {
+        assert!(Instant::now() < deadline, "timed out waiting for the recorder past {position}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Every event handled exactly once, at stream sequences 1..=total.
+fn assert_each_event_handled_once(ws: &Workspace, total: usize) {
+    let recorded = ws.query(
+        "recorder",
+        "SELECT count(*) AS handled, count(DISTINCT position) AS positions, count(DISTINCT id) AS ids, \
+         min(position) AS first, max(position) AS last FROM handled",
+    );
+    assert_eq!(
+        recorded,
+        serde_json::json!([{"handled": total, "positions": total, "ids": total, "first": 1, "last": total}])
+    );
+}
+
+/// The wallet-allowlist state equals `projector replay` of the same events.
+fn assert_state_is_the_replay(ws: &Workspace, all: &str) {
+    let wallet = guest("wallet_allowlist");
+    for sql in STATE_SQL {
+        let replayed =
+            json(&run_ok(&["replay", "--module", wallet.to_str().unwrap(), "--events", all, "--sql", sql]));
+        assert!(replayed.as_array().unwrap().len() > 100, "the scenario fills the tables");
+        let live = ws.query("wallet-allowlist", sql);
+        assert!(live == replayed, "{sql}: the state built from NATS differs from the replay");
+    }
+}
+
+#[test]
+fn run_over_nats_builds_the_state_a_replay_of_the_same_events_builds() {
+    let server = NatsServer::start();
+    let urls = vec![server.url()];
+    let ws = Workspace::new();
+    write_nats_config(&ws, &urls);
+    let lines = wallet_events(4000, 500, "w");
+    let all = ws.write_events("all.jsonl", &lines);
+    let host = ws.start();
+    publish_mixed(&ws, &urls, &lines, 500);
+    ws.wait_caught_up(4000, Duration::from_secs(120));
+    let status = ws.status_of("recorder");
+    assert_eq!(
+        (&status["source"], &status["state"], &status["connected"]),
+        (&"bus".into(), &"running".into(), &true.into())
+    );
+    drop(host);
+    assert_each_event_handled_once(&ws, 4000);
+    assert_state_is_the_replay(&ws, &all);
+}
+
+#[test]
+fn run_over_nats_sigkilled_three_times_mid_stream_builds_the_same_state() {
+    const TOTAL: usize = 60_000;
+    const CHUNK: usize = 10_000;
+    let server = NatsServer::start();
+    let ws = Workspace::new();
+    write_nats_config(&ws, &[server.url()]);
+    let lines = wallet_events(TOTAL, 20_000, "k");
+    let all = ws.write_events("all.jsonl", &lines);
+    let mut host = ws.start();
+    let kill_depths = [(1, 1_000), (2, 3_000), (4, 2_000)];
+    let mut killed_at = Vec::new();
+    for (i, chunk) in lines.chunks(CHUNK).enumerate() {
+        assert_eq!(publish_cli(&ws, &format!("chunk-{i}.jsonl"), chunk), (CHUNK as u64, 0));
+        let published = ((i + 1) * CHUNK) as u64;
+        if let Some(&(_, depth)) = kill_depths.iter().find(|(at, _)| *at == i) {
+            wait_checkpoint(&ws, (i * CHUNK + depth) as u64);
+            host.kill();
+            let at = checkpoint(&ws, "recorder");
+            assert!(at < published, "the kill landed mid-stream (checkpoint {at} of {published})");
+            killed_at.push(at);
+            host = ws.start();
+        }
+    }
+    assert_eq!(killed_at.len(), 3);
+    ws.wait_caught_up(TOTAL as u64, Duration::from_secs(180));
+    drop(host);
+    assert_each_event_handled_once(&ws, TOTAL);
+    assert_state_is_the_replay(&ws, &all);
+}
+
+#[test]
+fn a_nats_server_restarted_mid_stream_shows_connecting_never_faulted_and_the_state_is_the_same() {
+    let mut server = NatsServer::start();
+    let urls = vec![server.url()];
+    let ws = Workspace::new();
+    write_nats_config(&ws, &urls);
+    let lines = wallet_events(20_000, 5_000, "r");
+    let all = ws.write_events("all.jsonl", &lines);
+    let host = ws.start();
+    publish_cli(&ws, "first.jsonl", &lines[..10_000]);
+    wait_checkpoint(&ws, 2_000);
+    server.kill();
+    let states = |ws: &Workspace| -> Vec<String> {
+        ws.status().iter().map(|s| s["state"].as_str().unwrap().to_string()).collect()
+    };
+    wait_until(Duration::from_secs(30), "every projection connecting", || {
+        let states = states(&ws);
+        assert!(!states.iter().any(|s| s == "faulted"), "{states:?}");
+        states.iter().all(|s| s == "connecting")
+    });
+    let status = ws.status_of("recorder");
+    assert!(status["error"].as_str().unwrap().contains(&server.url()), "{status}");
+    // Down for a while: still connecting, never faulted.
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(states(&ws), ["connecting", "connecting"]);
+    }
+    server.restart();
+    publish_cli(&ws, "second.jsonl", &lines[10_000..]);
+    wait_until(Duration::from_secs(120), "both projections caught up", || {
+        let status = ws.status();
+        assert!(!status.iter().any(|s| s["state"] == "faulted"), "{status:?}");
+        status.iter().all(|s| s["checkpoint"] == 20_000 && s["lag"] == 0 && s["state"] == "running")
+    });
+    assert_eq!(ws.status_of("recorder")["connected"], true);
+    drop(host);
+    assert_each_event_handled_once(&ws, 20_000);
+    assert_state_is_the_replay(&ws, &all);
+}
+
+#[test]
+fn two_replicas_reading_one_stream_build_identical_state() {
+    let server = NatsServer::start();
+    let urls = vec![server.url()];
+    let replicas = [Workspace::new(), Workspace::new()];
+    for ws in &replicas {
+        write_nats_config(ws, &urls);
+    }
+    let hosts: Vec<Host> = replicas.iter().map(Workspace::start).collect();
+    let lines = wallet_events(5000, 800, "two");
+    let all = replicas[0].write_events("all.jsonl", &lines);
+    publish_mixed(&replicas[0], &urls, &lines, 1000);
+    for ws in &replicas {
+        ws.wait_caught_up(5000, Duration::from_secs(120));
+    }
+    drop(hosts);
+    for sql in STATE_SQL {
+        let (first, second) =
+            (replicas[0].query("wallet-allowlist", sql), replicas[1].query("wallet-allowlist", sql));
+        assert!(first == second, "{sql}: the replicas differ");
+    }
+    assert_eq!(
+        replicas[0].query("recorder", "SELECT position, id FROM handled ORDER BY position"),
+        replicas[1].query("recorder", "SELECT position, id FROM handled ORDER BY position"),
+        "each replica handled every event, in the same order"
+    );
+    for ws in &replicas {
+        assert_each_event_handled_once(ws, 5000);
+        assert_state_is_the_replay(ws, &all);
+    }
+}
+
+#[test]
+fn run_over_a_cluster_with_a_node_killed_mid_stream_builds_the_exact_state() {
+    let mut cluster = NatsCluster::start();
+    let urls = cluster.urls();
+    block_on(async {
+        jetstream(&urls)
+            .await
+            .create_stream(async_nats::jetstream::stream::Config {
+                name: STREAM.into(),
+                subjects: vec!["wallets.>".into()],
+                num_replicas: 3,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    });
+    let ws = Workspace::new();
+    write_nats_config(&ws, &urls);
+    let lines = wallet_events(10_000, 2_000, "cl");
+    let all = ws.write_events("all.jsonl", &lines);
+    let host = ws.start();
+    assert_eq!(publish_cli(&ws, "first.jsonl", &lines[..5_000]), (5_000, 0));
+    wait_checkpoint(&ws, 1_000);
+    // Kill the node serving one of the host's consumers.
+    let node = block_on(async {
+        let js = jetstream(&urls).await;
+        let stream = js.get_stream(STREAM).await.unwrap();
+        let name = futures_util::StreamExt::next(&mut stream.consumer_names()).await.unwrap().unwrap();
+        stream.consumer_info(name).await.unwrap().cluster.unwrap().leader.unwrap()
+    });
+    cluster.node(&node).kill();
+    assert_eq!(publish_cli(&ws, "second.jsonl", &lines[5_000..]), (5_000, 0));
+    ws.wait_caught_up(10_000, Duration::from_secs(120));
+    drop(host);
+    assert_each_event_handled_once(&ws, 10_000);
+    assert_state_is_the_replay(&ws, &all);
 }
