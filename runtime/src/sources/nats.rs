@@ -1,6 +1,7 @@
-//! NATS JetStream as a [`Source`]: [`NatsOpener`] holds one client per
-//! configured `[sources.<name>]`, [`NatsSource`] reads one stream for one
-//! reader, and [`publish`] puts CloudEvents on a stream (what `projector
+//! NATS JetStream as a [`Source`]: [`NatsOpener`] opens readers of one
+//! configured `[sources.<name>]` over a client shared by everything in the
+//! process that reads the same servers, [`NatsSource`] reads one stream for
+//! one reader, and [`publish`] puts CloudEvents on a stream (what `projector
 //! publish` runs). This module owns the client, its connection state, the
 //! CloudEvents NATS binding (structured and binary mode) and NATS subject
 //! matching.
@@ -26,7 +27,9 @@
 //!   calling [`Source`] synchronously. A background task per reader prefetches
 //!   into a bounded buffer, and the runner's thread drains it, decoding the
 //!   CloudEvents itself, waiting on a condition variable rather than
-//!   blocking the runtime.
+//!   blocking the runtime. An empty batch means the server said nothing is
+//!   left (a rebuild catching up stops on it), so a read that finds the
+//!   buffer empty before the server has said so waits a moment longer.
 //! - **Subject filters**: one filter is applied by the server
 //!   (`filter_subject`); several (a 2.9 server takes only one per
 //!   consumer) are matched here, as are event types. Skipped messages still
