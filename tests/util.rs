@@ -318,3 +318,154 @@ pub fn metrics(base: &str) -> HashMap<String, f64> {
     let text = ureq::get(format!("{base}/metrics")).call().unwrap().body_mut().read_to_string().unwrap();
     parse_metrics(&text)
 }
+
+/// A free TCP port on loopback (free when asked: bind to it soon).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A real `nats-server -js` on loopback, its store in a temp dir; stopped
+/// when dropped.
+pub struct NatsServer {
+    child: Option<Child>,
+    /// The client port.
+    pub port: u16,
+    /// The monitoring port (`/healthz` says when JetStream is ready).
+    monitor: u16,
+    store: tempfile::TempDir,
+    /// Cluster flags, for a node of a [`NatsCluster`].
+    extra: Vec<String>,
+    log: PathBuf,
+}
+
+impl NatsServer {
+    /// A single server with JetStream, ready to take requests.
+    pub fn start() -> Self {
+        let server = Self::spawn(Vec::new());
+        server.wait_ready();
+        server
+    }
+
+    fn spawn(extra: Vec<String>) -> Self {
+        let store = tempfile::tempdir().unwrap();
+        let log = store.path().join("nats.log");
+        let mut server =
+            NatsServer { child: None, port: free_port(), monitor: free_port(), store, extra, log };
+        server.launch();
+        server
+    }
+
+    fn launch(&mut self) {
+        assert!(self.child.is_none(), "the server is running");
+        let binary = std::env::var("PROJECTOR_NATS_SERVER").unwrap_or_else(|_| "nats-server".into());
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let child = Command::new(&binary)
+            .args(["-js", "-a", "127.0.0.1"])
+            .args(["-p", &self.port.to_string(), "-m", &self.monitor.to_string()])
+            .arg("-sd")
+            .arg(self.store.path().join("jetstream"))
+            .args(&self.extra)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|err| {
+                panic!("cannot start {binary} ({err}): install it (apt-get install nats-server; scripts/test does)")
+            });
+        self.child = Some(child);
+    }
+
+    /// Wait until the server answers and JetStream is ready.
+    pub fn wait_ready(&self) {
+        let url = format!("http://127.0.0.1:{}/healthz", self.monitor);
+        wait_until(
+            Duration::from_secs(30),
+            &format!("nats-server on port {} to be ready", self.port),
+            || ureq::get(&url).call().is_ok_and(|response| response.status() == 200),
+        );
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Whether it is running.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// SIGKILL: no chance to flush or say goodbye.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("the server is running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// Start it again on the same port and store, and wait until ready.
+    pub fn restart(&mut self) {
+        self.launch();
+        self.wait_ready();
+    }
+
+    /// Its log so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Three `nats-server -js` nodes on loopback routed into one cluster, each
+/// with its own store.
+pub struct NatsCluster {
+    pub nodes: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// A 3-node cluster whose JetStream is ready (a meta leader elected).
+    pub fn start() -> Self {
+        let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let nodes: Vec<NatsServer> = (0..3)
+            .map(|i| {
+                let others: Vec<String> = routes
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| *j != i)
+                    .map(|(_, port)| format!("nats://127.0.0.1:{port}"))
+                    .collect();
+                NatsServer::spawn(vec![
+                    "--server_name".into(),
+                    format!("n{i}"),
+                    "--cluster_name".into(),
+                    "projector-tests".into(),
+                    "--cluster".into(),
+                    format!("nats://127.0.0.1:{}", routes[i]),
+                    "--routes".into(),
+                    others.join(","),
+                ])
+            })
+            .collect();
+        for node in &nodes {
+            node.wait_ready();
+        }
+        NatsCluster { nodes }
+    }
+
+    /// Every node's client URL.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(NatsServer::url).collect()
+    }
+
+    /// The node called `name` (`n0`, `n1`, `n2`).
+    pub fn node(&mut self, name: &str) -> &mut NatsServer {
+        let i: usize = name.strip_prefix('n').and_then(|i| i.parse().ok()).expect("a node name");
+        &mut self.nodes[i]
+    }
+}

@@ -1,6 +1,7 @@
 //! The `projector` command line: run the host, append to and read the
-//! event log, replay a module offline, and inspect and operate projections
-//! — from the files, or with `--url` through a running host's HTTP API.
+//! event log or publish to a NATS stream, replay a module offline, and
+//! inspect and operate projections — from the files, or with `--url`
+//! through a running host's HTTP API.
 
 pub mod events;
 pub mod remote;
@@ -103,6 +104,24 @@ enum Command {
         /// Keep printing events as they are appended, until interrupted.
         #[arg(long)]
         follow: bool,
+    },
+    /// Publish CloudEvents (JSON, one per line) to a NATS JetStream source
+    /// of the config, in structured mode with `Nats-Msg-Id` set to each
+    /// event's id: the stream stores an id it has seen within its duplicate
+    /// window once. Creates the stream (capturing `<first token of
+    /// subject>.>`) when it does not exist. One bad line publishes nothing.
+    /// Prints {"published": N, "duplicates": M}.
+    Publish {
+        /// The config file (projector.toml).
+        #[arg(long, short, default_value = "projector.toml")]
+        config: PathBuf,
+        /// The `[sources.<name>]` to publish to.
+        #[arg(long)]
+        source: String,
+        /// The subject to publish on, e.g. wallets.eu.
+        subject: String,
+        /// The file to read, or `-` for standard input.
+        file: PathBuf,
     },
     /// Run one module over a JSONL file of CloudEvents in a temporary
     /// database and print the state it built as JSON.
@@ -254,21 +273,33 @@ fn execute(command: Command) -> Result<()> {
         }
         Command::Append { data, stream, file } => {
             crate::config::validate_stream_name(&stream)?;
-            let (bytes, origin) = if file.as_os_str() == "-" {
-                let mut bytes = Vec::new();
-                std::io::stdin().read_to_end(&mut bytes).context("cannot read standard input")?;
-                (bytes, "stdin".to_string())
-            } else {
-                let bytes =
-                    std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
-                (bytes, file.display().to_string())
-            };
-            let text = cloudevents::utf8_text(&bytes, &origin)?;
-            let mut events = cloudevents::parse_lines(text, &origin)?;
-            cloudevents::fill_correlation_ids(&mut events, &uuid::Uuid::new_v4().to_string());
+            let events = read_events(&file)?;
             print(&EventLog::open(&data)?.append(&stream, &events)?)
         }
         Command::Events { data, stream, from, follow } => events::print_stream(&data, &stream, from, follow),
+        Command::Publish { config: config_path, source, subject, file } => {
+            let config = Config::load(&config_path)?;
+            let Some((urls, stream)) = config
+                .sources
+                .get(&source)
+                .and_then(|s| Some((s.nats.as_ref()?.urls(), s.stream.as_deref()?)))
+            else {
+                let known: Vec<&str> = config.sources.keys().map(String::as_str).collect();
+                anyhow::bail!(
+                    "{} has no NATS source named {source:?}; {}",
+                    config_path.display(),
+                    match known.is_empty() {
+                        true =>
+                            "add one: [sources.bus] nats = \"nats://127.0.0.1:4222\", stream = \"EVENTS\""
+                                .to_string(),
+                        false => format!("it has: {}", known.join(", ")),
+                    }
+                );
+            };
+            crate::sources::nats::validate_subject(&subject)?;
+            let events = read_events(&file)?;
+            print(&crate::sources::nats::publish(&urls, stream, &subject, &events)?)
+        }
         Command::Replay { module, events, stream, sql, request, batch } => {
             let outcome =
                 replay(&ReplayOptions { module, events, stream, sql, request, batch: batch as usize })?;
@@ -334,6 +365,23 @@ fn execute(command: Command) -> Result<()> {
             },
         },
     }
+}
+
+/// The CloudEvents of a JSONL file (or standard input for `-`), all or
+/// none; events without a correlation id get one id for this call.
+fn read_events(file: &std::path::Path) -> Result<Vec<crate::sources::embedded::NewEvent>> {
+    let (bytes, origin) = if file.as_os_str() == "-" {
+        let mut bytes = Vec::new();
+        std::io::stdin().read_to_end(&mut bytes).context("cannot read standard input")?;
+        (bytes, "stdin".to_string())
+    } else {
+        let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+        (bytes, file.display().to_string())
+    };
+    let text = cloudevents::utf8_text(&bytes, &origin)?;
+    let mut events = cloudevents::parse_lines(text, &origin)?;
+    cloudevents::fill_correlation_ids(&mut events, &uuid::Uuid::new_v4().to_string());
+    Ok(events)
 }
 
 /// `projector rebuild`: by the running host if there is one, else here;

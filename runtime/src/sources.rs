@@ -20,6 +20,7 @@ use std::time::Duration;
 
 pub mod cloudevents;
 pub mod embedded;
+pub mod nats;
 
 /// How far a projection has applied a source: the last position taken, per
 /// partition (a partition not named is at 0, before its first event).
@@ -227,8 +228,6 @@ pub fn opener_for(
 ) -> anyhow::Result<Arc<dyn SourceOpener>> {
     match config.source_of(p) {
         SourceKind::Embedded => Ok(Arc::new(embedded::EmbeddedOpener::new(log.clone()))),
-        SourceKind::Nats { name, .. } => {
-            anyhow::bail!("source {name:?}: this build reads NATS JetStream only with the nats module")
-        }
+        SourceKind::Nats { name, urls, stream } => Ok(Arc::new(nats::NatsOpener::new(name, urls, stream)?)),
     }
 }

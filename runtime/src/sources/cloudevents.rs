@@ -174,11 +174,10 @@ pub fn from_object(mut object: Map<String, Value>) -> Result<NewEvent, CloudEven
     })
 }
 
-/// An event as CloudEvents JSON, as [`parse_event`] reads it back: `data`
-/// holds the payload as JSON when the content type is JSON (or absent) and
-/// the bytes are JSON, as a string when the content type is another and the
-/// bytes are UTF-8, and otherwise `data_base64` holds it. An empty payload
-/// is no data at all.
+/// `event` as a CloudEvents JSON object (structured mode), which
+/// [`parse_event`] reads back as the same event: `data` as JSON when the
+/// content type is JSON and the bytes are JSON as this module writes it, as
+/// text for a text type, else `data_base64`.
 pub fn to_json(event: &NewEvent) -> Value {
     let mut object = Map::new();
     object.insert("specversion".into(), "1.0".into());
@@ -198,17 +197,23 @@ pub fn to_json(event: &NewEvent) -> Value {
         }
     }
     if !event.data.is_empty() {
-        let data = match is_json(event.datacontenttype.as_deref()) {
-            true => serde_json::from_slice::<Value>(&event.data).ok(),
-            false => std::str::from_utf8(&event.data).ok().map(|text| Value::String(text.into())),
-        };
-        match data {
-            Some(data) => object.insert("data".into(), data),
-            None => object.insert(
-                "data_base64".into(),
-                base64::engine::general_purpose::STANDARD.encode(&event.data).into(),
-            ),
-        };
+        let json = is_json(event.datacontenttype.as_deref());
+        let as_json = json
+            .then(|| serde_json::from_slice::<Value>(&event.data).ok())
+            .flatten()
+            .filter(|value| serde_json::to_vec(value).is_ok_and(|bytes| bytes == event.data));
+        match (as_json, std::str::from_utf8(&event.data)) {
+            (Some(value), _) => {
+                object.insert("data".into(), value);
+            }
+            (None, Ok(text)) if !json => {
+                object.insert("data".into(), text.into());
+            }
+            _ => {
+                let encoded = base64::engine::general_purpose::STANDARD.encode(&event.data);
+                object.insert("data_base64".into(), encoded.into());
+            }
+        }
     }
     Value::Object(object)
 }
@@ -397,6 +402,32 @@ mod tests {
         assert!(parse_event(&big_data.to_string()).is_ok());
         let input = format!("{GOOD}\n{}\n", event("id", &long));
         assert_eq!(parse_lines(&input, "big.jsonl").unwrap_err().line, 2);
+    }
+
+    #[test]
+    fn events_written_as_json_read_back_the_same() {
+        let base = parse_event(
+            r#"{"specversion":"1.0","id":"e1","source":"api","type":"t","subject":"u1","time":"2026-01-01T00:00:00Z",
+                "correlationid":"c1","causationid":"k1","data":{"a":[1,2.5,"x"]}}"#,
+        )
+        .unwrap();
+        let with = |datacontenttype: Option<&str>, data: &[u8]| NewEvent {
+            datacontenttype: datacontenttype.map(str::to_string),
+            data: data.to_vec(),
+            ..base.clone()
+        };
+        for event in [
+            base.clone(),
+            with(None, b""),
+            with(None, b"{ \"spaced\": true }"),
+            with(Some("application/json"), b"[1,2]"),
+            with(Some("text/plain"), b"caf\xc3\xa9"),
+            with(Some("application/octet-stream"), b"\x00\xff"),
+            with(None, b"\xff"),
+        ] {
+            let json = to_json(&event).to_string();
+            assert_eq!(parse_event(&json).unwrap(), event, "{json}");
+        }
     }
 
     #[test]
