@@ -1,0 +1,67 @@
+//! Where the events come from, side by side in one run: wallet-allowlist
+//! rebuilt (`projector rebuild`, the whole process) from the embedded log
+//! and from a NATS JetStream stream holding the same events, on a real
+//! `nats-server -js` on a free loopback port.
+//!
+//! `cargo bench -p projector --bench sources` (after scripts/build-guests,
+//! with `nats-server` installed — `scripts/test` installs it);
+//! `BENCH_EVENTS` sets the event count (default 200000), `BENCH_RUNS` the
+//! runs (default 3, best kept).
+
+#[path = "../../tests/util.rs"]
+mod util;
+
+use std::time::Instant;
+use util::*;
+
+/// `projector rebuild` of `name`, the whole process; events/s.
+fn rebuild(ws: &Workspace, name: &str, n: usize) -> f64 {
+    let start = Instant::now();
+    run_ok(&["rebuild", "--config", &ws.config_str(), name]);
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    let status = ws.status_of(name);
+    assert_eq!(status["dead_letters"], 0, "{status}");
+    rate
+}
+
+fn main() {
+    let n: usize = std::env::var("BENCH_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(200_000);
+    let runs: usize = std::env::var("BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    let module = guest("wallet_allowlist");
+    let lines = wallet_events(n, 5_000, "sources");
+
+    let embedded = Workspace::new();
+    embedded.write_config(&[("wallet-allowlist", &module, &["wallets"])]);
+    let file = embedded.write_events("events.jsonl", &lines);
+    embedded.append("wallets", &file);
+
+    let server = NatsServer::start();
+    let nats = Workspace::new();
+    std::fs::write(
+        nats.config(),
+        format!(
+            "version = 1\ndata = \"data\"\n\n[sources.bus]\nnats = {:?}\nstream = \"WALLETS\"\n\n\
+             [[projection]]\nname = \"wallet-allowlist\"\nmodule = {:?}\nsource = \"bus\"\nstreams = [\"wallets.>\"]\n",
+            server.url(),
+            module.to_string_lossy()
+        ),
+    )
+    .unwrap();
+    let file = nats.write_events("events.jsonl", &lines);
+    let start = Instant::now();
+    run_ok(&["publish", "--config", &nats.config_str(), "--source", "bus", "wallets.updates", &file]);
+    let published = n as f64 / start.elapsed().as_secs_f64();
+
+    println!(
+        "wallet-allowlist rebuilt from each source, {n} events (5,000 users), best of {runs}, events/s:"
+    );
+    let from_log = (0..runs).map(|_| rebuild(&embedded, "wallet-allowlist", n)).fold(0.0, f64::max);
+    let from_nats = (0..runs).map(|_| rebuild(&nats, "wallet-allowlist", n)).fold(0.0, f64::max);
+    let rows =
+        |ws: &Workspace| ws.query("wallet-allowlist", "SELECT count(*) AS n FROM allowlist")[0]["n"].clone();
+    assert_eq!(rows(&embedded), rows(&nats), "both sources build the same allowlist");
+    println!("  embedded log:     {from_log:>9.0}");
+    println!("  NATS JetStream:   {from_nats:>9.0}");
+    println!("  JetStream / embedded: {:.2}", from_nats / from_log);
+    println!("  (projector publish to JetStream: {published:.0} events/s)");
+}
