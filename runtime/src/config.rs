@@ -339,7 +339,6 @@ fn default_data() -> PathBuf {
     PathBuf::from("data")
 }
 
-
 /// Why a config file was refused.
 #[derive(Debug, Error)]
 pub enum ConfigError {
