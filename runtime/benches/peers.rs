@@ -258,7 +258,8 @@ fn main() {
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), n.to_string());
         n as f64 / start.elapsed().as_secs_f64()
     });
-    let projected: i64 = ws.query("wallet-allowlist", "SELECT count(*) AS n FROM allowlist")[0]["n"].as_i64().unwrap();
+    let projected: i64 =
+        ws.query("wallet-allowlist", "SELECT count(*) AS n FROM allowlist")[0]["n"].as_i64().unwrap();
     assert_eq!(Some(projected), state_rows, "projector builds the allowlist the peers build");
 
     println!("  projector rebuild, defaults:            {projector:>9.0}");
