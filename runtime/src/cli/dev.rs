@@ -148,8 +148,8 @@ fn dev_config(krate: &GuestCrate) -> Result<(PathBuf, Config)> {
         std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
         eprintln!(
             "dev: {} has no projector.toml; running with {} (stream {:?}): copy it into the crate to change it",
-            krate.dir.display(),
-            path.display(),
+            shown(&krate.dir).display(),
+            shown(&path).display(),
             krate.package
         );
         path
@@ -303,7 +303,7 @@ impl Dev {
         }
         eprintln!(
             "dev: rebuilding on every save of {}; stop with Ctrl-C",
-            self.krate.dir.join("src").display()
+            shown(&self.krate.dir.join("src")).display()
         );
         self.host = Some(host);
         self.pending = Some(self.pending(&built.sha256, Awaited::Start));
