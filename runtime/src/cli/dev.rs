@@ -291,7 +291,9 @@ impl Dev {
     /// Start the host, append the fixture, and say where it serves.
     fn start(&mut self, built: &Built) -> Result<()> {
         let host = Host::start(&self.config_path, &self.config.data, &self.listen)?;
-        self.append_fixture()?;
+        if let Err(err) = self.append_fixture() {
+            eprintln!("dev: the fixture was not appended: {err:#}");
+        }
         let url = &host.url;
         eprintln!("dev: serving {url}/ (the status page; the API under {url}/projections/{})", self.name);
         if let Ok(request) = std::fs::read_to_string(self.query_file()) {
@@ -490,6 +492,7 @@ impl Host {
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
+                let _ = child.wait();
                 bail!("the host did not listen within a minute");
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -516,6 +519,26 @@ impl Host {
                 self.child.kill()?;
                 self.child.wait()?;
                 return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// A host dev did not stop (dev is returning an error) is stopped here, so
+/// none outlives dev.
+impl Drop for Host {
+    fn drop(&mut self) {
+        if !matches!(self.child.try_wait(), Ok(None)) {
+            return;
+        }
+        terminate(&self.child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while matches!(self.child.try_wait(), Ok(None)) {
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                return;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
