@@ -35,11 +35,13 @@
 //! - [`testing::Harness`]: the host's semantics natively, parking rejected
 //!   events and recording emitted ones.
 //!
-//! Build it with `cargo build --target wasm32-unknown-unknown --release`
-//! (in this workspace, `scripts/build-guests` builds every guest crate into
-//! `target/projections/<crate_name>.wasm`), and test its logic natively with
-//! [`testing::Harness`], with no wasm involved: it keeps the host's
-//! transactions, SQL rules and value limit.
+//! `projector new <name>` scaffolds a crate that uses all of this. Build it
+//! with `projector build` (into `target/projections/<crate_name>.wasm`; it is
+//! `cargo build --target wasm32-unknown-unknown --release` with the guest
+//! profile), run it with `projector dev`, which swaps every saved edit into
+//! a running host, and test its logic natively with [`testing::Harness`],
+//! with no wasm involved: it keeps the host's transactions, SQL rules and
+//! value limit.
 #![deny(missing_docs)]
 
 // Lets the generated bindings name this crate the same way from inside it

@@ -1,9 +1,13 @@
 //! The `projector` command line: run the host, append to and read the
 //! event log or publish to a NATS stream, replay a module offline, and
 //! inspect and operate projections — from the files, or with `--url`
-//! through a running host's HTTP API.
+//! through a running host's HTTP API; and write projections: scaffold,
+//! build and develop one (`new`, `build`, `dev`).
 
+pub mod build;
+pub mod dev;
 pub mod events;
+pub mod new;
 pub mod remote;
 pub mod replay;
 
@@ -184,6 +188,15 @@ enum Command {
         #[command(subcommand)]
         action: DeadLetterAction,
     },
+    /// Scaffold a projection crate (projections/<name>, or --dir): an example
+    /// event type and typed query, native tests, a fixture and a dev config.
+    New(new::NewArgs),
+    /// Build guest crates for wasm32-unknown-unknown and print each module's
+    /// path (<workspace>/target/projections/<crate_name>.wasm).
+    Build(build::BuildArgs),
+    /// Build a projection crate, run it in a host with the crate's config
+    /// and fixture, serve the API, and rebuild and swap it in on every save.
+    Dev(dev::DevArgs),
 }
 
 #[derive(Subcommand)]
@@ -339,6 +352,9 @@ fn execute(command: Command) -> Result<()> {
             (_, None, None) => unreachable!("clap requires --sql or --request"),
         },
         Command::Rebuild { config, projection } => rebuild(&Config::load(&config)?, &projection),
+        Command::New(args) => new::run(args),
+        Command::Build(args) => build::run(args),
+        Command::Dev(args) => dev::run(args),
         Command::DeadLetters { action } => match action {
             DeadLetterAction::List { target, projection } => match target.remote()? {
                 Some(remote) => print(&remote.get(&path(&projection, "/dead-letters"))?),
