@@ -569,7 +569,9 @@ fn write_nats_config(ws: &Workspace, urls: &[String]) {
         format!("version = 1\ndata = \"data\"\n\n[sources.bus]\nnats = {urls:?}\nstream = \"WALLETS\"\n");
     for (name, module) in [("wallet-allowlist", "wallet_allowlist"), ("recorder", "event_recorder")] {
         text.push_str(&format!(
-            "\n[[projection]]\nname = {name:?}\nmodule = {:?}\nsource = \"bus\"\nstreams = [\"wallets.>\"]\n",
+            // Batches of a fixed size, so a kill can land between two of a
+            // chunk (adaptive ones grow to a whole chunk).
+            "\n[[projection]]\nname = {name:?}\nmodule = {:?}\nsource = \"bus\"\nstreams = [\"wallets.>\"]\nbatch_size = 1000\n",
             guest(module).to_string_lossy()
         ));
     }
