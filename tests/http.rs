@@ -75,6 +75,66 @@ fn ingest_accepts_every_content_type_atomically_and_idempotently() {
 }
 
 #[test]
+fn ingest_takes_binary_mode_the_attributes_in_ce_headers_and_the_body_as_data() {
+    let ws = Workspace::new();
+    two_projections(&ws);
+    let host = ws.start();
+    let url = format!("{}/streams/wallets/events", host.url());
+    let send = |id: &str, subject: &str, body: &str| {
+        let response = ureq::post(&url)
+            .config()
+            .http_status_as_error(false)
+            .build()
+            .header("content-type", "application/json")
+            .header("ce-specversion", "1.0")
+            .header("ce-id", id)
+            .header("ce-type", "wallet_updated")
+            .header("ce-source", "binary-client")
+            .header("ce-subject", subject)
+            .header("ce-correlationid", "flow-1")
+            .send(body)
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.into_body().read_to_string().unwrap())
+    };
+    let body = r#"{"user_id":"u1","wallet_address":"0xB1","created_at":"2026-01-01T00:00:00Z"}"#;
+    let (status, answer) = send("bin-1", "caf%C3%A9", body);
+    assert_eq!(
+        (status, serde_json::from_str::<Value>(&answer).unwrap()),
+        (200, json!({"appended": 1, "duplicates": 0}))
+    );
+    // The same id again is a duplicate, as in structured mode.
+    assert_eq!(send("bin-1", "x", body).0, 200);
+    assert_eq!(head(&ws), 1);
+    let printed = run_ok(&["events", "--data", &ws.data_str(), "wallets"]);
+    let event: Value = serde_json::from_str(printed.lines().next().unwrap()).unwrap();
+    assert_eq!(
+        (&event["id"], &event["type"], &event["source"], &event["subject"], &event["correlationid"]),
+        (
+            &json!("bin-1"),
+            &json!("wallet_updated"),
+            &json!("binary-client"),
+            &json!("café"),
+            &json!("flow-1")
+        )
+    );
+    assert_eq!(event["data"], serde_json::from_str::<Value>(body).unwrap(), "the body is the data");
+    // A binary-mode event missing a required attribute names it.
+    let response = ureq::post(&url)
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .header("ce-specversion", "1.0")
+        .header("ce-id", "bin-2")
+        .send("x")
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 400);
+    let error = response.into_body().read_to_string().unwrap();
+    assert!(error.contains("binary-mode") && error.contains("source"), "{error}");
+    assert_eq!(head(&ws), 1, "a refused event appends nothing");
+}
+
+#[test]
 fn events_without_a_correlation_id_get_the_request_id_everywhere() {
     let ws = Workspace::new();
     two_projections(&ws);

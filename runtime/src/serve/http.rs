@@ -1035,9 +1035,28 @@ async fn ingest(
     let content_type =
         headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
     let correlation_id = request_id.clone();
+    // Binary mode (the CloudEvents HTTP binding): the attributes in `ce-`
+    // headers, the body the data, `Content-Type` its type.
+    let binary: Option<Vec<(String, String)>> = headers.contains_key("ce-specversion").then(|| {
+        headers
+            .iter()
+            .filter(|(name, _)| name.as_str().starts_with("ce-") || *name == header::CONTENT_TYPE)
+            .map(|(name, value)| {
+                (name.as_str().to_string(), String::from_utf8_lossy(value.as_bytes()).into_owned())
+            })
+            .collect()
+    });
     // Parsing a large body is CPU work: off the async threads, like the append.
     let outcome = bulk(move || {
-        let mut events = parse_body(&content_type, &body)?;
+        let mut events = match binary {
+            Some(attributes) => {
+                let pairs = attributes.iter().map(|(name, value)| (name.as_str(), value.as_str()));
+                vec![cloudevents::from_binary(pairs, &body, true).map_err(|err| {
+                    ApiError::bad_request(format!("a binary-mode CloudEvent (ce- headers): {err}"))
+                })?]
+            }
+            None => parse_body(&content_type, &body)?,
+        };
         cloudevents::fill_correlation_ids(&mut events, &correlation_id);
         Ok(api.log.append(&stream, &events)?)
     })
@@ -1080,7 +1099,9 @@ fn parse_body(content_type: &str, body: &[u8]) -> ApiResult<Vec<NewEvent>> {
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             format!(
                 "unsupported content type {content_type:?}; send application/cloudevents+json (one event), \
-                 application/cloudevents-batch+json (a JSON array) or application/x-ndjson (one event per line)"
+                 application/cloudevents-batch+json (a JSON array) or application/x-ndjson (one event per line), \
+                 or one event in binary mode (ce-specversion, ce-id, ce-source, ce-type headers; the body is its \
+                 data)"
             ),
         )),
     }

@@ -174,6 +174,59 @@ pub fn from_object(mut object: Map<String, Value>) -> Result<NewEvent, CloudEven
     })
 }
 
+/// A binary-mode CloudEvent, as the HTTP and NATS protocol bindings carry
+/// one: its attributes in `ce-` headers (names in any case), the data's
+/// type in `Content-Type`, and `body` as the data. With `percent_encoded`
+/// (HTTP), header values are percent-decoded as that binding asks.
+pub fn from_binary<'a>(
+    headers: impl IntoIterator<Item = (&'a str, &'a str)>,
+    body: &[u8],
+    percent_encoded: bool,
+) -> Result<NewEvent, CloudEventError> {
+    let mut object = Map::new();
+    for (name, value) in headers {
+        let name = name.to_ascii_lowercase();
+        let value = match percent_encoded {
+            true => {
+                percent_decode(value).map_err(|reason| invalid(name.trim_start_matches("ce-"), reason))?
+            }
+            false => value.to_string(),
+        };
+        if let Some(attribute) = name.strip_prefix("ce-") {
+            if !matches!(attribute, "data" | "data_base64") {
+                object.insert(attribute.to_string(), value.into());
+            }
+        } else if name == "content-type" {
+            object.insert("datacontenttype".into(), value.into());
+        }
+    }
+    let mut event = from_object(object)?;
+    event.data = body.to_vec();
+    Ok(event)
+}
+
+/// `%XX` sequences decoded, the result UTF-8.
+fn percent_decode(value: &str) -> Result<String, String> {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+            let byte = hex.and_then(|h| u8::from_str_radix(h, 16).ok());
+            let Some(byte) = byte else {
+                return Err(format!("has a `%` not followed by two hex digits in {value:?}"));
+            };
+            out.push(byte);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| format!("is not UTF-8 once percent-decoded: {value:?}"))
+}
+
 /// `event` as a CloudEvents JSON object (structured mode), which
 /// [`parse_event`] reads back as the same event: `data` as JSON when the
 /// content type is JSON and the bytes are JSON as this module writes it, as

@@ -889,22 +889,8 @@ fn header<'a>(headers: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
 /// A binary-mode CloudEvent: attributes in `ce-` headers, the data type in
 /// `Content-Type`, the body as data.
 fn binary(headers: &HeaderMap, body: &[u8]) -> Result<NewEvent, CloudEventError> {
-    let mut object = serde_json::Map::new();
-    for (name, values) in headers.iter() {
-        let name: &str = name.as_ref();
-        let Some(value) = values.last() else { continue };
-        let lower = name.to_ascii_lowercase();
-        if let Some(attribute) = lower.strip_prefix("ce-") {
-            if !matches!(attribute, "data" | "data_base64") {
-                object.insert(attribute.to_string(), value.as_str().into());
-            }
-        } else if lower == "content-type" {
-            object.insert("datacontenttype".into(), value.as_str().into());
-        }
-    }
-    let mut event = cloudevents::from_object(object)?;
-    event.data = body.to_vec();
-    Ok(event)
+    let pairs = headers.iter().filter_map(|(name, values)| Some((name.as_ref(), values.last()?.as_str())));
+    cloudevents::from_binary(pairs, body, false)
 }
 
 /// Whether `subject` matches the NATS subject `filter` (`*` is one token,
