@@ -1,5 +1,6 @@
 //! Hostile module files, hostile disks and crowded starts: truncated, corrupt, foreign or missing modules never panic the loader (fuzzed, in `replay`, at start and on a live swap); a full disk, a read-only or a damaged projection database shows `faulted` with the error and the path, and the projection resumes by itself where that is safe; a rebuild stopped by SIGTERM leaves no files and the next `run` finishes it; discarded and resolved dead letters stay so through every kind of rebuild; the compiled-module cache failing costs a warning; and 100 projections of one module compile it once.
 
+mod loader_fuzz;
 mod util;
 
 use projector::sandbox::engine::ProjectorEngine;
@@ -15,121 +16,22 @@ fn sha(bytes: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(bytes))
 }
 
-/// A deterministic xorshift generator: the same inputs on every run.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-}
-
-/// Every input the loader is fuzzed with: (name, bytes); `None` bytes: a
-/// directory. Names say what each is, so a failure is easy to reproduce.
-fn hostile_inputs() -> Vec<(String, Option<Vec<u8>>)> {
-    let mut rng = Rng(0x2545_F491_4F6C_DD1D);
-    let mut inputs = Vec::new();
-    let real = std::fs::read(guest("wallet_allowlist")).unwrap();
-    // Truncations at every 1%, and at a few hundred random offsets.
-    for percent in 0..100 {
-        let cut = real.len() * percent / 100;
-        inputs
-            .push((format!("wallet_allowlist cut at {percent}% ({cut} bytes)"), Some(real[..cut].to_vec())));
-    }
-    for _ in 0..300 {
-        let cut = rng.below(real.len());
-        inputs.push((format!("wallet_allowlist cut at {cut} bytes"), Some(real[..cut].to_vec())));
-    }
-    // The last few bytes, one by one: the component-type section's end.
-    for missing in 1..=16 {
-        let cut = real.len() - missing;
-        inputs.push((format!("wallet_allowlist cut at {cut} bytes"), Some(real[..cut].to_vec())));
-    }
-    // Corrupt: bytes overwritten at random places (some may still load).
-    for _ in 0..100 {
-        let mut bytes = real.clone();
-        for _ in 0..1 + rng.below(4) {
-            let at = rng.below(bytes.len());
-            bytes[at] = rng.next() as u8;
-        }
-        inputs.push(("wallet_allowlist with random bytes overwritten".into(), Some(bytes)));
-    }
-    // Random bytes: bare, behind a core module's header, behind a component's.
-    for header in [&b""[..], b"\0asm\x01\0\0\0", b"\0asm\x0d\0\x01\0"] {
-        for _ in 0..50 {
-            let mut bytes = header.to_vec();
-            let n = rng.below(4096);
-            bytes.extend(rng.bytes(n));
-            inputs.push((format!("{n} random bytes after {header:?}"), Some(bytes)));
-        }
-    }
-    // A valid core module that knows nothing of the contract.
-    let plain = wat::parse_str(r#"(module (memory (export "memory") 1) (func (export "handle")))"#).unwrap();
-    inputs.push(("a core module without the contract".into(), Some(plain)));
-    // A component of another world, whole and cut short.
-    let other = std::fs::read(guest("other_world")).unwrap();
-    for percent in (0..100).step_by(5) {
-        let cut = other.len() * percent / 100;
-        inputs.push((format!("other_world cut at {percent}%"), Some(other[..cut].to_vec())));
-    }
-    inputs.push(("a module of another world".into(), Some(other)));
-    // Components (not core modules) cut short.
-    let component = wat::parse_str(
-        r#"(component (core module $m (func (export "f"))) (core instance (instantiate $m)))"#,
-    )
-    .unwrap();
-    for cut in 0..component.len() {
-        inputs.push((format!("a component cut at {cut} bytes"), Some(component[..cut].to_vec())));
-    }
-    inputs.push(("a zero-byte file".into(), Some(Vec::new())));
-    inputs.push(("a directory".into(), None));
-    inputs
-}
-
 /// Load every hostile input through the real engine: none may panic, and
 /// every refusal names the file.
 #[test]
 fn the_loader_never_panics_on_truncated_corrupt_or_foreign_files() {
     let dir = tempfile::tempdir().unwrap();
     let engine = ProjectorEngine::new(false).unwrap();
-    let inputs = hostile_inputs();
-    let (mut panics, mut refused, mut loaded) = (Vec::new(), 0, 0);
-    for (i, (what, bytes)) in inputs.iter().enumerate() {
-        let path = dir.path().join(format!("input-{i}.wasm"));
-        match bytes {
-            Some(bytes) => std::fs::write(&path, bytes).unwrap(),
-            None => std::fs::create_dir(&path).unwrap(),
-        }
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.load_file(&path))) {
-            Err(_) => panics.push(what.clone()),
-            Ok(Ok(_)) => {
-                // Only an overwritten byte that the module never reads may
-                // still load.
-                assert!(what.contains("overwritten"), "{what} loaded");
-                loaded += 1;
-            }
-            Ok(Err(err)) => {
-                let err = format!("{err:#}");
-                assert!(err.contains(&path.display().to_string()), "{what}: the error names the file: {err}");
-                refused += 1;
-            }
-        }
-    }
-    println!(
-        "hostile inputs tried: {}; refused: {refused}; loaded (harmless corruption): {loaded}; panics: {}",
-        inputs.len(),
-        panics.len()
+    let fuzzed = loader_fuzz::run(&engine, dir.path());
+    println!("{fuzzed}");
+    assert_eq!(
+        fuzzed.tried,
+        loader_fuzz::INPUTS,
+        "the inputs changed: update loader_fuzz::INPUTS and the README"
     );
-    assert!(panics.is_empty(), "the loader panicked on: {panics:?}");
+    assert!(fuzzed.panics.is_empty(), "the loader panicked on: {:?}", fuzzed.panics);
+    assert!(fuzzed.unnamed.is_empty(), "refusals that do not name the file: {:?}", fuzzed.unnamed);
+    assert!(fuzzed.loaded_unexpectedly.is_empty(), "loaded: {:?}", fuzzed.loaded_unexpectedly);
     // The truncations are refused for what they are.
     let cut = dir.path().join("cut.wasm");
     let real = std::fs::read(guest("wallet_allowlist")).unwrap();
