@@ -655,7 +655,10 @@ fn a_damaged_database_is_named_with_what_to_do() {
     std::fs::write(&database, &garbage).unwrap();
     let _ = std::fs::remove_file(format!("{}-wal", database.display()));
     let _ = std::fs::remove_file(format!("{}-shm", database.display()));
-    let error = run_err(&["status", "--config", &ws.config_str()]);
+    // Status still answers, with the projection faulted and why.
+    let status = ws.status_of("recorder");
+    assert_eq!(status["state"], "faulted", "{status}");
+    let error = status["error"].as_str().unwrap();
     assert!(error.contains(&format!("the projection database {} is damaged", database.display())), "{error}");
     assert!(error.contains("`projector rebuild recorder`"), "{error}");
     run_ok(&["rebuild", "--config", &ws.config_str(), "recorder"]);

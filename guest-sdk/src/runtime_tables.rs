@@ -13,6 +13,10 @@
 ///   committed;
 /// - `projector_meta`: module hash, state version, run state, last error;
 /// - `projector_dead_letters`: events parked with the reason;
+/// - `projector_discarded`, `projector_resolved`: dead letters an operator
+///   discarded, and those a retry applied. A rebuild carries both into the
+///   new generation: it hands a discarded event to no module and parks it no
+///   more, and hands a resolved one to the module again if it parks it.
 /// - `projector_outbox`: events the projection emitted, written in the
 ///   transaction of the batch that caused them and removed once published
 ///   (`runtime/src/projection/outbox.rs`).
@@ -47,6 +51,20 @@ CREATE TABLE IF NOT EXISTS projector_dead_letters (
     module TEXT NOT NULL,
     attempts INTEGER NOT NULL,
     parked_at TEXT NOT NULL,
+    PRIMARY KEY (source, position)
+);
+CREATE TABLE IF NOT EXISTS projector_discarded (
+    source TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    id TEXT NOT NULL,
+    discarded_at TEXT NOT NULL,
+    PRIMARY KEY (source, position)
+);
+CREATE TABLE IF NOT EXISTS projector_resolved (
+    source TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    id TEXT NOT NULL,
+    resolved_at TEXT NOT NULL,
     PRIMARY KEY (source, position)
 );
 CREATE TABLE IF NOT EXISTS projector_outbox (

@@ -18,8 +18,14 @@ use std::sync::{Arc, Mutex};
 /// neither read nor write them (it could forge its checkpoint, hide its
 /// dead letters or publish events no handled event caused).
 /// `projector_kv` is the guest's own key/value state.
-pub const RUNTIME_TABLES: [&str; 4] =
-    ["projector_checkpoints", "projector_dead_letters", "projector_meta", "projector_outbox"];
+pub const RUNTIME_TABLES: [&str; 6] = [
+    "projector_checkpoints",
+    "projector_dead_letters",
+    "projector_discarded",
+    "projector_meta",
+    "projector_outbox",
+    "projector_resolved",
+];
 
 /// The guest's key/value table: the guest may use it, but the host writes
 /// it too (`state.set`), so nothing of the guest's may hang off it.

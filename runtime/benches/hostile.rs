@@ -1,10 +1,21 @@
-//! A well-behaved projection's throughput beside each hostile guest, in
-//! one supervisor, against running alone. Prints a table: the guest, the
-//! limit it hits, what happened to it, and the neighbour's events/s.
+//! Hardening figures, then a well-behaved projection's throughput beside
+//! each hostile guest.
+//!
+//! First three figures: the CPU an idle `projector run` spends while
+//! another process keeps reading its config and module files (clock ticks
+//! from `/proc/<pid>/stat`); how many hostile files the loader fuzz tries
+//! (and that none panics it); and the host's peak RSS (`VmHWM`) over `/sql`
+//! answers at their caps. Then a table: each hostile guest beside a
+//! neighbour in one supervisor, the limit it hits, what happened to it, and
+//! the neighbour's events/s against running alone.
 //!
 //! `cargo bench -p projector --bench hostile` (after scripts/build-guests);
-//! `BENCH_EVENTS` sets the plain events per run (default 100000).
+//! `BENCH_IDLE_SECS` sets how long the idle host is watched (default 60),
+//! `BENCH_EVENTS` the plain events per neighbour run (default 100000; 0
+//! skips the table).
 
+#[path = "../../tests/loader_fuzz.rs"]
+mod loader_fuzz;
 #[path = "../../tests/util.rs"]
 mod util;
 
@@ -47,7 +58,18 @@ const HOSTILE: &[(&str, &str, &str, &str, &str)] = &[
 const TRIGGERS: usize = 10;
 
 fn main() {
+    if std::env::var_os(READER).is_some() {
+        return read_in_a_loop();
+    }
+    let idle_secs: u64 = std::env::var("BENCH_IDLE_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(60);
+    idle_cpu(Duration::from_secs(idle_secs));
+    loader_fuzz_count();
+    sql_peak_rss();
     let n: usize = std::env::var("BENCH_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
+    if n == 0 {
+        return;
+    }
+    println!();
     println!(
         "neighbour (event-recorder) throughput beside hostile guests: {n} plain events, {TRIGGERS} triggers each"
     );
@@ -142,4 +164,137 @@ fn checkpoint(db: &Path) -> u64 {
         r.get::<_, i64>(0)
     })
     .unwrap_or(0) as u64
+}
+
+/// Set (to the files to read, `:`-separated) when this binary runs as the
+/// other process that keeps reading a host's files.
+const READER: &str = "BENCH_READER_FILES";
+/// How often that process reads them.
+const READ_EVERY: Duration = Duration::from_millis(10);
+
+/// The reading process: read every file, sleep, again, until killed;
+/// prints how many rounds it read to stdout every round.
+fn read_in_a_loop() {
+    use std::io::Write as _;
+    let files: Vec<std::path::PathBuf> =
+        std::env::var(READER).unwrap().split(':').map(std::path::PathBuf::from).collect();
+    let mut stdout = std::io::stdout();
+    for round in 1u64.. {
+        for file in &files {
+            std::fs::read(file).unwrap();
+        }
+        let _ = writeln!(stdout, "{round}");
+        std::thread::sleep(READ_EVERY);
+    }
+}
+
+/// User + system CPU of process `pid` so far, in clock ticks.
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // After the command's `(name)`: state is field 3, utime 14, stime 15.
+    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// Clock ticks per second (`getconf CLK_TCK`).
+fn clock_ticks_per_second() -> u64 {
+    let out = std::process::Command::new("getconf").arg("CLK_TCK").output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(100)
+}
+
+/// An idle host while another process reads its config and module files
+/// every 10 ms: the CPU it spends, and that no read reloads anything.
+fn idle_cpu(watch: Duration) {
+    let ws = util::Workspace::new();
+    let module = util::guest("event_recorder");
+    ws.write_config(&[("idle", &module, &["s"])]);
+    let host = ws.start();
+    util::wait_until(Duration::from_secs(60), "the projection to run", || {
+        ws.status_of("idle")["state"] == "running"
+    });
+    // Settle: start-up's own work (the compile, the first status writes).
+    std::thread::sleep(Duration::from_secs(2));
+    let files = format!("{}:{}", ws.config().display(), module.display());
+    let mut reader = std::process::Command::new(std::env::current_exe().unwrap())
+        .env(READER, files)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let before = cpu_ticks(host.pid());
+    let started = Instant::now();
+    std::thread::sleep(watch);
+    let ticks = cpu_ticks(host.pid()) - before;
+    let elapsed = started.elapsed();
+    reader.kill().unwrap();
+    let output = reader.wait_with_output().unwrap();
+    let rounds = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .last()
+        .and_then(|l| l.parse::<u64>().ok())
+        .unwrap_or(0);
+    let hz = clock_ticks_per_second();
+    let per_minute = ticks as f64 * 60.0 / elapsed.as_secs_f64();
+    let logs = host.logs();
+    println!(
+        "idle host, its config and module read {rounds} times each over {:.0} s by another process: \
+         {ticks} clock ticks of CPU ({per_minute:.1} per minute, {hz} per second: {:.3}% of one core); \
+         reloads: {}, swaps: {}",
+        elapsed.as_secs_f64(),
+        100.0 * ticks as f64 / hz as f64 / elapsed.as_secs_f64(),
+        logs.matches("config reloaded").count(),
+        logs.matches("module swapped in").count(),
+    );
+}
+
+/// The loader fuzz: how many hostile files, how they ended, no panic.
+fn loader_fuzz_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = projector::sandbox::engine::ProjectorEngine::new(false).unwrap();
+    let started = Instant::now();
+    let fuzzed = loader_fuzz::run(&engine, dir.path());
+    println!("loader fuzz: {fuzzed} ({:.1} s)", started.elapsed().as_secs_f64());
+    assert!(fuzzed.panics.is_empty(), "the loader panicked on: {:?}", fuzzed.panics);
+    assert_eq!(fuzzed.tried, loader_fuzz::INPUTS);
+}
+
+/// The host's peak RSS (`VmHWM`) before and after `/sql` answers at their
+/// caps: a 1 GB blob asked for (refused by SQLite's length cap), a 16 MiB
+/// blob (made, its 22 MB of base64 refused by `sql_max_bytes`), and the
+/// largest blob whose answer fits (12 MB: 16 MB of base64).
+fn sql_peak_rss() {
+    let ws = util::Workspace::new();
+    ws.write_config(&[("recorder", &util::guest("event_recorder"), &["s"])]);
+    let host = ws.start();
+    let base = host.url();
+    let lines = vec![util::cloud_event("e0", "t", json!(0))];
+    ws.append("s", &ws.write_events("e.jsonl", &lines));
+    ws.wait_caught_up(1, Duration::from_secs(60));
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let before = peak_rss_kib(host.pid());
+    let mut answers = Vec::new();
+    for (blob, expected) in [(1_000_000_000u64, 422), (16_777_216, 422), (12_000_000, 200)] {
+        let body = json!({ "sql": format!("SELECT randomblob({blob}) AS b") }).to_string();
+        let mut answer = agent
+            .post(&format!("{base}/projections/recorder/sql"))
+            .header("content-type", "application/json")
+            .send(&body)
+            .unwrap();
+        let status = answer.status().as_u16();
+        let bytes = answer.body_mut().with_config().limit(64 << 20).read_to_vec().unwrap().len();
+        assert_eq!(status, expected, "randomblob({blob})");
+        answers.push(format!("randomblob({blob}): {status}, {bytes} bytes"));
+    }
+    let after = peak_rss_kib(host.pid());
+    println!(
+        "/sql at the caps ({}): host peak RSS (VmHWM) {:.1} MiB before, {:.1} MiB after",
+        answers.join("; "),
+        before as f64 / 1024.0,
+        after as f64 / 1024.0
+    );
+}
+
+fn peak_rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }

@@ -12,7 +12,9 @@ pub mod remote;
 pub mod replay;
 
 use crate::config::Config;
+use crate::config::paths::request_path;
 use crate::projection::dead_letters::{self, Selection};
+use crate::projection::fault::{FaultFile, FaultKind};
 use crate::projection::supervisor::Supervisor;
 use crate::serve::http::{Api, ApiOptions, router};
 use crate::serve::inspect;
@@ -421,6 +423,7 @@ fn rebuild(config: &Config, name: &str) -> Result<()> {
     if inspect::run_lock_held(&config.data) {
         crate::projection::offline::request(config, name)?;
         eprintln!("rebuild: requested from the running host; waiting for it to take over");
+        let dir = config.data.join("projections");
         while config.database_path(name) == before {
             let status = inspect::status(config)?;
             if let Some(s) = status.iter().find(|s| s.name == name) {
@@ -428,10 +431,23 @@ fn rebuild(config: &Config, name: &str) -> Result<()> {
                     show(progress["position"].as_u64().unwrap_or(0), progress["head"].as_u64().unwrap_or(0));
                 }
                 if s.state == "faulted" {
-                    anyhow::bail!(
-                        "projection {name} is faulted, so the running host cannot rebuild it: {}",
-                        s.error.as_deref().unwrap_or("no reason recorded")
-                    );
+                    let error = s.error.as_deref().unwrap_or("no reason recorded");
+                    let kind = FaultFile::new(&dir, name).read().map(|fault| fault.kind);
+                    match kind {
+                        // The host rebuilds a damaged database once it takes the request.
+                        Some(FaultKind::Damaged) if request_path(&dir, name).exists() => {}
+                        Some(FaultKind::Retrying) => anyhow::bail!(
+                            "projection {name} is faulted: {error}; the rebuild request is kept, and the \
+                             host rebuilds it once it runs again"
+                        ),
+                        _ if request_path(&dir, name).exists() => anyhow::bail!(
+                            "projection {name} is faulted: {error}; the rebuild request is kept for when \
+                             it starts again (a module file that loads starts it)"
+                        ),
+                        _ => anyhow::bail!(
+                            "projection {name} is faulted, so the running host cannot rebuild it: {error}"
+                        ),
+                    }
                 }
                 if let Some(refused) = &s.refused
                     && refused["rebuild_failed"] == true
@@ -441,7 +457,10 @@ fn rebuild(config: &Config, name: &str) -> Result<()> {
                 }
             }
             if !inspect::run_lock_held(&config.data) {
-                anyhow::bail!("the running host stopped before the rebuild took over");
+                anyhow::bail!(
+                    "the running host stopped before the rebuild took over; the request is kept: the \
+                     host rebuilds projection {name} when it starts again"
+                );
             }
             std::thread::sleep(std::time::Duration::from_millis(100));
         }

@@ -533,11 +533,7 @@ impl Config {
     /// file that pointer names, or `projections/<name>.db` before the first
     /// rebuild.
     pub fn database_path(&self, name: &str) -> PathBuf {
-        let dir = self.data.join("projections");
-        match std::fs::read_to_string(paths::pointer_path(&dir, name)) {
-            Ok(file) if !file.trim().is_empty() => dir.join(file.trim()),
-            _ => dir.join(format!("{name}.db")),
-        }
+        paths::current_database(&self.data.join("projections"), name)
     }
 }
 

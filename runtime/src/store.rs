@@ -65,20 +65,36 @@ pub fn is_damaged(err: &anyhow::Error) -> bool {
 }
 
 /// `err`, with which file is damaged and what to do, when SQLite found the
-/// projection database at `path` damaged.
+/// projection database at `path` damaged (said once, however often called).
 pub fn explain_damage(err: anyhow::Error, path: &Path) -> anyhow::Error {
-    if !is_damaged(&err) {
+    if !is_damaged(&err) || err.downcast_ref::<Damaged>().is_some() {
         return err;
     }
     // `<name>.db` or a rebuilt generation `<name>.<n>.db`; names hold no dots.
     let file = path.file_name().and_then(|f| f.to_str()).unwrap_or("");
-    let name = file.split('.').next().unwrap_or(file);
-    err.context(format!(
-        "the projection database {} is damaged; it holds only state built from the event log, so \
-         build it again: stop `projector run`, then `projector rebuild {name}` (the damaged file \
-         is replaced; copy it aside first to keep it)",
-        path.display()
-    ))
+    let name = file.split('.').next().unwrap_or(file).to_string();
+    err.context(Damaged { path: path.to_path_buf(), name })
+}
+
+/// What a damaged projection database's error says: which file, and how to
+/// build it again.
+#[derive(Debug)]
+struct Damaged {
+    path: PathBuf,
+    name: String,
+}
+
+impl std::fmt::Display for Damaged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the projection database {} is damaged; it holds only state built from the event log, so \
+             build it again: run `projector rebuild {}` (with `projector run` running or not; the \
+             damaged file is replaced, so copy it aside first to keep it)",
+            self.path.display(),
+            self.name
+        )
+    }
 }
 
 /// Whether the runtime's tables exist yet.
@@ -211,9 +227,7 @@ pub fn park(
     module: &str,
     attempts: u32,
 ) -> Result<()> {
-    let now = time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default();
+    let now = now_rfc3339();
     db.prepare_cached(
         "INSERT OR REPLACE INTO projector_dead_letters (source, position, id, stream, type, \
          subject, time, correlation_id, causation_id, data, reason, module, attempts, parked_at) \
@@ -346,6 +360,136 @@ pub fn record_failed_retry(
     Ok(())
 }
 
+/// How an operator settled a dead letter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settlement {
+    /// Discarded: never to be applied. A rebuild hands the event to no
+    /// module and parks it no more.
+    Discarded,
+    /// Retried and applied. A rebuild hands the event to the module in
+    /// order like any other; should the module park it, it is handed over
+    /// once more when the rebuild has caught up, as the retry did.
+    Resolved,
+}
+
+impl Settlement {
+    fn table(self) -> &'static str {
+        match self {
+            Settlement::Discarded => "projector_discarded",
+            Settlement::Resolved => "projector_resolved",
+        }
+    }
+
+    fn time_column(self) -> &'static str {
+        match self {
+            Settlement::Discarded => "discarded_at",
+            Settlement::Resolved => "resolved_at",
+        }
+    }
+}
+
+/// A settled dead letter: which event, of which source partition.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Settled {
+    /// The source partition (`log` for the embedded log).
+    pub source: String,
+    /// Its position there.
+    pub position: u64,
+    /// The event's id.
+    pub id: String,
+}
+
+/// Record that the dead letter at `position` of `source` (event `id`) was
+/// settled; call in the transaction that removes it.
+pub fn record_settled(
+    db: &Connection,
+    settlement: Settlement,
+    source: &str,
+    position: u64,
+    id: &str,
+) -> Result<()> {
+    let sql = format!(
+        "INSERT OR REPLACE INTO {} (source, position, id, {}) VALUES (?1, ?2, ?3, ?4)",
+        settlement.table(),
+        settlement.time_column()
+    );
+    db.prepare_cached(&sql)?.execute(params![source, position as i64, id, now_rfc3339()])?;
+    Ok(())
+}
+
+/// Every dead letter settled `settlement`'s way.
+pub fn settled(db: &Connection, settlement: Settlement) -> Result<Vec<Settled>> {
+    let sql = format!("SELECT source, position, id FROM {} ORDER BY source, position", settlement.table());
+    let mut stmt = db.prepare(&sql)?;
+    let rows = stmt.query_map([], |row| {
+        Ok(Settled { source: row.get(0)?, position: row.get::<_, i64>(1)? as u64, id: row.get(2)? })
+    })?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// A settled dead letter as a database records it, to carry into the
+/// next generation.
+#[derive(Debug, Clone)]
+pub struct SettledRecord {
+    settlement: Settlement,
+    settled: Settled,
+    at: String,
+}
+
+/// Every settled dead letter `db` records, both ways.
+pub fn settled_records(db: &Connection) -> Result<Vec<SettledRecord>> {
+    let mut records = Vec::new();
+    for settlement in [Settlement::Discarded, Settlement::Resolved] {
+        let sql =
+            format!("SELECT source, position, id, {} FROM {}", settlement.time_column(), settlement.table());
+        let mut stmt = db.prepare(&sql)?;
+        let rows = stmt.query_map([], |row| {
+            Ok(SettledRecord {
+                settlement,
+                settled: Settled {
+                    source: row.get(0)?,
+                    position: row.get::<_, i64>(1)? as u64,
+                    id: row.get(2)?,
+                },
+                at: row.get(3)?,
+            })
+        })?;
+        records.extend(rows.collect::<rusqlite::Result<Vec<_>>>()?);
+    }
+    Ok(records)
+}
+
+/// Record `records` (read from another generation of the same projection)
+/// in `db`, keeping when each was settled; those it has already stay.
+pub fn carry_settled(db: &Connection, records: &[SettledRecord]) -> Result<()> {
+    if records.is_empty() {
+        return Ok(());
+    }
+    commit_if(db, |db| {
+        for record in records {
+            let sql = format!(
+                "INSERT OR IGNORE INTO {} (source, position, id, {}) VALUES (?1, ?2, ?3, ?4)",
+                record.settlement.table(),
+                record.settlement.time_column()
+            );
+            let settled = &record.settled;
+            db.prepare_cached(&sql)?.execute(params![
+                settled.source,
+                settled.position as i64,
+                settled.id,
+                record.at
+            ])?;
+        }
+        Ok(true)
+    })?;
+    Ok(())
+}
+
+/// Now, in RFC 3339 (UTC).
+pub fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}
+
 /// An event a projection emitted, waiting in its outbox to be published.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutboxEvent {
@@ -444,6 +588,27 @@ pub fn switch_to(name: &str, database: &Path) -> Result<()> {
     std::fs::write(&partial, file)
         .and_then(|()| std::fs::rename(&partial, &pointer))
         .with_context(|| format!("cannot point {} at {file}", pointer.display()))
+}
+
+/// Remove every database generation of projection `name` in `dir` but
+/// `current`: what a host killed in the middle of a rebuild (or a takeover)
+/// left behind. Call before the projection starts, never while a rebuild of
+/// it runs.
+pub fn remove_stale_generations(dir: &Path, name: &str, current: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let keep = current.file_name().and_then(|f| f.to_str()).unwrap_or("");
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let Some(file) = file.to_str() else { continue };
+        let companion =
+            ["-wal", "-shm", "-journal"].iter().find_map(|s| file.strip_suffix(s)).unwrap_or(file);
+        if crate::config::paths::is_generation_file(file, name) && companion != keep {
+            tracing::info!(projection = name, file = %entry.path().display(), "removing a database generation left behind");
+            if let Err(err) = std::fs::remove_file(entry.path()) {
+                tracing::warn!(file = %entry.path().display(), "cannot remove: {err}");
+            }
+        }
+    }
 }
 
 /// Remove a database file and its WAL companions.

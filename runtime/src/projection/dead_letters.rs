@@ -1,13 +1,15 @@
 //! Operating on dead letters from the files — list them, hand them to the
 //! current module again, discard them — so it works while `run` is running
-//! (SQLite serialises the writes; each retry is one transaction).
+//! (SQLite serialises the writes; each retry is one transaction). What was
+//! settled is recorded (`projector_discarded`, `projector_resolved`) in the
+//! transaction that settles it, for rebuilds to honour.
 
 use crate::bindings::Failure;
 use crate::config::Config;
 use crate::sandbox::engine::ProjectorEngine;
 use crate::sandbox::host::GuestHost;
 use crate::sandbox::instance::{Attempt, GuestInstance};
-use crate::store::{self, DeadLetter};
+use crate::store::{self, DeadLetter, Settlement};
 use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
 use std::sync::Arc;
@@ -74,9 +76,8 @@ pub fn list(config: &Config, name: &str) -> Result<Vec<DeadLetter>> {
 pub fn retry(config: &Config, name: &str, selection: &Selection) -> Result<RetryOutcome> {
     let projection = config.projection(name)?;
     let chosen = select(config, name, selection)?;
-    let mut outcome = RetryOutcome { resolved: Vec::new(), failed: Vec::new() };
     if chosen.is_empty() {
-        return Ok(outcome);
+        return Ok(RetryOutcome { resolved: Vec::new(), failed: Vec::new() });
     }
     let limits = config.limits(projection);
     let engine = Arc::new(ProjectorEngine::new(limits.fuel.is_some())?);
@@ -85,17 +86,26 @@ pub fn retry(config: &Config, name: &str, selection: &Selection) -> Result<Retry
         .with_context(|| format!("projection {name}: cannot load its module"))?;
     let db = store::open(&config.database_path(name))?;
     let mut instance = GuestInstance::new(engine, module, GuestHost::new(db, name.into(), limits)?)?;
-    for letter in chosen {
+    retry_with(&mut instance, chosen)
+}
+
+/// Hand `letters`, in order, to `instance`'s module over its database, each
+/// in its own transaction: a success applies it, removes it and records it
+/// resolved (so a rebuild keeps it applied); a failure keeps it with
+/// attempts + 1 and the new reason. A letter gone meanwhile (another retry
+/// or a discard took it) is skipped.
+pub fn retry_with(instance: &mut GuestInstance, letters: Vec<DeadLetter>) -> Result<RetryOutcome> {
+    let mut outcome = RetryOutcome { resolved: Vec::new(), failed: Vec::new() };
+    for letter in letters {
         // The selection was read before this transaction: a concurrent
         // retry or discard may have taken the letter since. Then nothing of
         // this attempt may stay, or the event would be applied twice.
-        let attempt =
-            instance.handle_in_transaction(&[letter.event()], |db| {
-                match store::remove_dead_letter(db, &letter.source, letter.position)? {
-                    true => Ok(()),
-                    false => Err(anyhow::Error::new(TakenMeanwhile)),
-                }
-            });
+        let attempt = instance.handle_in_transaction(&[letter.event()], |db| {
+            if !store::remove_dead_letter(db, &letter.source, letter.position)? {
+                return Err(anyhow::Error::new(TakenMeanwhile));
+            }
+            store::record_settled(db, Settlement::Resolved, &letter.source, letter.position, &letter.id)
+        });
         let attempt = match attempt {
             Err(err) if err.downcast_ref::<TakenMeanwhile>().is_some() => continue,
             attempt => attempt?,
@@ -115,8 +125,10 @@ pub fn retry(config: &Config, name: &str, selection: &Selection) -> Result<Retry
     Ok(outcome)
 }
 
-/// Remove the dead letters with these ids from `name`; all must exist, or
-/// nothing is removed. Returns how many were removed.
+/// Remove the dead letters with these ids from `name` for good; all must
+/// exist, or nothing is removed. Each is recorded discarded in the same
+/// transaction, so a rebuild neither applies nor parks it again. Returns
+/// how many were removed.
 pub fn discard(config: &Config, name: &str, ids: &[String]) -> Result<usize> {
     let chosen = select(config, name, &Selection::Ids(ids.to_vec()))?;
     let mut db = store::open(&config.database_path(name))?;
@@ -129,6 +141,7 @@ pub fn discard(config: &Config, name: &str, ids: &[String]) -> Result<usize> {
                 letter.id
             );
         }
+        store::record_settled(&tx, Settlement::Discarded, &letter.source, letter.position, &letter.id)?;
     }
     tx.commit()?;
     Ok(chosen.len())

@@ -1,7 +1,9 @@
 //! [`LiveProjection`]: what a running projection shares with the rest of
-//! the host — its state, rate, last error and current module, the host's
-//! [`Metrics`] — and the one way to steer it: a [`Command`] on its channel.
+//! the host — its state, rate, last error, fault and current module, the
+//! host's [`Metrics`] — and the one way to steer it: a [`Command`] on its
+//! channel.
 
+use crate::projection::fault::{Fault, FaultFile};
 use crate::projection::metrics::Metrics;
 use crate::projection::runner::ModuleUpdate;
 use crate::sandbox::engine::LoadedModule;
@@ -79,6 +81,9 @@ pub struct LiveProjection {
     module: Mutex<Option<LoadedModule>>,
     last_error: Mutex<Option<String>>,
     rate: Mutex<Rate>,
+    fault_file: Mutex<Option<FaultFile>>,
+    /// Whether a fault is on record (so the loop's check is one load).
+    faulted: AtomicBool,
 }
 
 /// Events per second over the last full second.
@@ -103,7 +108,44 @@ impl LiveProjection {
             module: Mutex::new(None),
             last_error: Mutex::new(None),
             rate: Mutex::new(Rate { window_start: Instant::now(), in_window: 0, per_second: 0.0 }),
+            fault_file: Mutex::new(None),
+            faulted: AtomicBool::new(false),
         }
+    }
+
+    /// Where this projection's faults are recorded; one from the last run
+    /// stays on record until it makes progress again.
+    pub fn set_fault_file(&self, file: FaultFile) {
+        self.faulted.store(file.read().is_some(), Ordering::Relaxed);
+        *self.fault_file.lock().unwrap_or_else(|e| e.into_inner()) = Some(file);
+    }
+
+    /// Record `fault`: the state is `faulted` with its error, here and in
+    /// the fault file, for `status` to read from another process.
+    pub fn record_fault(&self, fault: &Fault) {
+        self.set_state(RunState::Faulted);
+        self.set_last_error(Some(fault.error.clone()));
+        self.faulted.store(true, Ordering::Relaxed);
+        if let Some(file) = &*self.fault_file.lock().unwrap_or_else(|e| e.into_inner())
+            && let Err(err) = file.record(fault)
+        {
+            tracing::error!(projection = %self.name, file = %file.path().display(), "cannot record the fault: {err}");
+        }
+    }
+
+    /// The projection made progress: a fault on record is over. True if
+    /// there was one.
+    pub fn clear_fault(&self) -> bool {
+        if !self.faulted.swap(false, Ordering::Relaxed) {
+            return false;
+        }
+        if let Some(file) = &*self.fault_file.lock().unwrap_or_else(|e| e.into_inner())
+            && let Err(err) = file.clear()
+        {
+            tracing::warn!(projection = %self.name, file = %file.path().display(), "cannot clear the fault: {err}");
+        }
+        self.set_last_error(None);
+        true
     }
 
     /// Count `events` committed in one batch that took `elapsed`.

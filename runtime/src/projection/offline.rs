@@ -3,6 +3,7 @@
 
 use crate::config::Config;
 use crate::config::paths::{lock_path, next_generation, offline_lock_path, request_path};
+use crate::projection::fault::FaultFile;
 use crate::projection::live::LiveProjection;
 use crate::projection::outbox;
 use crate::projection::runner::{ProjectionRunner, ProjectionSpec};
@@ -66,16 +67,24 @@ pub fn offline(config: &Config, name: &str, progress: impl FnMut(u64, u64)) -> R
         limits: config.limits(p),
         policy: p.on_failure,
     };
-    remove_database(&spec.database);
     let log = Arc::new(EventLog::open(&config.data)?);
     let opener = crate::sources::opener_for(config, p, &log)?;
     let engine = Arc::new(
         ProjectorEngine::new(config.limits(p).fuel.is_some())?.with_cache(config.data.join("cache")),
     );
     let live = Arc::new(LiveProjection::new(name, Arc::default()));
-    let built = ProjectionRunner::start(engine, &spec, &opener, Arc::new(AtomicBool::new(false)), live)
+    let stop = Arc::new(AtomicBool::new(false));
+    let built = engine
+        .load_file(&spec.module)
+        .with_context(|| format!("projection {name}: cannot load its module"))
+        .and_then(|module| {
+            ProjectionRunner::start_generation(engine, &spec, module, &opener, stop, live, &current)
+        })
         .and_then(|mut runner| {
             runner.catch_up_with(progress)?;
+            // What was discarded or resolved meanwhile (the dead-letter
+            // commands work on the current generation).
+            runner.adopt_settled(&current)?;
             crate::store::set_meta(runner.db(), "state", Some("stopped"))?;
             hand_over(&current, &runner, &log)?;
             Ok(runner.checkpoint().total())
@@ -89,6 +98,11 @@ pub fn offline(config: &Config, name: &str, progress: impl FnMut(u64, u64)) -> R
     };
     switch_to(name, &spec.database)?;
     remove_database(&current);
+    // A fault of the database just replaced (damaged, say) is over.
+    let faults = FaultFile::new(current.parent().unwrap_or(Path::new(".")), name);
+    if let Err(err) = faults.clear() {
+        tracing::warn!(projection = name, file = %faults.path().display(), "cannot clear the fault record: {err}");
+    }
     Ok((spec.database, checkpoint))
 }
 

@@ -61,11 +61,19 @@ impl<T: Send + 'static> Rebuild<T> {
     }
 
     /// Stop building and throw the new generation away.
-    pub fn cancel(mut self) {
+    pub fn cancel(self) {
+        drop(self);
+    }
+}
+
+/// A rebuild dropped before it finished — cancelled, or its projection
+/// stopped or faulted — stops building and leaves no file behind: a
+/// detached thread would go on writing a generation nobody will take over.
+impl<T> Drop for Rebuild<T> {
+    fn drop(&mut self) {
+        let Some(thread) = self.thread.take() else { return };
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            drop(thread.join());
-        }
+        drop(thread.join());
         remove_database(&self.database);
     }
 }

@@ -25,6 +25,7 @@ use crate::sources::{Batch, Filter, Health, Source, SourceError, SourceOpener};
 use crate::store;
 use anyhow::{Context as _, Result, bail};
 use rusqlite::Connection;
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -174,6 +175,34 @@ fn batch_writes(
     store::advance_checkpoint(db, from, to)
 }
 
+/// The events discarded as dead letters in `db`, for a runner to skip.
+fn discarded_events(db: &Connection) -> Result<HashMap<(String, u64), String>> {
+    Ok(store::settled(db, store::Settlement::Discarded)?
+        .into_iter()
+        .map(|settled| ((settled.source, settled.position), settled.id))
+        .collect())
+}
+
+/// The dead letters settled in `current`, the generation a rebuild
+/// replaces; none when there is no such database yet, or it cannot be read
+/// (it is damaged, say: the rebuild then parks what the module rejects as
+/// if nothing had been settled, and the log says so).
+fn settled_in(current: &std::path::Path, name: &str) -> Vec<store::SettledRecord> {
+    let read = store::open_read_only(current).and_then(|db| match db {
+        Some(db) if store::is_initialized(&db)? => store::settled_records(&db),
+        _ => Ok(Vec::new()),
+    });
+    read.unwrap_or_else(|err| {
+        tracing::warn!(
+            projection = name,
+            database = %current.display(),
+            "the dead letters discarded or resolved there cannot be carried into the new \
+             generation (the rebuild parks what the module rejects): {err:#}"
+        );
+        Vec::new()
+    })
+}
+
 /// Every series of a projection exists from its start, at zero.
 fn start_series(live: &LiveProjection, name: &str) {
     let label = crate::projection::metrics::Metrics::label(name);
@@ -237,6 +266,9 @@ const ADAPTIVE_MIN: usize = 100;
 const ADAPTIVE_SLOW: Duration = Duration::from_secs(1);
 /// How often the source's head, lag and health are written for status.
 const SOURCE_REPORT_INTERVAL: Duration = Duration::from_secs(1);
+/// The metadata key recording that an operator asked for a rebuild not yet
+/// taken over; the new generation starts without it.
+const REBUILD_REQUESTED: &str = "rebuild_requested";
 /// How often a rebuild's progress is written to the running database.
 const REBUILD_REPORT_INTERVAL: Duration = Duration::from_millis(100);
 /// How often the outbox is looked at when no batch emitted: for events a
@@ -260,6 +292,9 @@ pub struct ProjectionRunner {
     adaptive: bool,
     policy: FailurePolicy,
     checkpoint: Checkpoint,
+    /// The events an operator discarded as dead letters, by source and
+    /// position, with their ids: a rebuild skips them.
+    discarded: HashMap<(String, u64), String>,
     stop: Arc<AtomicBool>,
     live: Arc<LiveProjection>,
     /// Attempts so far at the batch after the checkpoint, while the module
@@ -352,30 +387,37 @@ impl ProjectionRunner {
         let old = store::open(&spec.database)?;
         let mut green_spec = spec.clone();
         green_spec.database = crate::config::paths::next_generation(&spec.database, &spec.name);
-        store::remove_database(&green_spec.database);
         let sha256 = module.sha256.clone();
         // Until it takes over, the new module is not the projection's: the
         // API must not run its `query` over the old database.
         let scratch = Arc::new(LiveProjection::new(&spec.name, Arc::default()));
-        let built = Self::start_with_module(engine, &green_spec, module, opener, stop.clone(), scratch)
-            .and_then(|mut green| {
-                store::set_meta(&old, "state", Some("running"))?;
-                let mut reported = std::time::Instant::now();
-                loop {
-                    green.catch_up_with(|position, head| {
-                        if reported.elapsed() >= Duration::from_millis(100) {
-                            reported = std::time::Instant::now();
-                            let progress = serde_json::json!({
-                                "module": sha256, "position": position, "head": head,
-                            });
-                            let _ = store::set_meta(&old, "rebuilding", Some(&progress.to_string()));
-                        }
-                    })?;
-                    if stop.load(Ordering::Relaxed) || green.behind()? == 0 {
-                        return Ok(green);
+        let built = Self::start_generation(
+            engine,
+            &green_spec,
+            module,
+            opener,
+            stop.clone(),
+            scratch,
+            &spec.database,
+        )
+        .and_then(|mut green| {
+            store::set_meta(&old, "state", Some("running"))?;
+            let mut reported = std::time::Instant::now();
+            loop {
+                green.catch_up_with(|position, head| {
+                    if reported.elapsed() >= Duration::from_millis(100) {
+                        reported = std::time::Instant::now();
+                        let progress = serde_json::json!({
+                            "module": sha256, "position": position, "head": head,
+                        });
+                        let _ = store::set_meta(&old, "rebuilding", Some(&progress.to_string()));
                     }
+                })?;
+                if stop.load(Ordering::Relaxed) || green.behind()? == 0 {
+                    return Ok(green);
                 }
-            });
+            }
+        });
         store::set_meta(&old, "rebuilding", None)?;
         let built = built.and_then(|green| {
             if !stop.load(Ordering::Relaxed) {
@@ -412,6 +454,80 @@ impl ProjectionRunner {
         }
     }
 
+    /// Build projection `spec`'s state again from the source into the next
+    /// generation without reading its current database — it is damaged —
+    /// and take over from it once caught up (the damaged files are
+    /// removed). `progress(position, head)` is called after every batch.
+    /// False if `stop` came first: the new generation is then removed and
+    /// the damaged file left as it was.
+    pub fn rebuild_damaged(
+        engine: Arc<ProjectorEngine>,
+        spec: &ProjectionSpec,
+        opener: &Arc<dyn SourceOpener>,
+        stop: Arc<AtomicBool>,
+        mut progress: impl FnMut(u64, u64),
+    ) -> Result<bool> {
+        let module = engine
+            .load_file(&spec.module)
+            .with_context(|| format!("projection {}: cannot load its module", spec.name))?;
+        let mut green_spec = spec.clone();
+        green_spec.database = crate::config::paths::next_generation(&spec.database, &spec.name);
+        let scratch = Arc::new(LiveProjection::new(&spec.name, Arc::default()));
+        let built = Self::start_generation(
+            engine,
+            &green_spec,
+            module,
+            opener,
+            stop.clone(),
+            scratch,
+            &spec.database,
+        )
+        .and_then(|mut green| {
+            loop {
+                green.catch_up_with(&mut progress)?;
+                if stop.load(Ordering::Relaxed) || green.behind()? == 0 {
+                    return Ok(green);
+                }
+            }
+        });
+        match built {
+            Ok(mut green) if !stop.load(Ordering::Relaxed) => {
+                green.take_over(&spec.database)?;
+                Ok(true)
+            }
+            Ok(stopped) => {
+                drop(stopped);
+                store::remove_database(&green_spec.database);
+                Ok(false)
+            }
+            Err(err) => {
+                store::remove_database(&green_spec.database);
+                Err(err.context(format!("projection {}: the rebuild failed", spec.name)))
+            }
+        }
+    }
+
+    /// A rebuild's runner: [`ProjectionRunner::start_with_module`] over a
+    /// fresh `spec.database`, the next generation after `current`, into
+    /// which the dead letters settled in `current` are carried first — so
+    /// the rebuild hands the discarded ones to no module.
+    pub fn start_generation(
+        engine: Arc<ProjectorEngine>,
+        spec: &ProjectionSpec,
+        module: LoadedModule,
+        opener: &Arc<dyn SourceOpener>,
+        stop: Arc<AtomicBool>,
+        live: Arc<LiveProjection>,
+        current: &std::path::Path,
+    ) -> Result<Self> {
+        store::remove_database(&spec.database);
+        let settled = settled_in(current, &spec.name);
+        if !settled.is_empty() {
+            store::carry_settled(&store::open(&spec.database)?, &settled)?;
+        }
+        Self::start_with_module(engine, spec, module, opener, stop, live)
+    }
+
     /// [`ProjectionRunner::start`] with a module already loaded.
     pub fn start_with_module(
         engine: Arc<ProjectorEngine>,
@@ -428,6 +544,7 @@ impl ProjectionRunner {
             .open(&spec.filter, reader)
             .with_context(|| format!("projection {}: cannot open source {}", spec.name, opener.name()))?;
         let checkpoint = store::checkpoint(&db, source.key())?;
+        let discarded = discarded_events(&db)?;
         store::set_meta(&db, "source_key", Some(source.key()))?;
         let host = GuestHost::new(db, name.clone(), spec.limits)?;
         let instance = GuestInstance::new(engine.clone(), module, host)?;
@@ -454,6 +571,7 @@ impl ProjectionRunner {
             adaptive: spec.batch_size.is_none(),
             policy: spec.policy,
             checkpoint,
+            discarded,
             stop,
             live,
             attempts: 0,
@@ -522,6 +640,13 @@ impl ProjectionRunner {
     pub fn run(&mut self, commands: &Receiver<Command>) -> Result<()> {
         self.set_state(RunState::Running)?;
         self.live.set_waker(self.source.waker());
+        if store::meta(self.db(), REBUILD_REQUESTED)?.is_some() {
+            tracing::info!(
+                projection = &*self.name,
+                "a rebuild was requested before the host stopped: starting it"
+            );
+            self.start_requested_rebuild()?;
+        }
         let mut paused = false;
         let mut wait = Duration::ZERO;
         loop {
@@ -544,13 +669,7 @@ impl ProjectionRunner {
                             tracing::info!(projection = &*self.name, checkpoint = %self.checkpoint.to_json(), "{state}");
                         }
                     }
-                    Command::Rebuild => {
-                        if self.rebuild.is_none() {
-                            tracing::info!(projection = &*self.name, "rebuild requested");
-                            let module = self.instance.module().clone();
-                            self.start_rebuild(module)?;
-                        }
-                    }
+                    Command::Rebuild => self.rebuild_requested()?,
                     Command::Swap(update) => self.take_update(update)?,
                 }
             }
@@ -571,6 +690,13 @@ impl ProjectionRunner {
             wait = match self.step(POLL_INTERVAL)? {
                 Step::Idle | Step::Advanced(_) => {
                     self.connected()?;
+                    if self.live.clear_fault() {
+                        tracing::info!(
+                            projection = &*self.name,
+                            checkpoint = %self.checkpoint.to_json(),
+                            "the fault is over: processing again from the checkpoint"
+                        );
+                    }
                     Duration::ZERO
                 }
                 // Waiting out a backoff here, not inside the batch, keeps
@@ -587,6 +713,40 @@ impl ProjectionRunner {
             store::set_meta(self.db(), "rebuilding", None)?;
         }
         self.write_unwritten()
+    }
+
+    /// An operator asked for a rebuild. The request is recorded in the
+    /// database before anything else, and only then is the request file
+    /// (when it came as one) taken: a stop before the takeover loses
+    /// neither, and the next start picks the rebuild up again.
+    fn rebuild_requested(&mut self) -> Result<()> {
+        if store::meta(self.db(), REBUILD_REQUESTED)?.is_none() {
+            store::set_meta(self.db(), REBUILD_REQUESTED, Some(&crate::store::now_rfc3339()))?;
+        }
+        if let Some(dir) = self.database.parent() {
+            let request = crate::config::paths::request_path(dir, &self.name);
+            match std::fs::remove_file(&request) {
+                Ok(()) => {}
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                Err(err) => {
+                    tracing::warn!(file = %request.display(), "cannot remove the rebuild request: {err}")
+                }
+            }
+        }
+        if self.rebuild.is_none() {
+            tracing::info!(projection = &*self.name, "rebuild requested");
+        }
+        self.start_requested_rebuild()
+    }
+
+    /// Start the rebuild an operator asked for, with the running module,
+    /// unless one is under way.
+    fn start_requested_rebuild(&mut self) -> Result<()> {
+        if self.rebuild.is_none() {
+            let module = self.instance.module().clone();
+            self.start_rebuild(module)?;
+        }
+        Ok(())
     }
 
     /// Every so often, write how the source is doing where status reads
@@ -767,6 +927,10 @@ impl ProjectionRunner {
             self.write_unwritten()?;
             return Ok(Step::Idle);
         }
+        let mut batch = batch;
+        if !self.discarded.is_empty() {
+            self.skip_discarded(&mut batch);
+        }
         if let Some(malformed) = &batch.malformed {
             let reason = format!("not an event: {}", malformed.reason);
             if self.park(&malformed.event, &reason, 0, &batch.end)? {
@@ -815,6 +979,39 @@ impl ProjectionRunner {
             self.batch_size = (self.batch_size * 2).min(ADAPTIVE_MAX);
         } else if took > ADAPTIVE_SLOW {
             self.batch_size = (self.batch_size / 2).max(ADAPTIVE_MIN);
+        }
+    }
+
+    /// Take the events an operator discarded out of `batch` (a malformed
+    /// message too): the checkpoint moves past them, and no module sees
+    /// them nor parks them again.
+    fn skip_discarded(&self, batch: &mut Batch) {
+        let key = self.source.key();
+        let discarded = |event: &Event| {
+            self.discarded.get(&(key.to_string(), event.position)).is_some_and(|id| *id == event.id)
+        };
+        let skip = |event: &Event| {
+            tracing::info!(
+                projection = &*self.name,
+                event_id = %event.id,
+                position = event.position,
+                "event skipped: it was discarded as a dead letter"
+            );
+        };
+        if batch.malformed.as_ref().is_some_and(|malformed| discarded(&malformed.event)) {
+            skip(&batch.malformed.take().expect("checked").event);
+        }
+        if batch.events.iter().any(discarded) {
+            let events = std::mem::take(&mut batch.events);
+            let partitions = std::mem::take(&mut batch.partitions);
+            for (event, partition) in events.into_iter().zip(partitions) {
+                if discarded(&event) {
+                    skip(&event);
+                } else {
+                    batch.events.push(event);
+                    batch.partitions.push(partition);
+                }
+            }
         }
     }
 
@@ -1058,6 +1255,10 @@ impl ProjectionRunner {
             pause_micros = started.elapsed().as_micros() as u64,
             "module swapped in"
         );
+        // A requested rebuild the swap dropped goes on with the new module.
+        if store::meta(self.db(), REBUILD_REQUESTED)?.is_some() {
+            self.start_requested_rebuild()?;
+        }
         Ok(())
     }
 
@@ -1082,12 +1283,20 @@ impl ProjectionRunner {
         spec.module = module.path.clone();
         let sha256 = module.sha256.clone();
         let (engine, opener) = (self.engine.clone(), self.opener.clone());
+        let current = self.database.clone();
         // The module is loaded already; the rebuild thread instantiates it.
         let name = spec.name.clone();
         let rebuild = Rebuild::spawn(&name, spec.database.clone(), sha256.clone(), move |stop, position| {
             let live = Arc::new(LiveProjection::new(&spec.name, Arc::default()));
-            let mut runner =
-                ProjectionRunner::start_with_module(engine, &spec, module, &opener, stop.clone(), live)?;
+            let mut runner = ProjectionRunner::start_generation(
+                engine,
+                &spec,
+                module,
+                &opener,
+                stop.clone(),
+                live,
+                &current,
+            )?;
             // Rounds until within a couple of batches of the head; the
             // projection's thread applies the rest before taking over.
             let close_enough = 2 * runner.batch_size() as u64;
@@ -1132,7 +1341,8 @@ impl ProjectionRunner {
             Ok(green) => green,
             Err(err) => {
                 store::remove_database(&database);
-                store::set_meta(self.db(), "rebuilding", None)?;
+                // The request is answered, by the refusal below.
+                store::set_metas(self.db(), &[("rebuilding", None), (REBUILD_REQUESTED, None)])?;
                 let path = self.spec.module.clone();
                 return self.refuse(&module, &path, &format!("the rebuild failed: {err:#}"), true);
             }
@@ -1162,7 +1372,8 @@ impl ProjectionRunner {
     /// becomes the projection's: marked running or paused (readers see it so from its
     /// first moment behind the pointer), pointed at in one rename, and the
     /// `old` generation's files removed.
-    fn take_over(&mut self, old: &std::path::Path) -> Result<()> {
+    pub(crate) fn take_over(&mut self, old: &std::path::Path) -> Result<()> {
+        self.adopt_settled(old)?;
         // A paused projection stays paused through the takeover.
         let state = match self.live.state() {
             RunState::Paused => RunState::Paused,
@@ -1215,6 +1426,63 @@ impl ProjectionRunner {
                 self.publish_failing = Some(reason);
             }
         }
+    }
+
+    /// Before this runner's database — a rebuild's new generation, caught
+    /// up — takes over from `old`: the dead letters settled in `old` while
+    /// it was being built are carried over too. A discarded event it parked
+    /// meanwhile is dropped; one that `old` had resolved (a retry applied
+    /// it) but the module parked on its way through the log is handed to
+    /// the module once more, as the retry did, and stays parked, with the
+    /// new reason, only if it is refused again.
+    pub fn adopt_settled(&mut self, old: &std::path::Path) -> Result<()> {
+        store::carry_settled(self.db(), &settled_in(old, &self.name))?;
+        self.discarded = discarded_events(self.db())?;
+        let resolved: std::collections::HashSet<store::Settled> =
+            store::settled(self.db(), store::Settlement::Resolved)?.into_iter().collect();
+        let (dropped, letters): (Vec<_>, Vec<_>) =
+            store::dead_letters(self.db())?.into_iter().partition(|letter| {
+                self.discarded.get(&(letter.source.clone(), letter.position)) == Some(&letter.id)
+            });
+        if !dropped.is_empty() {
+            store::commit_if(self.db(), |db| {
+                for letter in &dropped {
+                    store::remove_dead_letter(db, &letter.source, letter.position)?;
+                }
+                Ok(true)
+            })?;
+        }
+        let again: Vec<store::DeadLetter> = letters
+            .into_iter()
+            .filter(|letter| {
+                let id = letter.id.clone();
+                resolved.contains(&store::Settled {
+                    source: letter.source.clone(),
+                    position: letter.position,
+                    id,
+                })
+            })
+            .collect();
+        if !again.is_empty() {
+            let outcome = crate::projection::dead_letters::retry_with(&mut self.instance, again)?;
+            for failed in &outcome.failed {
+                tracing::warn!(
+                    projection = &*self.name,
+                    event_id = %failed.id,
+                    "a dead letter a retry had applied was refused again by the rebuilt state, and \
+                     stays parked: {}",
+                    failed.reason
+                );
+            }
+            if !outcome.resolved.is_empty() {
+                tracing::info!(
+                    projection = &*self.name,
+                    resolved = ?outcome.resolved,
+                    "dead letters a retry had applied were applied again after the rebuild"
+                );
+            }
+        }
+        Ok(())
     }
 
     fn report_rebuild(&mut self) -> Result<()> {

@@ -16,8 +16,9 @@
 //! Each runner is handed the embedded log as the [`Publisher`] of what its
 //! projection emits, whichever source it reads.
 
-use crate::config::paths::{lock_path, request_path};
+use crate::config::paths::{current_database, lock_path, request_path};
 use crate::config::{Config, ProjectionConfig};
+use crate::projection::fault::{self, Fault, FaultFile, FaultKind};
 use crate::projection::live::{Command, LiveProjection, RunState};
 use crate::projection::metrics::Metrics;
 use crate::projection::outbox::Publisher;
@@ -218,13 +219,9 @@ impl ControlState {
     fn start_projection(&mut self, p: ProjectionConfig) {
         let spec = self.spec(&p);
         let live = Arc::new(LiveProjection::new(&p.name, self.metrics.clone()));
-        let commands = live.open_commands();
         // A request another process left while this projection was not
-        // running is taken now.
-        let request = request_path(&self.config.data.join("projections"), &p.name);
-        if std::fs::remove_file(&request).is_ok() {
-            live.send(Command::Rebuild);
-        }
+        // running is sent by its thread as it starts.
+        let commands = live.open_commands();
         let opener = crate::sources::opener_for(&self.config, &p, &self.log);
         // Emitted events go to the embedded log, whatever the source.
         let publisher: Arc<dyn Publisher> = self.log.clone();
@@ -308,8 +305,10 @@ impl ControlState {
         let requests = absolute(&self.config.data.join("projections").join("x"));
         let requests = requests.parent().unwrap_or(Path::new("/"));
         for (name, running) in &self.running {
+            // The projection takes the file once it has recorded the request
+            // in its database (or, faulted, keeps it until it runs again).
             let request = requests.join(format!("{name}.rebuild"));
-            if paths.contains(&request) && std::fs::remove_file(&request).is_ok() {
+            if paths.contains(&request) && request.exists() {
                 running.live.send(Command::Rebuild);
             }
         }
@@ -464,6 +463,22 @@ fn stop_projection(name: &str, running: Running) {
     }
 }
 
+/// The first wait before a projection whose host failed (a full disk, a
+/// read-only file) starts again; each next one twice as long…
+const FAULT_BACKOFF_START: Duration = Duration::from_millis(250);
+/// …up to this.
+const FAULT_BACKOFF_CAP: Duration = Duration::from_secs(5);
+
+/// One projection's thread: start it (rebuilding first if its module
+/// declares a new state version) and run it until told to stop. When it
+/// faults, the fault is recorded beside its database, and by its kind:
+/// - the host's own failure that may pass (a full disk, a read-only file,
+///   I/O): nothing was committed, so it starts again with backoff, from its
+///   checkpoint, until it runs (the record is cleared on its first batch);
+/// - its database is damaged: it waits, faulted, for `projector rebuild`,
+///   which builds the next generation from the source here;
+/// - anything else (it halted on an event, its module cannot load): the
+///   thread ends, and a new module file starts it again.
 fn run_projection(
     engine: Result<Arc<ProjectorEngine>>,
     spec: &ProjectionSpec,
@@ -473,42 +488,235 @@ fn run_projection(
     commands: Receiver<Command>,
 ) {
     let name = spec.name.as_str();
-    let shared = live.clone();
-    // Where a fault is recorded: a rebuild's take-over moves the database.
-    let mut database = spec.database.clone();
+    let dir = spec.database.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let faults = FaultFile::new(&dir, name);
+    if let Err(err) = faults.prepare() {
+        tracing::warn!(projection = name, file = %faults.path().display(), "cannot make room for a fault record: {err}");
+    }
+    live.set_fault_file(faults.clone());
     let stop = live.stopping();
-    let result = engine.and_then(|engine| {
-        ProjectionRunner::start_or_rebuild(engine, spec, &opener?, Some(publisher), stop, live)
-    });
-    let result = result.and_then(|runner| {
-        let Some(runner) = runner else {
-            tracing::info!(projection = name, "projection stopped during its rebuild");
-            return Ok(());
+    let mut backoff = FAULT_BACKOFF_START;
+    let mut last_error = None;
+    let mut paused = false;
+    loop {
+        // A rebuild's takeover moves the database: start from the current one.
+        let mut spec = spec.clone();
+        spec.database = current_database(&dir, name);
+        store::remove_stale_generations(&dir, name, &spec.database);
+        // A request another process left (or one taken while faulted).
+        if request_path(&dir, name).exists() {
+            live.send(Command::Rebuild);
+        }
+        if paused {
+            live.send(Command::Pause);
+        }
+        let mut database = spec.database.clone();
+        let result = match (&engine, &opener) {
+            (Ok(engine), Ok(opener)) => {
+                run_once(engine, &spec, opener, &publisher, &live, &commands, &mut database)
+            }
+            (Err(err), _) | (_, Err(err)) => Err(anyhow::anyhow!("{err:#}")),
         };
-        let mut runner = runner;
-        tracing::info!(
-            projection = name,
-            module = runner.module_sha256(),
-            checkpoint = %runner.checkpoint().to_json(),
-            "projection started"
-        );
-        let ran = runner.run(&commands);
-        database = runner.database().to_path_buf();
-        ran?;
-        store::set_meta(runner.db(), "state", Some(RunState::Stopped.as_str()))?;
-        tracing::info!(projection = name, checkpoint = %runner.checkpoint().to_json(), "projection stopped");
-        Ok(())
-    });
-    if let Err(err) = result {
-        tracing::error!(projection = name, "projection faulted: {err:#}");
-        shared.set_last_error(Some(format!("{err:#}")));
-        shared.set_state(RunState::Faulted);
-        let marked = store::open(&database).and_then(|db| {
-            store::set_meta(&db, "state", Some(RunState::Faulted.as_str()))?;
-            store::set_meta(&db, "error", Some(&format!("{err:#}")))
-        });
-        if let Err(mark_err) = marked {
-            tracing::error!(projection = name, "cannot record the fault: {mark_err:#}");
+        let Err(err) = result else { return };
+        // As an operator left it: the runner's state if it ran, else as
+        // the last wait left it.
+        paused = match live.state() {
+            RunState::Faulted | RunState::Starting => paused,
+            state => state == RunState::Paused,
+        };
+        let kind = fault::classify(&err);
+        let err = match kind {
+            FaultKind::Damaged => store::explain_damage(err, &database),
+            FaultKind::Retrying => err.context(format!(
+                "projection {name}: the host failed on its database {}; it tries again (at most every \
+                 {} s) and resumes from its checkpoint once it can",
+                database.display(),
+                FAULT_BACKOFF_CAP.as_secs()
+            )),
+            FaultKind::Halted => err,
+        };
+        let error = format!("{err:#}");
+        if last_error.as_deref() != Some(error.as_str()) {
+            tracing::error!(projection = name, "projection faulted: {error}");
+        } else {
+            tracing::debug!(projection = name, "projection faulted again: {error}");
+        }
+        let since = match faults.read() {
+            Some(fault) if fault.error == error => fault.since,
+            _ => store::now_rfc3339(),
+        };
+        live.record_fault(&Fault { error: error.clone(), kind, since, rebuilding: None });
+        last_error = Some(error.clone());
+        match kind {
+            FaultKind::Halted => {
+                // Also where a host without the fault file looks.
+                let marked = store::open(&database).and_then(|db| {
+                    store::set_meta(&db, "state", Some(RunState::Faulted.as_str()))?;
+                    store::set_meta(&db, "error", Some(&error))
+                });
+                if let Err(mark_err) = marked {
+                    tracing::error!(
+                        projection = name,
+                        "cannot record the fault in its database: {mark_err:#}"
+                    );
+                }
+                return;
+            }
+            FaultKind::Retrying => {
+                if let Woken::Stop = wait_while_faulted(&commands, backoff, false, &dir, name, &mut paused) {
+                    return;
+                }
+                backoff = (backoff * 2).min(FAULT_BACKOFF_CAP);
+            }
+            FaultKind::Damaged => loop {
+                match wait_while_faulted(&commands, Duration::MAX, true, &dir, name, &mut paused) {
+                    Woken::Stop => return,
+                    Woken::Elapsed => continue,
+                    Woken::Rebuild => {}
+                }
+                let Ok(engine) = &engine else { break };
+                let Ok(opener) = &opener else { break };
+                tracing::info!(projection = name, "rebuilding the damaged database from the source");
+                let mut reported: Option<std::time::Instant> = None;
+                let mut report = |position: u64, head: u64| {
+                    if reported.is_none_or(|at| at.elapsed() >= Duration::from_millis(100)) {
+                        reported = Some(std::time::Instant::now());
+                        let progress = serde_json::json!({ "position": position, "head": head });
+                        let fault = Fault {
+                            error: error.clone(),
+                            kind,
+                            since: store::now_rfc3339(),
+                            rebuilding: Some(progress),
+                        };
+                        live.record_fault(&fault);
+                    }
+                };
+                // Shown as rebuilding before the request is taken: whoever
+                // waits on it never sees it gone with nothing under way.
+                report(0, 0);
+                let _ = std::fs::remove_file(request_path(&dir, name));
+                match ProjectionRunner::rebuild_damaged(
+                    engine.clone(),
+                    &spec,
+                    opener,
+                    stop.clone(),
+                    &mut report,
+                ) {
+                    Ok(true) => {
+                        live.clear_fault();
+                        tracing::info!(projection = name, "the damaged database was rebuilt and replaced");
+                        break;
+                    }
+                    Ok(false) => return,
+                    Err(rebuild_err) => {
+                        let failed = format!("{error}; {rebuild_err:#}");
+                        tracing::error!(projection = name, "{failed}");
+                        live.record_fault(&Fault {
+                            error: failed,
+                            kind,
+                            since: store::now_rfc3339(),
+                            rebuilding: None,
+                        });
+                    }
+                }
+            },
+        }
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+    }
+}
+
+/// Start the projection and run it until told to stop; `database` follows
+/// it through a rebuild's takeover, for the fault to name.
+fn run_once(
+    engine: &Arc<ProjectorEngine>,
+    spec: &ProjectionSpec,
+    opener: &Arc<dyn SourceOpener>,
+    publisher: &Arc<dyn Publisher>,
+    live: &Arc<LiveProjection>,
+    commands: &Receiver<Command>,
+    database: &mut PathBuf,
+) -> Result<()> {
+    let name = spec.name.as_str();
+    let runner = ProjectionRunner::start_or_rebuild(
+        engine.clone(),
+        spec,
+        opener,
+        Some(publisher.clone()),
+        live.stopping(),
+        live.clone(),
+    )?;
+    let Some(mut runner) = runner else {
+        tracing::info!(projection = name, "projection stopped during its rebuild");
+        return Ok(());
+    };
+    tracing::info!(
+        projection = name,
+        module = runner.module_sha256(),
+        checkpoint = %runner.checkpoint().to_json(),
+        "projection started"
+    );
+    let ran = runner.run(commands);
+    *database = runner.database().to_path_buf();
+    ran?;
+    store::set_meta(runner.db(), "state", Some(RunState::Stopped.as_str()))?;
+    tracing::info!(projection = name, checkpoint = %runner.checkpoint().to_json(), "projection stopped");
+    Ok(())
+}
+
+/// How a wait while faulted ended.
+enum Woken {
+    /// Told to stop.
+    Stop,
+    /// Asked to rebuild.
+    Rebuild,
+    /// The wait is over.
+    Elapsed,
+}
+
+/// Wait `wait` (`Duration::MAX`: until a command) while the projection is
+/// faulted, taking its commands: a stop ends the wait, a pause or resume is
+/// remembered for when it runs again, a rebuild request is kept as a
+/// request file (so neither a restart nor a stop loses it) and ends the
+/// wait if `wake_on_rebuild`, and a new module waits for the next start,
+/// which loads the file anyway.
+fn wait_while_faulted(
+    commands: &Receiver<Command>,
+    wait: Duration,
+    wake_on_rebuild: bool,
+    dir: &Path,
+    name: &str,
+    paused: &mut bool,
+) -> Woken {
+    let until = std::time::Instant::now().checked_add(wait);
+    loop {
+        let left = until
+            .map_or(Duration::from_secs(3600), |at| at.saturating_duration_since(std::time::Instant::now()));
+        if left.is_zero() {
+            return Woken::Elapsed;
+        }
+        match commands.recv_timeout(left) {
+            Ok(Command::Stop) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Woken::Stop,
+            Ok(Command::Pause) => *paused = true,
+            Ok(Command::Resume) => *paused = false,
+            Ok(Command::Swap(_)) => {}
+            Ok(Command::Rebuild) => {
+                let request = request_path(dir, name);
+                if !request.exists()
+                    && let Err(err) = std::fs::write(&request, b"")
+                {
+                    tracing::warn!(projection = name, file = %request.display(), "cannot keep the rebuild request: {err}");
+                }
+                if wake_on_rebuild {
+                    return Woken::Rebuild;
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                if until.is_some() {
+                    return Woken::Elapsed;
+                }
+            }
         }
     }
 }

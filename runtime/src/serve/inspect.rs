@@ -4,6 +4,7 @@
 
 use crate::config::Config;
 use crate::config::paths::lock_path;
+use crate::projection::fault::{Fault, FaultFile};
 use crate::sources::embedded::PARTITION;
 use crate::store;
 use anyhow::{Context as _, Result};
@@ -66,28 +67,60 @@ pub struct ProjectionStatus {
     pub rebuilding: Option<Value>,
 }
 
-/// The status of every projection in `config`.
+/// The status of every projection in `config`. A projection whose
+/// database cannot be read (damaged, unreadable) is `faulted` with the
+/// reason; the others are read as usual.
 pub fn status(config: &Config) -> Result<Vec<ProjectionStatus>> {
     let head = log_head(&config.data)?;
     let host_running = run_lock_held(&config.data);
-    config
+    let dir = config.data.join("projections");
+    Ok(config
         .projections
         .iter()
         .map(|p| {
-            let mut path = config.database_path(&p.name);
-            // A rebuild taking over points the projection at a new file and
-            // removes the one read a moment ago: then read the new one.
-            for _ in 0..3 {
-                let read = status_at(p, &path, head, host_running);
-                let now = config.database_path(&p.name);
-                if now == path || matches!(read, Ok(Some(_))) {
-                    return read.map(|status| status.unwrap_or_else(|| never_run(p, head)));
-                }
-                path = now;
-            }
-            Ok(status_at(p, &path, head, host_running)?.unwrap_or_else(|| never_run(p, head)))
+            let read = read_status(config, p, head, host_running).unwrap_or_else(|err| ProjectionStatus {
+                state: "faulted".into(),
+                error: Some(format!("{err:#}")),
+                ..never_run(p, head)
+            });
+            with_fault(read, FaultFile::new(&dir, &p.name).read())
         })
-        .collect()
+        .collect())
+}
+
+/// Projection `p`'s status as its database records it.
+fn read_status(
+    config: &Config,
+    p: &crate::config::ProjectionConfig,
+    head: u64,
+    host_running: bool,
+) -> Result<ProjectionStatus> {
+    let mut path = config.database_path(&p.name);
+    // A rebuild taking over points the projection at a new file and
+    // removes the one read a moment ago: then read the new one.
+    for _ in 0..3 {
+        let read = status_at(p, &path, head, host_running);
+        let now = config.database_path(&p.name);
+        if now == path || matches!(read, Ok(Some(_))) {
+            return read.map(|status| status.unwrap_or_else(|| never_run(p, head)));
+        }
+        path = now;
+    }
+    Ok(status_at(p, &path, head, host_running)?.unwrap_or_else(|| never_run(p, head)))
+}
+
+/// `status` as a recorded fault changes it: the fault file beside the
+/// database outranks the database, which may be what failed (a full disk
+/// cannot take the word `faulted`; a damaged file cannot give it).
+fn with_fault(status: ProjectionStatus, fault: Option<Fault>) -> ProjectionStatus {
+    let Some(fault) = fault else { return status };
+    ProjectionStatus {
+        state: if fault.rebuilding.is_some() { "rebuilding" } else { "faulted" }.into(),
+        error: Some(fault.error),
+        rebuilding: fault.rebuilding.or(status.rebuilding),
+        retrying: None,
+        ..status
+    }
 }
 
 /// The status of a projection that has no database yet.
