@@ -1374,6 +1374,11 @@ impl ProjectionRunner {
     /// `old` generation's files removed.
     pub(crate) fn take_over(&mut self, old: &std::path::Path) -> Result<()> {
         self.adopt_settled(old)?;
+        // A rebuilt state is progress: a fault on record (the old module
+        // halted, say) is over before readers see the new generation.
+        if self.live.clear_fault() {
+            tracing::info!(projection = &*self.name, "the fault is over: the rebuilt state takes over");
+        }
         // A paused projection stays paused through the takeover.
         let state = match self.live.state() {
             RunState::Paused => RunState::Paused,
