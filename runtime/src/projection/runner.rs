@@ -383,6 +383,9 @@ impl ProjectionRunner {
                 start_series(&live, &spec.name);
                 green.live = live;
                 green.take_over(&spec.database)?;
+                // A whole generation committed and took over: whatever
+                // fault was on record is over.
+                green.live.clear_fault();
                 Ok(Some(green))
             }
             Ok(stopped) => {
