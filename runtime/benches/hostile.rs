@@ -203,7 +203,8 @@ fn clock_ticks_per_second() -> u64 {
 }
 
 /// An idle host while another process reads its config and module files
-/// every 10 ms: the CPU it spends, and that no read reloads anything.
+/// every 10 ms: the CPU it spends, and that no read reloads anything; and,
+/// first, the same host left alone as long, for comparison.
 fn idle_cpu(watch: Duration) {
     let ws = util::Workspace::new();
     let module = util::guest("event_recorder");
@@ -214,6 +215,18 @@ fn idle_cpu(watch: Duration) {
     });
     // Settle: start-up's own work (the compile, the first status writes).
     std::thread::sleep(Duration::from_secs(2));
+    let hz = clock_ticks_per_second();
+    let before = cpu_ticks(host.pid());
+    let started = Instant::now();
+    std::thread::sleep(watch);
+    let alone = cpu_ticks(host.pid()) - before;
+    let alone_per_minute = alone as f64 * 60.0 / started.elapsed().as_secs_f64();
+    println!(
+        "idle host, left alone for {:.0} s: {alone} clock ticks of CPU ({alone_per_minute:.1} per minute, \
+         {hz} per second: {:.3}% of one core)",
+        started.elapsed().as_secs_f64(),
+        100.0 * alone as f64 / hz as f64 / started.elapsed().as_secs_f64(),
+    );
     let files = format!("{}:{}", ws.config().display(), module.display());
     let mut reader = std::process::Command::new(std::env::current_exe().unwrap())
         .env(READER, files)
@@ -232,7 +245,6 @@ fn idle_cpu(watch: Duration) {
         .last()
         .and_then(|l| l.parse::<u64>().ok())
         .unwrap_or(0);
-    let hz = clock_ticks_per_second();
     let per_minute = ticks as f64 * 60.0 / elapsed.as_secs_f64();
     let logs = host.logs();
     println!(

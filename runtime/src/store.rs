@@ -646,6 +646,32 @@ mod tests {
     }
 
     #[test]
+    fn settled_dead_letters_are_carried_into_the_next_generation_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = open(&dir.path().join("p.db")).unwrap();
+        record_settled(&old, Settlement::Discarded, "log", 3, "e3").unwrap();
+        record_settled(&old, Settlement::Resolved, "log", 5, "e5").unwrap();
+        let new = open(&dir.path().join("p.1.db")).unwrap();
+        record_settled(&new, Settlement::Resolved, "log", 5, "e5").unwrap();
+        let at: String =
+            new.query_row("SELECT resolved_at FROM projector_resolved", [], |r| r.get(0)).unwrap();
+        carry_settled(&new, &settled_records(&old).unwrap()).unwrap();
+        let settled_as = |settlement| settled(&new, settlement).unwrap();
+        assert_eq!(
+            settled_as(Settlement::Discarded),
+            [Settled { source: "log".into(), position: 3, id: "e3".into() }]
+        );
+        assert_eq!(
+            settled_as(Settlement::Resolved),
+            [Settled { source: "log".into(), position: 5, id: "e5".into() }]
+        );
+        // What the new generation had already stays as it was.
+        let kept: String =
+            new.query_row("SELECT resolved_at FROM projector_resolved", [], |r| r.get(0)).unwrap();
+        assert_eq!(kept, at);
+    }
+
+    #[test]
     fn the_outbox_is_read_in_order_and_removed_up_to_a_seq() {
         let dir = tempfile::tempdir().unwrap();
         let db = open(&dir.path().join("p.db")).unwrap();
