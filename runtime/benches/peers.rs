@@ -28,7 +28,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde::Deserialize;
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use util::*;
 
 #[derive(Deserialize)]
@@ -300,5 +300,4 @@ fn main() {
     println!("  projector rebuild, defaults:            {wasm:>9.0}");
     println!("  native twin (batch 1000):               {twin:>9.0}");
     println!("  projector / native: {:.2}", wasm / twin);
-    let _ = Duration::ZERO;
 }

@@ -135,17 +135,21 @@ struct Connection {
     last_error: Arc<Mutex<Option<String>>>,
 }
 
+/// The configured server URLs, parsed; an error names the one that is not.
+fn server_addresses(urls: &[String]) -> Result<Vec<async_nats::ServerAddr>> {
+    urls.iter()
+        .map(|url| {
+            url.parse::<async_nats::ServerAddr>().with_context(|| format!("{url:?} is not a NATS URL"))
+        })
+        .collect()
+}
+
 impl Connection {
     /// A client that connects in the background and keeps reconnecting:
     /// opening never fails because a server is down.
     fn open(urls: &[String]) -> Result<Self> {
         let servers = urls.join(", ");
-        let addresses = urls
-            .iter()
-            .map(|url| {
-                url.parse::<async_nats::ServerAddr>().with_context(|| format!("{url:?} is not a NATS URL"))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let addresses = server_addresses(urls)?;
         let last_error = Arc::new(Mutex::new(None));
         let options = async_nats::ConnectOptions::new()
             .name("projector")
@@ -945,12 +949,7 @@ pub struct PublishOutcome {
 pub fn publish(urls: &[String], stream: &str, subject: &str, events: &[NewEvent]) -> Result<PublishOutcome> {
     validate_subject(subject)?;
     let servers = urls.join(", ");
-    let addresses = urls
-        .iter()
-        .map(|url| {
-            url.parse::<async_nats::ServerAddr>().with_context(|| format!("{url:?} is not a NATS URL"))
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let addresses = server_addresses(urls)?;
     let bodies: Vec<(String, Vec<u8>)> = events
         .iter()
         .map(|event| (event.id.clone(), cloudevents::to_json(event).to_string().into_bytes()))
