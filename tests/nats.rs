@@ -817,3 +817,157 @@ fn run_over_a_cluster_with_a_node_killed_mid_stream_builds_the_exact_state() {
     assert_each_event_handled_once(&ws, 10_000);
     assert_state_is_the_replay(&ws, &all);
 }
+
+/// Every message stream `stream` holds: (`Nats-Msg-Id`, the body as JSON).
+fn messages(urls: &[String], stream: &str) -> Vec<(String, serde_json::Value)> {
+    block_on(async {
+        let js = jetstream(urls).await;
+        let stream = js.get_stream(stream).await.unwrap();
+        let last = stream.get_info().await.unwrap().state.last_sequence;
+        let mut messages = Vec::new();
+        for sequence in 1..=last {
+            let Ok(message) = stream.get_raw_message(sequence).await else { continue };
+            let id = message.headers.get("Nats-Msg-Id").unwrap().as_str().to_string();
+            messages.push((id, serde_json::from_slice(&message.payload).unwrap()));
+        }
+        messages
+    })
+}
+
+#[test]
+fn order_fees_over_nats_publishes_its_charges_to_the_routed_subject_once_with_their_cause() {
+    let server = NatsServer::start();
+    let urls = vec![server.url()];
+    let ws = Workspace::new();
+    let config = format!(
+        "version = 1\ndata = \"data\"\n\n[sources.bus]\nnats = {urls:?}\nstream = \"ORDERS\"\n\n\
+         [[projection]]\nname = \"order-fees\"\nmodule = {:?}\nsource = \"bus\"\nstreams = [\"orders.>\"]\n\
+         emit = {{ charges = \"billing.charges\" }}\n",
+        guest("order_fees").to_string_lossy()
+    );
+    std::fs::write(ws.config(), config).unwrap();
+    let scenario = root().join("projections/order-fees/fixtures/scenario.jsonl");
+    let lines: Vec<String> =
+        std::fs::read_to_string(&scenario).unwrap().lines().map(str::to_string).collect();
+    let file = ws.write_events("scenario.jsonl", &lines);
+    let out =
+        json(&run_ok(&["publish", "--config", &ws.config_str(), "--source", "bus", "orders.eu", &file]));
+    assert_eq!((&out["published"], &out["duplicates"]), (&13.into(), &1.into()), "{out}");
+
+    // No JetStream stream captures billing.charges yet: the charges wait in
+    // the outbox, the error says why, and the projection runs on.
+    let host = ws.start();
+    wait_until(Duration::from_secs(60), "order-fees waiting to publish two charges", || {
+        let status = ws.status_of("order-fees");
+        status["lag"] == 0 && status["outbox"] == 2
+    });
+    let live = |host: &Host| -> serde_json::Value {
+        let url = format!("{}/projections/order-fees", host.url());
+        ureq::get(url).call().unwrap().body_mut().read_json().unwrap()
+    };
+    let error = "no JetStream stream captures subject billing.charges";
+    wait_until(Duration::from_secs(10), "the publish error in status", || {
+        live(&host)["last_error"].as_str().is_some_and(|e| e.contains(error))
+    });
+    assert_eq!(ws.status_of("order-fees")["state"], "running");
+
+    // The stream appears, already holding the first charge, as a host that
+    // published it and died before clearing its outbox would leave it.
+    let expected: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("projections/order-fees/fixtures/expected.json")).unwrap(),
+    )
+    .unwrap();
+    let emitted = expected["emitted"].as_array().unwrap();
+    block_on(async {
+        let js = jetstream(&urls).await;
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: "BILLING".into(),
+            subjects: vec!["billing.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", emitted[0]["id"].as_str().unwrap());
+        js.publish_with_headers("billing.charges", headers, "{}".into()).await.unwrap().await.unwrap();
+    });
+    wait_until(Duration::from_secs(30), "the outbox published", || ws.status_of("order-fees")["outbox"] == 0);
+    let host_url = host.url();
+    wait_until(Duration::from_secs(10), "the error cleared", || live(&host)["last_error"].is_null());
+    let published = messages(&urls, "BILLING");
+    let ids: Vec<&str> = published.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(ids, ["order-fees:8:0", "order-fees:11:0"], "each charge once, the copy dropped");
+    let (_, second) = &published[1];
+    let want = &emitted[1];
+    assert_eq!(
+        (&second["id"], &second["type"], &second["source"], &second["subject"]),
+        (&want["id"], &want["type"], &want["source"], &want["subject"])
+    );
+    assert_eq!(
+        (&second["correlationid"], &second["causationid"]),
+        (&want["correlation_id"], &want["causation_id"])
+    );
+    assert_eq!(second["data"], want["data"]);
+    let m = metrics(&host_url);
+    assert_eq!(m.get(r#"projector_events_published_total{projection="order-fees"}"#), Some(&2.0));
+
+    // Killed and started again: nothing is published a second time, and a
+    // new approval's charge goes out once.
+    host.kill();
+    let host = ws.start();
+    let more = ws.write_events(
+        "more.jsonl",
+        &[
+            cloud_event(
+                "cap-ord-4",
+                "order_captured",
+                serde_json::json!({"order_id": "ord-4", "fee": 7, "discount": 0}),
+            ),
+            cloud_event_correlated(
+                "app-ord-4",
+                "order_approved",
+                serde_json::json!({"order_id": "ord-4"}),
+                "checkout-4",
+            ),
+        ],
+    );
+    run_ok(&["publish", "--config", &ws.config_str(), "--source", "bus", "orders.eu", &more]);
+    wait_until(Duration::from_secs(30), "the third charge published", || {
+        let status = ws.status_of("order-fees");
+        status["lag"] == 0 && status["outbox"] == 0 && messages(&urls, "BILLING").len() == 3
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let ids: Vec<String> = messages(&urls, "BILLING").into_iter().map(|(id, _)| id).collect();
+    assert_eq!(ids, ["order-fees:8:0", "order-fees:11:0", "order-fees:15:0"]);
+    drop(host);
+}
+
+#[test]
+fn emit_routes_are_checked_at_load() {
+    let ws = Workspace::new();
+    let module = guest("order_fees").to_string_lossy().into_owned();
+    let cases = [
+        ("", "emit = { charges = \"billing.>\" }", "emit.charges: \"billing.>\" has a wildcard"),
+        ("", "emit = { \"bad name\" = \"billing.charges\" }", "emit: invalid stream name \"bad name\""),
+        ("", "emit = { charges = \"a..b\" }", "emit.charges: \"a..b\" is not a NATS subject"),
+    ];
+    for (_, emit, message) in cases {
+        let text = format!(
+            "version = 1\n[sources.bus]\nnats = \"nats://127.0.0.1:4222\"\nstream = \"ORDERS\"\n\n\
+             [[projection]]\nname = \"order-fees\"\nmodule = {module:?}\nsource = \"bus\"\nstreams = [\"orders.>\"]\n{emit}\n"
+        );
+        std::fs::write(ws.config(), text).unwrap();
+        let err = run_err(&["status", "--config", &ws.config_str()]);
+        assert!(err.contains(message), "{emit}: {err}");
+    }
+    let text = format!(
+        "version = 1\n[[projection]]\nname = \"order-fees\"\nmodule = {module:?}\nstreams = [\"orders\"]\n\
+         emit = {{ charges = \"billing.charges\" }}\n"
+    );
+    std::fs::write(ws.config(), text).unwrap();
+    let err = run_err(&["status", "--config", &ws.config_str()]);
+    assert!(
+        err.contains("`emit` routes emitted streams to a broker, but the projection reads the embedded log"),
+        "{err}"
+    );
+}

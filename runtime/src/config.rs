@@ -333,6 +333,15 @@ pub struct ProjectionConfig {
     /// `[projection.limits]` / `call_timeout_ms = 1000`
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// For a projection reading a broker: where the events it emits go,
+    /// emitted stream → NATS subject (which a JetStream stream must
+    /// capture). A stream not named here goes to the subject of its own
+    /// name. Not for the embedded log, whose projections emit to the log's
+    /// stream of the same name.
+    ///
+    /// `emit = { charges = "billing.charges" }`
+    #[serde(default)]
+    pub emit: BTreeMap<String, String>,
 }
 
 fn default_data() -> PathBuf {
@@ -463,6 +472,30 @@ impl Config {
                             .map_err(|err| invalid(format!("projection {:?}{}: {err}", p.name, at(i))))?;
                     }
                 }
+            }
+            if p.source.is_none() && !p.emit.is_empty() {
+                return Err(invalid(format!(
+                    "projection {:?}{}: `emit` routes emitted streams to a broker, but the projection \
+                     reads the embedded log, where each emitted stream is the log's stream of the same \
+                     name; remove `emit`, or set `source`",
+                    p.name,
+                    at(i)
+                )));
+            }
+            for (stream, subject) in &p.emit {
+                validate_stream_name(stream)
+                    .map_err(|err| invalid(format!("projection {:?}{}: emit: {err:#}", p.name, at(i))))?;
+                validate_subject_filter(subject)
+                    .and_then(|()| match subject.split('.').any(|t| t == "*" || t == ">") {
+                        true => Err(format!(
+                            "{subject:?} has a wildcard; an emitted event goes to one subject, e.g. \
+                             \"billing.charges\""
+                        )),
+                        false => Ok(()),
+                    })
+                    .map_err(|err| {
+                        invalid(format!("projection {:?}{}: emit.{stream}: {err}", p.name, at(i)))
+                    })?;
             }
             if p.types.as_ref().is_some_and(Vec::is_empty) {
                 return Err(invalid(format!(

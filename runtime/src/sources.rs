@@ -207,6 +207,16 @@ pub struct Filter {
     pub types: Option<Vec<String>>,
 }
 
+/// Where a projection's emitted events are published: the embedded log, or
+/// the broker of the projection's source.
+pub trait Publisher: Send + Sync {
+    /// Publish `events`, emitted to `stream`, all or none as far as the
+    /// destination allows; an id it already holds is a duplicate, dropped
+    /// and counted.
+    fn publish(&self, stream: &str, events: &[embedded::NewEvent])
+    -> anyhow::Result<embedded::AppendOutcome>;
+}
+
 /// Opens readers of one configured source: one per projection runner, one
 /// more for each rebuild.
 pub trait SourceOpener: Send + Sync {
@@ -217,6 +227,15 @@ pub trait SourceOpener: Send + Sync {
     /// projection's name, with the database generation it builds: a
     /// broker's consumer is named after it).
     fn open(&self, filter: &Filter, reader: &str) -> anyhow::Result<Box<dyn Source>>;
+
+    /// Where a projection reading this source publishes what it emits:
+    /// `routes` maps an emitted stream to the broker's name for it (a NATS
+    /// subject); a stream not named keeps its own name. `None`: the
+    /// embedded log, streams of the same name.
+    fn publisher(&self, routes: &BTreeMap<String, String>) -> Option<Arc<dyn Publisher>> {
+        let _ = routes;
+        None
+    }
 }
 
 /// The opener of the source projection `p` of `config` reads: the embedded

@@ -18,27 +18,17 @@
 //! that takes over.
 //!
 //! Where emitted events go is a [`Publisher`] the supervisor hands the
-//! runner, so the runner does not know where they end up: today always the
-//! embedded log, whatever source the projection reads.
+//! runner, so the runner does not know where they end up: the embedded log
+//! for a projection reading it, the broker for one reading a broker (a NATS
+//! subject per emitted stream, `Nats-Msg-Id` = the event's id, so the
+//! stream drops a copy within its duplicate window).
 
-use crate::sources::embedded::{AppendOutcome, EventLog, NewEvent};
+use crate::sources::Publisher;
+use crate::sources::embedded::NewEvent;
 use crate::store::{self, OutboxEvent};
 use anyhow::{Context as _, Result};
 use prometheus_client::metrics::counter::Counter;
 use rusqlite::Connection;
-
-/// Where a projection's emitted events are published.
-pub trait Publisher: Send + Sync {
-    /// Append `events` to `stream`, all or none; an id already there is a
-    /// duplicate, dropped and counted.
-    fn publish(&self, stream: &str, events: &[NewEvent]) -> Result<AppendOutcome>;
-}
-
-impl Publisher for EventLog {
-    fn publish(&self, stream: &str, events: &[NewEvent]) -> Result<AppendOutcome> {
-        self.append(stream, events)
-    }
-}
 
 /// How many outbox rows one read takes.
 const READ_AT_ONCE: usize = 1000;
@@ -112,6 +102,7 @@ fn as_new_event(row: &OutboxEvent) -> NewEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sources::embedded::AppendOutcome;
     use crate::store::runtime_tables;
     use rusqlite::params;
     use std::sync::Mutex;

@@ -13,19 +13,19 @@
 //! Each database is marked running, stopped or faulted so `status` can tell
 //! from another process.
 //!
-//! Each runner is handed the embedded log as the [`Publisher`] of what its
-//! projection emits, whichever source it reads.
+//! Each runner is handed the [`Publisher`] of what its projection emits:
+//! its source's broker (the subjects its `emit` routes name), or the
+//! embedded log for a projection reading the log.
 
 use crate::config::paths::{current_database, lock_path, request_path};
 use crate::config::{Config, ProjectionConfig};
 use crate::projection::fault::{self, Fault, FaultFile, FaultKind};
 use crate::projection::live::{Command, LiveProjection, RunState};
 use crate::projection::metrics::Metrics;
-use crate::projection::outbox::Publisher;
 use crate::projection::runner::{ModuleUpdate, ProjectionRunner, ProjectionSpec, prepare_update};
 use crate::sandbox::engine::{Engines, ProjectorEngine};
 use crate::sources::embedded::EventLog;
-use crate::sources::{Filter, SourceOpener};
+use crate::sources::{Filter, Publisher, SourceOpener};
 use crate::store;
 use anyhow::{Context as _, Result};
 use notify_debouncer_full::notify::RecursiveMode;
@@ -223,8 +223,12 @@ impl ControlState {
         // running is sent by its thread as it starts.
         let commands = live.open_commands();
         let opener = crate::sources::opener_for(&self.config, &p, &self.log);
-        // Emitted events go to the embedded log, whatever the source.
-        let publisher: Arc<dyn Publisher> = self.log.clone();
+        // Emitted events go to the source's broker, or the embedded log.
+        let log: Arc<dyn Publisher> = self.log.clone();
+        let publisher = match &opener {
+            Ok(opener) => opener.publisher(&p.emit).unwrap_or(log),
+            Err(_) => log,
+        };
         let (engines, thread_live) = (self.engines.clone(), live.clone());
         let thread = std::thread::Builder::new()
             .name(format!("projection-{}", p.name))

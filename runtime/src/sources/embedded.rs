@@ -531,3 +531,9 @@ impl SourceOpener for EmbeddedOpener {
         Ok(Box::new(EmbeddedSource::new(&self.log, filter)?))
     }
 }
+
+impl super::Publisher for EventLog {
+    fn publish(&self, stream: &str, events: &[NewEvent]) -> Result<AppendOutcome> {
+        self.append(stream, events)
+    }
+}

@@ -37,9 +37,10 @@
 
 use crate::bindings::Event;
 use crate::sources::cloudevents::{self, CloudEventError};
-use crate::sources::embedded::NewEvent;
+use crate::sources::embedded::{AppendOutcome, NewEvent};
 use crate::sources::{
-    Batch, Checkpoint, Filter, Health, Malformed, Progress, Source, SourceError, SourceOpener, Wake,
+    Batch, Checkpoint, Filter, Health, Malformed, Progress, Publisher, Source, SourceError, SourceOpener,
+    Wake,
 };
 use anyhow::{Context as _, Result};
 use async_nats::HeaderMap;
@@ -268,6 +269,10 @@ impl SourceOpener for NatsOpener {
 
     fn open(&self, filter: &Filter, reader: &str) -> Result<Box<dyn Source>> {
         Ok(Box::new(NatsSource::new(self.connection.clone(), &self.stream, filter, reader)))
+    }
+
+    fn publisher(&self, routes: &std::collections::BTreeMap<String, String>) -> Option<Arc<dyn Publisher>> {
+        Some(Arc::new(NatsPublisher { connection: self.connection.clone(), routes: routes.clone() }))
     }
 }
 
@@ -965,49 +970,102 @@ pub fn publish(urls: &[String], stream: &str, subject: &str, events: &[NewEvent]
         let jetstream =
             jetstream::ContextBuilder::new().timeout(Duration::from_secs(10)).build(client.clone());
         ensure_stream(&jetstream, &stream, &subject, &servers).await?;
-        let total = bodies.len();
-        let mut outcome = PublishOutcome { published: 0, duplicates: 0 };
-        let mut in_flight = VecDeque::with_capacity(PUBLISH_WINDOW);
-        let mut bodies = bodies.into_iter().enumerate();
-        loop {
-            // Keep a window of publishes awaiting their acks: one round trip
-            // per window, not per event.
-            let next = match in_flight.len() < PUBLISH_WINDOW {
-                true => bodies.next(),
-                false => None,
-            };
-            if let Some((i, (id, body))) = next {
-                let message = jetstream::message::PublishMessage::build()
-                    .payload(Vec::into(body))
-                    .message_id(&id)
-                    .header("Content-Type", "application/cloudevents+json");
-                let ack = jetstream
-                    .send_publish(subject.clone(), message)
-                    .await
-                    .with_context(|| format!("cannot publish event {id} to {subject} on {servers}"))?;
-                in_flight.push_back((i, id, ack));
-                continue;
-            }
-            let Some((i, id, ack)) = in_flight.pop_front() else { break };
-            let ack = ack.await.with_context(|| {
-                format!(
-                    "the server did not confirm event {id} ({} of {total}); publishing again is safe: events \
-                     already stored are dropped as duplicates",
-                    i + 1
-                )
-            })?;
-            if ack.stream != stream {
-                anyhow::bail!("event {id} was stored by stream {}, not {stream}", ack.stream);
-            }
-            if ack.duplicate {
-                outcome.duplicates += 1;
-            } else {
-                outcome.published += 1;
-            }
-        }
+        let outcome = send_all(&jetstream, &subject, Some(&stream), bodies).await?;
         client.flush().await.ok();
         Ok(outcome)
     })
+}
+
+/// Publish `bodies` (event id, structured CloudEvent) to `subject`, with
+/// `Nats-Msg-Id` = the id, keeping a window of publishes awaiting their
+/// acknowledgements (one round trip per window, not per event); when
+/// `stream` is named, each must be stored by it.
+async fn send_all(
+    jetstream: &jetstream::Context,
+    subject: &str,
+    stream: Option<&str>,
+    bodies: Vec<(String, Vec<u8>)>,
+) -> Result<PublishOutcome> {
+    let total = bodies.len();
+    let mut outcome = PublishOutcome { published: 0, duplicates: 0 };
+    let mut in_flight = VecDeque::with_capacity(PUBLISH_WINDOW);
+    let mut bodies = bodies.into_iter().enumerate();
+    loop {
+        let next = match in_flight.len() < PUBLISH_WINDOW {
+            true => bodies.next(),
+            false => None,
+        };
+        if let Some((i, (id, body))) = next {
+            let message = jetstream::message::PublishMessage::build()
+                .payload(Vec::into(body))
+                .message_id(&id)
+                .header("Content-Type", "application/cloudevents+json");
+            let ack = jetstream
+                .send_publish(subject.to_string(), message)
+                .await
+                .with_context(|| format!("cannot publish event {id} to {subject}"))?;
+            in_flight.push_back((i, id, ack));
+            continue;
+        }
+        let Some((i, id, ack)) = in_flight.pop_front() else { break };
+        let ack = match ack.await {
+            Ok(ack) => ack,
+            Err(err) if err.kind() == jetstream::context::PublishErrorKind::StreamNotFound => {
+                anyhow::bail!(
+                    "no JetStream stream captures subject {subject}: add it to a stream's subjects \
+                     (or publish to one that is)"
+                )
+            }
+            Err(err) => {
+                return Err(err).with_context(|| {
+                    format!(
+                        "the server did not confirm event {id} ({} of {total}); publishing again is \
+                         safe: events already stored are dropped as duplicates",
+                        i + 1
+                    )
+                });
+            }
+        };
+        if let Some(stream) = stream
+            && ack.stream != stream
+        {
+            anyhow::bail!("event {id} was stored by stream {}, not {stream}", ack.stream);
+        }
+        if ack.duplicate {
+            outcome.duplicates += 1;
+        } else {
+            outcome.published += 1;
+        }
+    }
+    Ok(outcome)
+}
+
+/// Publishes what a projection reading a JetStream stream emits, over the
+/// source's shared client: emitted stream `s` goes to the subject its
+/// route names (`s` itself when none does), which a JetStream stream must
+/// capture. Each message's `Nats-Msg-Id` is the event's deterministic id,
+/// so a publish repeated after a crash, within the stream's duplicate
+/// window, is dropped by the server.
+struct NatsPublisher {
+    connection: Arc<Connection>,
+    routes: std::collections::BTreeMap<String, String>,
+}
+
+impl Publisher for NatsPublisher {
+    fn publish(&self, stream: &str, events: &[NewEvent]) -> Result<AppendOutcome> {
+        if let Some(reason) = self.connection.down() {
+            anyhow::bail!(reason);
+        }
+        let subject = self.routes.get(stream).map_or(stream, String::as_str).to_string();
+        let bodies: Vec<(String, Vec<u8>)> = events
+            .iter()
+            .map(|event| (event.id.clone(), cloudevents::to_json(event).to_string().into_bytes()))
+            .collect();
+        let jetstream = self.connection.jetstream.clone();
+        let outcome = run(async move { send_all(&jetstream, &subject, None, bodies).await })
+            .with_context(|| format!("on NATS at {}", self.connection.servers))?;
+        Ok(AppendOutcome { appended: outcome.published, duplicates: outcome.duplicates })
+    }
 }
 
 /// Make sure `stream` exists and captures `subject`: create it when it
