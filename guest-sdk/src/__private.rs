@@ -21,13 +21,43 @@ pub mod bindings {
 
 use crate::context::{Backend, Context, Level, Rows, Value};
 use crate::{Event, Failure, Param, Projection};
-use bindings::projector::projection::{emit, log, sql, state};
+use bindings::projector::projection::{emit, log, prepared, sql, state};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::Arc;
 
 pub use bindings::Guest;
 pub use bindings::projector::projection::types::{Event as WitEvent, Failure as WitFailure};
 
 /// Calls the world's imports: the projection's database and log, in the host.
 struct WasmBackend;
+
+/// Statements kept prepared in the host at most: past this many, a new
+/// statement text is sent whole on every call, as a module that writes
+/// values into its SQL would need.
+const PREPARED: usize = 256;
+
+thread_local! {
+    /// The statements prepared in the host, by text: each statement's text
+    /// crosses the boundary once, then only its handle does, and its rows
+    /// come back without the column names.
+    static STATEMENTS: RefCell<HashMap<String, (u32, Arc<[String]>)>> = RefCell::new(HashMap::new());
+}
+
+/// The host's handle for `statement` and its columns' names, prepared on
+/// first use; `None` once [`PREPARED`] statements are (run it unprepared).
+fn prepared(statement: &str) -> Result<Option<(u32, Arc<[String]>)>, String> {
+    if let Some(found) = STATEMENTS.with_borrow(|statements| statements.get(statement).cloned()) {
+        return Ok(Some(found));
+    }
+    if STATEMENTS.with_borrow(HashMap::len) >= PREPARED {
+        return Ok(None);
+    }
+    let prepared = prepared::prepare(statement)?;
+    let entry = (prepared.handle, Arc::<[String]>::from(prepared.columns));
+    STATEMENTS.with_borrow_mut(|statements| statements.insert(statement.to_string(), entry.clone()));
+    Ok(Some(entry))
+}
 
 impl Backend for WasmBackend {
     fn get(&self, key: &str) -> Option<Vec<u8>> {
@@ -43,13 +73,22 @@ impl Backend for WasmBackend {
         state::scan(prefix, limit)
     }
     fn execute(&self, statement: &str, params: &[Param<'_>]) -> Result<u64, String> {
-        sql::execute(statement, &to_wit_values(params))
+        match prepared(statement)? {
+            Some((handle, _)) => prepared::execute(handle, &to_wit_values(params)),
+            None => sql::execute(statement, &to_wit_values(params)),
+        }
     }
     fn query(&self, statement: &str, params: &[Param<'_>]) -> Result<Rows, String> {
-        let rows = sql::query(statement, &to_wit_values(params))?;
+        let (columns, rows) = match prepared(statement)? {
+            Some((handle, columns)) => (columns, prepared::query(handle, &to_wit_values(params))?),
+            None => {
+                let rows = sql::query(statement, &to_wit_values(params))?;
+                (rows.columns.into(), rows.rows)
+            }
+        };
         Ok(Rows::new(
-            rows.columns,
-            rows.rows.into_iter().map(|row| row.into_iter().map(from_wit_value).collect()).collect(),
+            columns,
+            rows.into_iter().map(|row| row.into_iter().map(from_wit_value).collect()).collect(),
         ))
     }
     fn log(&self, level: Level, message: &str, position: Option<u64>) {

@@ -12,6 +12,7 @@ use crate::{Event, Failure};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::fmt;
+use std::sync::Arc;
 
 /// What a [`Context`] calls: the world's imports in a module, SQLite in the
 /// test harness.
@@ -463,14 +464,14 @@ impl<T: Into<Value>> From<Option<T>> for Value {
 /// The rows a query returned.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Rows {
-    columns: Vec<String>,
+    columns: Arc<[String]>,
     rows: Vec<Vec<Value>>,
 }
 
 impl Rows {
     #[doc(hidden)]
-    pub fn new(columns: Vec<String>, rows: Vec<Vec<Value>>) -> Self {
-        Rows { columns, rows }
+    pub fn new(columns: impl Into<Arc<[String]>>, rows: Vec<Vec<Value>>) -> Self {
+        Rows { columns: columns.into(), rows }
     }
     /// Column names, in select order.
     pub fn columns(&self) -> &[String] {

@@ -16,6 +16,7 @@ mod generated {
 
 pub use generated::projector::projection::emit::Host as EmitHost;
 pub use generated::projector::projection::log::{Host as LogHost, Level};
+pub use generated::projector::projection::prepared::{Host as PreparedHost, Statement};
 pub use generated::projector::projection::sql::{Host as SqlHost, Rows, Value};
 pub use generated::projector::projection::state::Host as StateHost;
 pub use generated::projector::projection::types::{Event, Failure, Host as TypesHost};

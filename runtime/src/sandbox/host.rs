@@ -26,11 +26,14 @@
 //! capped by the projection's [`Limits`], and guest log lines are cut and
 //! rate-limited, with a count of what was dropped.
 
-use crate::bindings::{EmitHost, Event, Level, LogHost, Rows, SqlHost, StateHost, TypesHost, Value};
+use crate::bindings::{
+    EmitHost, Event, Level, LogHost, Rows, SqlHost, StateHost, Statement, TypesHost, Value,
+};
 use crate::config::Limits;
 use anyhow::{Result, bail};
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, ErrorCode, ToSql, ffi, params_from_iter};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -49,6 +52,11 @@ use crate::store::runtime_tables;
 /// rare enough to cost nothing measurable.
 const PROGRESS_INTERVAL: i32 = 1000;
 
+/// Statements one instance may prepare (`prepared.prepare`): a module that
+/// writes values into its SQL rather than parameters must not grow the host
+/// without bound.
+const MAX_PREPARED: usize = 1024;
+
 /// The store data of one projection instance.
 pub struct GuestHost {
     db: Connection,
@@ -66,6 +74,11 @@ pub struct GuestHost {
     log_tokens: f64,
     log_refilled: Instant,
     log_dropped: u64,
+    /// The statements the guest prepared, by handle: their text as the
+    /// guest's (under [`GUEST_SQL_PREFIX`]) and their columns' names.
+    prepared: Vec<(Arc<str>, Vec<String>)>,
+    /// The handle of each prepared statement, by the guest's text.
+    handles: HashMap<String, u32>,
 }
 
 impl GuestHost {
@@ -90,6 +103,8 @@ impl GuestHost {
             log_tokens: limits.log_lines_per_second as f64,
             log_refilled: Instant::now(),
             log_dropped: 0,
+            prepared: Vec::new(),
+            handles: HashMap::new(),
         })
     }
 
@@ -352,34 +367,93 @@ impl StateHost for GuestHost {
 impl SqlHost for GuestHost {
     fn execute(&mut self, statement: String, params: Vec<Value>) -> Result<Result<u64, String>> {
         self.check_params(&params)?;
-        self.as_guest(&statement, |db| {
-            let mut stmt = db.prepare_cached(&format!("{GUEST_SQL_PREFIX}{statement}"))?;
-            let readonly = stmt.readonly();
-            // Step through any rows (`RETURNING`) so every statement runs whole.
-            let mut rows = stmt.query(params_from_iter(&params))?;
-            while rows.next()?.is_some() {}
-            Ok(if readonly { 0 } else { db.changes() })
-        })
+        let text = format!("{GUEST_SQL_PREFIX}{statement}");
+        self.as_guest(&statement, |db| run_execute(db, &text, &params))
     }
 
     fn query(&mut self, statement: String, params: Vec<Value>) -> Result<Result<Rows, String>> {
         self.check_params(&params)?;
+        let text = format!("{GUEST_SQL_PREFIX}{statement}");
         self.as_guest(&statement, |db| {
-            let mut stmt = db.prepare_cached(&format!("{GUEST_SQL_PREFIX}{statement}"))?;
-            let columns: Vec<String> = stmt.column_names().map(String::from).collect();
-            let width = columns.len();
-            let mut rows = stmt.query(params_from_iter(&params))?;
-            let mut out = Vec::new();
-            while let Some(row) = rows.next()? {
-                let mut values = Vec::with_capacity(width);
-                for i in 0..width {
-                    values.push(from_value_ref(row.get_ref(i)?));
-                }
-                out.push(values);
-            }
-            Ok(Rows { columns, rows: out })
+            let columns = db.prepare_cached(&text)?.column_names().into_iter().map(String::from).collect();
+            Ok(Rows { columns, rows: run_query(db, &text, &params)? })
         })
     }
+}
+
+// Named in full: the tests call `SqlHost`'s `execute` and `query` by method.
+impl crate::bindings::PreparedHost for GuestHost {
+    fn prepare(&mut self, statement: String) -> Result<Result<Statement, String>> {
+        if let Some(&handle) = self.handles.get(&statement) {
+            let columns = self.prepared[handle as usize].1.clone();
+            return Ok(Ok(Statement { handle, columns }));
+        }
+        if self.prepared.len() >= MAX_PREPARED {
+            return Ok(Err(format!(
+                "{MAX_PREPARED} statements are prepared already, the most one instance may hold: pass \
+                 values as parameters (?1, ?2, ...) rather than writing them into the SQL"
+            )));
+        }
+        let text: Arc<str> = format!("{GUEST_SQL_PREFIX}{statement}").into();
+        let columns = self.as_guest(&statement, |db| {
+            Ok(db.prepare_cached(&text)?.column_names().into_iter().map(String::from).collect::<Vec<_>>())
+        })?;
+        Ok(columns.map(|columns| {
+            let handle = self.prepared.len() as u32;
+            self.prepared.push((text, columns.clone()));
+            self.handles.insert(statement, handle);
+            Statement { handle, columns }
+        }))
+    }
+
+    fn execute(&mut self, handle: u32, params: Vec<Value>) -> Result<Result<u64, String>> {
+        self.check_params(&params)?;
+        let Some(text) = self.prepared_text(handle) else { return Ok(Err(no_statement(handle))) };
+        self.as_guest(&text[GUEST_SQL_PREFIX.len()..], |db| run_execute(db, &text, &params))
+    }
+
+    fn query(&mut self, handle: u32, params: Vec<Value>) -> Result<Result<Vec<Vec<Value>>, String>> {
+        self.check_params(&params)?;
+        let Some(text) = self.prepared_text(handle) else { return Ok(Err(no_statement(handle))) };
+        self.as_guest(&text[GUEST_SQL_PREFIX.len()..], |db| run_query(db, &text, &params))
+    }
+}
+
+impl GuestHost {
+    /// The text of prepared statement `handle`, if there is one.
+    fn prepared_text(&self, handle: u32) -> Option<Arc<str>> {
+        self.prepared.get(handle as usize).map(|(text, _)| text.clone())
+    }
+}
+
+fn no_statement(handle: u32) -> String {
+    format!("no prepared statement has handle {handle}: use a handle `prepare` returned")
+}
+
+/// Run the guest statement `text` whole (stepping through any rows a
+/// `RETURNING` gives); the rows it changed.
+fn run_execute(db: &Connection, text: &str, params: &[Value]) -> rusqlite::Result<u64> {
+    let mut stmt = db.prepare_cached(text)?;
+    let readonly = stmt.readonly();
+    let mut rows = stmt.query(params_from_iter(params))?;
+    while rows.next()?.is_some() {}
+    Ok(if readonly { 0 } else { db.changes() })
+}
+
+/// Run the guest query `text`: its rows, values in column order.
+fn run_query(db: &Connection, text: &str, params: &[Value]) -> rusqlite::Result<Vec<Vec<Value>>> {
+    let mut stmt = db.prepare_cached(text)?;
+    let width = stmt.column_count();
+    let mut rows = stmt.query(params_from_iter(params))?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next()? {
+        let mut values = Vec::with_capacity(width);
+        for i in 0..width {
+            values.push(from_value_ref(row.get_ref(i)?));
+        }
+        out.push(values);
+    }
+    Ok(out)
 }
 
 impl LogHost for GuestHost {
@@ -844,5 +918,73 @@ mod tests {
         assert!(format!("{trap:#}").contains("rolled back the transaction"), "{trap:#}");
         assert!(!host.db().is_autocommit(), "a transaction stands in for the host's ROLLBACK");
         host.db().execute_batch("ROLLBACK").unwrap();
+    }
+}
+
+#[cfg(test)]
+mod prepared_tests {
+    use super::{GuestHost, MAX_PREPARED, Value, runtime_tables};
+    use crate::bindings::PreparedHost;
+    use crate::config::Limits;
+    use rusqlite::Connection;
+
+    fn host() -> GuestHost {
+        let db = Connection::open_in_memory().unwrap();
+        db.execute_batch(runtime_tables::SCHEMA).unwrap();
+        db.execute_batch("CREATE TABLE users (id TEXT PRIMARY KEY, name TEXT); BEGIN;").unwrap();
+        GuestHost::new(db, "test".into(), Limits::default()).unwrap()
+    }
+
+    #[test]
+    fn a_statement_is_prepared_once_and_run_by_its_handle() {
+        let mut host = host();
+        let insert = host.prepare("INSERT INTO users (id, name) VALUES (?1, ?2)".into()).unwrap().unwrap();
+        assert!(insert.columns.is_empty(), "an insert returns no columns");
+        let select = host.prepare("SELECT name, id FROM users WHERE id = ?1".into()).unwrap().unwrap();
+        assert_eq!(select.columns, ["name", "id"]);
+        assert_ne!(insert.handle, select.handle);
+        let again = host.prepare("INSERT INTO users (id, name) VALUES (?1, ?2)".into()).unwrap().unwrap();
+        assert_eq!(again.handle, insert.handle, "the same text, the same handle");
+
+        let row = |id: &str, name: &str| vec![Value::Text(id.into()), Value::Text(name.into())];
+        assert_eq!(host.execute(insert.handle, row("u1", "Ada")).unwrap(), Ok(1));
+        assert_eq!(host.execute(insert.handle, row("u2", "Grace")).unwrap(), Ok(1));
+        let rows = host.query(select.handle, vec![Value::Text("u2".into())]).unwrap().unwrap();
+        assert!(
+            matches!(&rows[..], [row] if matches!(&row[..], [Value::Text(n), Value::Text(i)] if n == "Grace" && i == "u2")),
+            "{rows:?}"
+        );
+        let duplicate = host.execute(insert.handle, row("u1", "Ada")).unwrap().unwrap_err();
+        assert!(duplicate.contains("UNIQUE constraint failed: users.id"), "{duplicate}");
+    }
+
+    #[test]
+    fn a_statement_that_does_not_prepare_gets_no_handle_and_says_why() {
+        let mut host = host();
+        let err = host.prepare("SELEC name FROM users".into()).unwrap().unwrap_err();
+        assert!(err.contains("syntax error"), "{err}");
+        let err = host.prepare("SELECT * FROM projector_checkpoints".into()).unwrap().unwrap_err();
+        assert!(err.contains("projector_checkpoints"), "the runtime's tables stay closed: {err}");
+        let first = host.prepare("SELECT 1".into()).unwrap().unwrap();
+        assert_eq!(first.handle, 0, "failed prepares took no handle");
+    }
+
+    #[test]
+    fn an_unknown_handle_is_an_error_not_a_trap() {
+        let mut host = host();
+        let err = host.execute(7, Vec::new()).unwrap().unwrap_err();
+        assert_eq!(err, "no prepared statement has handle 7: use a handle `prepare` returned");
+        assert!(host.query(u32::MAX, Vec::new()).unwrap().is_err());
+    }
+
+    #[test]
+    fn an_instance_holds_a_bounded_number_of_statements() {
+        let mut host = host();
+        for i in 0..MAX_PREPARED {
+            host.prepare(format!("SELECT {i}")).unwrap().unwrap();
+        }
+        let err = host.prepare("SELECT 'one more'".into()).unwrap().unwrap_err();
+        assert!(err.contains("1024 statements are prepared already"), "{err}");
+        assert!(host.prepare("SELECT 5".into()).unwrap().is_ok(), "one prepared already still is");
     }
 }
