@@ -67,7 +67,8 @@ fn xadd_raw(server: &RedisServer, key: &str, fields: &[(&str, &[u8])]) -> String
 /// Each entry of `key`: (its position, the `ce_id` or the structured
 /// event's id).
 fn entries(server: &RedisServer, key: &str) -> Vec<(u64, String)> {
-    let reply: Vec<(String, Vec<(String, Vec<u8>)>)> =
+    type Entry = (String, Vec<(String, Vec<u8>)>);
+    let reply: Vec<Entry> =
         redis::cmd("XRANGE").arg(key).arg("-").arg("+").query(&mut server.connection()).unwrap();
     reply
         .into_iter()
@@ -433,7 +434,7 @@ fn a_stream_trimmed_past_the_checkpoint_is_an_error_naming_the_key_and_a_reader_
         err.contains("stream key wallets on redis://127.0.0.1:")
             && err
                 .contains("the stream was trimmed (MAXLEN, XTRIM) past this projection's checkpoint (entry ")
-            && err.contains(&format!("entries after it were dropped before it read them"))
+            && err.contains("entries after it were dropped before it read them")
             && err.contains("rebuild the projection"),
         "{err}"
     );
