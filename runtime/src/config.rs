@@ -776,6 +776,49 @@ types = ["wallet_updated", "kyc_verified"]
     }
 
     #[test]
+    fn redis_sources_are_checked_with_what_to_do() {
+        let redis = |source: &str, streams: &str| {
+            format!(
+                "version = 1\n[sources.cache]\n{source}\n[[projection]]\nname = \"p\"\nmodule = \"m.wasm\"\n\
+                 source = \"cache\"\nstreams = {streams}\n"
+            )
+        };
+        let good =
+            parse(&redis("redis = \"redis://127.0.0.1:6379/2\"", "[\"wallets\", \"app:{eu}:orders\"]"))
+                .unwrap();
+        assert_eq!(
+            good.source_of(&good.projections[0]),
+            SourceKind::Redis { name: "cache", url: "redis://127.0.0.1:6379/2" }
+        );
+        let cases = [
+            (
+                redis("redis = \"http://127.0.0.1:6379\"", "[\"w\"]"),
+                "[sources.cache]: redis = \"http://127.0.0.1:6379\" is not a Redis server URL; write \
+                 redis://host:port, or redis://host:port/db for a database other than 0",
+            ),
+            (redis("redis = \"redis://\"", "[\"w\"]"), "is not a Redis server URL"),
+            (redis("redis = \"redis://h:6379/x\"", "[\"w\"]"), "is not a Redis server URL"),
+            (
+                redis("redis = \"redis://h:6379\"\nstream = \"W\"", "[\"w\"]"),
+                "`stream` names a JetStream stream and has no use with `redis`",
+            ),
+            (
+                redis("redis = \"redis://h:6379\"\nnats = \"nats://h:4222\"", "[\"w\"]"),
+                "give either `nats` or `redis`, not both",
+            ),
+            (redis("", "[\"w\"]"), "say which broker: nats = "),
+            (redis("redis = \"redis://h:6379\"", "[]"), "`streams` is empty"),
+            (redis("redis = \"redis://h:6379\"", "[\"a b\"]"), "\"a b\" is not a stream key"),
+            (redis("redis = \"redis://h:6379\"", "[\"w\", \"w\"]"), "streams lists \"w\" twice"),
+            (redis("redis = \"redis://h:6379\"\nkeys = []", "[\"w\"]"), "unknown field `keys`"),
+        ];
+        for (text, expected) in cases {
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(expected), "expected {expected:?} in:\n{err}");
+        }
+    }
+
+    #[test]
     fn limits_fall_back_from_projection_to_config_to_defaults() {
         let text = GOOD.replace(
             "data = \"state\"",
