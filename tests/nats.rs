@@ -549,7 +549,7 @@ fn projector_publish_stores_each_event_once_and_a_file_with_a_bad_line_publishes
     assert_eq!(json(&String::from_utf8(output.stdout).unwrap())["published"], 5);
 
     let err = run_err(&["publish", "--config", &ws.config_str(), "--source", "nope", "wallets.eu", &file]);
-    assert!(err.contains("no NATS source named \"nope\"; it has: bus"), "{err}");
+    assert!(err.contains("has no source named \"nope\"; it has: bus"), "{err}");
     let err = run_err(&["publish", "--config", &ws.config_str(), "--source", "bus", "orders.eu", &file]);
     assert!(err.contains("stream WALLETS on") && err.contains("captures wallets.>, not orders.eu"), "{err}");
 }

@@ -469,3 +469,91 @@ impl NatsCluster {
         &mut self.nodes[i]
     }
 }
+
+/// A real `redis-server` on loopback, its files (an append-only file, so a
+/// restart keeps every entry) in a temp dir; stopped when dropped.
+pub struct RedisServer {
+    child: Option<Child>,
+    /// The port it listens on.
+    pub port: u16,
+    dir: tempfile::TempDir,
+    log: PathBuf,
+}
+
+impl RedisServer {
+    /// A server ready to take commands.
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("redis.log");
+        let mut server = RedisServer { child: None, port: free_port(), dir, log };
+        server.restart();
+        server
+    }
+
+    fn launch(&mut self) {
+        assert!(self.child.is_none(), "the server is running");
+        let binary = std::env::var("PROJECTOR_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let child = Command::new(&binary)
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string(), "--save", ""])
+            .args(["--appendonly", "yes", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|err| {
+                panic!("cannot start {binary} ({err}): install it (apt-get install redis-server; scripts/test does)")
+            });
+        self.child = Some(child);
+    }
+
+    /// Start it (again) on the same port and files, and wait until it
+    /// answers.
+    pub fn restart(&mut self) {
+        self.launch();
+        let url = self.url();
+        wait_until(
+            Duration::from_secs(30),
+            &format!("redis-server on port {} to be ready", self.port),
+            || {
+                redis::Client::open(url.as_str())
+                    .and_then(|client| client.get_connection_with_timeout(Duration::from_secs(1)))
+                    .and_then(|mut connection| redis::cmd("PING").query::<String>(&mut connection))
+                    .is_ok()
+            },
+        );
+    }
+
+    /// `redis://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// A connection, for what a test does besides the source.
+    pub fn connection(&self) -> redis::Connection {
+        redis::Client::open(self.url()).unwrap().get_connection().unwrap()
+    }
+
+    /// SIGKILL: no chance to say goodbye (what was acknowledged is in the
+    /// append-only file already).
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("the server is running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// Its log so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

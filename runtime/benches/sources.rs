@@ -1,10 +1,12 @@
 //! Where the events come from, side by side in one run: wallet-allowlist
-//! rebuilt (`projector rebuild`, the whole process) from the embedded log
-//! and from a NATS JetStream stream holding the same events, on a real
-//! `nats-server -js` on a free loopback port.
+//! rebuilt (`projector rebuild`, the whole process) from the embedded log,
+//! from a NATS JetStream stream and from a Redis stream key holding the same
+//! events, on a real `nats-server -js` and a real `redis-server`, each on a
+//! free loopback port.
 //!
 //! `cargo bench -p projector --bench sources` (after scripts/build-guests,
-//! with `nats-server` installed — `scripts/test` installs it);
+//! with `nats-server` and `redis-server` installed — `scripts/test`
+//! installs them);
 //! `BENCH_EVENTS` sets the event count (default 200000), `BENCH_RUNS` the
 //! runs (default 3, best kept).
 
@@ -52,16 +54,39 @@ fn main() {
     run_ok(&["publish", "--config", &nats.config_str(), "--source", "bus", "wallets.updates", &file]);
     let published = n as f64 / start.elapsed().as_secs_f64();
 
+    let redis_server = RedisServer::start();
+    let redis = Workspace::new();
+    std::fs::write(
+        redis.config(),
+        format!(
+            "version = 1\ndata = \"data\"\n\n[sources.cache]\nredis = {:?}\n\n\
+             [[projection]]\nname = \"wallet-allowlist\"\nmodule = {:?}\nsource = \"cache\"\nstreams = [\"wallets\"]\n",
+            redis_server.url(),
+            module.to_string_lossy()
+        ),
+    )
+    .unwrap();
+    let file = redis.write_events("events.jsonl", &lines);
+    let start = Instant::now();
+    run_ok(&["publish", "--config", &redis.config_str(), "--source", "cache", "wallets", &file]);
+    let published_redis = n as f64 / start.elapsed().as_secs_f64();
+
     println!(
         "wallet-allowlist rebuilt from each source, {n} events (5,000 users), best of {runs}, events/s:"
     );
     let from_log = (0..runs).map(|_| rebuild(&embedded, "wallet-allowlist", n)).fold(0.0, f64::max);
     let from_nats = (0..runs).map(|_| rebuild(&nats, "wallet-allowlist", n)).fold(0.0, f64::max);
+    let from_redis = (0..runs).map(|_| rebuild(&redis, "wallet-allowlist", n)).fold(0.0, f64::max);
     let rows =
         |ws: &Workspace| ws.query("wallet-allowlist", "SELECT count(*) AS n FROM allowlist")[0]["n"].clone();
     assert_eq!(rows(&embedded), rows(&nats), "both sources build the same allowlist");
+    assert_eq!(rows(&embedded), rows(&redis), "every source builds the same allowlist");
     println!("  embedded log:     {from_log:>9.0}");
     println!("  NATS JetStream:   {from_nats:>9.0}");
+    println!("  Redis Streams:    {from_redis:>9.0}");
     println!("  JetStream / embedded: {:.2}", from_nats / from_log);
-    println!("  (projector publish to JetStream: {published:.0} events/s)");
+    println!("  Redis / embedded:     {:.2}", from_redis / from_log);
+    println!(
+        "  (projector publish to JetStream: {published:.0} events/s, to Redis: {published_redis:.0} events/s)"
+    );
 }

@@ -1,5 +1,5 @@
 //! The `projector` command line: run the host, append to and read the
-//! event log or publish to a NATS stream, replay a module offline, and
+//! event log or publish to a NATS or Redis stream, replay a module offline, and
 //! inspect and operate projections — from the files, or with `--url`
 //! through a running host's HTTP API; and write projections: scaffold,
 //! build and develop one (`new`, `build`, `dev`).
@@ -111,12 +111,17 @@ enum Command {
         #[arg(long)]
         follow: bool,
     },
-    /// Publish CloudEvents (JSON, one per line) to a NATS JetStream source
-    /// of the config, in structured mode with `Nats-Msg-Id` set to each
-    /// event's id: the stream stores an id it has seen within its duplicate
-    /// window once. Creates the stream (capturing `<first token of
-    /// subject>.>`) when it does not exist. One bad line publishes nothing.
-    /// Prints {"published": N, "duplicates": M}.
+    /// Publish CloudEvents (JSON, one per line) to a source of the config,
+    /// all or none; one bad line publishes nothing. Prints {"published": N,
+    /// "duplicates": M}.
+    ///
+    /// NATS JetStream: structured mode with `Nats-Msg-Id` set to each
+    /// event's id (the stream stores an id it has seen within its duplicate
+    /// window once); creates the stream (capturing `<first token of
+    /// subject>.>`) when it does not exist. Redis: `XADD` to the stream key,
+    /// the event in field `cloudevent`, in one script; an id published to
+    /// the key before is dropped (the ids are kept in the set
+    /// `projector:ids:{<key>}`).
     Publish {
         /// The config file (projector.toml).
         #[arg(long, short, default_value = "projector.toml")]
@@ -124,7 +129,9 @@ enum Command {
         /// The `[sources.<name>]` to publish to.
         #[arg(long)]
         source: String,
-        /// The subject to publish on, e.g. wallets.eu.
+        /// The subject to publish on (NATS, e.g. wallets.eu), or the stream
+        /// key to add to (Redis, e.g. wallets).
+        #[arg(value_name = "SUBJECT|KEY")]
         subject: String,
         /// The file to read, or `-` for standard input.
         file: PathBuf,
@@ -294,26 +301,31 @@ fn execute(command: Command) -> Result<()> {
         Command::Events { data, stream, from, follow } => events::print_stream(&data, &stream, from, follow),
         Command::Publish { config: config_path, source, subject, file } => {
             let config = Config::load(&config_path)?;
-            let Some((urls, stream)) = config
-                .sources
-                .get(&source)
-                .and_then(|s| Some((s.nats.as_ref()?.urls(), s.stream.as_deref()?)))
-            else {
+            let Some(found) = config.sources.get(&source) else {
                 let known: Vec<&str> = config.sources.keys().map(String::as_str).collect();
                 anyhow::bail!(
-                    "{} has no NATS source named {source:?}; {}",
+                    "{} has no source named {source:?}; {}",
                     config_path.display(),
                     match known.is_empty() {
                         true =>
-                            "add one: [sources.bus] nats = \"nats://127.0.0.1:4222\", stream = \"EVENTS\""
+                            "add one: [sources.bus] nats = \"nats://127.0.0.1:4222\", stream = \"EVENTS\"; \
+                                 or [sources.cache] redis = \"redis://127.0.0.1:6379\""
                                 .to_string(),
                         false => format!("it has: {}", known.join(", ")),
                     }
                 );
             };
+            if let Some(url) = &found.redis {
+                crate::sources::redis::validate_key(&subject)?;
+                let events = read_events(&file)?;
+                return print(&crate::sources::redis::publish(url, &subject, &events)?);
+            }
+            let (Some(servers), Some(stream)) = (&found.nats, &found.stream) else {
+                unreachable!("a source is NATS or Redis, checked at load")
+            };
             crate::sources::nats::validate_subject(&subject)?;
             let events = read_events(&file)?;
-            print(&crate::sources::nats::publish(&urls, stream, &subject, &events)?)
+            print(&crate::sources::nats::publish(&servers.urls(), stream, &subject, &events)?)
         }
         Command::Replay { module, events, stream, sql, request, batch } => {
             let outcome =

@@ -62,7 +62,8 @@ pub struct Config {
     pub sources: BTreeMap<String, SourceConfig>,
 }
 
-/// `[sources.<name>]`: a broker to read events from.
+/// `[sources.<name>]`: a broker to read events from: `nats` (with
+/// `stream`) or `redis`.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
@@ -75,6 +76,11 @@ pub struct SourceConfig {
     ///
     /// `stream = "WALLETS"`
     pub stream: Option<String>,
+    /// Redis Streams: the server URL (`redis://[user:password@]host:port[/db]`).
+    /// A projection reading it lists stream keys in `streams`.
+    ///
+    /// `redis = "redis://127.0.0.1:6379"`
+    pub redis: Option<String>,
 }
 
 /// One server URL, or several of one cluster.
@@ -110,6 +116,13 @@ pub enum SourceKind<'a> {
         urls: Vec<String>,
         /// The stream.
         stream: &'a str,
+    },
+    /// Redis Streams.
+    Redis {
+        /// The source's name.
+        name: &'a str,
+        /// The server URL.
+        url: &'a str,
     },
 }
 
@@ -466,6 +479,19 @@ impl Config {
                         }
                     )));
                 }
+                Some(source) if config.sources[source].redis.is_some() => {
+                    for (j, key) in p.streams.iter().enumerate() {
+                        crate::sources::redis::validate_key(key)
+                            .map_err(|err| invalid(format!("projection {:?}{}: {err:#}", p.name, at(i))))?;
+                        if p.streams[..j].contains(key) {
+                            return Err(invalid(format!(
+                                "projection {:?}{}: streams lists {key:?} twice; list each stream key once",
+                                p.name,
+                                at(i)
+                            )));
+                        }
+                    }
+                }
                 Some(_) => {
                     for subject in &p.streams {
                         validate_subject_filter(subject)
@@ -548,8 +574,9 @@ impl Config {
     pub fn source_of<'a>(&'a self, p: &'a ProjectionConfig) -> SourceKind<'a> {
         let Some(name) = &p.source else { return SourceKind::Embedded };
         let source = &self.sources[name];
-        match (&source.nats, &source.stream) {
-            (Some(servers), Some(stream)) => SourceKind::Nats { name, urls: servers.urls(), stream },
+        match (&source.nats, &source.stream, &source.redis) {
+            (Some(servers), Some(stream), None) => SourceKind::Nats { name, urls: servers.urls(), stream },
+            (None, None, Some(url)) => SourceKind::Redis { name, url },
             _ => unreachable!("checked at load"),
         }
     }
@@ -591,8 +618,15 @@ impl SourceConfig {
                 "the name {name:?} is not allowed: use 1 to 64 lowercase letters, digits, '-' or '_'"
             ));
         }
+        if let Some(url) = &self.redis {
+            return self.check_redis(url);
+        }
         let Some(servers) = &self.nats else {
-            return Err("say which broker: nats = \"nats://host:4222\" (NATS JetStream)".into());
+            return Err(
+                "say which broker: nats = \"nats://host:4222\" (NATS JetStream, with stream = \"NAME\") \
+                        or redis = \"redis://host:6379\" (Redis Streams)"
+                    .into(),
+            );
         };
         let urls = servers.urls();
         if urls.is_empty() {
@@ -616,6 +650,37 @@ impl SourceConfig {
             return Err(format!(
                 "stream = {stream:?} is not a JetStream stream name: use printable characters \
                  without '.', '*', '>', '/' or '\\'"
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl SourceConfig {
+    /// A Redis source: a URL, and nothing of NATS.
+    fn check_redis(&self, url: &str) -> Result<(), String> {
+        if self.nats.is_some() {
+            return Err("a source is one broker: give either `nats` or `redis`, not both; define two \
+                        sources for two brokers"
+                .into());
+        }
+        if self.stream.is_some() {
+            return Err("`stream` names a JetStream stream and has no use with `redis`: list the stream \
+                        keys in each projection's `streams` instead"
+                .into());
+        }
+        let rest = url.strip_prefix("redis://").unwrap_or_default();
+        let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+        let (address, db) = host.split_once('/').unwrap_or((host, ""));
+        let ok = url.starts_with("redis://")
+            && !address.is_empty()
+            && !url.contains(char::is_whitespace)
+            && (db.is_empty() || db.parse::<u16>().is_ok())
+            && ::redis::parse_redis_url(url).is_some();
+        if !ok {
+            return Err(format!(
+                "redis = {url:?} is not a Redis server URL; write redis://host:port, or \
+                 redis://host:port/db for a database other than 0"
             ));
         }
         Ok(())
@@ -740,6 +805,49 @@ types = ["wallet_updated", "kyc_verified"]
             let err = parse(&text).unwrap_err().to_string();
             assert!(err.contains(expected), "expected {expected:?} in:\n{err}");
             assert!(err.starts_with("invalid config projector.toml"), "{err}");
+        }
+    }
+
+    #[test]
+    fn redis_sources_are_checked_with_what_to_do() {
+        let redis = |source: &str, streams: &str| {
+            format!(
+                "version = 1\n[sources.cache]\n{source}\n[[projection]]\nname = \"p\"\nmodule = \"m.wasm\"\n\
+                 source = \"cache\"\nstreams = {streams}\n"
+            )
+        };
+        let good =
+            parse(&redis("redis = \"redis://127.0.0.1:6379/2\"", "[\"wallets\", \"app:{eu}:orders\"]"))
+                .unwrap();
+        assert_eq!(
+            good.source_of(&good.projections[0]),
+            SourceKind::Redis { name: "cache", url: "redis://127.0.0.1:6379/2" }
+        );
+        let cases = [
+            (
+                redis("redis = \"http://127.0.0.1:6379\"", "[\"w\"]"),
+                "[sources.cache]: redis = \"http://127.0.0.1:6379\" is not a Redis server URL; write \
+                 redis://host:port, or redis://host:port/db for a database other than 0",
+            ),
+            (redis("redis = \"redis://\"", "[\"w\"]"), "is not a Redis server URL"),
+            (redis("redis = \"redis://h:6379/x\"", "[\"w\"]"), "is not a Redis server URL"),
+            (
+                redis("redis = \"redis://h:6379\"\nstream = \"W\"", "[\"w\"]"),
+                "`stream` names a JetStream stream and has no use with `redis`",
+            ),
+            (
+                redis("redis = \"redis://h:6379\"\nnats = \"nats://h:4222\"", "[\"w\"]"),
+                "give either `nats` or `redis`, not both",
+            ),
+            (redis("", "[\"w\"]"), "say which broker: nats = "),
+            (redis("redis = \"redis://h:6379\"", "[]"), "`streams` is empty"),
+            (redis("redis = \"redis://h:6379\"", "[\"a b\"]"), "\"a b\" is not a stream key"),
+            (redis("redis = \"redis://h:6379\"", "[\"w\", \"w\"]"), "streams lists \"w\" twice"),
+            (redis("redis = \"redis://h:6379\"\nkeys = []", "[\"w\"]"), "unknown field `keys`"),
+        ];
+        for (text, expected) in cases {
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(expected), "expected {expected:?} in:\n{err}");
         }
     }
 

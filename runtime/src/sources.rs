@@ -1,6 +1,6 @@
 //! Where events come from, behind one [`Source`] trait: the embedded log
-//! ([`embedded`]), NATS JetStream ([`nats`]), and the CloudEvents parsing
-//! every source shares ([`cloudevents`]).
+//! ([`embedded`]), NATS JetStream ([`nats`]), Redis Streams ([`redis`]), and
+//! the CloudEvents parsing every source shares ([`cloudevents`]).
 //!
 //! A projection's runner never knows which source it reads. It asks for the
 //! batch after its [`Checkpoint`], applies it and moves the checkpoint in
@@ -10,7 +10,8 @@
 //! cannot make an event take effect twice.
 //!
 //! A checkpoint is a set of positions, one per partition: the embedded log
-//! and a JetStream stream each have one partition; a Kafka topic has many.
+//! and a JetStream stream each have one partition; a Kafka topic has many,
+//! and so has a projection reading several Redis stream keys (one each).
 
 use crate::bindings::Event;
 use crate::config::SourceKind;
@@ -21,6 +22,7 @@ use std::time::Duration;
 pub mod cloudevents;
 pub mod embedded;
 pub mod nats;
+pub mod redis;
 
 /// How far a projection has applied a source: the last position taken, per
 /// partition (a partition not named is at 0, before its first event).
@@ -50,10 +52,10 @@ impl Checkpoint {
         self.0.iter().map(|(partition, position)| (partition.as_str(), *position))
     }
 
-    /// The positions added up: for one partition, its position. What status
-    /// and progress bars show.
+    /// The positions added up (saturating: Redis positions are large): for
+    /// one partition, its position. What status and progress bars show.
     pub fn total(&self) -> u64 {
-        self.0.values().sum()
+        self.0.values().fold(0, |sum, position| sum.saturating_add(*position))
     }
 
     /// As JSON: a number for one partition (or none), else an object of
@@ -165,8 +167,9 @@ pub trait Wake: Send + Sync {
 /// rebuild), opened by a [`SourceOpener`].
 pub trait Source: Send {
     /// The key its partitions go by in checkpoints and dead letters (`log`
-    /// for the embedded log, `nats:<stream>` for a JetStream stream): a
-    /// source of another key starts from 0.
+    /// for the embedded log, `nats:<stream>` for a JetStream stream,
+    /// `redis:db<N>` for a Redis database, each stream key a partition
+    /// `redis:db<N>/<key>`): a source of another key starts from 0.
     fn key(&self) -> &str;
 
     /// The batch after `after`: at most `max` events, waiting at most
@@ -201,7 +204,8 @@ pub trait Source: Send {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Filter {
     /// What the source calls streams: embedded stream names, NATS subject
-    /// filters (wildcards allowed). Empty means all.
+    /// filters (wildcards allowed), Redis stream keys. Empty means all (not
+    /// for Redis, which reads the keys named).
     pub streams: Vec<String>,
     /// Event types; `None` means every type.
     pub types: Option<Vec<String>>,
@@ -248,5 +252,6 @@ pub fn opener_for(
     match config.source_of(p) {
         SourceKind::Embedded => Ok(Arc::new(embedded::EmbeddedOpener::new(log.clone()))),
         SourceKind::Nats { name, urls, stream } => Ok(Arc::new(nats::NatsOpener::new(name, urls, stream)?)),
+        SourceKind::Redis { name, url } => Ok(Arc::new(redis::RedisOpener::new(name, url)?)),
     }
 }

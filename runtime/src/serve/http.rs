@@ -819,7 +819,7 @@ async fn metrics(State(api): State<Arc<Api>>) -> ApiResult<Response> {
             let label = Metrics::label(&status.name);
             api.metrics.lag.get_or_create(&label).set(status.lag as i64);
             api.metrics.dead_letters.get_or_create(&label).set(status.dead_letters as i64);
-            api.metrics.source_head.get_or_create(&label).set(status.head as i64);
+            api.metrics.source_head.get_or_create(&label).set(status.head.min(i64::MAX as u64) as i64);
             api.metrics
                 .source_connected
                 .get_or_create(&label)

@@ -1,0 +1,81 @@
+//! The official CloudEvents SDK for Python (PyPI `cloudevents`) as an
+//! outside client of HTTP ingest: events it posts in binary mode and in
+//! structured mode land in the log with their attributes and data intact.
+//! The SDK is installed in a virtualenv under `target/py` (by
+//! `scripts/test`, or here when it is missing).
+
+mod util;
+
+use serde_json::Value;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+use util::*;
+
+/// The SDK version the test posts with.
+const SDK_VERSION: &str = "2.2.0";
+
+/// A Python with the SDK: `target/py`, made (or brought to the version)
+/// when it is not there yet.
+fn python_with_sdk() -> PathBuf {
+    let venv = root().join("target/py");
+    let python = venv.join("bin/python");
+    let check = format!("import sys, cloudevents; sys.exit(cloudevents.__version__ != {SDK_VERSION:?})");
+    let ready = || Command::new(&python).args(["-c", &check]).status().is_ok_and(|s| s.success());
+    if !ready() {
+        let made = Command::new("python3").arg("-m").arg("venv").arg(&venv).status().unwrap_or_else(|err| {
+            panic!("cannot run python3 ({err}): install it (apt-get install python3 python3-venv; scripts/test does)")
+        });
+        assert!(made.success(), "python3 -m venv {} failed: install python3-venv", venv.display());
+        let pip = Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", &format!("cloudevents=={SDK_VERSION}")])
+            .status()
+            .unwrap();
+        assert!(pip.success(), "pip install cloudevents=={SDK_VERSION} failed (is PyPI reachable?)");
+        assert!(ready(), "the SDK is still not importable from {}", python.display());
+    }
+    python
+}
+
+#[test]
+fn events_posted_by_the_python_sdk_in_binary_and_structured_mode_land_intact() {
+    let python = python_with_sdk();
+    let ws = Workspace::new();
+    ws.write_config(&[("recorder", &guest("event_recorder"), &["wallets"])]);
+    let host = ws.start();
+    let script = root().join("tests/python/post_with_sdk.py");
+    let output = Command::new(&python).arg(&script).args([&host.url(), "wallets", "20"]).output().unwrap();
+    assert!(output.status.success(), "the SDK client failed:\n{}", String::from_utf8_lossy(&output.stderr));
+    let report = json(&String::from_utf8(output.stdout).unwrap());
+    assert!(report["statuses"].as_array().unwrap().iter().all(|s| s == 201 || s == 200), "{report}");
+    let sent = report["sent"].as_array().unwrap();
+    assert_eq!(sent.iter().filter(|e| e["mode"] == "binary").count(), 10);
+    assert_eq!(sent.iter().filter(|e| e["mode"] == "structured").count(), 10);
+
+    // Read back from the log: every event once, in order, intact.
+    let stored = ws.events("wallets");
+    assert_eq!(stored.len(), sent.len(), "{stored:?}");
+    for (event, expected) in stored.iter().zip(sent) {
+        for attribute in ["id", "source", "type", "subject", "correlationid"] {
+            assert_eq!(event[attribute], expected[attribute], "{attribute} of {}", expected["id"]);
+        }
+        // The bytes are kept as posted: the SDK's JSON (spaced) comes back
+        // as `data_base64`, JSON written as the log writes it as `data`.
+        let data = match (&event["data"], event["data_base64"].as_str()) {
+            (Value::Null, Some(encoded)) => {
+                use base64::Engine as _;
+                let bytes = base64::engine::general_purpose::STANDARD.decode(encoded).unwrap();
+                serde_json::from_slice::<Value>(&bytes).unwrap()
+            }
+            (data, _) => data.clone(),
+        };
+        assert_eq!(data, expected["data"], "data of {} ({} mode)", expected["id"], expected["mode"]);
+        assert_eq!(data["note"], Value::from("café ✓"), "UTF-8 data survives");
+    }
+    // And the projection handled each.
+    ws.wait_caught_up(20, Duration::from_secs(30));
+    let handled = ws.query("recorder", "SELECT id FROM handled ORDER BY position");
+    let ids: Vec<&Value> = sent.iter().map(|e| &e["id"]).collect();
+    assert_eq!(handled.as_array().unwrap().iter().map(|row| &row["id"]).collect::<Vec<_>>(), ids);
+    drop(host);
+}
