@@ -116,7 +116,9 @@ enum Command {
     /// event's id: the stream stores an id it has seen within its duplicate
     /// window once. Creates the stream (capturing `<first token of
     /// subject>.>`) when it does not exist. One bad line publishes nothing.
-    /// Prints {"published": N, "duplicates": M}.
+    /// Prints {"published": N, "duplicates": M}. To a Kafka source: the
+    /// topic must exist; structured mode, keyed by `partitionkey` or else
+    /// `subject`, with an idempotent producer; prints {"published": N}.
     Publish {
         /// The config file (projector.toml).
         #[arg(long, short, default_value = "projector.toml")]
@@ -124,7 +126,8 @@ enum Command {
         /// The `[sources.<name>]` to publish to.
         #[arg(long)]
         source: String,
-        /// The subject to publish on, e.g. wallets.eu.
+        /// The subject to publish on, e.g. wallets.eu (NATS), or the topic
+        /// (Kafka).
         subject: String,
         /// The file to read, or `-` for standard input.
         file: PathBuf,
@@ -294,6 +297,11 @@ fn execute(command: Command) -> Result<()> {
         Command::Events { data, stream, from, follow } => events::print_stream(&data, &stream, from, follow),
         Command::Publish { config: config_path, source, subject, file } => {
             let config = Config::load(&config_path)?;
+            if let Some(servers) = config.sources.get(&source).and_then(|s| s.kafka.as_ref()) {
+                crate::config::validate_topic(&subject).map_err(anyhow::Error::msg)?;
+                let (events, keys) = read_keyed_events(&file)?;
+                return print(&crate::sources::kafka::publish(&servers.urls(), &subject, &events, &keys)?);
+            }
             let Some((urls, stream)) = config
                 .sources
                 .get(&source)
@@ -388,6 +396,14 @@ fn execute(command: Command) -> Result<()> {
 /// The CloudEvents of a JSONL file (or standard input for `-`), all or
 /// none; events without a correlation id get one id for this call.
 fn read_events(file: &std::path::Path) -> Result<Vec<crate::sources::embedded::NewEvent>> {
+    Ok(read_keyed_events(file)?.0)
+}
+
+/// The CloudEvents of a JSONL file (or `-`, stdin), each with its
+/// `partitionkey` extension, if any (the Kafka record key).
+fn read_keyed_events(
+    file: &std::path::Path,
+) -> Result<(Vec<crate::sources::embedded::NewEvent>, Vec<Option<String>>)> {
     let (bytes, origin) = if file.as_os_str() == "-" {
         let mut bytes = Vec::new();
         std::io::stdin().read_to_end(&mut bytes).context("cannot read standard input")?;
@@ -399,7 +415,15 @@ fn read_events(file: &std::path::Path) -> Result<Vec<crate::sources::embedded::N
     let text = cloudevents::utf8_text(&bytes, &origin)?;
     let mut events = cloudevents::parse_lines(text, &origin)?;
     cloudevents::fill_correlation_ids(&mut events, &uuid::Uuid::new_v4().to_string());
-    Ok(events)
+    let keys = text
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(|line| {
+            let object = serde_json::from_str::<serde_json::Value>(line).ok()?;
+            Some(object.get("partitionkey")?.as_str()?.to_string())
+        })
+        .collect();
+    Ok((events, keys))
 }
 
 /// `projector rebuild`: by the running host if there is one, else here;

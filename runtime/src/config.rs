@@ -75,6 +75,11 @@ pub struct SourceConfig {
     ///
     /// `stream = "WALLETS"`
     pub stream: Option<String>,
+    /// Kafka: the bootstrap servers (`host:port`) of one cluster. A
+    /// projection's `streams` are then topics, every partition of each read.
+    ///
+    /// `kafka = ["127.0.0.1:9092"]`
+    pub kafka: Option<Servers>,
 }
 
 /// One server URL, or several of one cluster.
@@ -110,6 +115,13 @@ pub enum SourceKind<'a> {
         urls: Vec<String>,
         /// The stream.
         stream: &'a str,
+    },
+    /// Topics of a Kafka cluster.
+    Kafka {
+        /// The source's name.
+        name: &'a str,
+        /// Bootstrap servers, `host:port`.
+        servers: Vec<String>,
     },
 }
 
@@ -457,6 +469,12 @@ impl Config {
                         }
                     )));
                 }
+                Some(source) if config.sources[source].kafka.is_some() => {
+                    for topic in &p.streams {
+                        validate_topic(topic)
+                            .map_err(|err| invalid(format!("projection {:?}{}: {err}", p.name, at(i))))?;
+                    }
+                }
                 Some(_) => {
                     for subject in &p.streams {
                         validate_subject_filter(subject)
@@ -515,6 +533,9 @@ impl Config {
     pub fn source_of<'a>(&'a self, p: &'a ProjectionConfig) -> SourceKind<'a> {
         let Some(name) = &p.source else { return SourceKind::Embedded };
         let source = &self.sources[name];
+        if let Some(servers) = &source.kafka {
+            return SourceKind::Kafka { name, servers: servers.urls() };
+        }
         match (&source.nats, &source.stream) {
             (Some(servers), Some(stream)) => SourceKind::Nats { name, urls: servers.urls(), stream },
             _ => unreachable!("checked at load"),
@@ -558,8 +579,13 @@ impl SourceConfig {
                 "the name {name:?} is not allowed: use 1 to 64 lowercase letters, digits, '-' or '_'"
             ));
         }
+        if let Some(servers) = &self.kafka {
+            return self.check_kafka(servers);
+        }
         let Some(servers) = &self.nats else {
-            return Err("say which broker: nats = \"nats://host:4222\" (NATS JetStream)".into());
+            return Err("say which broker: nats = \"nats://host:4222\" (NATS JetStream) or kafka = \
+                        [\"host:9092\"] (Kafka)"
+                .into());
         };
         let urls = servers.urls();
         if urls.is_empty() {
@@ -586,6 +612,60 @@ impl SourceConfig {
             ));
         }
         Ok(())
+    }
+}
+
+impl SourceConfig {
+    fn check_kafka(&self, servers: &Servers) -> Result<(), String> {
+        if self.nats.is_some() {
+            return Err("name one broker: nats or kafka, not both (define two sources)".into());
+        }
+        if let Some(stream) = &self.stream {
+            return Err(format!(
+                "stream = {stream:?} is for NATS; a Kafka source reads the topics a projection lists in its \
+                 streams, e.g. streams = [\"orders\"]"
+            ));
+        }
+        let servers = servers.urls();
+        if servers.is_empty() {
+            return Err("kafka = [] lists no server; give at least one bootstrap server, e.g. \
+                        kafka = [\"127.0.0.1:9092\"]"
+                .into());
+        }
+        servers.iter().try_for_each(|server| validate_kafka_server(server))
+    }
+}
+
+/// A topic name Kafka accepts: 1 to 249 ASCII letters, digits, `.`, `_`
+/// or `-`, and not `.` or `..`.
+pub fn validate_topic(topic: &str) -> Result<(), String> {
+    let ok = !topic.is_empty()
+        && topic.len() <= 249
+        && topic != "."
+        && topic != ".."
+        && topic.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{topic:?} is not a Kafka topic name: use 1 to 249 ASCII letters, digits, '.', '_' or '-', e.g. \
+             \"orders\""
+        ))
+    }
+}
+
+/// A bootstrap server as `host:port`.
+pub fn validate_kafka_server(server: &str) -> Result<(), String> {
+    let ok = server.rsplit_once(':').is_some_and(|(host, port)| {
+        !host.is_empty()
+            && !host.contains(char::is_whitespace)
+            && !host.contains('/')
+            && port.parse::<u16>().is_ok()
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("kafka = {server:?} is not a bootstrap server; write host:port, e.g. \"127.0.0.1:9092\""))
     }
 }
 

@@ -1,6 +1,6 @@
 //! Where events come from, behind one [`Source`] trait: the embedded log
-//! ([`embedded`]), NATS JetStream ([`nats`]), and the CloudEvents parsing
-//! every source shares ([`cloudevents`]).
+//! ([`embedded`]), NATS JetStream ([`nats`]), Kafka ([`kafka`]), and the
+//! CloudEvents parsing every source shares ([`cloudevents`]).
 //!
 //! A projection's runner never knows which source it reads. It asks for the
 //! batch after its [`Checkpoint`], applies it and moves the checkpoint in
@@ -20,6 +20,7 @@ use std::time::Duration;
 
 pub mod cloudevents;
 pub mod embedded;
+pub mod kafka;
 pub mod nats;
 
 /// How far a projection has applied a source: the last position taken, per
@@ -89,8 +90,14 @@ pub struct Malformed {
 pub struct Batch {
     /// The events to apply, in order.
     pub events: Vec<Event>,
-    /// The partition of each event (as long as `events`).
+    /// The partition of each event (as long as `events`); for a batch
+    /// holding a malformed message, that message's partition (or none:
+    /// the source's key).
     pub partitions: Vec<Arc<str>>,
+    /// Where each event moves its partition's checkpoint, when that is not
+    /// the event's position (a Kafka partition's checkpoint is the next
+    /// offset to read: offset + 1); empty when it is.
+    pub checkpoints: Vec<u64>,
     /// Where the checkpoint goes once the whole batch is applied: past the
     /// messages skipped in the read too (other types, redeliveries).
     pub end: Checkpoint,
@@ -111,8 +118,8 @@ impl Batch {
             return self.end.clone();
         }
         let mut checkpoint = start.clone();
-        for (event, partition) in self.events[..taken].iter().zip(&self.partitions) {
-            checkpoint.set(partition, event.position);
+        for (i, (event, partition)) in self.events[..taken].iter().zip(&self.partitions).enumerate() {
+            checkpoint.set(partition, self.checkpoints.get(i).copied().unwrap_or(event.position));
         }
         checkpoint
     }
@@ -229,5 +236,6 @@ pub fn opener_for(
     match config.source_of(p) {
         SourceKind::Embedded => Ok(Arc::new(embedded::EmbeddedOpener::new(log.clone()))),
         SourceKind::Nats { name, urls, stream } => Ok(Arc::new(nats::NatsOpener::new(name, urls, stream)?)),
+        SourceKind::Kafka { name, servers } => Ok(Arc::new(kafka::KafkaOpener::new(name, servers)?)),
     }
 }
