@@ -561,7 +561,12 @@ impl KafkaBroker {
             libs = kafka_libs().display(),
             test = std::process::id(),
         );
-        let wrapper = Command::new("bash").args(["-c", &script]).stdin(Stdio::null()).spawn().unwrap();
+        let wrapper = Command::new("bash")
+            .args(["-c", &script])
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
         self.wrapper = Some(wrapper);
         wait_until(Duration::from_secs(10), "the broker's JVM to start", || {
             std::fs::read_to_string(&pid_file).ok().and_then(|p| p.trim().parse::<u32>().ok()).is_some()
