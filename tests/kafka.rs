@@ -409,6 +409,12 @@ fn run_over_kafka_sigkilled_mid_stream_builds_the_state_of_a_replay_and_commits_
     });
     let status = ws.status_of("recorder");
     assert_eq!(status["dead_letters"], 1, "{status}");
+    let partitions = status["partitions"].as_object().expect("per-partition progress");
+    assert_eq!(partitions.len(), 3, "{status}");
+    for (name, partition) in partitions {
+        assert!(name.starts_with("kafka:orders/wallets/"), "{name}");
+        assert_eq!((&partition["lag"], &partition["position"]), (&0.into(), &partition["head"]), "{name}");
+    }
     let letters = json(&run_ok(&["dead-letters", "list", "--config", &ws.config_str(), "recorder"]));
     let letters = letters.as_array().unwrap();
     assert!(letters[0]["reason"].as_str().unwrap().contains("topic wallets partition 0"), "{letters:?}");

@@ -791,6 +791,41 @@ types = ["wallet_updated", "kyc_verified"]
     }
 
     #[test]
+    fn kafka_sources_are_checked() {
+        let kafka = "version = 1\n[sources.orders]\nkafka = [\"127.0.0.1:9092\"]\n[[projection]]\nname = \"fees\"\n\
+                     module = \"m.wasm\"\nsource = \"orders\"\nstreams = [\"orders\", \"settings\"]\n";
+        let config = parse(kafka).unwrap();
+        assert_eq!(
+            config.source_of(&config.projections[0]),
+            SourceKind::Kafka { name: "orders", servers: vec!["127.0.0.1:9092".into()] }
+        );
+        let cases = [
+            (kafka.replace("[\"127.0.0.1:9092\"]", "[]"), "[sources.orders]: kafka = [] lists no server"),
+            (
+                kafka.replace("127.0.0.1:9092", "kafka://a:9092"),
+                "[sources.orders]: kafka = \"kafka://a:9092\" is not a bootstrap server; write host:port",
+            ),
+            (
+                kafka.replace("kafka = [", "stream = \"X\"\nkafka = ["),
+                "[sources.orders]: stream = \"X\" is for NATS; a Kafka source reads the topics",
+            ),
+            (
+                kafka.replace("kafka = [", "nats = \"nats://a:4222\"\nkafka = ["),
+                "[sources.orders]: name one broker: nats or kafka, not both",
+            ),
+            (
+                kafka.replace("\"settings\"", "\"set tings\""),
+                "projection \"fees\" (line 4): \"set tings\" is not a Kafka topic name",
+            ),
+            (kafka.replace("kafka = [\"127.0.0.1:9092\"]", "kafak = []"), "unknown field `kafak`"),
+        ];
+        for (text, expected) in cases {
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(expected), "expected {expected:?} in:\n{err}");
+        }
+    }
+
+    #[test]
     fn limits_fall_back_from_projection_to_config_to_defaults() {
         let text = GOOD.replace(
             "data = \"state\"",

@@ -765,6 +765,23 @@ impl ProjectionRunner {
         if let Ok(progress) = &progress {
             report["head"] = progress.head.total().into();
             report["lag"] = progress.lag.into();
+            if progress.head.partitions().count() > 1 {
+                // A partitioned source (Kafka): each partition's position
+                // (its next offset), head (high watermark) and lag.
+                let partitions: serde_json::Map<String, serde_json::Value> = progress
+                    .head
+                    .partitions()
+                    .map(|(partition, head)| {
+                        let position = self.checkpoint.position(partition);
+                        let lag = head.saturating_sub(position);
+                        (
+                            partition.to_string(),
+                            serde_json::json!({"position": position, "head": head, "lag": lag}),
+                        )
+                    })
+                    .collect();
+                report["partitions"] = partitions.into();
+            }
         }
         if let Health::Connecting { error: Some(error) } = &health {
             report["error"] = error.clone().into();
