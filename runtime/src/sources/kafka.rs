@@ -338,9 +338,9 @@ impl KafkaSource {
                 let reason =
                     self.down().unwrap_or_else(|| format!("cannot reach Kafka at {}: {err}", self.servers));
                 *lock(&self.shared.down) = Some(reason.clone());
-                SourceError::Unavailable(format!("{what}: {reason}; retrying"))
+                SourceError::Unavailable(format!("{what}: {reason}"))
             }
-            _ => SourceError::Unavailable(format!("{what} on Kafka at {}: {err}; retrying", self.servers)),
+            _ => SourceError::Unavailable(format!("{what} on Kafka at {}: {err}", self.servers)),
         }
     }
 
@@ -551,11 +551,11 @@ impl Source for KafkaSource {
                                     self.servers
                                 )));
                             }
-                            let failure = self.failure(&format!("reading {}", self.topics.join(", ")), &err);
-                            if fill_until.is_none() && !moved {
-                                return Err(failure);
-                            }
-                            break;
+                            // Errors queued while the cluster was away come
+                            // one per poll: note the last and drain them.
+                            let reason = format!("cannot reach Kafka at {}: {err}", self.servers);
+                            *lock(&self.shared.down) = Some(reason);
+                            continue;
                         }
                         Some(Ok(message)) => Some(Self::take(&message)),
                     }
@@ -623,7 +623,7 @@ impl Source for KafkaSource {
                     return Ok(batch);
                 }
             }
-            return Err(SourceError::Unavailable(format!("{reason}; retrying")));
+            return Err(SourceError::Unavailable(reason));
         }
         self.expected = Some(batch.end.clone());
         Ok(batch)
