@@ -149,11 +149,14 @@ fn a_reader_takes_every_partition_from_its_checkpoint_in_both_modes_and_drops_du
     let lines = keyed_wallet_events(900, 60, "r");
     let events = parsed(&lines);
     let keys = vec![None; 300];
-    assert_eq!(publish(&[servers.clone()], "read", &events[..300], &keys).unwrap().published, 300);
+    assert_eq!(
+        publish(std::slice::from_ref(&servers), "read", &events[..300], &keys).unwrap().published,
+        300
+    );
     publish_binary(&servers, "read", &events[300..600]);
     // A publisher retrying: the first 100 again, then the rest.
     publish_binary(&servers, "read", &events[..100]);
-    publish(&[servers.clone()], "read", &events[600..], &keys).unwrap();
+    publish(std::slice::from_ref(&servers), "read", &events[600..], &keys).unwrap();
     publish_raw(&servers, "read", 1, b"not a cloudevent");
     let high = high_watermarks(&servers, "orders", "read");
     assert_eq!(high.values().sum::<u64>(), 1001);
@@ -214,7 +217,7 @@ fn retention_past_a_checkpoint_is_an_error_naming_the_partition_and_a_rebuild_wa
     let servers = broker.servers();
     broker.create_topic("retained", 1);
     let events = parsed(&keyed_wallet_events(20, 5, "t"));
-    publish(&[servers.clone()], "retained", &events, &[]).unwrap();
+    publish(std::slice::from_ref(&servers), "retained", &events, &[]).unwrap();
     // Retention (or an operator) drops the records before offset 12.
     let mut drop_before = TopicPartitionList::new();
     drop_before.add_partition_offset("retained", 0, Offset::Offset(12)).unwrap();

@@ -656,10 +656,10 @@ impl Source for KafkaSource {
     }
 
     fn progress(&mut self, at: &Checkpoint) -> Result<Progress, SourceError> {
-        if let Err(err) = self.refresh_head() {
-            if self.head.is_none() {
-                return Err(err);
-            }
+        if let Err(err) = self.refresh_head()
+            && self.head.is_none()
+        {
+            return Err(err);
         }
         let (_, head) = self.head.as_ref().expect("read above");
         let mut checkpoint = Checkpoint::default();
