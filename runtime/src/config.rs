@@ -815,7 +815,7 @@ types = ["wallet_updated", "kyc_verified"]
             ),
             (
                 kafka.replace("\"settings\"", "\"set tings\""),
-                "projection \"fees\" (line 4): \"set tings\" is not a Kafka topic name",
+                "projection \"fees\" (line 5): \"set tings\" is not a Kafka topic name",
             ),
             (kafka.replace("kafka = [\"127.0.0.1:9092\"]", "kafak = []"), "unknown field `kafak`"),
         ];
