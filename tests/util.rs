@@ -470,6 +470,187 @@ impl NatsCluster {
     }
 }
 
+/// The folder of Apache Kafka's jars: `PROJECTOR_KAFKA_LIBS`, or what
+/// `scripts/kafka-jars` fetches (once; cached under target/).
+pub fn kafka_libs() -> PathBuf {
+    static LIBS: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    LIBS.get_or_init(|| {
+        if let Ok(libs) = std::env::var("PROJECTOR_KAFKA_LIBS") {
+            return PathBuf::from(libs);
+        }
+        let output =
+            Command::new(root().join("scripts/kafka-jars")).stderr(Stdio::inherit()).output().unwrap();
+        assert!(output.status.success(), "scripts/kafka-jars failed: the Kafka tests need Java 17 and Maven");
+        PathBuf::from(String::from_utf8(output.stdout).unwrap().trim())
+    })
+    .clone()
+}
+
+/// A real Apache Kafka broker (KRaft, broker and controller in one JVM)
+/// on loopback, its log dirs in a temp dir; stopped when dropped, and by
+/// a watchdog when the test process dies first.
+pub struct KafkaBroker {
+    /// The client port.
+    pub port: u16,
+    dir: tempfile::TempDir,
+    java: Option<u32>,
+    wrapper: Option<Child>,
+}
+
+impl KafkaBroker {
+    /// A single node, formatted and ready to take requests.
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (port, controller) = (free_port(), free_port());
+        let properties = format!(
+            "process.roles=broker,controller\nnode.id=1\n\
+             controller.quorum.voters=1@127.0.0.1:{controller}\n\
+             listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller}\n\
+             advertised.listeners=PLAINTEXT://127.0.0.1:{port}\n\
+             controller.listener.names=CONTROLLER\n\
+             listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT\n\
+             inter.broker.listener.name=PLAINTEXT\nlog.dirs={}\nnum.partitions=1\n\
+             offsets.topic.replication.factor=1\noffsets.topic.num.partitions=1\n\
+             transaction.state.log.replication.factor=1\ntransaction.state.log.min.isr=1\n\
+             share.coordinator.state.topic.replication.factor=1\nshare.coordinator.state.topic.min.isr=1\n\
+             group.initial.rebalance.delay.ms=0\nauto.create.topics.enable=false\n",
+            dir.path().join("data").display()
+        );
+        std::fs::write(dir.path().join("server.properties"), properties).unwrap();
+        std::fs::write(
+            dir.path().join("log4j2.properties"),
+            "rootLogger.level=WARN\nrootLogger.appenderRef.out.ref=out\nappender.out.type=Console\n\
+             appender.out.name=out\nappender.out.layout.type=PatternLayout\n\
+             appender.out.layout.pattern=%d %p %c: %m%n\n",
+        )
+        .unwrap();
+        let libs = format!("{}/*", kafka_libs().display());
+        let storage = |args: &[&str]| {
+            let output =
+                Command::new("java").args(["-cp", &libs, "kafka.tools.StorageTool"]).args(args).output();
+            let output = output.expect("cannot run java: install Java 17 (scripts/kafka-jars does)");
+            assert!(
+                output.status.success(),
+                "StorageTool {args:?}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            String::from_utf8(output.stdout).unwrap()
+        };
+        let cluster = storage(&["random-uuid"]).trim().to_string();
+        let config = dir.path().join("server.properties").to_string_lossy().into_owned();
+        storage(&["format", "-t", &cluster, "-c", &config, "--ignore-formatted"]);
+        let mut broker = KafkaBroker { port, dir, java: None, wrapper: None };
+        broker.launch();
+        broker
+    }
+
+    fn launch(&mut self) {
+        assert!(self.java.is_none(), "the broker is running");
+        let dir = self.dir.path();
+        let pid_file = dir.join("java.pid");
+        let _ = std::fs::remove_file(&pid_file);
+        // The JVM in the background of a shell that kills it once the test
+        // process is gone: a broker never outlives its tests.
+        let script = format!(
+            "java -Xmx512m -Xms64m -XX:+UseSerialGC -Dlog4j2.configurationFile={dir}/log4j2.properties \
+             -cp '{libs}/*' kafka.Kafka {dir}/server.properties >>{dir}/broker.log 2>&1 &\n\
+             java=$!; echo $java > {dir}/java.pid\n\
+             while kill -0 {test} 2>/dev/null && kill -0 $java 2>/dev/null; do sleep 0.5; done\n\
+             kill -9 $java 2>/dev/null; wait",
+            dir = dir.display(),
+            libs = kafka_libs().display(),
+            test = std::process::id(),
+        );
+        let wrapper = Command::new("bash")
+            .args(["-c", &script])
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.wrapper = Some(wrapper);
+        wait_until(Duration::from_secs(10), "the broker's JVM to start", || {
+            std::fs::read_to_string(&pid_file).ok().and_then(|p| p.trim().parse::<u32>().ok()).is_some()
+        });
+        self.java = std::fs::read_to_string(&pid_file).unwrap().trim().parse().ok();
+        self.wait_ready();
+    }
+
+    /// Wait until the broker answers a metadata request.
+    pub fn wait_ready(&self) {
+        use rdkafka::consumer::{BaseConsumer, Consumer as _};
+        let consumer: BaseConsumer =
+            rdkafka::ClientConfig::new().set("bootstrap.servers", self.servers()).create().unwrap();
+        let started = Instant::now();
+        while consumer
+            .fetch_metadata(None, Duration::from_secs(1))
+            .map(|m| m.brokers().is_empty())
+            .unwrap_or(true)
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(90),
+                "the Kafka broker on port {} did not start:\n{}",
+                self.port,
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// `127.0.0.1:<port>`.
+    pub fn servers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL the JVM.
+    pub fn kill(&mut self) {
+        let pid = self.java.take().expect("the broker is running");
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        if let Some(mut wrapper) = self.wrapper.take() {
+            let _ = wrapper.wait();
+        }
+    }
+
+    /// Start it again on the same ports and data, and wait until ready.
+    pub fn restart(&mut self) {
+        self.launch();
+    }
+
+    /// Its log so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("broker.log")).unwrap_or_default()
+    }
+
+    /// An admin client of it.
+    pub fn admin(&self) -> rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> {
+        rdkafka::ClientConfig::new().set("bootstrap.servers", self.servers()).create().unwrap()
+    }
+
+    /// Create `topic` with `partitions` partitions.
+    pub fn create_topic(&self, topic: &str, partitions: i32) {
+        use rdkafka::admin::{AdminOptions, NewTopic, TopicReplication};
+        let admin = self.admin();
+        let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        let results = block_on_future(admin.create_topics([&new], &options)).unwrap();
+        for result in results {
+            result.unwrap_or_else(|(topic, err)| panic!("cannot create topic {topic}: {err}"));
+        }
+    }
+}
+
+impl Drop for KafkaBroker {
+    fn drop(&mut self) {
+        if self.java.is_some() {
+            self.kill();
+        }
+    }
+}
+
+/// Run a future to completion on a fresh single-threaded runtime.
+pub fn block_on_future<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(future)
+}
+
 /// A real `redis-server` on loopback, its files (an append-only file, so a
 /// restart keeps every entry) in a temp dir; stopped when dropped.
 pub struct RedisServer {

@@ -1,12 +1,13 @@
 //! Where the events come from, side by side in one run: wallet-allowlist
 //! rebuilt (`projector rebuild`, the whole process) from the embedded log,
-//! from a NATS JetStream stream and from a Redis stream key holding the same
-//! events, on a real `nats-server -js` and a real `redis-server`, each on a
-//! free loopback port.
+//! from a NATS JetStream stream, from a 3-partition Kafka topic and from a
+//! Redis stream key holding the same events, on a real `nats-server -js`, a
+//! real Apache Kafka broker and a real `redis-server`, each on a free
+//! loopback port.
 //!
 //! `cargo bench -p projector --bench sources` (after scripts/build-guests,
-//! with `nats-server` and `redis-server` installed — `scripts/test`
-//! installs them);
+//! with `nats-server`, `redis-server`, Java and Maven installed —
+//! `scripts/test` installs them);
 //! `BENCH_EVENTS` sets the event count (default 200000), `BENCH_RUNS` the
 //! runs (default 3, best kept).
 
@@ -71,6 +72,33 @@ fn main() {
     run_ok(&["publish", "--config", &redis.config_str(), "--source", "cache", "wallets", &file]);
     let published_redis = n as f64 / start.elapsed().as_secs_f64();
 
+    let broker = KafkaBroker::start();
+    broker.create_topic("wallets", 3);
+    let kafka = Workspace::new();
+    std::fs::write(
+        kafka.config(),
+        format!(
+            "version = 1\ndata = \"data\"\n\n[sources.orders]\nkafka = [{:?}]\n\n\
+             [[projection]]\nname = \"wallet-allowlist\"\nmodule = {:?}\nsource = \"orders\"\nstreams = [\"wallets\"]\n",
+            broker.servers(),
+            module.to_string_lossy()
+        ),
+    )
+    .unwrap();
+    // Keyed by user: one user's events stay in one partition, in order.
+    let keyed: Vec<String> = lines
+        .iter()
+        .map(|line| {
+            let mut event: serde_json::Value = serde_json::from_str(line).unwrap();
+            event["subject"] = event["data"]["user_id"].clone();
+            event.to_string()
+        })
+        .collect();
+    let file = kafka.write_events("events.jsonl", &keyed);
+    let start = Instant::now();
+    run_ok(&["publish", "--config", &kafka.config_str(), "--source", "orders", "wallets", &file]);
+    let published_kafka = n as f64 / start.elapsed().as_secs_f64();
+
     println!(
         "wallet-allowlist rebuilt from each source, {n} events (5,000 users), best of {runs}, events/s:"
     );
@@ -79,14 +107,19 @@ fn main() {
     let from_redis = (0..runs).map(|_| rebuild(&redis, "wallet-allowlist", n)).fold(0.0, f64::max);
     let rows =
         |ws: &Workspace| ws.query("wallet-allowlist", "SELECT count(*) AS n FROM allowlist")[0]["n"].clone();
+    let from_kafka = (0..runs).map(|_| rebuild(&kafka, "wallet-allowlist", n)).fold(0.0, f64::max);
     assert_eq!(rows(&embedded), rows(&nats), "both sources build the same allowlist");
+    assert_eq!(rows(&embedded), rows(&kafka), "every source builds the same allowlist");
     assert_eq!(rows(&embedded), rows(&redis), "every source builds the same allowlist");
-    println!("  embedded log:     {from_log:>9.0}");
-    println!("  NATS JetStream:   {from_nats:>9.0}");
-    println!("  Redis Streams:    {from_redis:>9.0}");
+    println!("  embedded log:         {from_log:>9.0}");
+    println!("  NATS JetStream:       {from_nats:>9.0}");
+    println!("  Kafka (3 partitions): {from_kafka:>9.0}");
+    println!("  Redis Streams:        {from_redis:>9.0}");
     println!("  JetStream / embedded: {:.2}", from_nats / from_log);
+    println!("  Kafka / embedded:     {:.2}", from_kafka / from_log);
     println!("  Redis / embedded:     {:.2}", from_redis / from_log);
     println!(
-        "  (projector publish to JetStream: {published:.0} events/s, to Redis: {published_redis:.0} events/s)"
+        "  (projector publish to JetStream: {published:.0} events/s, to Kafka: {published_kafka:.0}, to Redis: \
+         {published_redis:.0})"
     );
 }

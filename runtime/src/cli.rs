@@ -111,17 +111,18 @@ enum Command {
         #[arg(long)]
         follow: bool,
     },
-    /// Publish CloudEvents (JSON, one per line) to a source of the config,
-    /// all or none; one bad line publishes nothing. Prints {"published": N,
+    /// Publish CloudEvents (JSON, one per line) to a source of the config;
+    /// one bad line publishes nothing. Prints {"published": N,
     /// "duplicates": M}.
     ///
     /// NATS JetStream: structured mode with `Nats-Msg-Id` set to each
     /// event's id (the stream stores an id it has seen within its duplicate
     /// window once); creates the stream (capturing `<first token of
-    /// subject>.>`) when it does not exist. Redis: `XADD` to the stream key,
-    /// the event in field `cloudevent`, in one script; an id published to
-    /// the key before is dropped (the ids are kept in the set
-    /// `projector:ids:{<key>}`).
+    /// subject>.>`) when it does not exist. Kafka: the topic must exist;
+    /// structured mode, keyed by `partitionkey` or else `subject`, with an
+    /// idempotent producer. Redis: `XADD` to the stream key, the event in
+    /// field `cloudevent`, in one script; an id published to the key before
+    /// is dropped (the ids are kept in the set `projector:ids:{<key>}`).
     Publish {
         /// The config file (projector.toml).
         #[arg(long, short, default_value = "projector.toml")]
@@ -129,9 +130,9 @@ enum Command {
         /// The `[sources.<name>]` to publish to.
         #[arg(long)]
         source: String,
-        /// The subject to publish on (NATS, e.g. wallets.eu), or the stream
-        /// key to add to (Redis, e.g. wallets).
-        #[arg(value_name = "SUBJECT|KEY")]
+        /// The subject to publish on (NATS, e.g. wallets.eu), the topic
+        /// (Kafka), or the stream key to add to (Redis, e.g. wallets).
+        #[arg(value_name = "SUBJECT|TOPIC|KEY")]
         subject: String,
         /// The file to read, or `-` for standard input.
         file: PathBuf,
@@ -309,7 +310,8 @@ fn execute(command: Command) -> Result<()> {
                     match known.is_empty() {
                         true =>
                             "add one: [sources.bus] nats = \"nats://127.0.0.1:4222\", stream = \"EVENTS\"; \
-                                 or [sources.cache] redis = \"redis://127.0.0.1:6379\""
+                                 [sources.orders] kafka = [\"127.0.0.1:9092\"]; or [sources.cache] redis = \
+                                 \"redis://127.0.0.1:6379\""
                                 .to_string(),
                         false => format!("it has: {}", known.join(", ")),
                     }
@@ -320,8 +322,13 @@ fn execute(command: Command) -> Result<()> {
                 let events = read_events(&file)?;
                 return print(&crate::sources::redis::publish(url, &subject, &events)?);
             }
+            if let Some(servers) = &found.kafka {
+                crate::config::validate_topic(&subject).map_err(anyhow::Error::msg)?;
+                let (events, keys) = read_keyed_events(&file)?;
+                return print(&crate::sources::kafka::publish(&servers.urls(), &subject, &events, &keys)?);
+            }
             let (Some(servers), Some(stream)) = (&found.nats, &found.stream) else {
-                unreachable!("a source is NATS or Redis, checked at load")
+                unreachable!("a source is NATS, Kafka or Redis, checked at load")
             };
             crate::sources::nats::validate_subject(&subject)?;
             let events = read_events(&file)?;
@@ -400,6 +407,14 @@ fn execute(command: Command) -> Result<()> {
 /// The CloudEvents of a JSONL file (or standard input for `-`), all or
 /// none; events without a correlation id get one id for this call.
 fn read_events(file: &std::path::Path) -> Result<Vec<crate::sources::embedded::NewEvent>> {
+    Ok(read_keyed_events(file)?.0)
+}
+
+/// The CloudEvents of a JSONL file (or `-`, stdin), each with its
+/// `partitionkey` extension, if any (the Kafka record key).
+fn read_keyed_events(
+    file: &std::path::Path,
+) -> Result<(Vec<crate::sources::embedded::NewEvent>, Vec<Option<String>>)> {
     let (bytes, origin) = if file.as_os_str() == "-" {
         let mut bytes = Vec::new();
         std::io::stdin().read_to_end(&mut bytes).context("cannot read standard input")?;
@@ -411,7 +426,15 @@ fn read_events(file: &std::path::Path) -> Result<Vec<crate::sources::embedded::N
     let text = cloudevents::utf8_text(&bytes, &origin)?;
     let mut events = cloudevents::parse_lines(text, &origin)?;
     cloudevents::fill_correlation_ids(&mut events, &uuid::Uuid::new_v4().to_string());
-    Ok(events)
+    let keys = text
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(|line| {
+            let object = serde_json::from_str::<serde_json::Value>(line).ok()?;
+            Some(object.get("partitionkey")?.as_str()?.to_string())
+        })
+        .collect();
+    Ok((events, keys))
 }
 
 /// `projector rebuild`: by the running host if there is one, else here;

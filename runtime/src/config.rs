@@ -81,6 +81,11 @@ pub struct SourceConfig {
     ///
     /// `redis = "redis://127.0.0.1:6379"`
     pub redis: Option<String>,
+    /// Kafka: the bootstrap servers (`host:port`) of one cluster. A
+    /// projection's `streams` are then topics, every partition of each read.
+    ///
+    /// `kafka = ["127.0.0.1:9092"]`
+    pub kafka: Option<Servers>,
 }
 
 /// One server URL, or several of one cluster.
@@ -123,6 +128,13 @@ pub enum SourceKind<'a> {
         name: &'a str,
         /// The server URL.
         url: &'a str,
+    },
+    /// Topics of a Kafka cluster.
+    Kafka {
+        /// The source's name.
+        name: &'a str,
+        /// Bootstrap servers, `host:port`.
+        servers: Vec<String>,
     },
 }
 
@@ -492,6 +504,12 @@ impl Config {
                         }
                     }
                 }
+                Some(source) if config.sources[source].kafka.is_some() => {
+                    for topic in &p.streams {
+                        validate_topic(topic)
+                            .map_err(|err| invalid(format!("projection {:?}{}: {err}", p.name, at(i))))?;
+                    }
+                }
                 Some(_) => {
                     for subject in &p.streams {
                         validate_subject_filter(subject)
@@ -574,6 +592,9 @@ impl Config {
     pub fn source_of<'a>(&'a self, p: &'a ProjectionConfig) -> SourceKind<'a> {
         let Some(name) = &p.source else { return SourceKind::Embedded };
         let source = &self.sources[name];
+        if let Some(servers) = &source.kafka {
+            return SourceKind::Kafka { name, servers: servers.urls() };
+        }
         match (&source.nats, &source.stream, &source.redis) {
             (Some(servers), Some(stream), None) => SourceKind::Nats { name, urls: servers.urls(), stream },
             (None, None, Some(url)) => SourceKind::Redis { name, url },
@@ -621,10 +642,13 @@ impl SourceConfig {
         if let Some(url) = &self.redis {
             return self.check_redis(url);
         }
+        if let Some(servers) = &self.kafka {
+            return self.check_kafka(servers);
+        }
         let Some(servers) = &self.nats else {
             return Err(
-                "say which broker: nats = \"nats://host:4222\" (NATS JetStream, with stream = \"NAME\") \
-                        or redis = \"redis://host:6379\" (Redis Streams)"
+                "say which broker: nats = \"nats://host:4222\" (NATS JetStream, with stream = \"NAME\"), \
+                 kafka = [\"host:9092\"] (Kafka) or redis = \"redis://host:6379\" (Redis Streams)"
                     .into(),
             );
         };
@@ -656,13 +680,15 @@ impl SourceConfig {
     }
 }
 
+/// What a source naming two brokers is told.
+const ONE_BROKER: &str =
+    "a source is one broker: give one of `nats`, `kafka` or `redis`; define a source per broker";
+
 impl SourceConfig {
     /// A Redis source: a URL, and nothing of NATS.
     fn check_redis(&self, url: &str) -> Result<(), String> {
-        if self.nats.is_some() {
-            return Err("a source is one broker: give either `nats` or `redis`, not both; define two \
-                        sources for two brokers"
-                .into());
+        if self.nats.is_some() || self.kafka.is_some() {
+            return Err(ONE_BROKER.into());
         }
         if self.stream.is_some() {
             return Err("`stream` names a JetStream stream and has no use with `redis`: list the stream \
@@ -684,6 +710,58 @@ impl SourceConfig {
             ));
         }
         Ok(())
+    }
+
+    fn check_kafka(&self, servers: &Servers) -> Result<(), String> {
+        if self.nats.is_some() {
+            return Err(ONE_BROKER.into());
+        }
+        if let Some(stream) = &self.stream {
+            return Err(format!(
+                "stream = {stream:?} is for NATS; a Kafka source reads the topics a projection lists in its \
+                 streams, e.g. streams = [\"orders\"]"
+            ));
+        }
+        let servers = servers.urls();
+        if servers.is_empty() {
+            return Err("kafka = [] lists no server; give at least one bootstrap server, e.g. \
+                        kafka = [\"127.0.0.1:9092\"]"
+                .into());
+        }
+        servers.iter().try_for_each(|server| validate_kafka_server(server))
+    }
+}
+
+/// A topic name Kafka accepts: 1 to 249 ASCII letters, digits, `.`, `_`
+/// or `-`, and not `.` or `..`.
+pub fn validate_topic(topic: &str) -> Result<(), String> {
+    let ok = !topic.is_empty()
+        && topic.len() <= 249
+        && topic != "."
+        && topic != ".."
+        && topic.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{topic:?} is not a Kafka topic name: use 1 to 249 ASCII letters, digits, '.', '_' or '-', e.g. \
+             \"orders\""
+        ))
+    }
+}
+
+/// A bootstrap server as `host:port`.
+pub fn validate_kafka_server(server: &str) -> Result<(), String> {
+    let ok = server.rsplit_once(':').is_some_and(|(host, port)| {
+        !host.is_empty()
+            && !host.contains(char::is_whitespace)
+            && !host.contains('/')
+            && port.parse::<u16>().is_ok()
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("kafka = {server:?} is not a bootstrap server; write host:port, e.g. \"127.0.0.1:9092\""))
     }
 }
 
@@ -837,13 +915,48 @@ types = ["wallet_updated", "kyc_verified"]
             ),
             (
                 redis("redis = \"redis://h:6379\"\nnats = \"nats://h:4222\"", "[\"w\"]"),
-                "give either `nats` or `redis`, not both",
+                "a source is one broker: give one of `nats`, `kafka` or `redis`",
             ),
             (redis("", "[\"w\"]"), "say which broker: nats = "),
             (redis("redis = \"redis://h:6379\"", "[]"), "`streams` is empty"),
             (redis("redis = \"redis://h:6379\"", "[\"a b\"]"), "\"a b\" is not a stream key"),
             (redis("redis = \"redis://h:6379\"", "[\"w\", \"w\"]"), "streams lists \"w\" twice"),
             (redis("redis = \"redis://h:6379\"\nkeys = []", "[\"w\"]"), "unknown field `keys`"),
+        ];
+        for (text, expected) in cases {
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(expected), "expected {expected:?} in:\n{err}");
+        }
+    }
+
+    #[test]
+    fn kafka_sources_are_checked() {
+        let kafka = "version = 1\n[sources.orders]\nkafka = [\"127.0.0.1:9092\"]\n[[projection]]\nname = \"fees\"\n\
+                     module = \"m.wasm\"\nsource = \"orders\"\nstreams = [\"orders\", \"settings\"]\n";
+        let config = parse(kafka).unwrap();
+        assert_eq!(
+            config.source_of(&config.projections[0]),
+            SourceKind::Kafka { name: "orders", servers: vec!["127.0.0.1:9092".into()] }
+        );
+        let cases = [
+            (kafka.replace("[\"127.0.0.1:9092\"]", "[]"), "[sources.orders]: kafka = [] lists no server"),
+            (
+                kafka.replace("127.0.0.1:9092", "kafka://a:9092"),
+                "[sources.orders]: kafka = \"kafka://a:9092\" is not a bootstrap server; write host:port",
+            ),
+            (
+                kafka.replace("kafka = [", "stream = \"X\"\nkafka = ["),
+                "[sources.orders]: stream = \"X\" is for NATS; a Kafka source reads the topics",
+            ),
+            (
+                kafka.replace("kafka = [", "nats = \"nats://a:4222\"\nkafka = ["),
+                "[sources.orders]: a source is one broker: give one of `nats`, `kafka` or `redis`",
+            ),
+            (
+                kafka.replace("\"settings\"", "\"set tings\""),
+                "projection \"fees\" (line 5): \"set tings\" is not a Kafka topic name",
+            ),
+            (kafka.replace("kafka = [\"127.0.0.1:9092\"]", "kafak = []"), "unknown field `kafak`"),
         ];
         for (text, expected) in cases {
             let err = parse(&text).unwrap_err().to_string();

@@ -1,6 +1,7 @@
 //! Where events come from, behind one [`Source`] trait: the embedded log
-//! ([`embedded`]), NATS JetStream ([`nats`]), Redis Streams ([`redis`]), and
-//! the CloudEvents parsing every source shares ([`cloudevents`]).
+//! ([`embedded`]), NATS JetStream ([`nats`]), Kafka ([`kafka`]), Redis
+//! Streams ([`redis`]), and the CloudEvents parsing every source shares
+//! ([`cloudevents`]).
 //!
 //! A projection's runner never knows which source it reads. It asks for the
 //! batch after its [`Checkpoint`], applies it and moves the checkpoint in
@@ -21,6 +22,7 @@ use std::time::Duration;
 
 pub mod cloudevents;
 pub mod embedded;
+pub mod kafka;
 pub mod nats;
 pub mod redis;
 
@@ -91,8 +93,14 @@ pub struct Malformed {
 pub struct Batch {
     /// The events to apply, in order.
     pub events: Vec<Event>,
-    /// The partition of each event (as long as `events`).
+    /// The partition of each event (as long as `events`); for a batch
+    /// holding a malformed message, that message's partition (or none:
+    /// the source's key).
     pub partitions: Vec<Arc<str>>,
+    /// Where each event moves its partition's checkpoint, when that is not
+    /// the event's position (a Kafka partition's checkpoint is the next
+    /// offset to read: offset + 1); empty when it is.
+    pub checkpoints: Vec<u64>,
     /// Where the checkpoint goes once the whole batch is applied: past the
     /// messages skipped in the read too (other types, redeliveries).
     pub end: Checkpoint,
@@ -113,8 +121,8 @@ impl Batch {
             return self.end.clone();
         }
         let mut checkpoint = start.clone();
-        for (event, partition) in self.events[..taken].iter().zip(&self.partitions) {
-            checkpoint.set(partition, event.position);
+        for (i, (event, partition)) in self.events[..taken].iter().zip(&self.partitions).enumerate() {
+            checkpoint.set(partition, self.checkpoints.get(i).copied().unwrap_or(event.position));
         }
         checkpoint
     }
@@ -252,6 +260,7 @@ pub fn opener_for(
     match config.source_of(p) {
         SourceKind::Embedded => Ok(Arc::new(embedded::EmbeddedOpener::new(log.clone()))),
         SourceKind::Nats { name, urls, stream } => Ok(Arc::new(nats::NatsOpener::new(name, urls, stream)?)),
+        SourceKind::Kafka { name, servers } => Ok(Arc::new(kafka::KafkaOpener::new(name, servers)?)),
         SourceKind::Redis { name, url } => Ok(Arc::new(redis::RedisOpener::new(name, url)?)),
     }
 }

@@ -765,6 +765,23 @@ impl ProjectionRunner {
         if let Ok(progress) = &progress {
             report["head"] = progress.head.total().into();
             report["lag"] = progress.lag.into();
+            if progress.head.partitions().count() > 1 {
+                // A partitioned source (Kafka): each partition's position
+                // (its next offset), head (high watermark) and lag.
+                let partitions: serde_json::Map<String, serde_json::Value> = progress
+                    .head
+                    .partitions()
+                    .map(|(partition, head)| {
+                        let position = self.checkpoint.position(partition);
+                        let lag = head.saturating_sub(position);
+                        (
+                            partition.to_string(),
+                            serde_json::json!({"position": position, "head": head, "lag": lag}),
+                        )
+                    })
+                    .collect();
+                report["partitions"] = partitions.into();
+            }
         }
         if let Health::Connecting { error: Some(error) } = &health {
             report["error"] = error.clone().into();
@@ -933,7 +950,8 @@ impl ProjectionRunner {
         }
         if let Some(malformed) = &batch.malformed {
             let reason = format!("not an event: {}", malformed.reason);
-            if self.park(&malformed.event, &reason, 0, &batch.end)? {
+            let partition = batch.partitions.first().map_or(self.source.key(), |p| &**p).to_string();
+            if self.park(&malformed.event, &partition, &reason, 0, &batch.end)? {
                 self.acknowledge();
             } else {
                 self.resync()?;
@@ -987,8 +1005,8 @@ impl ProjectionRunner {
     /// them nor parks them again.
     fn skip_discarded(&self, batch: &mut Batch) {
         let key = self.source.key();
-        let discarded = |event: &Event| {
-            self.discarded.get(&(key.to_string(), event.position)).is_some_and(|id| *id == event.id)
+        let discarded = |event: &Event, partition: &str| {
+            self.discarded.get(&(partition.to_string(), event.position)).is_some_and(|id| *id == event.id)
         };
         let skip = |event: &Event| {
             tracing::info!(
@@ -998,18 +1016,24 @@ impl ProjectionRunner {
                 "event skipped: it was discarded as a dead letter"
             );
         };
-        if batch.malformed.as_ref().is_some_and(|malformed| discarded(&malformed.event)) {
+        let malformed_partition = batch.partitions.first().map_or(key, |p| &**p);
+        if batch.malformed.as_ref().is_some_and(|malformed| discarded(&malformed.event, malformed_partition))
+        {
             skip(&batch.malformed.take().expect("checked").event);
         }
-        if batch.events.iter().any(discarded) {
+        if batch.events.iter().zip(&batch.partitions).any(|(event, partition)| discarded(event, partition)) {
             let events = std::mem::take(&mut batch.events);
             let partitions = std::mem::take(&mut batch.partitions);
-            for (event, partition) in events.into_iter().zip(partitions) {
-                if discarded(&event) {
+            let checkpoints = std::mem::take(&mut batch.checkpoints);
+            for (i, (event, partition)) in events.into_iter().zip(partitions).enumerate() {
+                if discarded(&event, &partition) {
                     skip(&event);
                 } else {
                     batch.events.push(event);
                     batch.partitions.push(partition);
+                    if let Some(checkpoint) = checkpoints.get(i) {
+                        batch.checkpoints.push(*checkpoint);
+                    }
                 }
             }
         }
@@ -1136,9 +1160,10 @@ impl ProjectionRunner {
             };
         }
         let event = &events[0];
+        let partition = batch.partitions.get(range.start).map_or(self.source.key(), |p| &**p).to_string();
         match self.policy {
             FailurePolicy::DeadLetter => {
-                if !self.park(event, &reason, attempts, &checkpoint_after)? {
+                if !self.park(event, &partition, &reason, attempts, &checkpoint_after)? {
                     return self.resync();
                 }
             }
@@ -1547,15 +1572,15 @@ impl ProjectionRunner {
     fn park(
         &mut self,
         event: &Event,
+        partition: &str,
         reason: &str,
         attempts: u32,
         checkpoint_after: &Checkpoint,
     ) -> Result<bool> {
-        let partition = self.source.key().to_string();
         let module = self.instance.module().sha256.clone();
         let (unwritten, from) = (&self.unwritten, &self.checkpoint);
         let parked = store::commit_if(self.instance.db(), |db| {
-            store::park(db, &partition, event, reason, &module, attempts)?;
+            store::park(db, partition, event, reason, &module, attempts)?;
             batch_writes(db, unwritten, from, checkpoint_after)
         })?;
         if !parked {

@@ -375,7 +375,7 @@ impl SqlHost for GuestHost {
         self.check_params(&params)?;
         let text = format!("{GUEST_SQL_PREFIX}{statement}");
         self.as_guest(&statement, |db| {
-            let columns = db.prepare_cached(&text)?.column_names().into_iter().map(String::from).collect();
+            let columns = db.prepare_cached(&text)?.column_names().map(String::from).collect();
             Ok(Rows { columns, rows: run_query(db, &text, &params)? })
         })
     }
@@ -396,7 +396,7 @@ impl crate::bindings::PreparedHost for GuestHost {
         }
         let text: Arc<str> = format!("{GUEST_SQL_PREFIX}{statement}").into();
         let columns = self.as_guest(&statement, |db| {
-            Ok(db.prepare_cached(&text)?.column_names().into_iter().map(String::from).collect::<Vec<_>>())
+            Ok(db.prepare_cached(&text)?.column_names().map(String::from).collect::<Vec<_>>())
         })?;
         Ok(columns.map(|columns| {
             let handle = self.prepared.len() as u32;

@@ -42,6 +42,11 @@ pub struct ProjectionStatus {
     /// messages retention dropped).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub warning: Option<String>,
+    /// A partitioned source's (Kafka's) partitions, each with its
+    /// `position` (the next offset to read), `head` (high watermark) and
+    /// `lag`, as the running host last saw them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partitions: Option<Value>,
     /// `running`, `paused`, `rebuilding`, `connecting`, `stopped`,
     /// `faulted` or `new` (never run).
     pub state: String,
@@ -134,6 +139,7 @@ fn never_run(p: &crate::config::ProjectionConfig, head: u64) -> ProjectionStatus
         lag: if p.source.is_none() { head } else { 0 },
         connected: None,
         warning: None,
+        partitions: None,
         state: "new".into(),
         dead_letters: 0,
         outbox: 0,
@@ -200,6 +206,7 @@ fn status_at(
             lag,
             connected: report.as_ref().filter(|_| host_running).and_then(|r| r["connected"].as_bool()),
             warning: report.as_ref().and_then(|r| r["warning"].as_str().map(String::from)),
+            partitions: report.as_ref().and_then(|r| r.get("partitions").cloned()),
             error: match state.as_str() {
                 "faulted" | "connecting" => store::meta(&db, "error")?,
                 _ => None,

@@ -479,6 +479,7 @@ impl Source for EmbeddedSource {
             events: batch.events,
             end: Checkpoint::at(PARTITION, batch.scanned_to),
             malformed: None,
+            checkpoints: Vec::new(),
         })
     }
 

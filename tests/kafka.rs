@@ -1,0 +1,501 @@
+//! Kafka as a source, against a real Apache Kafka 4 broker (KRaft, one JVM)
+//! on loopback: reading every partition from a checkpoint in both
+//! CloudEvents modes, duplicates dropped, a malformed record, retention past
+//! a checkpoint, a cluster that is down; and end to end through `projector
+//! run`: the state equals a replay after host kills and a broker restart,
+//! offsets committed to the consumer group, a partition added while running.
+
+mod util;
+
+use projector::sources::cloudevents::parse_event;
+use projector::sources::embedded::NewEvent;
+use projector::sources::kafka::{KafkaOpener, group_id, publish};
+use projector::sources::{Checkpoint, Filter, Health, Source, SourceError, SourceOpener};
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use serde_json::Value;
+use std::collections::{HashMap, HashSet};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+use util::*;
+
+/// One broker for the tests that do not stop it; each test has topics of
+/// its own.
+fn shared_broker() -> &'static KafkaBroker {
+    static BROKER: OnceLock<KafkaBroker> = OnceLock::new();
+    BROKER.get_or_init(KafkaBroker::start)
+}
+
+/// `n` wallet events as JSON lines, each with its user as `subject` (the
+/// record key: one user's events stay in one partition, in order).
+fn keyed_wallet_events(n: usize, users: usize, prefix: &str) -> Vec<String> {
+    wallet_events(n, users, prefix)
+        .into_iter()
+        .map(|line| {
+            let mut event: Value = serde_json::from_str(&line).unwrap();
+            event["subject"] = event["data"]["user_id"].clone();
+            event.to_string()
+        })
+        .collect()
+}
+
+fn parsed(lines: &[String]) -> Vec<NewEvent> {
+    lines.iter().map(|line| parse_event(line).unwrap()).collect()
+}
+
+/// Produce `events` in CloudEvents binary mode (`ce_` headers, the value
+/// is the data), keyed by subject, with rdkafka itself, as another
+/// publisher would.
+fn publish_binary(servers: &str, topic: &str, events: &[NewEvent]) {
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", servers)
+        .set("enable.idempotence", "true")
+        .create()
+        .unwrap();
+    for event in events {
+        let mut headers = OwnedHeaders::new();
+        let attributes = [
+            ("ce_specversion", Some("1.0")),
+            ("ce_id", Some(event.id.as_str())),
+            ("ce_type", Some(event.event_type.as_str())),
+            ("ce_source", Some(event.source.as_str())),
+            ("ce_subject", event.subject.as_deref()),
+            ("ce_time", event.time.as_deref()),
+            ("content-type", event.datacontenttype.as_deref().or(Some("application/json"))),
+        ];
+        for (key, value) in attributes {
+            if let Some(value) = value {
+                headers = headers.insert(Header { key, value: Some(value) });
+            }
+        }
+        let key = event.subject.clone().unwrap_or_default();
+        let record = BaseRecord::to(topic).payload(&event.data).key(&key).headers(headers);
+        producer.send(record).map_err(|(err, _)| err).unwrap();
+        producer.poll(Duration::ZERO);
+    }
+    producer.flush(Duration::from_secs(30)).unwrap();
+}
+
+/// Produce one raw record (no CloudEvent) to `partition`.
+fn publish_raw(servers: &str, topic: &str, partition: i32, body: &[u8]) {
+    let producer: BaseProducer = ClientConfig::new().set("bootstrap.servers", servers).create().unwrap();
+    producer
+        .send(BaseRecord::<(), _>::to(topic).partition(partition).payload(body))
+        .map_err(|(e, _)| e)
+        .unwrap();
+    producer.flush(Duration::from_secs(30)).unwrap();
+}
+
+/// Each partition's high watermark, by checkpoint name.
+fn high_watermarks(servers: &str, source: &str, topic: &str) -> HashMap<String, u64> {
+    let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", servers).create().unwrap();
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(5)).unwrap();
+    metadata.topics()[0]
+        .partitions()
+        .iter()
+        .map(|p| {
+            let (_, high) = consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(5)).unwrap();
+            (format!("kafka:{source}/{topic}/{}", p.id()), high as u64)
+        })
+        .collect()
+}
+
+fn open(servers: &str, topics: &[&str], reader: &str) -> Box<dyn Source> {
+    let filter = Filter { streams: topics.iter().map(|t| t.to_string()).collect(), types: None };
+    KafkaOpener::new("orders", vec![servers.to_string()]).unwrap().open(&filter, reader).unwrap()
+}
+
+/// Read as a runner does until every partition reaches `target`; returns
+/// the events (with their partitions) and the malformed reasons.
+fn read_until(
+    source: &mut dyn Source,
+    mut at: Checkpoint,
+    target: &HashMap<String, u64>,
+) -> (Vec<(String, projector::bindings::Event)>, Vec<String>, Checkpoint) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (mut events, mut malformed) = (Vec::new(), Vec::new());
+    while target.iter().any(|(p, high)| at.position(p) < *high) {
+        assert!(Instant::now() < deadline, "timed out at {:?} of {target:?}", at.to_json());
+        match source.next_batch(&at, 100, Duration::from_millis(100)) {
+            Ok(batch) => {
+                assert!(batch.events.len() <= 100);
+                assert!(
+                    batch.malformed.is_none() || batch.events.is_empty(),
+                    "a malformed record comes alone"
+                );
+                for (event, partition) in batch.events.iter().zip(&batch.partitions) {
+                    events.push((partition.to_string(), event.clone()));
+                }
+                if let Some(m) = &batch.malformed {
+                    malformed.push(m.reason.clone());
+                }
+                at = batch.end.clone();
+                source.acknowledge(&at).unwrap();
+            }
+            Err(SourceError::Unavailable(_)) => std::thread::sleep(Duration::from_millis(100)),
+            Err(SourceError::Failed(err)) => panic!("{err:#}"),
+        }
+    }
+    (events, malformed, at)
+}
+
+#[test]
+fn a_reader_takes_every_partition_from_its_checkpoint_in_both_modes_and_drops_duplicates() {
+    let broker = shared_broker();
+    let servers = broker.servers();
+    broker.create_topic("read", 3);
+    let lines = keyed_wallet_events(900, 60, "r");
+    let events = parsed(&lines);
+    let keys = vec![None; 300];
+    assert_eq!(
+        publish(std::slice::from_ref(&servers), "read", &events[..300], &keys).unwrap().published,
+        300
+    );
+    publish_binary(&servers, "read", &events[300..600]);
+    // A publisher retrying: the first 100 again, then the rest.
+    publish_binary(&servers, "read", &events[..100]);
+    publish(std::slice::from_ref(&servers), "read", &events[600..], &keys).unwrap();
+    publish_raw(&servers, "read", 1, b"not a cloudevent");
+    let high = high_watermarks(&servers, "orders", "read");
+    assert_eq!(high.values().sum::<u64>(), 1001);
+
+    let mut source = open(&servers, &["read"], "tests-read");
+    assert_eq!(source.key(), "kafka:orders");
+    let (read, malformed, end) = read_until(source.as_mut(), Checkpoint::default(), &high);
+    let ids: Vec<&str> = read.iter().map(|(_, e)| e.id.as_str()).collect();
+    assert_eq!(ids.len(), 900, "every event once, the 100 re-published dropped");
+    assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 900);
+    assert_eq!(malformed.len(), 1);
+    assert!(malformed[0].contains("topic read partition 1 offset"), "{}", malformed[0]);
+    assert!(malformed[0].contains("neither a structured-mode CloudEvent"), "{}", malformed[0]);
+    // One user's events in publish order: they share a key, so a partition.
+    let mut by_user: HashMap<String, Vec<usize>> = HashMap::new();
+    for (partition, event) in &read {
+        assert_eq!(event.stream, "read");
+        assert!(partition.starts_with("kafka:orders/read/"), "{partition}");
+        let n: usize = event.id.trim_start_matches("r-").parse().unwrap();
+        by_user.entry(event.subject.clone().unwrap()).or_default().push(n);
+    }
+    assert!(by_user.values().all(|ns| ns.windows(2).all(|w| w[0] < w[1])), "per-key order kept");
+    // The checkpoint holds the next offset of each partition: its head.
+    for (partition, high) in &high {
+        assert_eq!(end.position(partition), *high, "{partition}");
+    }
+    let progress = source.progress(&end).unwrap();
+    assert_eq!((progress.lag, progress.head.total()), (0, 1001));
+    assert!(source.warning().is_none());
+
+    // From a checkpoint mid-way: exactly what follows it, duplicates still
+    // dropped (the window is read back from the log).
+    let mid: Checkpoint = {
+        let mut mid = Checkpoint::default();
+        for (partition, high) in &high {
+            mid.set(partition, high / 2);
+        }
+        mid
+    };
+    let mut again = open(&servers, &["read"], "tests-read-2");
+    let (rest, _, _) = read_until(again.as_mut(), mid.clone(), &high);
+    let expected: Vec<&str> = read
+        .iter()
+        .filter(|(partition, event)| event.position >= mid.position(partition))
+        .map(|(_, e)| e.id.as_str())
+        .collect();
+    let mut got: Vec<&str> = rest.iter().map(|(_, e)| e.id.as_str()).collect();
+    let mut expected = expected;
+    got.sort();
+    expected.sort();
+    assert_eq!(got, expected);
+    assert_eq!(again.progress(&mid).unwrap().lag, high.values().map(|h| h - h / 2).sum::<u64>());
+}
+
+#[test]
+fn retention_past_a_checkpoint_is_an_error_naming_the_partition_and_a_rebuild_warns() {
+    let broker = shared_broker();
+    let servers = broker.servers();
+    broker.create_topic("retained", 1);
+    let events = parsed(&keyed_wallet_events(20, 5, "t"));
+    publish(std::slice::from_ref(&servers), "retained", &events, &[]).unwrap();
+    // Retention (or an operator) drops the records before offset 12.
+    let mut drop_before = TopicPartitionList::new();
+    drop_before.add_partition_offset("retained", 0, Offset::Offset(12)).unwrap();
+    let options = rdkafka::admin::AdminOptions::new();
+    block_on_future(broker.admin().delete_records(&drop_before, &options)).unwrap();
+
+    let mut source = open(&servers, &["retained"], "tests-retained");
+    let err =
+        match source.next_batch(&Checkpoint::at("kafka:orders/retained/0", 5), 100, Duration::from_secs(1)) {
+            Err(SourceError::Failed(err)) => format!("{err:#}"),
+            other => panic!("expected a failure, got {:?}", other.map(|b| b.events.len())),
+        };
+    assert!(
+        err.contains("topic retained partition 0: retention dropped the records before offset 12"),
+        "{err}"
+    );
+    assert!(err.contains("checkpoint is at offset 5"), "{err}");
+    assert!(err.contains("Rebuild the projection"), "{err}");
+
+    // A rebuild (no checkpoint) reads what is left, and says what it missed.
+    let mut rebuild = open(&servers, &["retained"], "tests-retained-rebuild");
+    let high = HashMap::from([("kafka:orders/retained/0".to_string(), 20)]);
+    let (read, _, _) = read_until(rebuild.as_mut(), Checkpoint::default(), &high);
+    assert_eq!(read.iter().map(|(_, e)| e.position).collect::<Vec<_>>(), (12..20).collect::<Vec<_>>());
+    let warning = rebuild.warning().expect("a warning");
+    assert!(warning.contains("topic retained partition 0: offsets 0 to 11"), "{warning}");
+}
+
+#[test]
+fn a_cluster_that_is_down_makes_reads_unavailable_with_the_reason() {
+    let port = free_port();
+    let mut source = open(&format!("127.0.0.1:{port}"), &["orders"], "tests-down");
+    let started = Instant::now();
+    match source.next_batch(&Checkpoint::default(), 10, Duration::from_millis(100)) {
+        Err(SourceError::Unavailable(reason)) => {
+            assert!(reason.contains(&format!("127.0.0.1:{port}")), "{reason}")
+        }
+        other => panic!("expected unavailable, got {:?}", other.map(|b| b.events.len())),
+    }
+    assert!(started.elapsed() < Duration::from_secs(10), "a read does not hang on a dead cluster");
+    assert!(matches!(source.health(), Health::Connecting { .. }));
+    let missing = open(&shared_broker().servers(), &["no-such-topic"], "tests-missing");
+    let mut missing = missing;
+    match missing.next_batch(&Checkpoint::default(), 10, Duration::from_millis(100)) {
+        Err(SourceError::Unavailable(reason)) => {
+            assert!(reason.contains("topic no-such-topic not found"), "{reason}")
+        }
+        other => panic!("expected unavailable, got {:?}", other.map(|b| b.events.len())),
+    }
+}
+
+const STATE_SQL: [&str; 2] = [
+    "SELECT wallet_address, user_id, allowlisted_at FROM allowlist ORDER BY wallet_address",
+    "SELECT user_id, wallet_address, kyc_verified_at FROM users ORDER BY user_id",
+];
+
+/// A config whose wallet-allowlist and event recorder read `topic` from
+/// the source `orders`, in batches of a fixed size (so a kill lands
+/// between two).
+fn write_kafka_config(ws: &Workspace, servers: &str, topic: &str) {
+    let mut text = format!("version = 1\ndata = \"data\"\n\n[sources.orders]\nkafka = [{servers:?}]\n");
+    for (name, module) in [("wallet-allowlist", "wallet_allowlist"), ("recorder", "event_recorder")] {
+        text.push_str(&format!(
+            "\n[[projection]]\nname = {name:?}\nmodule = {:?}\nsource = \"orders\"\nstreams = [{topic:?}]\n\
+             batch_size = 100\n",
+            guest(module).to_string_lossy()
+        ));
+    }
+    std::fs::write(ws.config(), text).unwrap();
+}
+
+/// `projector publish` of `lines` to `topic`.
+fn publish_cli(ws: &Workspace, name: &str, topic: &str, lines: &[String]) {
+    let file = ws.write_events(name, lines);
+    let out = json(&run_ok(&["publish", "--config", &ws.config_str(), "--source", "orders", topic, &file]));
+    assert_eq!(out["published"], lines.len(), "{out}");
+}
+
+/// Publish chunks alternating between `projector publish` (structured
+/// mode) and rdkafka (binary mode).
+fn publish_chunk(ws: &Workspace, servers: &str, topic: &str, i: usize, chunk: &[String]) {
+    match i % 2 {
+        0 => publish_cli(ws, &format!("chunk-{i}.jsonl"), topic, chunk),
+        _ => publish_binary(servers, topic, &parsed(chunk)),
+    }
+}
+
+/// The recorder's checkpoint: its partitions' positions added up.
+fn checkpoint_total(ws: &Workspace, projection: &str) -> u64 {
+    let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY;
+    let Ok(db) = rusqlite::Connection::open_with_flags(ws.database(projection), flags) else { return 0 };
+    db.query_row(
+        "SELECT coalesce(sum(position), 0) FROM projector_checkpoints WHERE source LIKE 'kafka:orders/%'",
+        [],
+        |r| r.get::<_, i64>(0),
+    )
+    .unwrap_or(0) as u64
+}
+
+fn wait_checkpoint(ws: &Workspace, at_least: u64, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while checkpoint_total(ws, "recorder") < at_least {
+        assert!(Instant::now() < deadline, "timed out waiting for the recorder's checkpoint past {at_least}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Every event of `unique` handled exactly once.
+fn assert_each_event_handled_once(ws: &Workspace, unique: usize) {
+    let recorded = ws.query("recorder", "SELECT count(*) AS handled, count(DISTINCT id) AS ids FROM handled");
+    assert_eq!(recorded, serde_json::json!([{"handled": unique, "ids": unique}]));
+}
+
+/// The wallet-allowlist state equals `projector replay` of the same events.
+fn assert_state_is_the_replay(ws: &Workspace, all: &str) {
+    let wallet = guest("wallet_allowlist");
+    for sql in STATE_SQL {
+        let replayed =
+            json(&run_ok(&["replay", "--module", wallet.to_str().unwrap(), "--events", all, "--sql", sql]));
+        assert!(replayed.as_array().unwrap().len() > 50, "the scenario fills the tables");
+        let live = ws.query("wallet-allowlist", sql);
+        assert!(live == replayed, "{sql}: the state built from Kafka differs from the replay");
+    }
+}
+
+/// The offsets committed to `group` for `topic`, by partition.
+fn committed(servers: &str, group: &str, topic: &str, partitions: i32) -> Vec<i64> {
+    let consumer: BaseConsumer =
+        ClientConfig::new().set("bootstrap.servers", servers).set("group.id", group).create().unwrap();
+    let mut list = TopicPartitionList::new();
+    for p in 0..partitions {
+        list.add_partition(topic, p);
+    }
+    let found = consumer.committed_offsets(list, Duration::from_secs(10)).unwrap();
+    (0..partitions)
+        .map(|p| match found.find_partition(topic, p).unwrap().offset() {
+            Offset::Offset(n) => n,
+            _ => -1,
+        })
+        .collect()
+}
+
+#[test]
+fn run_over_kafka_sigkilled_mid_stream_builds_the_state_of_a_replay_and_commits_group_offsets() {
+    const TOTAL: usize = 6000;
+    const CHUNK: usize = 1000;
+    let broker = shared_broker();
+    let servers = broker.servers();
+    broker.create_topic("wallets", 3);
+    let ws = Workspace::new();
+    write_kafka_config(&ws, &servers, "wallets");
+    let lines = keyed_wallet_events(TOTAL, 300, "w");
+    let all = ws.write_events("all.jsonl", &lines);
+    let mut host = ws.start();
+    let mut published = 0;
+    let mut kills = 0;
+    for (i, chunk) in lines.chunks(CHUNK).enumerate() {
+        let before = published;
+        published += chunk.len() as u64;
+        if !matches!(i, 1 | 3 | 4) {
+            publish_chunk(&ws, &servers, "wallets", i, chunk);
+        } else {
+            // Killed while it reads the chunk being published: a batch in.
+            std::thread::scope(|scope| {
+                scope.spawn(|| publish_chunk(&ws, &servers, "wallets", i, chunk));
+                wait_checkpoint(&ws, before + 100, Duration::from_secs(60));
+                host.kill();
+            });
+            let at = checkpoint_total(&ws, "recorder");
+            assert!(at < published, "the kill landed mid-stream ({at} of {published})");
+            kills += 1;
+            host = ws.start();
+        }
+        if i == 2 {
+            // A publisher retrying, and a record that is no event.
+            publish_binary(&servers, "wallets", &parsed(&lines[..CHUNK]));
+            publish_raw(&servers, "wallets", 0, b"{\"not\": \"an event\"}");
+            published += CHUNK as u64 + 1;
+        }
+    }
+    assert_eq!(kills, 3);
+    wait_checkpoint(&ws, published, Duration::from_secs(120));
+    wait_until(Duration::from_secs(30), "the allowlist caught up", || {
+        checkpoint_total(&ws, "wallet-allowlist") == published
+    });
+    wait_until(Duration::from_secs(30), "status: running, connected, at the head", || {
+        let status = ws.status_of("recorder");
+        status["state"] == "running"
+            && status["connected"] == true
+            && status["lag"] == 0
+            && status["head"] == published
+    });
+    let status = ws.status_of("recorder");
+    assert_eq!(status["dead_letters"], 1, "{status}");
+    let partitions = status["partitions"].as_object().expect("per-partition progress");
+    assert_eq!(partitions.len(), 3, "{status}");
+    for (name, partition) in partitions {
+        assert!(name.starts_with("kafka:orders/wallets/"), "{name}");
+        assert_eq!((&partition["lag"], &partition["position"]), (&0.into(), &partition["head"]), "{name}");
+    }
+    let letters = json(&run_ok(&["dead-letters", "list", "--config", &ws.config_str(), "recorder"]));
+    let letters = letters.as_array().unwrap();
+    assert!(letters[0]["reason"].as_str().unwrap().contains("topic wallets partition 0"), "{letters:?}");
+    // Kafka's lag tools see the projection where its checkpoint is.
+    let high = high_watermarks(&servers, "orders", "wallets");
+    let expected: Vec<i64> = (0..3).map(|p| high[&format!("kafka:orders/wallets/{p}")] as i64).collect();
+    wait_until(Duration::from_secs(10), "the group offsets committed", || {
+        committed(&servers, &group_id("recorder"), "wallets", 3) == expected
+    });
+    drop(host);
+    assert_each_event_handled_once(&ws, TOTAL);
+    assert_state_is_the_replay(&ws, &all);
+}
+
+#[test]
+fn a_partition_added_while_running_is_read() {
+    let broker = shared_broker();
+    let servers = broker.servers();
+    broker.create_topic("growing", 1);
+    let ws = Workspace::new();
+    write_kafka_config(&ws, &servers, "growing");
+    let lines = keyed_wallet_events(20, 5, "g");
+    publish_cli(&ws, "first.jsonl", "growing", &lines[..10]);
+    let host = ws.start();
+    wait_checkpoint(&ws, 10, Duration::from_secs(60));
+    let admin = broker.admin();
+    let more = rdkafka::admin::NewPartitions::new("growing", 2);
+    for result in
+        block_on_future(admin.create_partitions([&more], &rdkafka::admin::AdminOptions::new())).unwrap()
+    {
+        result.unwrap();
+    }
+    // Straight into the new partition.
+    let producer: BaseProducer = ClientConfig::new().set("bootstrap.servers", &servers).create().unwrap();
+    for line in &lines[10..] {
+        let headers = OwnedHeaders::new()
+            .insert(Header { key: "content-type", value: Some("application/cloudevents+json") });
+        producer
+            .send(BaseRecord::<(), _>::to("growing").partition(1).payload(line).headers(headers))
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+    producer.flush(Duration::from_secs(30)).unwrap();
+    wait_checkpoint(&ws, 20, Duration::from_secs(60));
+    let partitions =
+        ws.query("recorder", "SELECT count(*) AS n FROM handled WHERE CAST(substr(id, 3) AS INTEGER) >= 10");
+    assert_eq!(partitions, serde_json::json!([{"n": 10}]));
+    drop(host);
+    assert_each_event_handled_once(&ws, 20);
+}
+
+#[test]
+fn run_over_kafka_with_the_broker_killed_mid_stream_shows_connecting_then_catches_up() {
+    let mut broker = KafkaBroker::start();
+    let servers = broker.servers();
+    broker.create_topic("wallets", 3);
+    let ws = Workspace::new();
+    write_kafka_config(&ws, &servers, "wallets");
+    let lines = keyed_wallet_events(2000, 200, "b");
+    let all = ws.write_events("all.jsonl", &lines);
+    let host = ws.start();
+    publish_chunk(&ws, &servers, "wallets", 0, &lines[..1000]);
+    wait_checkpoint(&ws, 1000, Duration::from_secs(60));
+    broker.kill();
+    wait_until(Duration::from_secs(60), "the projections connecting", || {
+        ws.status().iter().all(|s| s["state"] == "connecting")
+    });
+    let status = ws.status_of("recorder");
+    assert!(status["error"].as_str().is_some_and(|e| e.contains(&servers)), "{status}");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(ws.status().iter().all(|s| s["state"] != "faulted"), "never faulted");
+    broker.restart();
+    publish_chunk(&ws, &servers, "wallets", 1, &lines[1000..]);
+    wait_checkpoint(&ws, 2000, Duration::from_secs(120));
+    wait_until(Duration::from_secs(30), "both running and caught up", || {
+        ws.status().iter().all(|s| s["state"] == "running" && s["lag"] == 0 && s["checkpoint"] == 2000)
+    });
+    drop(host);
+    assert_each_event_handled_once(&ws, 2000);
+    assert_state_is_the_replay(&ws, &all);
+}
