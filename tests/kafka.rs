@@ -430,6 +430,19 @@ fn run_over_kafka_sigkilled_mid_stream_builds_the_state_of_a_replay_and_commits_
     drop(host);
     assert_each_event_handled_once(&ws, TOTAL);
     assert_state_is_the_replay(&ws, &all);
+    // The module saw each event's partition, and within one partition each
+    // offset once.
+    let seen = ws.query(
+        "recorder",
+        "SELECT partition, count(*) AS events, count(DISTINCT position) AS offsets FROM handled \
+         GROUP BY partition ORDER BY partition",
+    );
+    let seen = seen.as_array().unwrap();
+    let numbers: Vec<Option<u64>> = seen.iter().map(|row| row["partition"].as_u64()).collect();
+    assert_eq!(numbers, [Some(0), Some(1), Some(2)], "{seen:?}");
+    for row in seen {
+        assert_eq!(row["events"], row["offsets"], "{row}");
+    }
 }
 
 #[test]

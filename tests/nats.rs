@@ -636,11 +636,13 @@ fn assert_each_event_handled_once(ws: &Workspace, total: usize) {
     let recorded = ws.query(
         "recorder",
         "SELECT count(*) AS handled, count(DISTINCT position) AS positions, count(DISTINCT id) AS ids, \
-         min(position) AS first, max(position) AS last FROM handled",
+         min(position) AS first, max(position) AS last, count(partition) AS partitioned FROM handled",
     );
     assert_eq!(
         recorded,
-        serde_json::json!([{"handled": total, "positions": total, "ids": total, "first": 1, "last": total}])
+        serde_json::json!([{
+            "handled": total, "positions": total, "ids": total, "first": 1, "last": total, "partitioned": 0
+        }])
     );
 }
 

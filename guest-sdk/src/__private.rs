@@ -21,7 +21,7 @@ pub mod bindings {
 
 use crate::context::{Backend, Context, Level, Rows, Value};
 use crate::{Event, Failure, Param, Projection};
-use bindings::projector::projection::{emit, log, prepared, sql, state};
+use bindings::projector::projection::{batch, emit, log, prepared, sql, state};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -143,9 +143,11 @@ pub fn init<P: Projection>(found: Option<u32>) -> Result<(), String> {
 }
 
 pub fn handle<P: Projection>(events: Vec<WitEvent>) -> Result<(), WitFailure> {
+    let partitions = batch::partitions();
     let events: Vec<Event> = events
         .into_iter()
-        .map(|e| Event {
+        .enumerate()
+        .map(|(i, e)| Event {
             stream: e.stream,
             position: e.position,
             id: e.id,
@@ -155,6 +157,7 @@ pub fn handle<P: Projection>(events: Vec<WitEvent>) -> Result<(), WitFailure> {
             correlation_id: e.correlation_id,
             causation_id: e.causation_id,
             data: e.data,
+            partition: partitions.get(i).copied().flatten(),
         })
         .collect();
     P::handle_batch(&Context::new(&WasmBackend), &events).map_err(|failure| match failure {

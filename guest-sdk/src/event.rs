@@ -18,6 +18,7 @@ pub struct Event {
     pub(crate) correlation_id: Option<String>,
     pub(crate) causation_id: Option<String>,
     pub(crate) data: Vec<u8>,
+    pub(crate) partition: Option<u32>,
 }
 
 impl Event {
@@ -35,6 +36,7 @@ impl Event {
             correlation_id: None,
             causation_id: None,
             data: data.into(),
+            partition: None,
         }
     }
 
@@ -52,6 +54,11 @@ impl Event {
     /// Set the position.
     pub fn with_position(mut self, position: u64) -> Self {
         self.position = position;
+        self
+    }
+    /// Set the source partition (a Kafka topic's partition number).
+    pub fn with_partition(mut self, partition: u32) -> Self {
+        self.partition = Some(partition);
         self
     }
     /// Set the id.
@@ -87,6 +94,13 @@ impl Event {
     /// The event's position in its source.
     pub fn position(&self) -> u64 {
         self.position
+    }
+    /// The source partition the event came from: a Kafka topic's partition
+    /// number; `None` for a source without partitions of its own (the
+    /// embedded log, a JetStream stream, a Redis stream key). Positions are
+    /// ordered within one `(stream, partition)`.
+    pub fn partition(&self) -> Option<u32> {
+        self.partition
     }
     /// The publisher's unique id for the event.
     pub fn id(&self) -> &str {

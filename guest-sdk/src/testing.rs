@@ -566,6 +566,7 @@ pub fn read_cloudevents(text: &str, stream: &str) -> Result<Vec<Event>, String> 
             correlation_id,
             causation_id,
             data,
+            partition: None,
         });
     }
     Ok(events)

@@ -208,6 +208,13 @@ pub trait Source: Send {
     fn waker(&self) -> Arc<dyn Wake>;
 }
 
+/// The partition number a guest sees for an event of `partition` (a name as
+/// in [`Batch::partitions`]): a Kafka topic's partition; none for sources
+/// without partitions of their own.
+pub fn partition_number(partition: &str) -> Option<u32> {
+    kafka::partition_number(partition)
+}
+
 /// Which events of a source a projection takes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Filter {

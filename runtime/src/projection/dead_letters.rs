@@ -100,7 +100,8 @@ pub fn retry_with(instance: &mut GuestInstance, letters: Vec<DeadLetter>) -> Res
         // The selection was read before this transaction: a concurrent
         // retry or discard may have taken the letter since. Then nothing of
         // this attempt may stay, or the event would be applied twice.
-        let attempt = instance.handle_in_transaction(&[letter.event()], |db| {
+        let partition = [crate::sources::partition_number(&letter.source)];
+        let attempt = instance.handle_in_transaction(&[letter.event()], &partition, |db| {
             if !store::remove_dead_letter(db, &letter.source, letter.position)? {
                 return Err(anyhow::Error::new(TakenMeanwhile));
             }

@@ -1063,7 +1063,9 @@ impl ProjectionRunner {
         self.retry_at = None;
         let started = std::time::Instant::now();
         let (unwritten, from) = (&self.unwritten, &self.checkpoint);
-        let attempt = self.instance.handle_in_transaction(events, |db| {
+        let partitions: Vec<Option<u32>> =
+            batch.partitions[range.clone()].iter().map(|p| crate::sources::partition_number(p)).collect();
+        let attempt = self.instance.handle_in_transaction(events, &partitions, |db| {
             match batch_writes(db, unwritten, from, &checkpoint_after)? {
                 true => Ok(()),
                 false => Err(CheckpointMoved.into()),

@@ -27,7 +27,7 @@
 //! rate-limited, with a count of what was dropped.
 
 use crate::bindings::{
-    EmitHost, Event, Level, LogHost, Rows, SqlHost, StateHost, Statement, TypesHost, Value,
+    BatchHost, EmitHost, Event, Level, LogHost, Rows, SqlHost, StateHost, Statement, TypesHost, Value,
 };
 use crate::config::Limits;
 use anyhow::{Result, bail};
@@ -79,6 +79,9 @@ pub struct GuestHost {
     prepared: Vec<(Arc<str>, Vec<String>)>,
     /// The handle of each prepared statement, by the guest's text.
     handles: HashMap<String, u32>,
+    /// The source partition of each event of the batch (empty when none
+    /// has one).
+    partitions: Vec<Option<u32>>,
 }
 
 impl GuestHost {
@@ -105,6 +108,7 @@ impl GuestHost {
             log_dropped: 0,
             prepared: Vec::new(),
             handles: HashMap::new(),
+            partitions: Vec::new(),
         })
     }
 
@@ -177,6 +181,16 @@ impl GuestHost {
     pub fn set_batch(&mut self, events: &[Event]) {
         self.batch.clear();
         self.batch.extend(events.iter().map(|e| (e.position, e.id.clone(), e.correlation_id.clone(), 0)));
+    }
+
+    /// The source partition of each event of the batch about to be
+    /// handled, in order (see `batch.partitions`): empty, or as long as the
+    /// batch.
+    pub fn set_partitions(&mut self, partitions: &[Option<u32>]) {
+        self.partitions.clear();
+        if partitions.iter().any(Option::is_some) {
+            self.partitions.extend_from_slice(partitions);
+        }
     }
 
     /// How many events the batch last handled emitted: the runner looks at
@@ -454,6 +468,12 @@ fn run_query(db: &Connection, text: &str, params: &[Value]) -> rusqlite::Result<
         out.push(values);
     }
     Ok(out)
+}
+
+impl BatchHost for GuestHost {
+    fn partitions(&mut self) -> Result<Vec<Option<u32>>> {
+        Ok(self.partitions.clone())
+    }
 }
 
 impl LogHost for GuestHost {
@@ -986,5 +1006,22 @@ mod prepared_tests {
         let err = host.prepare("SELECT 'one more'".into()).unwrap().unwrap_err();
         assert!(err.contains("1024 statements are prepared already"), "{err}");
         assert!(host.prepare("SELECT 5".into()).unwrap().is_ok(), "one prepared already still is");
+    }
+}
+
+#[cfg(test)]
+mod batch_tests {
+    use super::{BatchHost, GuestHost};
+    use crate::config::Limits;
+    use rusqlite::Connection;
+
+    #[test]
+    fn partitions_are_told_only_when_an_event_has_one() {
+        let db = Connection::open_in_memory().unwrap();
+        let mut host = GuestHost::new(db, "test".into(), Limits::default()).unwrap();
+        host.set_partitions(&[Some(2), None, Some(0)]);
+        assert_eq!(host.partitions().unwrap(), [Some(2), None, Some(0)]);
+        host.set_partitions(&[None, None]);
+        assert!(host.partitions().unwrap().is_empty(), "no event has one: the list is empty");
     }
 }

@@ -114,12 +114,15 @@ impl GuestInstance {
         self.store.data().db()
     }
 
-    /// `BEGIN`; `handle(events)`; on success `before_commit` (the
-    /// checkpoint, a dead letter's removal) and `COMMIT`; else `ROLLBACK`.
-    /// Fails only when the host itself fails (its database, a commit).
+    /// `BEGIN`; `handle(events)` (`partitions`: each event's source
+    /// partition, or empty when none has one); on success `before_commit`
+    /// (the checkpoint, a dead letter's removal) and `COMMIT`; else
+    /// `ROLLBACK`. Fails only when the host itself fails (its database, a
+    /// commit).
     pub fn handle_in_transaction(
         &mut self,
         events: &[Event],
+        partitions: &[Option<u32>],
         before_commit: impl FnOnce(&Connection) -> Result<()>,
     ) -> Result<Attempt> {
         let limits = *self.store.data().limits();
@@ -135,6 +138,7 @@ impl GuestInstance {
         }
         limits.arm(&mut self.store, self.engine.fuel_enabled())?;
         self.store.data_mut().set_batch(events);
+        self.store.data_mut().set_partitions(partitions);
         let result = self.guest.call_handle(&mut self.store, events);
         let dropped = self.store.data_mut().take_log_dropped();
         if dropped > 0 {

@@ -87,6 +87,14 @@ pub fn source_key(source: &str) -> String {
     format!("kafka:{source}")
 }
 
+/// The partition number in a partition's name (`kafka:<source>/<topic>/<n>`),
+/// if it is a Kafka partition's.
+pub fn partition_number(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix("kafka:")?;
+    let (_, number) = rest.rsplit_once('/')?;
+    rest.matches('/').count().eq(&2).then(|| number.parse().ok()).flatten()
+}
+
 /// Whether a client error means the cluster cannot be reached now (it will
 /// be retried), rather than something wrong with the request.
 fn transient(code: RDKafkaErrorCode) -> bool {
@@ -915,6 +923,15 @@ mod tests {
             owned = owned.insert(Header { key, value: Some(*value) });
         }
         parse(Some(&owned), body)
+    }
+
+    #[test]
+    fn a_partition_number_is_read_from_a_kafka_partition_name_only() {
+        assert_eq!(partition_number("kafka:orders/wallets/2"), Some(2));
+        assert_eq!(partition_number("kafka:orders/wallets"), None);
+        assert_eq!(partition_number("nats:WALLETS"), None);
+        assert_eq!(partition_number("log"), None);
+        assert_eq!(partition_number("redis:db0/wallets"), None);
     }
 
     #[test]

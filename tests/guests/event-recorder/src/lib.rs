@@ -1,4 +1,4 @@
-//! Test-only guest: records `(position, id, type)` of every event it handles
+//! Test-only guest: records `(position, id, stream, type, partition)` of every event it handles
 //! in a table with no uniqueness, and counts them in its key/value state, so
 //! a test can prove each event took effect exactly once.
 //!
@@ -18,7 +18,8 @@ impl Projection for EventRecorder {
                 position INTEGER NOT NULL,
                 id TEXT NOT NULL,
                 stream TEXT NOT NULL,
-                type TEXT NOT NULL
+                type TEXT NOT NULL,
+                partition INTEGER
             )",
             &[],
         )?;
@@ -34,12 +35,13 @@ impl Projection for EventRecorder {
             _ => {}
         }
         ctx.sql().execute(
-            "INSERT INTO handled (position, id, stream, type) VALUES (?1, ?2, ?3, ?4)",
+            "INSERT INTO handled (position, id, stream, type, partition) VALUES (?1, ?2, ?3, ?4, ?5)",
             &[
                 (event.position() as i64).into(),
                 event.id().into(),
                 event.stream().into(),
                 event.event_type().into(),
+                event.partition().map(i64::from).into(),
             ],
         )?;
         let count: u64 = ctx.state().get("count")?.unwrap_or(0);
