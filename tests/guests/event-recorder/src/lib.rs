@@ -1,4 +1,5 @@
-//! Test-only guest: records `(position, id, type)` of every event it handles
+//! Test-only guest: records `(position, id, stream, type)`, and the
+//! subject, correlation id and data as it saw them, of every event it handles
 //! in a table with no uniqueness, and counts them in its key/value state, so
 //! a test can prove each event took effect exactly once.
 //!
@@ -18,7 +19,10 @@ impl Projection for EventRecorder {
                 position INTEGER NOT NULL,
                 id TEXT NOT NULL,
                 stream TEXT NOT NULL,
-                type TEXT NOT NULL
+                type TEXT NOT NULL,
+                subject TEXT,
+                correlation_id TEXT,
+                data TEXT
             )",
             &[],
         )?;
@@ -34,12 +38,16 @@ impl Projection for EventRecorder {
             _ => {}
         }
         ctx.sql().execute(
-            "INSERT INTO handled (position, id, stream, type) VALUES (?1, ?2, ?3, ?4)",
+            "INSERT INTO handled (position, id, stream, type, subject, correlation_id, data)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             &[
                 (event.position() as i64).into(),
                 event.id().into(),
                 event.stream().into(),
                 event.event_type().into(),
+                event.subject().into(),
+                event.correlation_id().into(),
+                String::from_utf8_lossy(event.data()).into_owned().into(),
             ],
         )?;
         let count: u64 = ctx.state().get("count")?.unwrap_or(0);
