@@ -597,7 +597,7 @@ fn order_fees_over_kafka_publishes_its_charges_to_the_routed_topic_and_a_reader_
         causation_id: Some("evt-o08".into()),
         data: serde_json::to_vec(&emitted[0]["data"]).unwrap(),
     };
-    publish(&[servers.clone()], charges, &[copy], &[]).unwrap();
+    publish(std::slice::from_ref(&servers), charges, &[copy], &[]).unwrap();
     wait_until(Duration::from_secs(30), "the outbox published", || ws.status_of("order-fees")["outbox"] == 0);
     wait_until(Duration::from_secs(10), "the error cleared", || live(&host)["last_error"].is_null());
     let m = metrics(&host.url());
