@@ -1,8 +1,9 @@
 //! The official CloudEvents SDK for Python (PyPI `cloudevents`) as an
-//! outside client of HTTP ingest: events it posts in binary mode and in
-//! structured mode land in the log with their attributes and data intact.
-//! The SDK is installed in a virtualenv under `target/py` (by
-//! `scripts/test`, or here when it is missing).
+//! outside client, in binary mode and in structured mode: of HTTP ingest
+//! (the events land in the log with their attributes and data intact), and
+//! of Kafka, producing with Confluent's client (PyPI `confluent-kafka`) to
+//! a topic a projection reads. Both are installed in a virtualenv under
+//! `target/py` (by `scripts/test`, or here when it is missing).
 
 mod util;
 
@@ -14,13 +15,19 @@ use util::*;
 
 /// The SDK version the test posts with.
 const SDK_VERSION: &str = "2.2.0";
+/// The Kafka client the SDK's Kafka messages are produced with (its
+/// librdkafka is the one the runtime's client builds).
+const KAFKA_CLIENT_VERSION: &str = "2.12.0";
 
 /// A Python with the SDK: `target/py`, made (or brought to the version)
 /// when it is not there yet.
 fn python_with_sdk() -> PathBuf {
     let venv = root().join("target/py");
     let python = venv.join("bin/python");
-    let check = format!("import sys, cloudevents; sys.exit(cloudevents.__version__ != {SDK_VERSION:?})");
+    let check = format!(
+        "import sys, cloudevents, confluent_kafka; from importlib.metadata import version; \
+         sys.exit(version('cloudevents') != {SDK_VERSION:?} or version('confluent-kafka') != {KAFKA_CLIENT_VERSION:?})"
+    );
     let ready = || Command::new(&python).args(["-c", &check]).status().is_ok_and(|s| s.success());
     if !ready() {
         let made = Command::new("python3").arg("-m").arg("venv").arg(&venv).status().unwrap_or_else(|err| {
@@ -28,10 +35,19 @@ fn python_with_sdk() -> PathBuf {
         });
         assert!(made.success(), "python3 -m venv {} failed: install python3-venv", venv.display());
         let pip = Command::new(venv.join("bin/pip"))
-            .args(["install", "--quiet", &format!("cloudevents=={SDK_VERSION}")])
+            .args([
+                "install",
+                "--quiet",
+                &format!("cloudevents=={SDK_VERSION}"),
+                &format!("confluent-kafka=={KAFKA_CLIENT_VERSION}"),
+            ])
             .status()
             .unwrap();
-        assert!(pip.success(), "pip install cloudevents=={SDK_VERSION} failed (is PyPI reachable?)");
+        assert!(
+            pip.success(),
+            "pip install cloudevents=={SDK_VERSION} confluent-kafka=={KAFKA_CLIENT_VERSION} failed (is PyPI \
+             reachable?)"
+        );
         assert!(ready(), "the SDK is still not importable from {}", python.display());
     }
     python
@@ -77,5 +93,70 @@ fn events_posted_by_the_python_sdk_in_binary_and_structured_mode_land_intact() {
     let handled = ws.query("recorder", "SELECT id FROM handled ORDER BY position");
     let ids: Vec<&Value> = sent.iter().map(|e| &e["id"]).collect();
     assert_eq!(handled.as_array().unwrap().iter().map(|row| &row["id"]).collect::<Vec<_>>(), ids);
+    drop(host);
+}
+
+#[test]
+fn events_the_python_sdk_produces_to_kafka_in_both_modes_are_read_intact_by_a_projection() {
+    let python = python_with_sdk();
+    let broker = KafkaBroker::start();
+    let (servers, topic) = (broker.servers(), "sdk-wallets");
+    broker.create_topic(topic, 3);
+    let script = root().join("tests/python/produce_kafka_with_sdk.py");
+    let output = Command::new(&python).arg(&script).args([&servers, topic, "30"]).output().unwrap();
+    assert!(output.status.success(), "the SDK client failed:\n{}", String::from_utf8_lossy(&output.stderr));
+    let report = json(&String::from_utf8(output.stdout).unwrap());
+    let sent = report["sent"].as_array().unwrap();
+    assert_eq!(sent.iter().filter(|e| e["mode"] == "binary").count(), 15);
+    // The binding keys each record by its partitionkey: one key, one
+    // partition.
+    for event in sent {
+        assert_eq!(event["key"], event["partitionkey"], "{event}");
+        let same_key = sent.iter().filter(|other| other["key"] == event["key"]);
+        assert!(same_key.map(|other| &other["partition"]).all(|p| *p == event["partition"]), "{event}");
+    }
+
+    let ws = Workspace::new();
+    std::fs::write(
+        ws.config(),
+        format!(
+            "version = 1\ndata = \"data\"\n\n[sources.bus]\nkafka = [{servers:?}]\n\n[[projection]]\n\
+             name = \"recorder\"\nmodule = {:?}\nsource = \"bus\"\nstreams = [{topic:?}]\n",
+            guest("event_recorder").to_string_lossy()
+        ),
+    )
+    .unwrap();
+    let host = ws.start();
+    wait_until(Duration::from_secs(60), "the recorder caught up", || {
+        let status = ws.status_of("recorder");
+        status["lag"] == 0 && status["checkpoint"] != 0
+    });
+    let handled = ws.query(
+        "recorder",
+        "SELECT id, stream, position, type, subject, correlation_id, data FROM handled ORDER BY rowid",
+    );
+    let handled = handled.as_array().unwrap();
+    assert_eq!(handled.len(), sent.len(), "every event once, none a dead letter: {handled:?}");
+    for expected in sent {
+        let row = handled
+            .iter()
+            .find(|row| row["id"] == expected["id"])
+            .unwrap_or_else(|| panic!("{} ({} mode) was not handled", expected["id"], expected["mode"]));
+        let what = format!("{} ({} mode)", expected["id"], expected["mode"]);
+        assert_eq!((&row["stream"], &row["position"]), (&topic.into(), &expected["offset"]), "{what}");
+        assert_eq!((&row["type"], &row["subject"]), (&expected["type"], &expected["subject"]), "{what}");
+        assert_eq!(row["correlation_id"], expected["correlationid"], "{what}");
+        let data: Value = serde_json::from_str(row["data"].as_str().unwrap()).unwrap();
+        assert_eq!(data, expected["data"], "data of {what}");
+        assert_eq!(data["note"], Value::from("café ✓"), "UTF-8 data survives");
+    }
+    // Within a partition, in the order produced.
+    for partition in 0..3 {
+        let produced: Vec<&Value> =
+            sent.iter().filter(|e| e["partition"] == partition).map(|e| &e["id"]).collect();
+        let ids: Vec<&Value> =
+            handled.iter().filter(|row| produced.contains(&&row["id"])).map(|row| &row["id"]).collect();
+        assert_eq!(ids, produced, "partition {partition}");
+    }
     drop(host);
 }

@@ -3,7 +3,8 @@
 //! CloudEvents modes, duplicates dropped, a malformed record, retention past
 //! a checkpoint, a cluster that is down; and end to end through `projector
 //! run`: the state equals a replay after host kills and a broker restart,
-//! offsets committed to the consumer group, a partition added while running.
+//! offsets committed to the consumer group, a partition added while running;
+//! a projection emitting to a topic (the outbox published to Kafka).
 
 mod util;
 
@@ -511,4 +512,181 @@ fn run_over_kafka_with_the_broker_killed_mid_stream_shows_connecting_then_catche
     drop(host);
     assert_each_event_handled_once(&ws, 2000);
     assert_state_is_the_replay(&ws, &all);
+}
+
+/// Every record of partition 0 of `topic`, oldest first: its key and its
+/// value as JSON (structured mode).
+fn records(servers: &str, topic: &str) -> Vec<(Option<String>, Value)> {
+    use rdkafka::message::Message as _;
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", servers)
+        .set("group.id", "tests-records")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let (_, high) = consumer.fetch_watermarks(topic, 0, Duration::from_secs(10)).unwrap();
+    let mut list = TopicPartitionList::new();
+    list.add_partition_offset(topic, 0, Offset::Beginning).unwrap();
+    consumer.assign(&list).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut found = Vec::new();
+    while (found.len() as i64) < high {
+        assert!(Instant::now() < deadline, "read {} of {high} records of {topic}", found.len());
+        if let Some(message) = consumer.poll(Duration::from_millis(100)) {
+            let message = message.unwrap();
+            let key = message.key().map(|k| String::from_utf8(k.to_vec()).unwrap());
+            found.push((key, serde_json::from_slice(message.payload().unwrap()).unwrap()));
+        }
+    }
+    found
+}
+
+/// The offset of the first line of `lines` whose event has `id`: its
+/// position once produced, in order, to an empty one-partition topic.
+fn offset_of(lines: &[String], id: &str) -> usize {
+    lines.iter().position(|line| parse_event(line).unwrap().id == id).unwrap()
+}
+
+#[test]
+fn order_fees_over_kafka_publishes_its_charges_to_the_routed_topic_and_a_reader_takes_each_once() {
+    let broker = shared_broker();
+    let servers = broker.servers();
+    let (orders, charges) = ("fees-orders", "fees-charges");
+    broker.create_topic(orders, 1);
+    let ws = Workspace::new();
+    let config = format!(
+        "version = 1\ndata = \"data\"\n\n[sources.orders]\nkafka = [{servers:?}]\n\n\
+         [[projection]]\nname = \"order-fees\"\nmodule = {:?}\nsource = \"orders\"\nstreams = [{orders:?}]\n\
+         emit = {{ charges = {charges:?} }}\n",
+        guest("order_fees").to_string_lossy()
+    );
+    std::fs::write(ws.config(), config).unwrap();
+    let scenario = root().join("projections/order-fees/fixtures/scenario.jsonl");
+    let lines: Vec<String> =
+        std::fs::read_to_string(&scenario).unwrap().lines().map(str::to_string).collect();
+    // Kafka stores the repeated approval too (offset 13); the reader drops it.
+    publish_cli(&ws, "scenario.jsonl", orders, &lines);
+    // A Kafka position is the offset: the charges are caused at the
+    // approvals' offsets, not at the embedded log's positions.
+    let first = format!("order-fees:{}:0", offset_of(&lines, "evt-o08"));
+    let second = format!("order-fees:{}:0", offset_of(&lines, "evt-o11"));
+    assert_eq!((first.as_str(), second.as_str()), ("order-fees:7:0", "order-fees:10:0"));
+
+    // The topic does not exist: the charges wait in the outbox, the error
+    // names it and says to create it, and the projection runs on.
+    let host = ws.start();
+    wait_until(Duration::from_secs(60), "order-fees waiting to publish two charges", || {
+        let status = ws.status_of("order-fees");
+        status["lag"] == 0 && status["outbox"] == 2
+    });
+    let live = |host: &Host| -> Value {
+        let url = format!("{}/projections/order-fees", host.url());
+        ureq::get(url).call().unwrap().body_mut().read_json().unwrap()
+    };
+    let error = format!("topic {charges} does not exist on Kafka at {servers}: create it");
+    wait_until(Duration::from_secs(10), "the publish error in status", || {
+        live(&host)["last_error"].as_str().is_some_and(|e| e.contains(&error))
+    });
+    let status = live(&host);
+    assert!(status["last_error"].as_str().unwrap().contains("the events wait in the outbox"), "{status}");
+    assert_eq!(ws.status_of("order-fees")["state"], "running");
+
+    // The topic appears, already holding the first charge, as a host that
+    // published it and died before clearing its outbox would leave it.
+    broker.create_topic(charges, 1);
+    let expected: Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("projections/order-fees/fixtures/expected.json")).unwrap(),
+    )
+    .unwrap();
+    let emitted = expected["emitted"].as_array().unwrap();
+    let copy = NewEvent {
+        id: first.clone(),
+        source: "projector/order-fees".into(),
+        event_type: "order_charged".into(),
+        subject: Some("ord-1".into()),
+        time: None,
+        datacontenttype: Some("application/json".into()),
+        correlation_id: Some("checkout-1".into()),
+        causation_id: Some("evt-o08".into()),
+        data: serde_json::to_vec(&emitted[0]["data"]).unwrap(),
+    };
+    publish(std::slice::from_ref(&servers), charges, &[copy], &[]).unwrap();
+    wait_until(Duration::from_secs(30), "the outbox published", || ws.status_of("order-fees")["outbox"] == 0);
+    wait_until(Duration::from_secs(10), "the error cleared", || live(&host)["last_error"].is_null());
+    let m = metrics(&host.url());
+    assert_eq!(m.get(r#"projector_events_published_total{projection="order-fees"}"#), Some(&2.0));
+
+    // Kafka keeps no ids: the republished first charge is stored again,
+    // under the same id, in the same partition (same key).
+    let published = records(&servers, charges);
+    let ids: Vec<&str> = published.iter().map(|(_, event)| event["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, [first.as_str(), first.as_str(), second.as_str()]);
+    let (key, event) = &published[2];
+    let want = &emitted[1];
+    assert_eq!(key.as_deref(), want["subject"].as_str(), "the record key is the subject");
+    assert_eq!(
+        (&event["type"], &event["source"], &event["subject"], &event["data"]),
+        (&want["type"], &want["source"], &want["subject"], &want["data"])
+    );
+    assert_eq!(
+        (&event["correlationid"], &event["causationid"]),
+        (&want["correlation_id"], &want["causation_id"])
+    );
+
+    // Killed and started again: nothing is published a second time, and a
+    // new approval's charge goes out once.
+    host.kill();
+    let host = ws.start();
+    let more = [
+        cloud_event(
+            "cap-ord-4",
+            "order_captured",
+            serde_json::json!({"order_id": "ord-4", "fee": 7, "discount": 0}),
+        ),
+        cloud_event_correlated(
+            "app-ord-4",
+            "order_approved",
+            serde_json::json!({"order_id": "ord-4"}),
+            "checkout-4",
+        ),
+    ];
+    publish_cli(&ws, "more.jsonl", orders, &more);
+    let third = format!("order-fees:{}:0", lines.len() + 1);
+    wait_until(Duration::from_secs(30), "the third charge published", || {
+        let status = ws.status_of("order-fees");
+        status["lag"] == 0 && status["outbox"] == 0 && records(&servers, charges).len() == 4
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let ids: Vec<String> =
+        records(&servers, charges).into_iter().map(|(_, e)| e["id"].as_str().unwrap().to_string()).collect();
+    assert_eq!(ids, [first.clone(), first.clone(), second.clone(), third.clone()]);
+    drop(host);
+
+    // A projector reading the charges takes each once: the copy (offset 1)
+    // is dropped by id.
+    let reader = Workspace::new();
+    std::fs::write(
+        reader.config(),
+        format!(
+            "version = 1\ndata = \"data\"\n\n[sources.billing]\nkafka = [{servers:?}]\n\n[[projection]]\n\
+             name = \"recorder\"\nmodule = {:?}\nsource = \"billing\"\nstreams = [{charges:?}]\n",
+            guest("event_recorder").to_string_lossy()
+        ),
+    )
+    .unwrap();
+    let host = reader.start();
+    wait_until(Duration::from_secs(60), "the reader caught up", || {
+        let status = reader.status_of("recorder");
+        status["lag"] == 0 && status["checkpoint"] == 4
+    });
+    let handled = reader.query("recorder", "SELECT id, position FROM handled ORDER BY position");
+    assert_eq!(
+        handled,
+        serde_json::json!([
+            {"id": first, "position": 0},
+            {"id": second, "position": 2},
+            {"id": third, "position": 3},
+        ])
+    );
+    drop(host);
 }

@@ -3,7 +3,8 @@
 //! the binding, malformed entries, a server killed mid-read, a stream
 //! trimmed past the checkpoint, `projector publish`; and end to end through
 //! `projector run`: the state equals a replay, after host kills, a server
-//! restart, and on two replicas.
+//! restart, and on two replicas; a projection emitting to a stream key (the
+//! outbox added to Redis, a copy dropped by id).
 
 mod util;
 
@@ -828,4 +829,113 @@ fn two_replicas_reading_three_keys_build_identical_state() {
         assert_each_event_handled_once(ws, 5000);
         assert_state_is_the_replay(ws, &all);
     }
+}
+
+/// Each structured-mode entry of `key`, as JSON.
+fn structured_entries(server: &RedisServer, key: &str) -> Vec<serde_json::Value> {
+    type Entry = (String, Vec<(String, Vec<u8>)>);
+    let reply: Vec<Entry> =
+        redis::cmd("XRANGE").arg(key).arg("-").arg("+").query(&mut server.connection()).unwrap();
+    reply
+        .into_iter()
+        .map(|(_, fields)| {
+            let fields: HashMap<String, Vec<u8>> = fields.into_iter().collect();
+            serde_json::from_slice(&fields["cloudevent"]).unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn order_fees_over_redis_adds_its_charges_to_the_routed_key_once_with_their_cause() {
+    let server = RedisServer::start();
+    let (orders, charges) = ("orders", "billing:{eu}:charges");
+    let ws = Workspace::new();
+    let config = format!(
+        "version = 1\ndata = \"data\"\n\n[sources.cache]\nredis = {:?}\n\n[[projection]]\nname = \"order-fees\"\n\
+         module = {:?}\nsource = \"cache\"\nstreams = [{orders:?}]\nemit = {{ charges = {charges:?} }}\n",
+        server.url(),
+        guest("order_fees").to_string_lossy()
+    );
+    std::fs::write(ws.config(), config).unwrap();
+    let scenario = root().join("projections/order-fees/fixtures/scenario.jsonl");
+    let lines: Vec<String> =
+        std::fs::read_to_string(&scenario).unwrap().lines().map(str::to_string).collect();
+    assert_eq!(publish_cli(&ws, orders, &lines), (13, 1), "the repeated approval is dropped");
+    // A Redis position is the entry ID (encoded): the charges are caused at
+    // the approvals' entries.
+    let added = entries(&server, orders);
+    let cause = |id: &str| added.iter().find(|(_, event)| event == id).unwrap().0;
+    let (first, second) =
+        (format!("order-fees:{}:0", cause("evt-o08")), format!("order-fees:{}:0", cause("evt-o11")));
+
+    // The first charge is there already, as a host that added it and died
+    // before clearing its outbox would leave it.
+    let expected: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("projections/order-fees/fixtures/expected.json")).unwrap(),
+    )
+    .unwrap();
+    let emitted = expected["emitted"].as_array().unwrap();
+    let copy = NewEvent {
+        id: first.clone(),
+        source: "projector/order-fees".into(),
+        event_type: "order_charged".into(),
+        subject: Some("ord-1".into()),
+        time: None,
+        datacontenttype: Some("application/json".into()),
+        correlation_id: Some("checkout-1".into()),
+        causation_id: Some("evt-o08".into()),
+        data: serde_json::to_vec(&emitted[0]["data"]).unwrap(),
+    };
+    assert_eq!(
+        publish(&server.url(), charges, &[copy]).unwrap(),
+        PublishOutcome { published: 1, duplicates: 0 }
+    );
+
+    let host = ws.start();
+    wait_until(Duration::from_secs(60), "order-fees caught up and its outbox published", || {
+        let status = ws.status_of("order-fees");
+        status["lag"] == 0 && status["outbox"] == 0 && status["checkpoint"] != 0
+    });
+    let m = metrics(&host.url());
+    assert_eq!(m.get(r#"projector_events_published_total{projection="order-fees"}"#), Some(&2.0));
+    let ids: Vec<String> = entries(&server, charges).into_iter().map(|(_, id)| id).collect();
+    assert_eq!(ids, [first.clone(), second.clone()], "each charge once, the copy's id dropped");
+    let event = &structured_entries(&server, charges)[1];
+    let want = &emitted[1];
+    assert_eq!(
+        (&event["type"], &event["source"], &event["subject"], &event["data"]),
+        (&want["type"], &want["source"], &want["subject"], &want["data"])
+    );
+    assert_eq!(
+        (&event["correlationid"], &event["causationid"]),
+        (&want["correlation_id"], &want["causation_id"])
+    );
+
+    // Killed and started again: nothing is added a second time, and a new
+    // approval's charge goes out once.
+    host.kill();
+    let host = ws.start();
+    let more = [
+        cloud_event(
+            "cap-ord-4",
+            "order_captured",
+            serde_json::json!({"order_id": "ord-4", "fee": 7, "discount": 0}),
+        ),
+        cloud_event_correlated(
+            "app-ord-4",
+            "order_approved",
+            serde_json::json!({"order_id": "ord-4"}),
+            "checkout-4",
+        ),
+    ];
+    assert_eq!(publish_cli(&ws, orders, &more), (2, 0));
+    let third = format!("order-fees:{}:0", entries(&server, orders).last().unwrap().0);
+    wait_until(Duration::from_secs(30), "the third charge added", || {
+        let status = ws.status_of("order-fees");
+        status["lag"] == 0 && status["outbox"] == 0 && entries(&server, charges).len() == 3
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let ids: Vec<String> = entries(&server, charges).into_iter().map(|(_, id)| id).collect();
+    assert_eq!(ids, [first, second, third]);
+    drop(host);
 }

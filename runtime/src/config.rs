@@ -358,11 +358,12 @@ pub struct ProjectionConfig {
     /// `[projection.limits]` / `call_timeout_ms = 1000`
     #[serde(default)]
     pub limits: LimitsConfig,
-    /// For a projection reading a broker: where the events it emits go,
-    /// emitted stream → NATS subject (which a JetStream stream must
-    /// capture). A stream not named here goes to the subject of its own
-    /// name. Not for the embedded log, whose projections emit to the log's
-    /// stream of the same name.
+    /// For a projection reading a broker: where the events it emits go on
+    /// that broker, emitted stream → a NATS subject (which a JetStream
+    /// stream must capture), a Kafka topic (which must exist) or a Redis
+    /// stream key. A stream not named here goes to the subject, topic or
+    /// key of its own name. Not for the embedded log, whose projections
+    /// emit to the log's stream of the same name.
     ///
     /// `emit = { charges = "billing.charges" }`
     #[serde(default)]
@@ -526,20 +527,28 @@ impl Config {
                     at(i)
                 )));
             }
-            for (stream, subject) in &p.emit {
+            let source = p.source.as_ref().map(|name| &config.sources[name]);
+            for (stream, route) in &p.emit {
                 validate_stream_name(stream)
                     .map_err(|err| invalid(format!("projection {:?}{}: emit: {err:#}", p.name, at(i))))?;
-                validate_subject_filter(subject)
-                    .and_then(|()| match subject.split('.').any(|t| t == "*" || t == ">") {
-                        true => Err(format!(
-                            "{subject:?} has a wildcard; an emitted event goes to one subject, e.g. \
-                             \"billing.charges\""
-                        )),
-                        false => Ok(()),
-                    })
-                    .map_err(|err| {
-                        invalid(format!("projection {:?}{}: emit.{stream}: {err}", p.name, at(i)))
-                    })?;
+                let checked = match source {
+                    Some(source) if source.kafka.is_some() => validate_topic(route),
+                    Some(source) if source.redis.is_some() => {
+                        crate::sources::redis::validate_key(route).map_err(|err| format!("{err:#}"))
+                    }
+                    _ => validate_subject_filter(route).and_then(|()| {
+                        match route.split('.').any(|t| t == "*" || t == ">") {
+                            true => Err(format!(
+                                "{route:?} has a wildcard; an emitted event goes to one subject, e.g. \
+                                 \"billing.charges\""
+                            )),
+                            false => Ok(()),
+                        }
+                    }),
+                };
+                checked.map_err(|err| {
+                    invalid(format!("projection {:?}{}: emit.{stream}: {err}", p.name, at(i)))
+                })?;
             }
             if p.types.as_ref().is_some_and(Vec::is_empty) {
                 return Err(invalid(format!(
@@ -901,6 +910,14 @@ types = ["wallet_updated", "kyc_verified"]
             good.source_of(&good.projections[0]),
             SourceKind::Redis { name: "cache", url: "redis://127.0.0.1:6379/2" }
         );
+        // A key is routed as it is, wildcard characters and all (no NATS
+        // subject rules).
+        let routed = parse(&redis(
+            "redis = \"redis://h:6379\"",
+            "[\"w\"]\nemit = { charges = \"billing:*:charges\" }",
+        ))
+        .unwrap();
+        assert_eq!(routed.projections[0].emit["charges"], "billing:*:charges");
         let cases = [
             (
                 redis("redis = \"http://127.0.0.1:6379\"", "[\"w\"]"),
@@ -922,6 +939,15 @@ types = ["wallet_updated", "kyc_verified"]
             (redis("redis = \"redis://h:6379\"", "[\"a b\"]"), "\"a b\" is not a stream key"),
             (redis("redis = \"redis://h:6379\"", "[\"w\", \"w\"]"), "streams lists \"w\" twice"),
             (redis("redis = \"redis://h:6379\"\nkeys = []", "[\"w\"]"), "unknown field `keys`"),
+            (
+                redis("redis = \"redis://h:6379\"", "[\"w\"]\nemit = { charges = \"billing charges\" }"),
+                "projection \"p\" (line 5): emit.charges: \"billing charges\" is not a stream key: use 1 to 512 \
+                 bytes without whitespace",
+            ),
+            (
+                redis("redis = \"redis://h:6379\"", "[\"w\"]\nemit = { \"bad name\" = \"charges\" }"),
+                "projection \"p\" (line 5): emit: invalid stream name \"bad name\"",
+            ),
         ];
         for (text, expected) in cases {
             let err = parse(&text).unwrap_err().to_string();
@@ -938,6 +964,8 @@ types = ["wallet_updated", "kyc_verified"]
             config.source_of(&config.projections[0]),
             SourceKind::Kafka { name: "orders", servers: vec!["127.0.0.1:9092".into()] }
         );
+        let routed = parse(&format!("{kafka}emit = {{ charges = \"billing-charges.v1\" }}\n")).unwrap();
+        assert_eq!(routed.projections[0].emit["charges"], "billing-charges.v1");
         let cases = [
             (kafka.replace("[\"127.0.0.1:9092\"]", "[]"), "[sources.orders]: kafka = [] lists no server"),
             (
@@ -957,6 +985,15 @@ types = ["wallet_updated", "kyc_verified"]
                 "projection \"fees\" (line 5): \"set tings\" is not a Kafka topic name",
             ),
             (kafka.replace("kafka = [\"127.0.0.1:9092\"]", "kafak = []"), "unknown field `kafak`"),
+            (
+                format!("{kafka}emit = {{ charges = \"billing:charges\" }}\n"),
+                "projection \"fees\" (line 5): emit.charges: \"billing:charges\" is not a Kafka topic name: use 1 \
+                 to 249 ASCII letters, digits, '.', '_' or '-'",
+            ),
+            (
+                format!("{kafka}emit = {{ charges = \"..\" }}\n"),
+                "projection \"fees\" (line 5): emit.charges: \"..\" is not a Kafka topic name",
+            ),
         ];
         for (text, expected) in cases {
             let err = parse(&text).unwrap_err().to_string();

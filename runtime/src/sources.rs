@@ -249,7 +249,8 @@ pub trait SourceOpener: Send + Sync {
 
     /// Where a projection reading this source publishes what it emits:
     /// `routes` maps an emitted stream to the broker's name for it (a NATS
-    /// subject); a stream not named keeps its own name. `None`: the
+    /// subject, a Kafka topic, a Redis stream key); a stream not named keeps
+    /// its own name. `None`: the
     /// embedded log, streams of the same name.
     fn publisher(&self, routes: &BTreeMap<String, String>) -> Option<Arc<dyn Publisher>> {
         let _ = routes;

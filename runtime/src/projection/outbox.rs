@@ -19,9 +19,12 @@
 //!
 //! Where emitted events go is a [`Publisher`] the supervisor hands the
 //! runner, so the runner does not know where they end up: the embedded log
-//! for a projection reading it, the broker for one reading a broker (a NATS
-//! subject per emitted stream, `Nats-Msg-Id` = the event's id, so the
-//! stream drops a copy within its duplicate window).
+//! for a projection reading it, the broker for one reading a broker: a NATS
+//! subject per emitted stream (`Nats-Msg-Id` = the event's id, so the
+//! stream drops a copy within its duplicate window), a Redis stream key (the
+//! id recorded in a set in the same script, so a copy is dropped), or a
+//! Kafka topic (which keeps no ids: a copy is stored, and a reader drops it
+//! by id within its window).
 
 use crate::sources::Publisher;
 use crate::sources::embedded::NewEvent;

@@ -448,12 +448,58 @@ pub struct EmbeddedSource {
     reader: LogReader,
     filter: Filter,
     partition: Arc<str>,
+    /// A second reader of the log, for the batch read ahead (see
+    /// [`ReadAhead`]); `None` while it is out reading.
+    spare: Option<LogReader>,
+    ahead: Option<ReadAhead>,
+}
+
+/// The batch after the last one returned, being read on a thread of its
+/// own while the runner applies that one: a projection that is behind (a
+/// rebuild, a catch-up) finds its next batch read when it asks, on a
+/// machine with a core to spare. Only after a full batch: a projection that
+/// keeps up reads when asked, as before.
+struct ReadAhead {
+    /// The position it reads after, and how many events at most.
+    from: u64,
+    max: usize,
+    thread: std::thread::JoinHandle<(LogReader, Result<Batch>)>,
 }
 
 impl EmbeddedSource {
     /// A reader of `log` for the events `filter` selects.
     pub fn new(log: &EventLog, filter: &Filter) -> Result<Self> {
-        Ok(EmbeddedSource { reader: log.reader()?, filter: filter.clone(), partition: PARTITION.into() })
+        Ok(EmbeddedSource {
+            reader: log.reader()?,
+            filter: filter.clone(),
+            partition: PARTITION.into(),
+            spare: Some(log.reader()?),
+            ahead: None,
+        })
+    }
+
+    /// The batch read ahead, if it is the one after `from` of at most `max`
+    /// events; a read ahead of another is dropped.
+    fn take_ahead(&mut self, from: u64, max: usize) -> Option<Result<Batch>> {
+        let ahead = self.ahead.take()?;
+        let (reader, result) = ahead.thread.join().expect("a read ahead does not panic");
+        self.spare = Some(reader);
+        (ahead.from == from && ahead.max == max).then_some(result)
+    }
+
+    /// Start reading the batch after `from` on a thread of its own.
+    fn read_ahead(&mut self, from: u64, max: usize) {
+        let Some(mut reader) = self.spare.take() else { return };
+        let filter = self.filter.clone();
+        let thread = std::thread::Builder::new().name("log-read-ahead".into()).spawn(move || {
+            let result = reader.read_after(from, &filter, max);
+            (reader, result)
+        });
+        match thread {
+            Ok(thread) => self.ahead = Some(ReadAhead { from, max, thread }),
+            // No thread to be had: the next read happens when asked.
+            Err(_) => self.spare = None,
+        }
     }
 }
 
@@ -469,10 +515,16 @@ impl Source for EmbeddedSource {
         wait: Duration,
     ) -> Result<SourceBatch, SourceError> {
         let from = after.position(PARTITION);
-        let mut batch = self.reader.read_after(from, &self.filter, max)?;
+        let mut batch = match self.take_ahead(from, max) {
+            Some(read) => read?,
+            None => self.reader.read_after(from, &self.filter, max)?,
+        };
         if batch.scanned_to == from && !wait.is_zero() {
             self.reader.wait(wait.min(POLL_INTERVAL));
             batch = self.reader.read_after(from, &self.filter, max)?;
+        }
+        if batch.events.len() == max {
+            self.read_ahead(batch.scanned_to, max);
         }
         Ok(SourceBatch {
             partitions: vec![self.partition.clone(); batch.events.len()],

@@ -1,7 +1,8 @@
 //! Kafka as a [`Source`]: [`KafkaOpener`] opens readers of one configured
 //! `[sources.<name>]`, [`KafkaSource`] reads a projection's topics (every
-//! partition of each), and [`publish`] produces CloudEvents to a topic
-//! (what `projector publish` runs). This module owns the client
+//! partition of each), [`publish`] produces CloudEvents to a topic (what
+//! `projector publish` runs), and a projection reading Kafka publishes what
+//! it emits through the opener's [`KafkaPublisher`]. This module owns the client
 //! (librdkafka, through `rdkafka`), its connection state, and the
 //! CloudEvents Kafka protocol binding (structured and binary mode).
 //!
@@ -34,6 +35,11 @@
 //!   [`SourceError::Unavailable`] (status `connecting`) until a request
 //!   succeeds again. Retention that dropped records a checkpoint still
 //!   needs is a [`SourceError::Failed`]: nothing can bring them back.
+//! - **Emitted events go out as `projector publish` produces**: structured
+//!   mode, keyed by subject, with an idempotent producer the opener keeps.
+//!   Kafka keeps no ids, so a publish the outbox repeats after a crash is
+//!   stored twice under one id; the copy lands in the same partition (same
+//!   key) and the window above drops it for any projector reading the topic.
 //! - **Partitions added while running are picked up**: the topics'
 //!   metadata is read again every [`METADATA_REFRESH`], and a new partition
 //!   is read from its start.
@@ -41,9 +47,10 @@
 use crate::bindings::Event;
 use crate::config::{validate_kafka_server as validate_server, validate_topic};
 use crate::sources::cloudevents::{self, CloudEventError};
-use crate::sources::embedded::NewEvent;
+use crate::sources::embedded::{AppendOutcome, NewEvent};
 use crate::sources::{
-    Batch, Checkpoint, Filter, Health, Malformed, Progress, Source, SourceError, SourceOpener, Wake,
+    Batch, Checkpoint, Filter, Health, Malformed, Progress, Publisher, Source, SourceError, SourceOpener,
+    Wake,
 };
 use anyhow::{Context as _, Result};
 use rdkafka::client::ClientContext;
@@ -166,6 +173,9 @@ pub struct KafkaOpener {
     name: String,
     key: String,
     servers: Vec<String>,
+    /// The producer the projection's emitted events go out with, once one
+    /// is needed.
+    producer: Arc<Mutex<Option<CloudEventProducer>>>,
 }
 
 impl KafkaOpener {
@@ -179,7 +189,7 @@ impl KafkaOpener {
         for server in &servers {
             validate_server(server).map_err(|err| anyhow::anyhow!("source {name}: {err}"))?;
         }
-        Ok(KafkaOpener { name: name.to_string(), key: source_key(name), servers })
+        Ok(KafkaOpener { name: name.to_string(), key: source_key(name), servers, producer: Arc::default() })
     }
 }
 
@@ -190,6 +200,14 @@ impl SourceOpener for KafkaOpener {
 
     fn open(&self, filter: &Filter, reader: &str) -> Result<Box<dyn Source>> {
         Ok(Box::new(KafkaSource::new(&self.key, &self.servers, filter, reader)?))
+    }
+
+    fn publisher(&self, routes: &BTreeMap<String, String>) -> Option<Arc<dyn Publisher>> {
+        Some(Arc::new(KafkaPublisher {
+            servers: self.servers.join(","),
+            routes: routes.clone(),
+            producer: self.producer.clone(),
+        }))
     }
 }
 
@@ -790,14 +808,8 @@ fn to_malformed(partition: &str, record: &Held, reason: String) -> Malformed {
     }
 }
 
-/// What a publish did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub struct PublishOutcome {
-    /// Records the topic took.
-    pub published: u64,
-}
-
-/// Collects the producer's delivery reports.
+/// Collects the producer's delivery reports, for the one send in progress.
+#[derive(Default)]
 struct Deliveries {
     failed: Mutex<Vec<(usize, String)>>,
     delivered: AtomicU64,
@@ -828,6 +840,127 @@ impl ProducerContext for Deliveries {
     }
 }
 
+/// An idempotent producer (`acks=all`: a send librdkafka retries is stored
+/// once) of CloudEvents in structured mode, one send at a time: what
+/// `projector publish` and a projection's [`KafkaPublisher`] produce with.
+struct CloudEventProducer {
+    producer: BaseProducer<Deliveries>,
+    servers: String,
+}
+
+impl CloudEventProducer {
+    fn new(servers: &str, client_id: &str) -> Result<Self> {
+        let producer: BaseProducer<Deliveries> = ClientConfig::new()
+            .set("bootstrap.servers", servers)
+            .set("client.id", client_id)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            // A topic that is not there is an error here, never one the
+            // broker makes with its defaults.
+            .set("allow.auto.create.topics", "false")
+            .set("message.timeout.ms", "30000")
+            .set("socket.connection.setup.timeout.ms", "5000")
+            .set("reconnect.backoff.ms", "100")
+            .set("reconnect.backoff.max.ms", "2000")
+            .set("linger.ms", "5")
+            .set_log_level(RDKafkaLogLevel::Error)
+            .create_with_context(Deliveries::default())
+            .with_context(|| format!("cannot set up a Kafka producer for {servers}"))?;
+        Ok(CloudEventProducer { producer, servers: servers.to_string() })
+    }
+
+    /// Whether `topic` exists: an error naming it, and saying to create it,
+    /// when it does not (`then` says what happens to the events meanwhile).
+    fn check_topic(&self, topic: &str, timeout: Duration, then: &str) -> Result<()> {
+        let metadata = self
+            .producer
+            .client()
+            .fetch_metadata(Some(topic), timeout)
+            .with_context(|| format!("cannot reach Kafka at {}", self.servers))?;
+        let exists = metadata
+            .topics()
+            .iter()
+            .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty());
+        if !exists {
+            anyhow::bail!(
+                "topic {topic} does not exist on Kafka at {}: create it (kafka-topics.sh --create --topic {topic} \
+                 --partitions N){then}",
+                self.servers
+            );
+        }
+        Ok(())
+    }
+
+    /// Produce `events` to `topic`, each keyed by its `keys` entry (or
+    /// else its subject), and wait until Kafka has acknowledged every one.
+    /// Returns how many it stored.
+    fn send(&self, topic: &str, events: &[NewEvent], keys: &[Option<String>]) -> Result<u64> {
+        let context = self.producer.context();
+        lock(&context.failed).clear();
+        context.delivered.store(0, Ordering::Relaxed);
+        for (i, event) in events.iter().enumerate() {
+            let partition_key = keys.get(i).cloned().flatten();
+            let mut json = cloudevents::to_json(event);
+            if let Some(partition_key) = &partition_key {
+                json["partitionkey"] = partition_key.clone().into();
+            }
+            let body = json.to_string();
+            let key = partition_key.or_else(|| event.subject.clone());
+            loop {
+                let headers = OwnedHeaders::new()
+                    .insert(Header { key: "content-type", value: Some("application/cloudevents+json") });
+                let mut record = BaseRecord::with_opaque_to(topic, i).payload(&body).headers(headers);
+                if let Some(key) = &key {
+                    record = record.key(key);
+                }
+                match self.producer.send(record) {
+                    Ok(()) => break,
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                        self.producer.poll(Duration::from_millis(10));
+                    }
+                    Err((err, _)) => {
+                        // What was queued before is still delivered (or
+                        // not): wait for it, so no report is left over.
+                        let _ = self.producer.flush(Duration::from_secs(60));
+                        return Err(err)
+                            .with_context(|| format!("cannot publish event {} to topic {topic}", event.id));
+                    }
+                }
+            }
+            self.producer.poll(Duration::ZERO);
+        }
+        self.producer.flush(Duration::from_secs(60)).with_context(|| {
+            format!("Kafka at {} did not confirm every event within a minute", self.servers)
+        })?;
+        let failed = std::mem::take(&mut *lock(&context.failed));
+        if let Some((index, err)) = failed.first() {
+            anyhow::bail!(
+                "Kafka at {} refused event {} ({} of {}): {err}; {} of {} events were not stored",
+                self.servers,
+                events[*index].id,
+                index + 1,
+                events.len(),
+                failed.len(),
+                events.len()
+            );
+        }
+        Ok(context.delivered.load(Ordering::Relaxed))
+    }
+
+    /// Whether the producer met an error it cannot go on from (an
+    /// idempotent producer's sequence broken): a new one must be made.
+    fn broken(&self) -> Option<String> {
+        self.producer.client().fatal_error().map(|(_, reason)| reason)
+    }
+}
+
+/// What a publish did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct PublishOutcome {
+    /// Records the topic took.
+    pub published: u64,
+}
+
 /// Produce `events` to `topic` on the cluster reached through `servers`, in
 /// CloudEvents structured mode (`content-type: application/cloudevents+json`),
 /// keyed by each event's `partitionkey` extension or else its subject (so
@@ -841,76 +974,49 @@ pub fn publish(
     keys: &[Option<String>],
 ) -> Result<PublishOutcome> {
     validate_topic(topic).map_err(anyhow::Error::msg)?;
-    let joined = servers.join(",");
-    let deliveries = Deliveries { failed: Mutex::default(), delivered: AtomicU64::new(0) };
-    let producer: BaseProducer<Deliveries> = ClientConfig::new()
-        .set("bootstrap.servers", &joined)
-        .set("client.id", "projector-publish")
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("message.timeout.ms", "30000")
-        .set("socket.connection.setup.timeout.ms", "5000")
-        .set("linger.ms", "5")
-        .set_log_level(RDKafkaLogLevel::Error)
-        .create_with_context(deliveries)
-        .with_context(|| format!("cannot set up a Kafka producer for {joined}"))?;
-    let metadata = producer
-        .client()
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .with_context(|| format!("cannot reach Kafka at {joined}"))?;
-    let exists = metadata
-        .topics()
-        .iter()
-        .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty());
-    if !exists {
-        anyhow::bail!(
-            "topic {topic} does not exist on Kafka at {joined}: create it first (kafka-topics.sh --create --topic \
-             {topic} --partitions N)"
-        );
-    }
-    for (i, event) in events.iter().enumerate() {
-        let partition_key = keys.get(i).cloned().flatten();
-        let mut json = cloudevents::to_json(event);
-        if let Some(partition_key) = &partition_key {
-            json["partitionkey"] = partition_key.clone().into();
+    let producer = CloudEventProducer::new(&servers.join(","), "projector-publish")?;
+    producer.check_topic(topic, Duration::from_secs(10), "")?;
+    Ok(PublishOutcome { published: producer.send(topic, events, keys)? })
+}
+
+/// Publishes what a projection reading Kafka emits: emitted stream `s`
+/// goes to the topic its route names (`s` itself when none does), in
+/// structured mode, keyed by the event's subject, with one idempotent
+/// producer kept for the opener's life and made when first needed (again
+/// after it broke). A publish returns once Kafka has acknowledged every
+/// event.
+///
+/// Kafka keeps no ids: a publish repeated after a crash (the events stored,
+/// the outbox not yet cleared) stores them again, under the same
+/// deterministic ids. A projector reading the topic drops the copies (its
+/// reader skips an id seen within [`DEDUP_WINDOW`] offsets in the same
+/// partition; the same subject keeps the copy in the same partition);
+/// another consumer must drop them by id.
+struct KafkaPublisher {
+    servers: String,
+    routes: BTreeMap<String, String>,
+    producer: Arc<Mutex<Option<CloudEventProducer>>>,
+}
+
+impl Publisher for KafkaPublisher {
+    fn publish(&self, stream: &str, events: &[NewEvent]) -> Result<AppendOutcome> {
+        let topic = self.routes.get(stream).map_or(stream, String::as_str);
+        validate_topic(topic).map_err(anyhow::Error::msg)?;
+        let mut slot = lock(&self.producer);
+        if slot.is_none() {
+            *slot = Some(CloudEventProducer::new(&self.servers, "projector")?);
         }
-        let body = json.to_string();
-        let key = partition_key.or_else(|| event.subject.clone());
-        loop {
-            let headers = OwnedHeaders::new()
-                .insert(Header { key: "content-type", value: Some("application/cloudevents+json") });
-            let mut record = BaseRecord::with_opaque_to(topic, i).payload(&body).headers(headers);
-            if let Some(key) = &key {
-                record = record.key(key);
-            }
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                    producer.poll(Duration::from_millis(10));
-                }
-                Err((err, _)) => {
-                    return Err(err)
-                        .with_context(|| format!("cannot publish event {} to topic {topic}", event.id));
-                }
-            }
+        let producer = slot.as_ref().expect("made above");
+        let sent = producer
+            .check_topic(topic, REQUEST_TIMEOUT, "; the events wait in the outbox until it exists")
+            .and_then(|()| producer.send(topic, events, &[]));
+        if let Some(reason) = producer.broken() {
+            tracing::warn!(servers = %self.servers, "the Kafka producer broke ({reason}); making a new one");
+            *slot = None;
         }
-        producer.poll(Duration::ZERO);
+        let appended = sent?;
+        Ok(AppendOutcome { appended, duplicates: 0 })
     }
-    producer
-        .flush(Duration::from_secs(60))
-        .with_context(|| format!("Kafka at {joined} did not confirm every event within a minute"))?;
-    let failed = std::mem::take(&mut *lock(&producer.context().failed));
-    if let Some((index, err)) = failed.first() {
-        anyhow::bail!(
-            "Kafka at {joined} refused event {} ({} of {}): {err}; {} of {} events were not stored",
-            events[*index].id,
-            index + 1,
-            events.len(),
-            failed.len(),
-            events.len()
-        );
-    }
-    Ok(PublishOutcome { published: producer.context().delivered.load(Ordering::Relaxed) })
 }
 
 #[cfg(test)]

@@ -1,9 +1,11 @@
 //! Redis Streams as a [`Source`]: [`RedisOpener`] opens readers of one
 //! configured `[sources.<name>]`, [`RedisSource`] reads a projection's
-//! stream keys, and [`publish`] adds CloudEvents to a key (what `projector
-//! publish` runs). This module owns the client, its connection state, the
-//! mapping of entry IDs to positions, and the CloudEvents binding for Redis
-//! (which has none of its own: see [`parse`]).
+//! stream keys, [`publish`] adds CloudEvents to a key (what `projector
+//! publish` runs), and a projection reading Redis adds what it emits the
+//! same way, through the opener's [`RedisPublisher`]. This module owns the
+//! client, its connection state, the mapping of entry IDs to positions, and
+//! the CloudEvents binding for Redis (which has none of its own: see
+//! [`parse`]).
 //!
 //! Why it is shaped so:
 //!
@@ -32,9 +34,10 @@
 
 use crate::bindings::Event;
 use crate::sources::cloudevents::{self, CloudEventError};
-use crate::sources::embedded::NewEvent;
+use crate::sources::embedded::{AppendOutcome, NewEvent};
 use crate::sources::{
-    Batch, Checkpoint, Filter, Health, Malformed, Progress, Source, SourceError, SourceOpener, Wake,
+    Batch, Checkpoint, Filter, Health, Malformed, Progress, Publisher, Source, SourceError, SourceOpener,
+    Wake,
 };
 use ::redis::{Client, Connection, ConnectionLike as _, IntoConnectionInfo as _, RedisError, Script, Value};
 use anyhow::{Context as _, Result};
@@ -177,6 +180,15 @@ impl SourceOpener for RedisOpener {
             anyhow::bail!("source {}: name the stream keys to read in the projection's `streams`", self.name);
         }
         Ok(Box::new(RedisSource::new(self, filter)))
+    }
+
+    fn publisher(&self, routes: &std::collections::BTreeMap<String, String>) -> Option<Arc<dyn Publisher>> {
+        Some(Arc::new(RedisPublisher {
+            client: self.client.clone(),
+            shown: self.shown.clone(),
+            routes: routes.clone(),
+            connection: Mutex::new(None),
+        }))
     }
 }
 
@@ -1135,20 +1147,65 @@ pub fn publish(url: &str, key: &str, events: &[NewEvent]) -> Result<PublishOutco
         .get_connection_with_timeout(Duration::from_secs(5))
         .with_context(|| format!("cannot connect to Redis at {shown}"))?;
     connection.set_read_timeout(Some(Duration::from_secs(120))).ok();
-    let mut invocation = publish_script().prepare_invoke();
-    invocation.key(key).key(ids_key(key));
-    for event in events {
-        invocation.arg(event.id.as_str()).arg(cloudevents::to_json(event).to_string());
-    }
-    let (published, duplicates): (u64, u64) = invocation.invoke(&mut connection).with_context(|| {
+    add_once(&mut connection, key, events).with_context(|| {
         format!(
             "cannot publish {} events to stream key {key} on {shown}; nothing of them was added unless the \
              connection was lost after the server took them: publishing again is safe, ids already there are \
              dropped as duplicates",
             events.len()
         )
-    })?;
+    })
+}
+
+/// Run [`publish_script`]: `events` added to `key` in structured mode,
+/// each unless its id is in [`ids_key`].
+fn add_once(
+    connection: &mut Connection,
+    key: &str,
+    events: &[NewEvent],
+) -> Result<PublishOutcome, RedisError> {
+    let mut invocation = publish_script().prepare_invoke();
+    invocation.key(key).key(ids_key(key));
+    for event in events {
+        invocation.arg(event.id.as_str()).arg(cloudevents::to_json(event).to_string());
+    }
+    let (published, duplicates): (u64, u64) = invocation.invoke(connection)?;
     Ok(PublishOutcome { published, duplicates })
+}
+
+/// Publishes what a projection reading Redis emits: emitted stream `s` is
+/// added to the stream key its route names (`s` itself when none does), as
+/// `projector publish` adds (structured mode, the id recorded in
+/// [`ids_key`] in the same script), so a publish repeated after a crash is
+/// dropped by the server. One connection, kept and made again when lost.
+struct RedisPublisher {
+    client: Client,
+    shown: String,
+    routes: std::collections::BTreeMap<String, String>,
+    connection: Mutex<Option<Connection>>,
+}
+
+impl Publisher for RedisPublisher {
+    fn publish(&self, stream: &str, events: &[NewEvent]) -> Result<AppendOutcome> {
+        let key = self.routes.get(stream).map_or(stream, String::as_str);
+        validate_key(key)?;
+        let mut slot = lock(&self.connection);
+        if slot.is_none() {
+            *slot = Some(
+                connect(&self.client, &self.shown, Duration::from_secs(30)).map_err(anyhow::Error::msg)?,
+            );
+        }
+        let connection = slot.as_mut().expect("made above");
+        match add_once(connection, key, events) {
+            Ok(outcome) => Ok(AppendOutcome { appended: outcome.published, duplicates: outcome.duplicates }),
+            Err(err) => {
+                if transient(&err) {
+                    *slot = None;
+                }
+                Err(err).with_context(|| format!("cannot add to stream key {key} on {}", self.shown))
+            }
+        }
+    }
 }
 
 #[cfg(test)]

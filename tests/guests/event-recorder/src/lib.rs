@@ -1,4 +1,5 @@
-//! Test-only guest: records `(position, id, stream, type, partition)` of every event it handles
+//! Test-only guest: records `(position, id, stream, type, partition)`, and
+//! the subject, correlation id and data as it saw them, of every event it handles
 //! in a table with no uniqueness, and counts them in its key/value state, so
 //! a test can prove each event took effect exactly once.
 //!
@@ -19,7 +20,10 @@ impl Projection for EventRecorder {
                 id TEXT NOT NULL,
                 stream TEXT NOT NULL,
                 type TEXT NOT NULL,
-                partition INTEGER
+                partition INTEGER,
+                subject TEXT,
+                correlation_id TEXT,
+                data TEXT
             )",
             &[],
         )?;
@@ -35,13 +39,17 @@ impl Projection for EventRecorder {
             _ => {}
         }
         ctx.sql().execute(
-            "INSERT INTO handled (position, id, stream, type, partition) VALUES (?1, ?2, ?3, ?4, ?5)",
+            "INSERT INTO handled (position, id, stream, type, partition, subject, correlation_id, data)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             &[
                 (event.position() as i64).into(),
                 event.id().into(),
                 event.stream().into(),
                 event.event_type().into(),
                 event.partition().map(i64::from).into(),
+                event.subject().into(),
+                event.correlation_id().into(),
+                String::from_utf8_lossy(event.data()).into_owned().into(),
             ],
         )?;
         let count: u64 = ctx.state().get("count")?.unwrap_or(0);
