@@ -568,9 +568,14 @@ fn order_fees_over_kafka_publishes_its_charges_to_the_routed_topic_and_a_reader_
     publish_cli(&ws, "scenario.jsonl", orders, &lines);
     // A Kafka position is the offset: the charges are caused at the
     // approvals' offsets, not at the embedded log's positions.
-    let first = format!("order-fees:{}:0", offset_of(&lines, "evt-o08"));
-    let second = format!("order-fees:{}:0", offset_of(&lines, "evt-o11"));
-    assert_eq!((first.as_str(), second.as_str()), ("order-fees:7:0", "order-fees:10:0"));
+    // An emitted id names the partition of its cause: offsets repeat
+    // across partitions.
+    let first = format!("order-fees:kafka:orders/{orders}/0:{}:0", offset_of(&lines, "evt-o08"));
+    let second = format!("order-fees:kafka:orders/{orders}/0:{}:0", offset_of(&lines, "evt-o11"));
+    assert_eq!(
+        (first.as_str(), second.as_str()),
+        ("order-fees:kafka:orders/fees-orders/0:7:0", "order-fees:kafka:orders/fees-orders/0:10:0")
+    );
 
     // The topic does not exist: the charges wait in the outbox, the error
     // names it and says to create it, and the projection runs on.
@@ -651,7 +656,7 @@ fn order_fees_over_kafka_publishes_its_charges_to_the_routed_topic_and_a_reader_
         ),
     ];
     publish_cli(&ws, "more.jsonl", orders, &more);
-    let third = format!("order-fees:{}:0", lines.len() + 1);
+    let third = format!("order-fees:kafka:orders/{orders}/0:{}:0", lines.len() + 1);
     wait_until(Duration::from_secs(30), "the third charge published", || {
         let status = ws.status_of("order-fees");
         status["lag"] == 0 && status["outbox"] == 0 && records(&servers, charges).len() == 4

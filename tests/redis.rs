@@ -865,8 +865,10 @@ fn order_fees_over_redis_adds_its_charges_to_the_routed_key_once_with_their_caus
     // the approvals' entries.
     let added = entries(&server, orders);
     let cause = |id: &str| added.iter().find(|(_, event)| event == id).unwrap().0;
-    let (first, second) =
-        (format!("order-fees:{}:0", cause("evt-o08")), format!("order-fees:{}:0", cause("evt-o11")));
+    let (first, second) = (
+        format!("order-fees:redis:db0/{orders}:{}:0", cause("evt-o08")),
+        format!("order-fees:redis:db0/{orders}:{}:0", cause("evt-o11")),
+    );
 
     // The first charge is there already, as a host that added it and died
     // before clearing its outbox would leave it.
@@ -929,7 +931,7 @@ fn order_fees_over_redis_adds_its_charges_to_the_routed_key_once_with_their_caus
         ),
     ];
     assert_eq!(publish_cli(&ws, orders, &more), (2, 0));
-    let third = format!("order-fees:{}:0", entries(&server, orders).last().unwrap().0);
+    let third = format!("order-fees:redis:db0/{orders}:{}:0", entries(&server, orders).last().unwrap().0);
     wait_until(Duration::from_secs(30), "the third charge added", || {
         let status = ws.status_of("order-fees");
         status["lag"] == 0 && status["outbox"] == 0 && entries(&server, charges).len() == 3

@@ -108,8 +108,12 @@ impl Backend for WasmBackend {
         subject: Option<&str>,
         data: &[u8],
         position: u64,
+        index: Option<u32>,
     ) -> Result<(), String> {
-        emit::emit(stream, event_type, subject, data, position)
+        match index {
+            Some(index) => batch::emit(index, stream, event_type, subject, data),
+            None => emit::emit(stream, event_type, subject, data, position),
+        }
     }
 }
 
@@ -158,6 +162,7 @@ pub fn handle<P: Projection>(events: Vec<WitEvent>) -> Result<(), WitFailure> {
             causation_id: e.causation_id,
             data: e.data,
             partition: partitions.get(i).copied().flatten(),
+            index: u32::try_from(i).ok(),
         })
         .collect();
     P::handle_batch(&Context::new(&WasmBackend), &events).map_err(|failure| match failure {

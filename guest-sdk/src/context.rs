@@ -32,6 +32,7 @@ pub trait Backend {
         subject: Option<&str>,
         data: &[u8],
         position: u64,
+        index: Option<u32>,
     ) -> Result<(), String>;
 }
 
@@ -132,7 +133,7 @@ impl<'a> Context<'a> {
             ));
         };
         let data = serde_json::to_vec(data).map_err(|err| fail(format!("the data is not JSON: {err}")))?;
-        self.backend.emit(stream, event_type, subject, &data, event.position()).map_err(fail)
+        self.backend.emit(stream, event_type, subject, &data, event.position(), event.index).map_err(fail)
     }
 }
 

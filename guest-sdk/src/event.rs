@@ -19,6 +19,9 @@ pub struct Event {
     pub(crate) causation_id: Option<String>,
     pub(crate) data: Vec<u8>,
     pub(crate) partition: Option<u32>,
+    /// Its place in the batch the host handed the module: what names it
+    /// as the cause of an event it emits.
+    pub(crate) index: Option<u32>,
 }
 
 impl Event {
@@ -37,6 +40,7 @@ impl Event {
             causation_id: None,
             data: data.into(),
             partition: None,
+            index: None,
         }
     }
 

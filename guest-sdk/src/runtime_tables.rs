@@ -78,26 +78,34 @@ CREATE TABLE IF NOT EXISTS projector_outbox (
     causation_id TEXT NOT NULL,
     source TEXT NOT NULL,
     time TEXT NOT NULL,
-    position INTEGER NOT NULL
+    position INTEGER NOT NULL,
+    partition TEXT
 );
 ";
 
+
 /// Records one emitted event: `?1` id, `?2` stream, `?3` type, `?4`
 /// subject, `?5` data, `?6` correlation id, `?7` causation id, `?8` source,
-/// `?9` the causing event's position. The time is SQLite's clock, RFC 3339
-/// in UTC.
+/// `?9` where its cause leaves the checkpoint of `?10`, the cause's
+/// partition (`NULL` for a source's only partition). The time is SQLite's
+/// clock, RFC 3339 in UTC.
 pub const OUTBOX_INSERT: &str = "INSERT INTO projector_outbox (id, stream, type, subject, data, \
-     correlation_id, causation_id, source, time, position) \
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), ?9)";
+     correlation_id, causation_id, source, time, position, partition) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), ?9, ?10)";
 
 /// The longest event type or subject an emitted event may carry, bytes.
 pub const MAX_EMIT_NAME_BYTES: usize = 1024;
 
 /// The id of the `index`th event (from 0) that `projection` emitted while
-/// handling the event at `position`: the same every time that event is
-/// handled, so a republished outbox row is recognised as the same event.
-pub fn emit_id(projection: &str, position: u64, index: u32) -> String {
-    format!("{projection}:{position}:{index}")
+/// handling the event at `position` (of `partition`, for a source of
+/// several partitions, where positions repeat across partitions): the same
+/// every time that event is handled, so a republished outbox row is
+/// recognised as the same event.
+pub fn emit_id(projection: &str, partition: Option<&str>, position: u64, index: u32) -> String {
+    match partition {
+        None => format!("{projection}:{position}:{index}"),
+        Some(partition) => format!("{projection}:{partition}:{position}:{index}"),
+    }
 }
 
 /// The CloudEvents `source` of the events `projection` emits.

@@ -567,6 +567,7 @@ pub fn read_cloudevents(text: &str, stream: &str) -> Result<Vec<Event>, String> 
             causation_id,
             data,
             partition: None,
+            index: None,
         });
     }
     Ok(events)
@@ -723,6 +724,7 @@ impl Backend for SqliteBackend<'_> {
         subject: Option<&str>,
         data: &[u8],
         position: u64,
+        _index: Option<u32>,
     ) -> Result<(), String> {
         // The host's order: names, then the size (a trap), then the cause.
         runtime_tables::check_stream_name(stream)?;
@@ -733,7 +735,7 @@ impl Backend for SqliteBackend<'_> {
             return Err(runtime_tables::not_in_batch(position));
         };
         let (_, causation_id, correlation_id, emitted) = &mut call.batch[i];
-        let id = runtime_tables::emit_id(self.name, position, *emitted);
+        let id = runtime_tables::emit_id(self.name, None, position, *emitted);
         *emitted += 1;
         let (causation_id, correlation_id) = (&*causation_id, &*correlation_id);
         self.conn
@@ -749,6 +751,7 @@ impl Backend for SqliteBackend<'_> {
                     causation_id,
                     runtime_tables::emit_source(self.name),
                     position as i64,
+                    None::<String>,
                 ])
             })
             .unwrap_or_else(|err| panic!("record emitted event {id}: {err}"));

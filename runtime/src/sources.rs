@@ -208,6 +208,23 @@ pub trait Source: Send {
     fn waker(&self) -> Arc<dyn Wake>;
 }
 
+/// `partition` when it is one of several of its source (named
+/// `<source key>/…`), `None` for a source's only partition (named as the
+/// source: `log`, `nats:<stream>`).
+pub fn own_partition(partition: &str) -> Option<&str> {
+    partition.contains('/').then_some(partition)
+}
+
+/// Where the checkpoint of `partition` stands once its event at `position`
+/// is applied: the position itself, or the next offset for Kafka (whose
+/// checkpoints hold the next offset to read).
+pub fn checkpoint_through(partition: &str, position: u64) -> u64 {
+    match kafka::partition_number(partition) {
+        Some(_) => position + 1,
+        None => position,
+    }
+}
+
 /// The partition number a guest sees for an event of `partition` (a name as
 /// in [`Batch::partitions`]): a Kafka topic's partition; none for sources
 /// without partitions of their own.

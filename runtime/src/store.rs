@@ -31,9 +31,23 @@ pub fn open(path: &Path) -> Result<Connection> {
             db.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA cache_size=-65536; PRAGMA wal_autocheckpoint=10000;")
         })
         .and_then(|()| db.execute_batch(&format!("BEGIN; {} COMMIT;", runtime_tables::SCHEMA)))
+        .and_then(|()| add_outbox_partition(&db))
         .map_err(|err| explain_damage(err.into(), path))
         .with_context(|| format!("cannot set up projection database {}", path.display()))?;
     Ok(db)
+}
+
+/// A database made before `projector_outbox.partition` existed gets the
+/// column: its rows are of its source's only partition.
+fn add_outbox_partition(db: &Connection) -> rusqlite::Result<()> {
+    let has: bool = db
+        .prepare("SELECT count(*) FROM pragma_table_info('projector_outbox') WHERE name = 'partition'")?
+        .query_row([], |row| row.get::<_, i64>(0))?
+        > 0;
+    if !has {
+        db.execute_batch("ALTER TABLE projector_outbox ADD COLUMN partition TEXT")?;
+    }
+    Ok(())
 }
 
 /// Open a projection's database read-only, for status and queries while
@@ -556,13 +570,31 @@ pub fn outbox_len(db: &Connection) -> Result<u64> {
     Ok(n as u64)
 }
 
-/// Remove the outbox's events caused by an event at or below `position`:
-/// a rebuilt generation's copies of what the generation it replaces
-/// published already. Returns how many were removed.
-pub fn outbox_drop_through(db: &Connection, position: u64) -> Result<usize> {
-    Ok(db
-        .prepare_cached("DELETE FROM projector_outbox WHERE position <= ?1")?
-        .execute([i64::try_from(position).unwrap_or(i64::MAX)])?)
+/// Remove the outbox's events whose cause `checkpoint` (of source `key`)
+/// covers: a rebuilt generation's copies of what the generation it
+/// replaces published already. A row's partition is its cause's (none: the
+/// source's only one, `key`), its position where that partition's
+/// checkpoint stands once the cause is applied. Returns how many were
+/// removed.
+pub fn outbox_drop_through(db: &Connection, checkpoint: &Checkpoint, key: &str) -> Result<usize> {
+    let covered: Vec<i64> = db
+        .prepare_cached("SELECT seq, partition, position FROM projector_outbox")?
+        .query_map([], |row| {
+            Ok((row.get::<_, i64>(0)?, row.get::<_, Option<String>>(1)?, row.get::<_, i64>(2)?))
+        })?
+        .filter_map(|row| match row {
+            Ok((seq, partition, position)) => {
+                let through = checkpoint.position(partition.as_deref().unwrap_or(key));
+                (position as u64 <= through).then_some(Ok(seq))
+            }
+            Err(err) => Some(Err(err)),
+        })
+        .collect::<rusqlite::Result<_>>()?;
+    let mut remove = db.prepare_cached("DELETE FROM projector_outbox WHERE seq = ?1")?;
+    for seq in &covered {
+        remove.execute([seq])?;
+    }
+    Ok(covered.len())
 }
 
 /// A payload as a person can read it: the JSON it holds, its text, or base64.
@@ -639,7 +671,8 @@ mod tests {
                 "c",
                 "e",
                 "projector/p",
-                position as i64
+                position as i64,
+                None::<String>
             ],
         )
         .unwrap();
@@ -691,13 +724,56 @@ mod tests {
         assert!(
             db.execute(
                 runtime_tables::OUTBOX_INSERT,
-                params!["p:2:0", "s", "t", None::<String>, b"".to_vec(), None::<String>, "e", "x", 1]
+                params![
+                    "p:2:0",
+                    "s",
+                    "t",
+                    None::<String>,
+                    b"".to_vec(),
+                    None::<String>,
+                    "e",
+                    "x",
+                    1,
+                    None::<String>
+                ]
             )
             .is_err()
         );
         assert_eq!(outbox_len(&db).unwrap(), 1);
-        assert_eq!(outbox_drop_through(&db, 2).unwrap(), 0, "caused later than 2");
-        assert_eq!(outbox_drop_through(&db, 3).unwrap(), 1);
+        assert_eq!(
+            outbox_drop_through(&db, &Checkpoint::at("log", 2), "log").unwrap(),
+            0,
+            "caused later than 2"
+        );
+        assert_eq!(outbox_drop_through(&db, &Checkpoint::at("log", 3), "log").unwrap(), 1);
         assert_eq!(outbox_len(&db).unwrap(), 0);
+        // Rows of a source of several partitions: each against its own.
+        for (id, position, partition) in [("a", 5, "k/0"), ("b", 9, "k/0"), ("c", 5, "k/1")] {
+            db.execute(
+                runtime_tables::OUTBOX_INSERT,
+                params![
+                    id,
+                    "s",
+                    "t",
+                    None::<String>,
+                    b"".to_vec(),
+                    None::<String>,
+                    "e",
+                    "x",
+                    position,
+                    partition
+                ],
+            )
+            .unwrap();
+        }
+        let mut old = Checkpoint::at("k/0", 6);
+        old.set("k/1", 4);
+        assert_eq!(
+            outbox_drop_through(&db, &old, "k").unwrap(),
+            1,
+            "only a: b is past k/0's 6, c past k/1's 4"
+        );
+        let left: Vec<String> = outbox_pending(&db, 10).unwrap().into_iter().map(|e| e.id).collect();
+        assert_eq!(left, ["b", "c"]);
     }
 }

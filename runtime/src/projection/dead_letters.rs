@@ -7,7 +7,7 @@
 use crate::bindings::Failure;
 use crate::config::Config;
 use crate::sandbox::engine::ProjectorEngine;
-use crate::sandbox::host::GuestHost;
+use crate::sandbox::host::{GuestHost, Origin};
 use crate::sandbox::instance::{Attempt, GuestInstance};
 use crate::store::{self, DeadLetter, Settlement};
 use anyhow::{Context as _, Result, bail};
@@ -100,8 +100,12 @@ pub fn retry_with(instance: &mut GuestInstance, letters: Vec<DeadLetter>) -> Res
         // The selection was read before this transaction: a concurrent
         // retry or discard may have taken the letter since. Then nothing of
         // this attempt may stay, or the event would be applied twice.
-        let partition = [crate::sources::partition_number(&letter.source)];
-        let attempt = instance.handle_in_transaction(&[letter.event()], &partition, |db| {
+        let origin = crate::sources::own_partition(&letter.source).map(|partition| Origin {
+            partition: Some(partition.into()),
+            number: crate::sources::partition_number(partition),
+            through: crate::sources::checkpoint_through(partition, letter.position),
+        });
+        let attempt = instance.handle_in_transaction(&[letter.event()], origin.as_slice(), |db| {
             if !store::remove_dead_letter(db, &letter.source, letter.position)? {
                 return Err(anyhow::Error::new(TakenMeanwhile));
             }

@@ -74,13 +74,17 @@ pub fn hand_over(
         publish_pending(old, publisher, published)
             .context("cannot publish what the replaced generation emitted")?;
     }
-    // One partition per source today (the embedded log, a JetStream
-    // stream), so its position orders every event the outbox names; a
-    // source of several partitions would have to record each row's.
-    let through = store::checkpoint(old, source_key)?.total();
-    let dropped = store::outbox_drop_through(new, through)?;
+    // Each row names its cause's partition (a Kafka partition, a Redis
+    // key), so the old checkpoint's position of that partition says
+    // whether the old generation handled it.
+    let through = store::checkpoint(old, source_key)?;
+    let dropped = store::outbox_drop_through(new, &through, source_key)?;
     if dropped > 0 {
-        tracing::debug!(dropped, through, "events the replaced generation published dropped from the outbox");
+        tracing::debug!(
+            dropped,
+            through = %through.to_json(),
+            "events the replaced generation published dropped from the outbox"
+        );
     }
     store::outbox_len(new)
 }
@@ -140,7 +144,8 @@ mod tests {
                 "c",
                 "e",
                 "projector/p",
-                position as i64
+                position as i64,
+                None::<String>
             ],
         )
         .unwrap();

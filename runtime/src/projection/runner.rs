@@ -18,7 +18,7 @@ use crate::projection::metrics::Metrics;
 use crate::projection::outbox;
 use crate::projection::rebuild::Rebuild;
 use crate::sandbox::engine::{Limits, LoadedModule, ProjectorEngine};
-use crate::sandbox::host::GuestHost;
+use crate::sandbox::host::{GuestHost, Origin};
 use crate::sandbox::instance::{Attempt, GuestInstance};
 use crate::sources::Checkpoint;
 use crate::sources::{Batch, Filter, Health, Publisher, Source, SourceError, SourceOpener};
@@ -1063,9 +1063,8 @@ impl ProjectionRunner {
         self.retry_at = None;
         let started = std::time::Instant::now();
         let (unwritten, from) = (&self.unwritten, &self.checkpoint);
-        let partitions: Vec<Option<u32>> =
-            batch.partitions[range.clone()].iter().map(|p| crate::sources::partition_number(p)).collect();
-        let attempt = self.instance.handle_in_transaction(events, &partitions, |db| {
+        let origins = origins(batch, range.clone());
+        let attempt = self.instance.handle_in_transaction(events, &origins, |db| {
             match batch_writes(db, unwritten, from, &checkpoint_after)? {
                 true => Ok(()),
                 false => Err(CheckpointMoved.into()),
@@ -1608,3 +1607,20 @@ impl ProjectionRunner {
 #[derive(Debug, thiserror::Error)]
 #[error("the checkpoint moved under this projection: another writer holds its database")]
 struct CheckpointMoved;
+/// Where each event of `batch` in `range` came from, for the module and
+/// its outbox: empty when the source has one partition.
+fn origins(batch: &Batch, range: std::ops::Range<usize>) -> Vec<Origin> {
+    if batch.partitions[range.clone()].iter().all(|p| crate::sources::own_partition(p).is_none()) {
+        return Vec::new();
+    }
+    range
+        .map(|i| {
+            let (event, partition) = (&batch.events[i], &batch.partitions[i]);
+            Origin {
+                partition: crate::sources::own_partition(partition).map(|_| partition.clone()),
+                number: crate::sources::partition_number(partition),
+                through: batch.checkpoints.get(i).copied().unwrap_or(event.position),
+            }
+        })
+        .collect()
+}

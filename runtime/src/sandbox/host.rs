@@ -27,7 +27,7 @@
 //! rate-limited, with a count of what was dropped.
 
 use crate::bindings::{
-    BatchHost, EmitHost, Event, Level, LogHost, Rows, SqlHost, StateHost, Statement, TypesHost, Value,
+    EmitHost, Event, Level, LogHost, Rows, SqlHost, StateHost, Statement, TypesHost, Value,
 };
 use crate::config::Limits;
 use anyhow::{Result, bail};
@@ -64,9 +64,11 @@ pub struct GuestHost {
     guest_sql: GuestRules,
     deadline: CallDeadline,
     /// The batch being handled, to attach event ids to guest log lines and
-    /// emitted events, with how many events each has emitted so far:
-    /// `(position, id, correlation id, emitted)`.
-    batch: Vec<(u64, String, Option<String>, u32)>,
+    /// emitted events, with how many events each has emitted so far.
+    batch: Vec<BatchEvent>,
+    /// Whether `batch` is in position order (one partition): an event is
+    /// then found by position with a binary search.
+    batch_sorted: bool,
     /// Set when an import failed because of the host (not the guest): the
     /// trap that follows is then the host's fault and must not dead-letter.
     host_error: Option<anyhow::Error>,
@@ -82,6 +84,38 @@ pub struct GuestHost {
     /// The source partition of each event of the batch (empty when none
     /// has one).
     partitions: Vec<Option<u32>>,
+}
+
+/// Why an emit by position named an event it cannot tell apart: in a
+/// batch of several partitions one position can be one event of each.
+fn ambiguous_position(position: u64, events: usize) -> String {
+    format!(
+        "position {position} names {events} events of the batch (one per partition of the source): \
+         build the module with a newer projector-sdk, which names the event by its place in the batch"
+    )
+}
+
+/// Where an event of a batch came from, beyond its position: what the host
+/// names what it emits by, and what the module is told.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Origin {
+    /// Its partition, for a source of several (`None`: the source's only
+    /// one), as checkpoints name it.
+    pub partition: Option<Arc<str>>,
+    /// Its partition's number, as the module sees it (a Kafka partition).
+    pub number: Option<u32>,
+    /// Where its partition's checkpoint is once it is applied.
+    pub through: u64,
+}
+
+/// An event of the batch being handled, as emitting and logging need it.
+struct BatchEvent {
+    position: u64,
+    id: String,
+    correlation_id: Option<String>,
+    origin: Origin,
+    /// Events it emitted so far.
+    emitted: u32,
 }
 
 impl GuestHost {
@@ -101,6 +135,7 @@ impl GuestHost {
             guest_sql,
             deadline,
             batch: Vec::new(),
+            batch_sorted: true,
             host_error: None,
             limits,
             log_tokens: limits.log_lines_per_second as f64,
@@ -178,25 +213,94 @@ impl GuestHost {
 
     /// Remember the events of the batch about to be handled (none before
     /// `init` or `query`: nothing may be emitted there).
-    pub fn set_batch(&mut self, events: &[Event]) {
+    /// `origins` gives each event's partition, or is empty for a source of
+    /// one partition.
+    pub fn set_batch(&mut self, events: &[Event], origins: &[Origin]) {
         self.batch.clear();
-        self.batch.extend(events.iter().map(|e| (e.position, e.id.clone(), e.correlation_id.clone(), 0)));
+        self.batch.extend(events.iter().enumerate().map(|(i, e)| BatchEvent {
+            position: e.position,
+            id: e.id.clone(),
+            correlation_id: e.correlation_id.clone(),
+            origin: origins.get(i).cloned().unwrap_or(Origin { through: e.position, ..Origin::default() }),
+            emitted: 0,
+        }));
+        self.batch_sorted = self.batch.windows(2).all(|pair| pair[0].position < pair[1].position);
+        self.partitions.clear();
+        if origins.iter().any(|origin| origin.number.is_some()) {
+            self.partitions.extend(self.batch.iter().map(|event| event.origin.number));
+        }
     }
 
-    /// The source partition of each event of the batch about to be
-    /// handled, in order (see `batch.partitions`): empty, or as long as the
-    /// batch.
-    pub fn set_partitions(&mut self, partitions: &[Option<u32>]) {
-        self.partitions.clear();
-        if partitions.iter().any(Option::is_some) {
-            self.partitions.extend_from_slice(partitions);
+    /// The event of the batch at `position`: `Err` with why not when there
+    /// is none, or several (one per partition).
+    fn event_at(&self, position: u64) -> Result<usize, String> {
+        if self.batch_sorted {
+            return self
+                .batch
+                .binary_search_by_key(&position, |event| event.position)
+                .map_err(|_| runtime_tables::not_in_batch(position));
         }
+        let mut found = self.batch.iter().enumerate().filter(|(_, event)| event.position == position);
+        match (found.next(), found.count()) {
+            (None, _) => Err(runtime_tables::not_in_batch(position)),
+            (Some((i, _)), 0) => Ok(i),
+            (Some(_), more) => Err(ambiguous_position(position, more + 1)),
+        }
+    }
+
+    /// Write an event the `i`th event of the batch emitted to the outbox.
+    fn emit_from(
+        &mut self,
+        i: usize,
+        stream: String,
+        event_type: String,
+        subject: Option<String>,
+        data: Vec<u8>,
+    ) -> Result<Result<(), String>> {
+        let event = &mut self.batch[i];
+        let partition = event.origin.partition.as_deref();
+        let id = runtime_tables::emit_id(&self.projection, partition, event.position, event.emitted);
+        event.emitted += 1;
+        let result = self.db.prepare_cached(runtime_tables::OUTBOX_INSERT).and_then(|mut stmt| {
+            stmt.execute(rusqlite::params![
+                id,
+                stream,
+                event_type,
+                subject,
+                data,
+                event.correlation_id,
+                event.id,
+                runtime_tables::emit_source(&self.projection),
+                i64::try_from(event.origin.through).unwrap_or(i64::MAX),
+                partition,
+            ])
+        });
+        result.map(|_| Ok(())).map_err(|err| self.host_failed(err))
+    }
+
+    /// Check an emitted event's names and size, in the harness's order:
+    /// names, then the size (a trap).
+    fn check_emitted(
+        &self,
+        stream: &str,
+        event_type: &str,
+        subject: Option<&str>,
+        data: &[u8],
+    ) -> Result<Result<(), String>> {
+        if let Err(err) = crate::config::validate_stream_name(stream) {
+            return Ok(Err(format!("{err:#}")));
+        }
+        if let Err(message) = runtime_tables::check_emit_names(event_type, subject) {
+            return Ok(Err(message));
+        }
+        self.check_size("an emitted event's data", data.len())?;
+        Ok(Ok(()))
     }
 
     /// How many events the batch last handled emitted: the runner looks at
     /// the outbox after a commit only when this is not 0.
     pub fn emitted(&self) -> u64 {
-        self.batch.iter().map(|(.., emitted)| u64::from(*emitted)).sum()
+        self.batch.iter().map(|event| u64::from(event.emitted)).sum()
     }
 
     /// Take the host-side error behind the last trap, if there was one.
@@ -470,9 +574,31 @@ fn run_query(db: &Connection, text: &str, params: &[Value]) -> rusqlite::Result<
     Ok(out)
 }
 
-impl BatchHost for GuestHost {
+// Named in full: the tests call `EmitHost`'s `emit` by method.
+impl crate::bindings::BatchHost for GuestHost {
     fn partitions(&mut self) -> Result<Vec<Option<u32>>> {
         Ok(self.partitions.clone())
+    }
+
+    fn emit(
+        &mut self,
+        index: u32,
+        stream: String,
+        event_type: String,
+        subject: Option<String>,
+        data: Vec<u8>,
+    ) -> Result<Result<(), String>> {
+        if let Err(message) = self.check_emitted(&stream, &event_type, subject.as_deref(), &data)? {
+            return Ok(Err(message));
+        }
+        match usize::try_from(index).ok().filter(|&i| i < self.batch.len()) {
+            Some(i) => self.emit_from(i, stream, event_type, subject, data),
+            None => Ok(Err(format!(
+                "index {index} is not an event of the batch being handled ({} events): emit from \
+                 `handle`, on the context of the event that caused it",
+                self.batch.len()
+            ))),
+        }
     }
 }
 
@@ -489,11 +615,9 @@ impl LogHost for GuestHost {
             ),
             false => message,
         };
-        let event = position.and_then(|p| {
-            self.batch.binary_search_by_key(&p, |(position, ..)| *position).ok().map(|i| &self.batch[i])
-        });
+        let event = position.and_then(|p| self.event_at(p).ok()).map(|i| &self.batch[i]);
         let (event_id, correlation_id) = match event {
-            Some((_, id, correlation, _)) => (id.as_str(), correlation.as_deref().unwrap_or("")),
+            Some(event) => (event.id.as_str(), event.correlation_id.as_deref().unwrap_or("")),
             None => ("", ""),
         };
         let projection = &*self.projection;
@@ -528,36 +652,13 @@ impl EmitHost for GuestHost {
         data: Vec<u8>,
         position: u64,
     ) -> Result<Result<(), String>> {
-        // The harness's order too: names, then the size (a trap), then the
-        // cause.
-        if let Err(err) = crate::config::validate_stream_name(&stream) {
-            return Ok(Err(format!("{err:#}")));
-        }
-        if let Err(message) = runtime_tables::check_emit_names(&event_type, subject.as_deref()) {
+        if let Err(message) = self.check_emitted(&stream, &event_type, subject.as_deref(), &data)? {
             return Ok(Err(message));
         }
-        self.check_size("an emitted event's data", data.len())?;
-        let Ok(i) = self.batch.binary_search_by_key(&position, |(p, ..)| *p) else {
-            return Ok(Err(runtime_tables::not_in_batch(position)));
-        };
-        let (_, causation_id, correlation_id, emitted) = &mut self.batch[i];
-        let id = runtime_tables::emit_id(&self.projection, position, *emitted);
-        *emitted += 1;
-        let (causation_id, correlation_id) = (&*causation_id, &*correlation_id);
-        let result = self.db.prepare_cached(runtime_tables::OUTBOX_INSERT).and_then(|mut stmt| {
-            stmt.execute(rusqlite::params![
-                id,
-                stream,
-                event_type,
-                subject,
-                data,
-                correlation_id,
-                causation_id,
-                runtime_tables::emit_source(&self.projection),
-                position as i64,
-            ])
-        });
-        result.map(|_| Ok(())).map_err(|err| self.host_failed(err))
+        match self.event_at(position) {
+            Ok(i) => self.emit_from(i, stream, event_type, subject, data),
+            Err(message) => Ok(Err(message)),
+        }
     }
 }
 
@@ -682,12 +783,12 @@ mod tests {
     #[test]
     fn emitted_events_go_to_the_outbox_with_their_cause() {
         let mut host = host();
-        host.set_batch(&[event(7, "evt-7", Some("corr-7")), event(9, "evt-9", None)]);
+        host.set_batch(&[event(7, "evt-7", Some("corr-7")), event(9, "evt-9", None)], &[]);
         emit(&mut host, "charges", "order_charged", 7).unwrap().unwrap();
         emit(&mut host, "charges", "order_noted", 7).unwrap().unwrap();
         emit(&mut host, "audit", "order_charged", 9).unwrap().unwrap();
         assert_eq!(host.emitted(), 3, "the batch knows it emitted");
-        host.set_batch(&[event(10, "evt-10", None)]);
+        host.set_batch(&[event(10, "evt-10", None)], &[]);
         assert_eq!(host.emitted(), 0, "a new batch has emitted nothing yet");
         type Row = (i64, String, String, String, Option<String>, String, String, u64);
         let rows: Vec<Row> = host
@@ -764,7 +865,7 @@ mod tests {
     #[test]
     fn a_bad_emit_is_refused_to_the_guest_and_an_oversized_one_traps() {
         let mut host = host();
-        host.set_batch(&[event(3, "evt-3", None)]);
+        host.set_batch(&[event(3, "evt-3", None)], &[]);
         let refused = |host: &mut GuestHost, stream: &str, event_type: &str, position: u64| {
             emit(host, stream, event_type, position).unwrap().expect_err("refused")
         };
@@ -780,7 +881,7 @@ mod tests {
             "{trap:#}"
         );
         // Nothing is emitted outside a batch (init, query).
-        host.set_batch(&[]);
+        host.set_batch(&[], &[]);
         assert!(refused(&mut host, "s", "t", 3).contains("not an event of the batch"));
         let n: i64 = host.db().query_row("SELECT count(*) FROM projector_outbox", [], |r| r.get(0)).unwrap();
         assert_eq!(n, 0);
@@ -1011,17 +1112,75 @@ mod prepared_tests {
 
 #[cfg(test)]
 mod batch_tests {
-    use super::{BatchHost, GuestHost};
+    use super::{Event, GuestHost, Origin};
+    use crate::bindings::BatchHost;
     use crate::config::Limits;
     use rusqlite::Connection;
+
+    fn event(position: u64) -> Event {
+        Event {
+            stream: "wallets".into(),
+            position,
+            id: format!("e{position}"),
+            type_: "t".into(),
+            subject: None,
+            time: None,
+            correlation_id: None,
+            causation_id: None,
+            data: Vec::new(),
+        }
+    }
 
     #[test]
     fn partitions_are_told_only_when_an_event_has_one() {
         let db = Connection::open_in_memory().unwrap();
         let mut host = GuestHost::new(db, "test".into(), Limits::default()).unwrap();
-        host.set_partitions(&[Some(2), None, Some(0)]);
+        let origin = |number: Option<u32>| Origin { number, ..Origin::default() };
+        let events = [event(1), event(2), event(1)];
+        host.set_batch(&events, &[origin(Some(2)), origin(None), origin(Some(0))]);
         assert_eq!(host.partitions().unwrap(), [Some(2), None, Some(0)]);
-        host.set_partitions(&[None, None]);
+        host.set_batch(&events[..2], &[origin(None), origin(None)]);
         assert!(host.partitions().unwrap().is_empty(), "no event has one: the list is empty");
+    }
+
+    #[test]
+    fn in_a_batch_of_several_partitions_an_emitted_event_is_named_by_its_causes_partition() {
+        let db = Connection::open_in_memory().unwrap();
+        db.execute_batch(super::runtime_tables::SCHEMA).unwrap();
+        let mut host = GuestHost::new(db, "fees".into(), Limits::default()).unwrap();
+        let origin = |n: u32| Origin {
+            partition: Some(format!("kafka:orders/charges/{n}").into()),
+            number: Some(n),
+            through: 8,
+        };
+        // Offset 7 of partition 0 and offset 7 of partition 1.
+        host.set_batch(&[event(7), event(7)], &[origin(0), origin(1)]);
+        let by_position =
+            crate::bindings::EmitHost::emit(&mut host, "s".into(), "t".into(), None, b"{}".to_vec(), 7);
+        let refused = by_position.unwrap().unwrap_err();
+        assert!(refused.contains("position 7 names 2 events of the batch"), "{refused}");
+        for index in [1, 0, 1] {
+            BatchHost::emit(&mut host, index, "s".into(), "t".into(), None, b"{}".to_vec()).unwrap().unwrap();
+        }
+        let err =
+            BatchHost::emit(&mut host, 2, "s".into(), "t".into(), None, b"{}".to_vec()).unwrap().unwrap_err();
+        assert!(err.contains("index 2 is not an event of the batch being handled (2 events)"), "{err}");
+        let rows: Vec<(String, i64, Option<String>)> = host
+            .db()
+            .prepare("SELECT id, position, partition FROM projector_outbox ORDER BY seq")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        let row = |id: &str, n: u32| (id.to_string(), 8, Some(format!("kafka:orders/charges/{n}")));
+        assert_eq!(
+            rows,
+            [
+                row("fees:kafka:orders/charges/1:7:0", 1),
+                row("fees:kafka:orders/charges/0:7:0", 0),
+                row("fees:kafka:orders/charges/1:7:1", 1),
+            ]
+        );
     }
 }

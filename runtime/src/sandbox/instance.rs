@@ -8,7 +8,7 @@
 
 use crate::bindings::{Event, Failure, Projection};
 use crate::sandbox::engine::{LoadedModule, ProjectorEngine};
-use crate::sandbox::host::GuestHost;
+use crate::sandbox::host::{GuestHost, Origin};
 use crate::store;
 use anyhow::{Context as _, Result, bail};
 use rusqlite::Connection;
@@ -79,7 +79,7 @@ impl GuestInstance {
     pub fn query(&mut self, request: &[u8]) -> Result<QueryOutcome> {
         let limits = *self.store.data().limits();
         limits.arm(&mut self.store, self.engine.fuel_enabled())?;
-        self.store.data_mut().set_batch(&[]);
+        self.store.data_mut().set_batch(&[], &[]);
         self.db().prepare_cached("BEGIN")?.execute([])?;
         let result = self.guest.call_query(&mut self.store, request);
         self.db().prepare_cached("ROLLBACK")?.execute([])?;
@@ -114,15 +114,15 @@ impl GuestInstance {
         self.store.data().db()
     }
 
-    /// `BEGIN`; `handle(events)` (`partitions`: each event's source
-    /// partition, or empty when none has one); on success `before_commit`
+    /// `BEGIN`; `handle(events)` (`origins`: each event's source
+    /// partition, or empty for a source of one); on success `before_commit`
     /// (the checkpoint, a dead letter's removal) and `COMMIT`; else
     /// `ROLLBACK`. Fails only when the host itself fails (its database, a
     /// commit).
     pub fn handle_in_transaction(
         &mut self,
         events: &[Event],
-        partitions: &[Option<u32>],
+        origins: &[Origin],
         before_commit: impl FnOnce(&Connection) -> Result<()>,
     ) -> Result<Attempt> {
         let limits = *self.store.data().limits();
@@ -137,8 +137,7 @@ impl GuestInstance {
             return Err(err.into());
         }
         limits.arm(&mut self.store, self.engine.fuel_enabled())?;
-        self.store.data_mut().set_batch(events);
-        self.store.data_mut().set_partitions(partitions);
+        self.store.data_mut().set_batch(events, origins);
         let result = self.guest.call_handle(&mut self.store, events);
         let dropped = self.store.data_mut().take_log_dropped();
         if dropped > 0 {
@@ -263,7 +262,7 @@ fn instantiate(
     }
     limits.arm(&mut store, engine.fuel_enabled())?;
     // No event is being handled: `init` may not emit.
-    store.data_mut().set_batch(&[]);
+    store.data_mut().set_batch(&[], &[]);
     store.data().db().prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
     match guest.call_init(&mut store, found) {
         Ok(Ok(())) => {
