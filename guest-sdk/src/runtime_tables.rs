@@ -83,7 +83,6 @@ CREATE TABLE IF NOT EXISTS projector_outbox (
 );
 ";
 
-
 /// Records one emitted event: `?1` id, `?2` stream, `?3` type, `?4`
 /// subject, `?5` data, `?6` correlation id, `?7` causation id, `?8` source,
 /// `?9` where its cause leaves the checkpoint of `?10`, the cause's

@@ -5,7 +5,8 @@
 //!
 //! Control types drive the failure paths: `poison` is rejected, `panic`
 //! traps, `retry` is always asked to be retried (a dependency that never
-//! comes back), and `log` writes its data as a log line.
+//! comes back), `log` writes its data as a log line, and `echo` emits an
+//! `echoed` event `{of: <its id>}` on stream `echoes`.
 
 use projector_sdk::{Context, Event, Failure, Projection};
 
@@ -36,6 +37,7 @@ impl Projection for EventRecorder {
             "retry" => return Err(Failure::retry(format!("event {} waits for a dependency", event.id()))),
             "panic" => panic!("event {} asked for a panic", event.id()),
             "log" => ctx.log().info(&String::from_utf8_lossy(event.data())),
+            "echo" => ctx.emit("echoes", "echoed", &serde_json::json!({ "of": event.id() }))?,
             _ => {}
         }
         ctx.sql().execute(
