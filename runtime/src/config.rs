@@ -1137,6 +1137,97 @@ types = ["wallet_updated", "kyc_verified"]
     }
 
     #[test]
+    fn several_sources_are_checked_with_what_to_do() {
+        let multi = |source: &str, streams: &str| {
+            format!(
+                "version = 1\n[sources.bus]\nnats = \"nats://127.0.0.1:4222\"\nstream = \"USERS\"\n\
+                 [sources.cache]\nredis = \"redis://127.0.0.1:6379\"\n[[projection]]\nname = \"joined\"\n\
+                 module = \"m.wasm\"\nsource = {source}\nstreams = {streams}\n"
+            )
+        };
+        let good = parse(&multi(
+            "[\"log\", \"bus\", \"cache\"]",
+            "{ log = [\"orders\"], bus = [\"users.>\"], cache = [\"carts\"] }",
+        ))
+        .unwrap();
+        let p = &good.projections[0];
+        assert_eq!(p.source_names(), ["log", "bus", "cache"]);
+        assert_eq!(p.streams_of("bus"), ["users.>"]);
+        assert_eq!(p.first_stream(), Some("orders"));
+        let kinds: Vec<SourceKind> = good.sources_of(p).into_iter().map(|(_, kind)| kind).collect();
+        assert_eq!(kinds[0], SourceKind::Embedded);
+        assert!(matches!(kinds[1], SourceKind::Nats { name: "bus", .. }), "{kinds:?}");
+        // One source given as a list, or as a table, or `log` by name.
+        for (source, streams) in [("[\"bus\"]", "[\"users.>\"]"), ("\"bus\"", "{ bus = [\"users.>\"] }")] {
+            let one = parse(&multi(source, streams)).unwrap();
+            assert_eq!(one.projections[0].source_names(), ["bus"]);
+            assert_eq!(one.projections[0].streams_of("bus"), ["users.>"]);
+        }
+        assert!(parse(&multi("\"log\"", "[\"orders\"]")).unwrap().projections[0].reads_log_only());
+        let cases = [
+            (
+                multi("[\"log\", \"bus\"]", "[\"orders\"]"),
+                "projection \"joined\" (line 8): it reads several sources, so `streams` must say which \
+                 source each stream is read from: streams = { log = [\"…\"], bus = [\"…\"] }",
+            ),
+            (
+                multi("[\"log\", \"log\"]", "{ log = [\"orders\"] }"),
+                "projection \"joined\" (line 8): source lists \"log\" twice; list each source once",
+            ),
+            (
+                multi("[\"log\", \"bsu\"]", "{ log = [\"orders\"] }"),
+                "source = \"bsu\" is not defined; define it as [sources.bsu], or use one of: log, bus, cache",
+            ),
+            (multi("[]", "[\"orders\"]"), "source = [] names no source"),
+            (
+                multi("[\"log\", \"bus\"]", "{ log = [\"orders\"], bus = [\"u.>\"], cache = [\"c\"] }"),
+                "streams.cache names a source the projection does not read; add \"cache\" to `source` \
+                 (log, bus), or remove streams.cache",
+            ),
+            (
+                multi("[\"log\", \"bus\"]", "{ log = [\"orders\"] }"),
+                "`streams` gives source \"bus\" no streams; list what it reads from it, e.g. \
+                 streams.bus = [\"wallets\"]",
+            ),
+            (multi("[\"log\", \"bus\"]", "{ log = [\"orders\"], bus = [] }"), "streams.bus: `streams` is empty"),
+            (
+                multi("[\"log\", \"bus\"]", "{ log = [\"orders\"], bus = [\"users.>.x\"] }"),
+                "projection \"joined\" (line 8): streams.bus: \"users.>.x\" is not a NATS subject filter",
+            ),
+            (
+                multi("[\"bus\", \"cache\"]", "{ bus = [\"u\"], cache = [\"a b\"] }"),
+                "streams.cache: \"a b\" is not a stream key",
+            ),
+            (
+                multi("[\"log\", \"bus\"]", "{ log = [\"wal lets\"], bus = [\"u\"] }"),
+                "streams.log: invalid stream name \"wal lets\"",
+            ),
+            (
+                multi("[\"log\", \"bus\"]", "{ log = [\"orders\"], bus = [\"u\"] }\nemit = { fees = \"billing.fees\" }"),
+                "publishes to the embedded log (its first source)",
+            ),
+            (multi("{ a = 1 }", "[\"orders\"]"), "expected a source name, or a list of source names"),
+            (multi("\"log\"", "\"orders\""), "invalid type: string \"orders\", expected a sequence of streams, or a table"),
+            (
+                multi("\"log\"", "[\"orders\"]").replace("[sources.cache]", "[sources.log]"),
+                "[sources.log]: the name \"log\" is the embedded log's (a projection reads it with source = \
+                 \"log\"); give this source another name, e.g. [sources.log-bus]",
+            ),
+        ];
+        for (text, expected) in cases {
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(expected), "expected {expected:?} in:\n{err}");
+        }
+        // Emitting works with a broker first.
+        let emits = multi("[\"bus\", \"log\"]", "{ log = [\"orders\"], bus = [\"u\"] }\nemit = { fees = \"billing.fees\" }");
+        assert_eq!(parse(&emits).unwrap().source_of(&parse(&emits).unwrap().projections[0]), SourceKind::Nats {
+            name: "bus",
+            urls: vec!["nats://127.0.0.1:4222".into()],
+            stream: "USERS"
+        });
+    }
+
+    #[test]
     fn limits_fall_back_from_projection_to_config_to_defaults() {
         let text = GOOD.replace(
             "data = \"state\"",

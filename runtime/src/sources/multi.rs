@@ -186,7 +186,11 @@ impl MultiSource {
     fn merge(&mut self, i: usize, batch: Batch, into: &mut Batch) {
         for (partition, position) in batch.end.partitions() {
             let outer = self.outer(i, partition);
-            into.end.set(&outer, position);
+            // A partition a member names at 0 (before its first event) is
+            // left out, as before: an idle batch is one whose end is `after`.
+            if into.end.position(&outer) != position {
+                into.end.set(&outer, position);
+            }
         }
         if batch.checkpoints.is_empty() && !into.checkpoints.is_empty() {
             into.checkpoints.extend(batch.events.iter().map(|event| event.position));
@@ -396,5 +400,134 @@ impl Wake for MultiWaker {
         for member in &self.members {
             member.wake();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sources::embedded::{EmbeddedOpener, EventLog, NewEvent};
+
+    fn event(id: &str) -> NewEvent {
+        NewEvent {
+            id: id.into(),
+            source: "test".into(),
+            event_type: "noted".into(),
+            subject: None,
+            time: None,
+            datacontenttype: None,
+            correlation_id: None,
+            causation_id: None,
+            data: b"{}".to_vec(),
+        }
+    }
+
+    /// Two embedded logs (both of key `log`) read as one.
+    fn two_logs() -> (tempfile::TempDir, Arc<EventLog>, Arc<EventLog>, MultiSource) {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Arc::new(EventLog::open(&dir.path().join("a")).unwrap());
+        let b = Arc::new(EventLog::open(&dir.path().join("b")).unwrap());
+        let filter = Filter { streams: vec!["s".into()], types: None };
+        let open = |log: &Arc<EventLog>| EmbeddedOpener::new(log.clone()).open(&filter, "p").unwrap();
+        let multi = MultiSource::new(vec![("b".into(), open(&b)), ("a".into(), open(&a))]);
+        (dir, a, b, multi)
+    }
+
+    fn ids(batch: &Batch) -> Vec<&str> {
+        batch.events.iter().map(|event| event.id.as_str()).collect()
+    }
+
+    #[test]
+    fn the_key_is_the_same_whatever_order_the_members_are_listed_in() {
+        assert_eq!(multi_key(["nats:USERS", "log"].into_iter()), "multi:log+nats:USERS");
+        assert_eq!(multi_key(["log", "nats:USERS"].into_iter()), "multi:log+nats:USERS");
+    }
+
+    #[test]
+    fn member_partitions_go_under_the_multi_key_and_back() {
+        let multi = "multi:kafka:orders+redis:db0";
+        assert_eq!(outer_partition(multi, "redis:db0", "redis:db0", "redis:db0"), format!("{multi}/redis:db0"));
+        assert_eq!(
+            outer_partition(multi, "kafka:orders", "kafka:orders", "kafka:orders/orders/2"),
+            format!("{multi}/kafka:orders/orders/2")
+        );
+        // Two members of one key: each goes by its name too, and a
+        // checkpoint splits back into each one's own.
+        let (_dir, a, b, multi) = two_logs();
+        assert_eq!(multi.key(), "multi:log@a+log@b");
+        a.append("s", &[event("a1"), event("a2")]).unwrap();
+        b.append("s", &[event("b1")]).unwrap();
+        let mut checkpoint = Checkpoint::default();
+        checkpoint.set("multi:log@a+log@b/log@a", 2);
+        checkpoint.set("multi:log@a+log@b/log@b", 1);
+        checkpoint.set("log", 7); // another key's: not this source's
+        let split = multi.split(&checkpoint);
+        assert_eq!(split, vec![Checkpoint::at("log", 1), Checkpoint::at("log", 2)]);
+    }
+
+    #[test]
+    fn members_merge_each_in_its_own_order_taking_turns() {
+        let (_dir, a, b, mut multi) = two_logs();
+        a.append("s", &[event("a1"), event("a2"), event("a3")]).unwrap();
+        b.append("s", &[event("b1"), event("b2")]).unwrap();
+        let start = Checkpoint::default();
+        let batch = multi.next_batch(&start, 100, Duration::ZERO).unwrap();
+        assert_eq!(ids(&batch), ["b1", "b2", "a1", "a2", "a3"]);
+        let partitions: Vec<&str> = batch.partitions.iter().map(|p| &**p).collect();
+        let (pa, pb) = ("multi:log@a+log@b/log@a", "multi:log@a+log@b/log@b");
+        assert_eq!(partitions, [pb, pb, pa, pa, pa]);
+        assert_eq!((batch.end.position(pa), batch.end.position(pb)), (3, 2));
+        // Applying part of it moves only the partitions of what was applied.
+        let part = batch.checkpoint_after(&start, 3);
+        assert_eq!((part.position(pa), part.position(pb)), (1, 2));
+        // The next batch starts with the other member; `max` is honoured,
+        // and each member resumes where the checkpoint says.
+        a.append("s", &[event("a4")]).unwrap();
+        b.append("s", &[event("b3")]).unwrap();
+        let batch = multi.next_batch(&part, 2, Duration::ZERO).unwrap();
+        assert_eq!(ids(&batch), ["a2", "a3"]);
+        let batch = multi.next_batch(&batch.end, 10, Duration::ZERO).unwrap();
+        assert_eq!(ids(&batch), ["b3", "a4"]);
+    }
+
+    #[test]
+    fn a_quiet_member_does_not_hold_up_a_busy_one_and_the_wait_is_honoured() {
+        let (_dir, a, _b, mut multi) = two_logs();
+        let started = Instant::now();
+        let idle = multi.next_batch(&Checkpoint::default(), 10, Duration::from_millis(300)).unwrap();
+        let waited = started.elapsed();
+        assert!(idle.is_idle(&Checkpoint::default()), "{idle:?}");
+        assert!(waited >= Duration::from_millis(300) && waited < Duration::from_secs(2), "{waited:?}");
+        let appender = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            a.append("s", &[event("a1")]).unwrap();
+        });
+        let started = Instant::now();
+        let batch = multi.next_batch(&Checkpoint::default(), 10, Duration::from_secs(10)).unwrap();
+        assert_eq!(ids(&batch), ["a1"]);
+        assert!(started.elapsed() < Duration::from_secs(2), "waited {:?} for a busy member", started.elapsed());
+        appender.join().unwrap();
+        // A wake ends the wait early.
+        let waker = multi.waker();
+        let waking = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            waker.wake();
+        });
+        let started = Instant::now();
+        multi.next_batch(&batch.end, 10, Duration::from_secs(10)).unwrap();
+        assert!(started.elapsed() < Duration::from_secs(2), "a wake did not end the wait");
+        waking.join().unwrap();
+    }
+
+    #[test]
+    fn progress_sums_the_lag_and_names_every_member_head() {
+        let (_dir, a, b, mut multi) = two_logs();
+        a.append("s", &[event("a1"), event("a2")]).unwrap();
+        b.append("s", &[event("b1")]).unwrap();
+        let progress = multi.progress(&Checkpoint::at("multi:log@a+log@b/log@a", 1)).unwrap();
+        assert_eq!(progress.lag, 2);
+        assert_eq!(progress.head.position("multi:log@a+log@b/log@a"), 2);
+        assert_eq!(progress.head.position("multi:log@a+log@b/log@b"), 1);
+        assert_eq!(multi.health(), Health::Connected);
     }
 }
