@@ -56,7 +56,8 @@ pub struct ProjectionStatus {
     /// Events the projection emitted that wait in its outbox to be
     /// published (0 once published).
     pub outbox: u64,
-    /// Why it faulted, if it did.
+    /// Why it faulted, if it did; for a projection reading several
+    /// sources, which of them cannot be reached and why.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// While the module keeps asking to retry a batch: its first
@@ -210,7 +211,12 @@ fn status_at(
             partitions: report.as_ref().and_then(|r| r.get("partitions").cloned()),
             error: match state.as_str() {
                 "faulted" | "connecting" => store::meta(&db, "error")?,
-                _ => None,
+                // One of several sources down: the projection runs on the
+                // others, and says which cannot be reached.
+                _ => report
+                    .as_ref()
+                    .filter(|r| host_running && r["connected"] == false)
+                    .and_then(|r| r["error"].as_str().map(String::from)),
             },
             rebuilding,
             refused: store::meta(&db, "refused")?.and_then(|text| serde_json::from_str(&text).ok()),

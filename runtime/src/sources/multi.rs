@@ -327,7 +327,10 @@ impl Source for MultiSource {
                 continue;
             }
             match reader.source.progress(at) {
-                Ok(progress) => reader.progress = progress,
+                Ok(progress) => {
+                    reader.answered();
+                    reader.progress = progress;
+                }
                 Err(SourceError::Unavailable(reason)) => {
                     unavailable.push(format!("{}: {reason}", reader.name));
                     reader.failed(reason);
@@ -340,11 +343,15 @@ impl Source for MultiSource {
         if unavailable.len() == self.readers.len() {
             return Err(SourceError::Unavailable(unavailable.join("; ")));
         }
-        // A member out of reach counts with what it last said.
+        // A member out of reach counts with the head it last showed.
         let mut total = Progress::default();
-        for i in 0..self.readers.len() {
+        for (i, at) in afters.iter().enumerate() {
             let progress = self.readers[i].progress.clone();
-            total.lag = total.lag.saturating_add(progress.lag);
+            let lag = match self.readers[i].down {
+                None => progress.lag,
+                Some(_) => progress.head.partitions().map(|(p, head)| head.saturating_sub(at.position(p))).sum(),
+            };
+            total.lag = total.lag.saturating_add(lag);
             for (partition, head) in progress.head.partitions() {
                 let outer = self.outer(i, partition);
                 total.head.set(&outer, head);
