@@ -106,7 +106,10 @@ fn the_log_and_nats_read_at_once_handle_each_event_once_in_stream_order_across_s
     ws.wait_caught_up(total, Duration::from_secs(120));
     let status = ws.status_of("recorder");
     assert_eq!(status["source"], json!(["log", "bus"]));
-    assert_eq!((&status["state"], &status["connected"], &status["lag"]), (&json!("running"), &json!(true), &json!(0)));
+    assert_eq!(
+        (&status["state"], &status["connected"], &status["lag"]),
+        (&json!("running"), &json!(true), &json!(0))
+    );
     assert_eq!(status["head"], total, "the heads of both sources, added up");
     let partitions = status["partitions"].as_object().expect("each source's position is shown");
     assert_eq!(partitions.len(), 2, "{partitions:?}");

@@ -408,7 +408,8 @@ impl<'de> Deserialize<'de> for SourceNames {
                 Ok(SourceNames::One(name.to_string()))
             }
             fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<SourceNames, A::Error> {
-                Deserialize::deserialize(serde::de::value::SeqAccessDeserializer::new(seq)).map(SourceNames::Many)
+                Deserialize::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))
+                    .map(SourceNames::Many)
             }
         }
         deserializer.deserialize_any(Visitor)
@@ -440,7 +441,8 @@ impl<'de> Deserialize<'de> for Streams {
                 Deserialize::deserialize(serde::de::value::SeqAccessDeserializer::new(seq)).map(Streams::List)
             }
             fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Streams, A::Error> {
-                Deserialize::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(Streams::BySource)
+                Deserialize::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(Streams::BySource)
             }
         }
         deserializer.deserialize_any(Visitor)
@@ -734,9 +736,9 @@ impl Config {
     /// that source's kind.
     fn check_streams(&self, source: &str, streams: &[String]) -> Result<(), String> {
         match self.source_kind(source) {
-            SourceKind::Embedded => {
-                streams.iter().try_for_each(|stream| validate_stream_name(stream).map_err(|err| format!("{err:#}")))
-            }
+            SourceKind::Embedded => streams
+                .iter()
+                .try_for_each(|stream| validate_stream_name(stream).map_err(|err| format!("{err:#}"))),
             SourceKind::Redis { .. } => {
                 for (j, key) in streams.iter().enumerate() {
                     crate::sources::redis::validate_key(key).map_err(|err| format!("{err:#}"))?;
@@ -747,7 +749,9 @@ impl Config {
                 Ok(())
             }
             SourceKind::Kafka { .. } => streams.iter().try_for_each(|topic| validate_topic(topic)),
-            SourceKind::Nats { .. } => streams.iter().try_for_each(|subject| validate_subject_filter(subject)),
+            SourceKind::Nats { .. } => {
+                streams.iter().try_for_each(|subject| validate_subject_filter(subject))
+            }
         }
     }
 
@@ -1189,7 +1193,10 @@ types = ["wallet_updated", "kyc_verified"]
                 "`streams` gives source \"bus\" no streams; list what it reads from it, e.g. \
                  streams.bus = [\"wallets\"]",
             ),
-            (multi("[\"log\", \"bus\"]", "{ log = [\"orders\"], bus = [] }"), "streams.bus: `streams` is empty"),
+            (
+                multi("[\"log\", \"bus\"]", "{ log = [\"orders\"], bus = [] }"),
+                "streams.bus: `streams` is empty",
+            ),
             (
                 multi("[\"log\", \"bus\"]", "{ log = [\"orders\"], bus = [\"users.>.x\"] }"),
                 "projection \"joined\" (line 8): streams.bus: \"users.>.x\" is not a NATS subject filter",
@@ -1203,11 +1210,17 @@ types = ["wallet_updated", "kyc_verified"]
                 "streams.log: invalid stream name \"wal lets\"",
             ),
             (
-                multi("[\"log\", \"bus\"]", "{ log = [\"orders\"], bus = [\"u\"] }\nemit = { fees = \"billing.fees\" }"),
+                multi(
+                    "[\"log\", \"bus\"]",
+                    "{ log = [\"orders\"], bus = [\"u\"] }\nemit = { fees = \"billing.fees\" }",
+                ),
                 "publishes to the embedded log (its first source)",
             ),
             (multi("{ a = 1 }", "[\"orders\"]"), "expected a source name, or a list of source names"),
-            (multi("\"log\"", "\"orders\""), "invalid type: string \"orders\", expected a sequence of streams, or a table"),
+            (
+                multi("\"log\"", "\"orders\""),
+                "invalid type: string \"orders\", expected a sequence of streams, or a table",
+            ),
             (
                 multi("\"log\"", "[\"orders\"]").replace("[sources.cache]", "[sources.log]"),
                 "[sources.log]: the name \"log\" is the embedded log's (a projection reads it with source = \
@@ -1219,12 +1232,14 @@ types = ["wallet_updated", "kyc_verified"]
             assert!(err.contains(expected), "expected {expected:?} in:\n{err}");
         }
         // Emitting works with a broker first.
-        let emits = multi("[\"bus\", \"log\"]", "{ log = [\"orders\"], bus = [\"u\"] }\nemit = { fees = \"billing.fees\" }");
-        assert_eq!(parse(&emits).unwrap().source_of(&parse(&emits).unwrap().projections[0]), SourceKind::Nats {
-            name: "bus",
-            urls: vec!["nats://127.0.0.1:4222".into()],
-            stream: "USERS"
-        });
+        let emits = multi(
+            "[\"bus\", \"log\"]",
+            "{ log = [\"orders\"], bus = [\"u\"] }\nemit = { fees = \"billing.fees\" }",
+        );
+        assert_eq!(
+            parse(&emits).unwrap().source_of(&parse(&emits).unwrap().projections[0]),
+            SourceKind::Nats { name: "bus", urls: vec!["nats://127.0.0.1:4222".into()], stream: "USERS" }
+        );
     }
 
     #[test]

@@ -2,8 +2,8 @@
 //! the JSON shapes of rows and key/value state. Everything here opens
 //! databases read-only, so it works while `run` is processing.
 
-use crate::config::{Config, SourceNames};
 use crate::config::paths::lock_path;
+use crate::config::{Config, SourceNames};
 use crate::projection::fault::{Fault, FaultFile};
 use crate::sources::embedded::PARTITION;
 use crate::store;

@@ -16,7 +16,9 @@
 //! them, never a global order. A member that cannot be reached waits out
 //! a backoff of its own while the others go on.
 
-use super::{Batch, Checkpoint, Filter, Health, Progress, Publisher, Source, SourceError, SourceOpener, Wake};
+use super::{
+    Batch, Checkpoint, Filter, Health, Progress, Publisher, Source, SourceError, SourceOpener, Wake,
+};
 use anyhow::Context as _;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -141,7 +143,14 @@ impl MultiSource {
             .map(|(i, (name, source))| {
                 let shared = keys.iter().filter(|key| **key == keys[i]).count() > 1;
                 let alias = if shared { format!("{}@{name}", keys[i]) } else { keys[i].clone() };
-                Reader { name, source, alias, outer: HashMap::new(), down: None, progress: Progress::default() }
+                Reader {
+                    name,
+                    source,
+                    alias,
+                    outer: HashMap::new(),
+                    down: None,
+                    progress: Progress::default(),
+                }
             })
             .collect();
         let key = multi_key(readers.iter().map(|r| r.alias.as_str()));
@@ -176,7 +185,8 @@ impl MultiSource {
         if let Some(outer) = reader.outer.get(partition) {
             return outer.clone();
         }
-        let outer: Arc<str> = outer_partition(&self.key, &reader.alias, reader.source.key(), partition).into();
+        let outer: Arc<str> =
+            outer_partition(&self.key, &reader.alias, reader.source.key(), partition).into();
         reader.outer.insert(partition.into(), outer.clone());
         outer
     }
@@ -349,7 +359,9 @@ impl Source for MultiSource {
             let progress = self.readers[i].progress.clone();
             let lag = match self.readers[i].down {
                 None => progress.lag,
-                Some(_) => progress.head.partitions().map(|(p, head)| head.saturating_sub(at.position(p))).sum(),
+                Some(_) => {
+                    progress.head.partitions().map(|(p, head)| head.saturating_sub(at.position(p))).sum()
+                }
             };
             total.lag = total.lag.saturating_add(lag);
             for (partition, head) in progress.head.partitions() {
@@ -367,11 +379,9 @@ impl Source for MultiSource {
             .iter()
             .filter_map(|reader| match (reader.source.health(), &reader.down) {
                 (_, Some((reason, _, _))) => Some(format!("{}: {reason}", reader.name)),
-                (Health::Connecting { error }, None) => Some(format!(
-                    "{}: {}",
-                    reader.name,
-                    error.unwrap_or_else(|| "connecting".into())
-                )),
+                (Health::Connecting { error }, None) => {
+                    Some(format!("{}: {}", reader.name, error.unwrap_or_else(|| "connecting".into())))
+                }
                 (Health::Connected, None) => None,
             })
             .collect();
@@ -453,7 +463,10 @@ mod tests {
     #[test]
     fn member_partitions_go_under_the_multi_key_and_back() {
         let multi = "multi:kafka:orders+redis:db0";
-        assert_eq!(outer_partition(multi, "redis:db0", "redis:db0", "redis:db0"), format!("{multi}/redis:db0"));
+        assert_eq!(
+            outer_partition(multi, "redis:db0", "redis:db0", "redis:db0"),
+            format!("{multi}/redis:db0")
+        );
         assert_eq!(
             outer_partition(multi, "kafka:orders", "kafka:orders", "kafka:orders/orders/2"),
             format!("{multi}/kafka:orders/orders/2")
@@ -512,7 +525,11 @@ mod tests {
         let started = Instant::now();
         let batch = multi.next_batch(&Checkpoint::default(), 10, Duration::from_secs(10)).unwrap();
         assert_eq!(ids(&batch), ["a1"]);
-        assert!(started.elapsed() < Duration::from_secs(2), "waited {:?} for a busy member", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "waited {:?} for a busy member",
+            started.elapsed()
+        );
         appender.join().unwrap();
         // A wake ends the wait early.
         let waker = multi.waker();
