@@ -1,8 +1,8 @@
 //! A projection reading several sources at once (the embedded log and a
 //! NATS JetStream stream) through `projector run`: each event handled
 //! once in its stream's order across SIGKILLs, a rebuild replaying both,
-//! status while one source is down, and a move from one source to a list
-//! of it keeping the checkpoint.
+//! status while one source is down, a move from one source to a list of
+//! it keeping the checkpoint, and another set of sources said at start.
 
 mod util;
 
@@ -197,4 +197,14 @@ fn one_source_becoming_a_list_of_it_keeps_its_checkpoint() {
     drop(host);
     let counts = ws.query("recorder", "SELECT count(*) AS handled, count(DISTINCT id) AS ids FROM handled");
     assert_eq!(counts, json!([{"handled": 200, "ids": 200}]), "nothing handled twice");
+    assert!(!std::fs::read_to_string(ws.path("run.log")).unwrap().contains("positions of other sources"));
+
+    // Another set of sources is another key: the start says so.
+    config("[\"bus\", \"log\"]", "{ bus = [\"users.>\"], log = [\"orders\"] }");
+    let host = ws.start();
+    wait_until(Duration::from_secs(30), "the start to warn of the changed sources", || {
+        host.logs().contains(
+            "the database holds positions of other sources (nats:USERS), none of multi:log+nats:USERS",
+        )
+    });
 }
