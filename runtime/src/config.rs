@@ -321,18 +321,21 @@ pub struct ProjectionConfig {
     ///
     /// `module = "target/projections/wallet_allowlist.wasm"`
     pub module: PathBuf,
-    /// The source it reads: a name from `[sources]`. Absent: the embedded
-    /// log.
+    /// The source it reads: a name from `[sources]`, or `log` for the
+    /// embedded log; or a list of them, for a read model joined from
+    /// several (each keeps its own position in the checkpoint; see the
+    /// README for the order events arrive in). Absent: the embedded log.
     ///
-    /// `source = "bus"`
+    /// `source = "bus"` or `source = ["log", "bus"]`
     #[serde(default)]
-    pub source: Option<String>,
+    pub source: Option<SourceNames>,
     /// What the source calls streams (at least one): stream names of the
     /// embedded log; for NATS, subject filters within the JetStream stream
-    /// (wildcards `*` and `>` allowed).
+    /// (wildcards `*` and `>` allowed); Kafka topics; Redis stream keys.
+    /// With several sources, a table giving each source its own.
     ///
-    /// `streams = ["wallets"]` or `streams = ["wallets.>"]`
-    pub streams: Vec<String>,
+    /// `streams = ["wallets"]` or `streams = { log = ["orders"], bus = ["users.>"] }`
+    pub streams: Streams,
     /// Only these event types are delivered; others are skipped without
     /// calling the module. Absent: every type.
     ///
@@ -368,6 +371,111 @@ pub struct ProjectionConfig {
     /// `emit = { charges = "billing.charges" }`
     #[serde(default)]
     pub emit: BTreeMap<String, String>,
+}
+
+/// The name the embedded log goes by in `source`; no `[sources]` table
+/// may take it.
+pub const EMBEDDED_LOG: &str = "log";
+
+/// `source`: one source's name, or a list of several.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(untagged)]
+pub enum SourceNames {
+    /// `source = "bus"`
+    One(String),
+    /// `source = ["log", "bus"]`
+    Many(Vec<String>),
+}
+
+impl SourceNames {
+    /// Every name, in the order given.
+    pub fn names(&self) -> Vec<&str> {
+        match self {
+            SourceNames::One(name) => vec![name.as_str()],
+            SourceNames::Many(names) => names.iter().map(String::as_str).collect(),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for SourceNames {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = SourceNames;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a source name, or a list of source names, e.g. source = [\"log\", \"bus\"]")
+            }
+            fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<SourceNames, E> {
+                Ok(SourceNames::One(name.to_string()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<SourceNames, A::Error> {
+                Deserialize::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))
+                    .map(SourceNames::Many)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+/// `streams`: a list (for a projection reading one source), or a table of
+/// lists by source name (required when it reads several).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Streams {
+    /// `streams = ["wallets"]`
+    List(Vec<String>),
+    /// `streams = { log = ["orders"], bus = ["users.>"] }`
+    BySource(BTreeMap<String, Vec<String>>),
+}
+
+impl<'de> Deserialize<'de> for Streams {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Streams;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(
+                    "a sequence of streams, or a table of them by source, e.g. streams = { log = \
+                     [\"orders\"], bus = [\"users.>\"] }",
+                )
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Streams, A::Error> {
+                Deserialize::deserialize(serde::de::value::SeqAccessDeserializer::new(seq)).map(Streams::List)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Streams, A::Error> {
+                Deserialize::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(Streams::BySource)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+impl ProjectionConfig {
+    /// The names of the sources it reads, in the order given: `log` for
+    /// the embedded log.
+    pub fn source_names(&self) -> Vec<&str> {
+        self.source.as_ref().map_or_else(|| vec![EMBEDDED_LOG], SourceNames::names)
+    }
+
+    /// Whether it reads the embedded log alone.
+    pub fn reads_log_only(&self) -> bool {
+        self.source_names() == [EMBEDDED_LOG]
+    }
+
+    /// The streams it reads from source `source` (checked at load: every
+    /// source it names has some).
+    pub fn streams_of(&self, source: &str) -> &[String] {
+        match &self.streams {
+            Streams::List(streams) => streams,
+            Streams::BySource(by_source) => by_source.get(source).map_or(&[], Vec::as_slice),
+        }
+    }
+
+    /// The first stream of its first source (where `projector dev` appends
+    /// a fixture).
+    pub fn first_stream(&self) -> Option<&str> {
+        self.streams_of(self.source_names()[0]).first().map(String::as_str)
+    }
 }
 
 fn default_data() -> PathBuf {
@@ -435,6 +543,11 @@ impl Config {
                 config.version
             )));
         }
+        // The sources first: a projection's streams are checked by its
+        // sources' kinds.
+        for (name, source) in &config.sources {
+            source.check(name).map_err(|err| invalid(format!("[sources.{name}]: {err}")))?;
+        }
         // Where each projection is in the file, for the messages below.
         let at = |i: usize| projection_line(text, i).map(|l| format!(" (line {l})")).unwrap_or_default();
         let mut names: HashMap<&str, usize> = HashMap::new();
@@ -463,66 +576,88 @@ impl Config {
                     p.name
                 )));
             }
-            if p.streams.is_empty() {
+            let sources = p.source_names();
+            if sources.is_empty() {
                 return Err(invalid(format!(
-                    "projection {:?}{}: `streams` is empty; list the streams it consumes, e.g. \
-                     streams = [\"wallets\"]",
+                    "projection {:?}{}: source = [] names no source; name one or more, e.g. \
+                     source = [\"log\", \"bus\"], or remove `source` to read the embedded log",
                     p.name,
                     at(i)
                 )));
             }
-            match &p.source {
-                None => {
-                    for stream in &p.streams {
-                        validate_stream_name(stream)
-                            .map_err(|err| invalid(format!("projection {:?}{}: {err:#}", p.name, at(i))))?;
-                    }
+            for (j, source) in sources.iter().enumerate() {
+                if sources[..j].contains(source) {
+                    return Err(invalid(format!(
+                        "projection {:?}{}: source lists {source:?} twice; list each source once",
+                        p.name,
+                        at(i)
+                    )));
                 }
-                Some(source) if !config.sources.contains_key(source) => {
+                if *source != EMBEDDED_LOG && !config.sources.contains_key(*source) {
                     let known: Vec<&str> = config.sources.keys().map(String::as_str).collect();
                     return Err(invalid(format!(
                         "projection {:?}{}: source = {source:?} is not defined; define it as \
                          [sources.{source}], or use one of: {}",
                         p.name,
                         at(i),
-                        if known.is_empty() {
-                            "(no [sources] defined)".to_string()
-                        } else {
-                            known.join(", ")
-                        }
+                        std::iter::once(EMBEDDED_LOG).chain(known).collect::<Vec<_>>().join(", ")
                     )));
                 }
-                Some(source) if config.sources[source].redis.is_some() => {
-                    for (j, key) in p.streams.iter().enumerate() {
-                        crate::sources::redis::validate_key(key)
-                            .map_err(|err| invalid(format!("projection {:?}{}: {err:#}", p.name, at(i))))?;
-                        if p.streams[..j].contains(key) {
-                            return Err(invalid(format!(
-                                "projection {:?}{}: streams lists {key:?} twice; list each stream key once",
-                                p.name,
-                                at(i)
-                            )));
-                        }
-                    }
+            }
+            match &p.streams {
+                Streams::List(_) if sources.len() > 1 => {
+                    return Err(invalid(format!(
+                        "projection {:?}{}: it reads several sources, so `streams` must say which \
+                         source each stream is read from: streams = {{ {} }}",
+                        p.name,
+                        at(i),
+                        sources.iter().map(|s| format!("{s} = [\"…\"]")).collect::<Vec<_>>().join(", ")
+                    )));
                 }
-                Some(source) if config.sources[source].kafka.is_some() => {
-                    for topic in &p.streams {
-                        validate_topic(topic)
-                            .map_err(|err| invalid(format!("projection {:?}{}: {err}", p.name, at(i))))?;
+                Streams::List(_) => {}
+                Streams::BySource(by_source) => {
+                    if let Some(other) = by_source.keys().find(|name| !sources.contains(&name.as_str())) {
+                        return Err(invalid(format!(
+                            "projection {:?}{}: streams.{other} names a source the projection does \
+                             not read; add {other:?} to `source` ({}), or remove streams.{other}",
+                            p.name,
+                            at(i),
+                            sources.join(", ")
+                        )));
                     }
-                }
-                Some(_) => {
-                    for subject in &p.streams {
-                        validate_subject_filter(subject)
-                            .map_err(|err| invalid(format!("projection {:?}{}: {err}", p.name, at(i))))?;
+                    if let Some(missing) = sources.iter().find(|name| !by_source.contains_key(**name)) {
+                        return Err(invalid(format!(
+                            "projection {:?}{}: `streams` gives source {missing:?} no streams; list \
+                             what it reads from it, e.g. streams.{missing} = [\"wallets\"]",
+                            p.name,
+                            at(i)
+                        )));
                     }
                 }
             }
-            if p.source.is_none() && !p.emit.is_empty() {
+            for source in &sources {
+                let streams = p.streams_of(source);
+                let here = match &p.streams {
+                    Streams::List(_) => String::new(),
+                    Streams::BySource(_) => format!("streams.{source}: "),
+                };
+                if streams.is_empty() {
+                    return Err(invalid(format!(
+                        "projection {:?}{}: {here}`streams` is empty; list the streams it consumes, e.g. \
+                         streams = [\"wallets\"]",
+                        p.name,
+                        at(i)
+                    )));
+                }
+                config
+                    .check_streams(source, streams)
+                    .map_err(|err| invalid(format!("projection {:?}{}: {here}{err}", p.name, at(i))))?;
+            }
+            if sources[0] == EMBEDDED_LOG && !p.emit.is_empty() {
                 return Err(invalid(format!(
                     "projection {:?}{}: `emit` routes emitted streams to a broker, but the projection \
-                     reads the embedded log, where each emitted stream is the log's stream of the same \
-                     name; remove `emit`, or set `source`",
+                     publishes to the embedded log (its first source), where each emitted stream is the \
+                     log's stream of the same name; remove `emit`, or name a broker first in `source`",
                     p.name,
                     at(i)
                 )));
@@ -569,9 +704,6 @@ impl Config {
                 )));
             }
         }
-        for (name, source) in &config.sources {
-            source.check(name).map_err(|err| invalid(format!("[sources.{name}]: {err}")))?;
-        }
         Limits::resolve(&config.limits, &LimitsConfig::default())
             .map_err(|err| invalid(format!("[limits]: {err}")))?;
         config.http.check().map_err(|err| invalid(format!("[http]: {err}")))?;
@@ -597,9 +729,47 @@ impl Config {
         })
     }
 
-    /// The source projection `p` reads, checked at load.
+    /// The first source projection `p` reads (the one it publishes what it
+    /// emits to), checked at load.
     pub fn source_of<'a>(&'a self, p: &'a ProjectionConfig) -> SourceKind<'a> {
-        let Some(name) = &p.source else { return SourceKind::Embedded };
+        self.source_kind(p.source_names()[0])
+    }
+
+    /// Every source projection `p` reads, with its name, in the order
+    /// given.
+    pub fn sources_of<'a>(&'a self, p: &'a ProjectionConfig) -> Vec<(&'a str, SourceKind<'a>)> {
+        p.source_names().into_iter().map(|name| (name, self.source_kind(name))).collect()
+    }
+
+    /// Check `streams`, what a projection reads from source `source`, for
+    /// that source's kind.
+    fn check_streams(&self, source: &str, streams: &[String]) -> Result<(), String> {
+        match self.source_kind(source) {
+            SourceKind::Embedded => streams
+                .iter()
+                .try_for_each(|stream| validate_stream_name(stream).map_err(|err| format!("{err:#}"))),
+            SourceKind::Redis { .. } => {
+                for (j, key) in streams.iter().enumerate() {
+                    crate::sources::redis::validate_key(key).map_err(|err| format!("{err:#}"))?;
+                    if streams[..j].contains(key) {
+                        return Err(format!("streams lists {key:?} twice; list each stream key once"));
+                    }
+                }
+                Ok(())
+            }
+            SourceKind::Kafka { .. } => streams.iter().try_for_each(|topic| validate_topic(topic)),
+            SourceKind::Nats { .. } => {
+                streams.iter().try_for_each(|subject| validate_subject_filter(subject))
+            }
+        }
+    }
+
+    /// What source `name` is: `log`, or a `[sources]` table checked at
+    /// load.
+    fn source_kind<'a>(&'a self, name: &'a str) -> SourceKind<'a> {
+        if name == EMBEDDED_LOG {
+            return SourceKind::Embedded;
+        }
         let source = &self.sources[name];
         if let Some(servers) = &source.kafka {
             return SourceKind::Kafka { name, servers: servers.urls() };
@@ -640,6 +810,12 @@ pub fn validate_stream_name(stream: &str) -> anyhow::Result<()> {
 
 impl SourceConfig {
     fn check(&self, name: &str) -> Result<(), String> {
+        if name == EMBEDDED_LOG {
+            return Err(format!(
+                "the name {EMBEDDED_LOG:?} is the embedded log's (a projection reads it with source = \
+                 \"{EMBEDDED_LOG}\"); give this source another name, e.g. [sources.{EMBEDDED_LOG}-bus]"
+            ));
+        }
         let name_ok = !name.is_empty()
             && name.len() <= 64
             && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
@@ -999,6 +1175,108 @@ types = ["wallet_updated", "kyc_verified"]
             let err = parse(&text).unwrap_err().to_string();
             assert!(err.contains(expected), "expected {expected:?} in:\n{err}");
         }
+    }
+
+    #[test]
+    fn several_sources_are_checked_with_what_to_do() {
+        let multi = |source: &str, streams: &str| {
+            format!(
+                "version = 1\n[sources.bus]\nnats = \"nats://127.0.0.1:4222\"\nstream = \"USERS\"\n\
+                 [sources.cache]\nredis = \"redis://127.0.0.1:6379\"\n[[projection]]\nname = \"joined\"\n\
+                 module = \"m.wasm\"\nsource = {source}\nstreams = {streams}\n"
+            )
+        };
+        let good = parse(&multi(
+            "[\"log\", \"bus\", \"cache\"]",
+            "{ log = [\"orders\"], bus = [\"users.>\"], cache = [\"carts\"] }",
+        ))
+        .unwrap();
+        let p = &good.projections[0];
+        assert_eq!(p.source_names(), ["log", "bus", "cache"]);
+        assert_eq!(p.streams_of("bus"), ["users.>"]);
+        assert_eq!(p.first_stream(), Some("orders"));
+        let kinds: Vec<SourceKind> = good.sources_of(p).into_iter().map(|(_, kind)| kind).collect();
+        assert_eq!(kinds[0], SourceKind::Embedded);
+        assert!(matches!(kinds[1], SourceKind::Nats { name: "bus", .. }), "{kinds:?}");
+        // One source given as a list, or as a table, or `log` by name.
+        for (source, streams) in [("[\"bus\"]", "[\"users.>\"]"), ("\"bus\"", "{ bus = [\"users.>\"] }")] {
+            let one = parse(&multi(source, streams)).unwrap();
+            assert_eq!(one.projections[0].source_names(), ["bus"]);
+            assert_eq!(one.projections[0].streams_of("bus"), ["users.>"]);
+        }
+        assert!(parse(&multi("\"log\"", "[\"orders\"]")).unwrap().projections[0].reads_log_only());
+        let cases = [
+            (
+                multi("[\"log\", \"bus\"]", "[\"orders\"]"),
+                "projection \"joined\" (line 8): it reads several sources, so `streams` must say which \
+                 source each stream is read from: streams = { log = [\"…\"], bus = [\"…\"] }",
+            ),
+            (
+                multi("[\"log\", \"log\"]", "{ log = [\"orders\"] }"),
+                "projection \"joined\" (line 8): source lists \"log\" twice; list each source once",
+            ),
+            (
+                multi("[\"log\", \"bsu\"]", "{ log = [\"orders\"] }"),
+                "source = \"bsu\" is not defined; define it as [sources.bsu], or use one of: log, bus, cache",
+            ),
+            (multi("[]", "[\"orders\"]"), "source = [] names no source"),
+            (
+                multi("[\"log\", \"bus\"]", "{ log = [\"orders\"], bus = [\"u.>\"], cache = [\"c\"] }"),
+                "streams.cache names a source the projection does not read; add \"cache\" to `source` \
+                 (log, bus), or remove streams.cache",
+            ),
+            (
+                multi("[\"log\", \"bus\"]", "{ log = [\"orders\"] }"),
+                "`streams` gives source \"bus\" no streams; list what it reads from it, e.g. \
+                 streams.bus = [\"wallets\"]",
+            ),
+            (
+                multi("[\"log\", \"bus\"]", "{ log = [\"orders\"], bus = [] }"),
+                "streams.bus: `streams` is empty",
+            ),
+            (
+                multi("[\"log\", \"bus\"]", "{ log = [\"orders\"], bus = [\"users.>.x\"] }"),
+                "projection \"joined\" (line 8): streams.bus: \"users.>.x\" is not a NATS subject filter",
+            ),
+            (
+                multi("[\"bus\", \"cache\"]", "{ bus = [\"u\"], cache = [\"a b\"] }"),
+                "streams.cache: \"a b\" is not a stream key",
+            ),
+            (
+                multi("[\"log\", \"bus\"]", "{ log = [\"wal lets\"], bus = [\"u\"] }"),
+                "streams.log: invalid stream name \"wal lets\"",
+            ),
+            (
+                multi(
+                    "[\"log\", \"bus\"]",
+                    "{ log = [\"orders\"], bus = [\"u\"] }\nemit = { fees = \"billing.fees\" }",
+                ),
+                "publishes to the embedded log (its first source)",
+            ),
+            (multi("{ a = 1 }", "[\"orders\"]"), "expected a source name, or a list of source names"),
+            (
+                multi("\"log\"", "\"orders\""),
+                "invalid type: string \"orders\", expected a sequence of streams, or a table",
+            ),
+            (
+                multi("\"log\"", "[\"orders\"]").replace("[sources.cache]", "[sources.log]"),
+                "[sources.log]: the name \"log\" is the embedded log's (a projection reads it with source = \
+                 \"log\"); give this source another name, e.g. [sources.log-bus]",
+            ),
+        ];
+        for (text, expected) in cases {
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(expected), "expected {expected:?} in:\n{err}");
+        }
+        // Emitting works with a broker first.
+        let emits = multi(
+            "[\"bus\", \"log\"]",
+            "{ log = [\"orders\"], bus = [\"u\"] }\nemit = { fees = \"billing.fees\" }",
+        );
+        assert_eq!(
+            parse(&emits).unwrap().source_of(&parse(&emits).unwrap().projections[0]),
+            SourceKind::Nats { name: "bus", urls: vec!["nats://127.0.0.1:4222".into()], stream: "USERS" }
+        );
     }
 
     #[test]

@@ -13,6 +13,8 @@
 //! A checkpoint is a set of positions, one per partition: the embedded log
 //! and a JetStream stream each have one partition; a Kafka topic has many,
 //! and so has a projection reading several Redis stream keys (one each).
+//! A projection reading several sources reads them through one
+//! [`multi::MultiSource`], whose checkpoint holds every member's partitions.
 
 use crate::bindings::Event;
 use crate::config::SourceKind;
@@ -23,6 +25,7 @@ use std::time::Duration;
 pub mod cloudevents;
 pub mod embedded;
 pub mod kafka;
+pub mod multi;
 pub mod nats;
 pub mod redis;
 
@@ -275,17 +278,38 @@ pub trait SourceOpener: Send + Sync {
     }
 }
 
-/// The opener of the source projection `p` of `config` reads: the embedded
-/// `log`, or the broker its `source` names.
+/// What projection `p` takes from its source: for one source, the streams
+/// it lists; for several, only the types (each member's streams are its
+/// [`multi::MultiOpener`]'s).
+pub fn filter_of(p: &crate::config::ProjectionConfig) -> Filter {
+    let names = p.source_names();
+    let streams = match names.as_slice() {
+        [one] => p.streams_of(one).to_vec(),
+        _ => Vec::new(),
+    };
+    Filter { streams, types: p.types.clone() }
+}
+
+/// The opener of the sources projection `p` of `config` reads: the
+/// embedded `log`, or the broker its `source` names; for several, a
+/// [`multi::MultiOpener`] over each.
 pub fn opener_for(
     config: &crate::config::Config,
     p: &crate::config::ProjectionConfig,
     log: &Arc<embedded::EventLog>,
 ) -> anyhow::Result<Arc<dyn SourceOpener>> {
-    match config.source_of(p) {
-        SourceKind::Embedded => Ok(Arc::new(embedded::EmbeddedOpener::new(log.clone()))),
-        SourceKind::Nats { name, urls, stream } => Ok(Arc::new(nats::NatsOpener::new(name, urls, stream)?)),
-        SourceKind::Kafka { name, servers } => Ok(Arc::new(kafka::KafkaOpener::new(name, servers)?)),
-        SourceKind::Redis { name, url } => Ok(Arc::new(redis::RedisOpener::new(name, url)?)),
+    let mut members = Vec::new();
+    for (name, kind) in config.sources_of(p) {
+        let opener: Arc<dyn SourceOpener> = match kind {
+            SourceKind::Embedded => Arc::new(embedded::EmbeddedOpener::new(log.clone())),
+            SourceKind::Nats { name, urls, stream } => Arc::new(nats::NatsOpener::new(name, urls, stream)?),
+            SourceKind::Kafka { name, servers } => Arc::new(kafka::KafkaOpener::new(name, servers)?),
+            SourceKind::Redis { name, url } => Arc::new(redis::RedisOpener::new(name, url)?),
+        };
+        members.push(multi::Member { name: name.to_string(), opener, streams: p.streams_of(name).to_vec() });
+    }
+    match members.len() {
+        1 => Ok(members.pop().expect("one").opener),
+        _ => Ok(Arc::new(multi::MultiOpener::new(members))),
     }
 }

@@ -137,6 +137,14 @@ pub fn checkpoint(db: &Connection, key: &str) -> Result<Checkpoint> {
     Ok(checkpoint)
 }
 
+/// Every partition the projection's database holds a position of, whatever
+/// source it belongs to.
+pub fn checkpoint_partitions(db: &Connection) -> Result<Vec<String>> {
+    let mut stmt = db.prepare("SELECT source FROM projector_checkpoints ORDER BY source")?;
+    let partitions = stmt.query_map([], |row| row.get::<_, String>(0))?;
+    Ok(partitions.collect::<rusqlite::Result<_>>()?)
+}
+
 /// Move the checkpoint from `from` to `to`; call inside the batch's
 /// transaction. A compare-and-set per partition: `false`, and the caller
 /// rolls back, when the database no longer holds `from` — another writer

@@ -334,7 +334,8 @@ impl Dev {
     fn append_fixture(&self) -> Result<()> {
         let file = self.krate.dir.join("fixtures").join("events.jsonl");
         let Ok(bytes) = std::fs::read(&file) else { return Ok(()) };
-        let stream = self.config.projection(&self.name)?.streams[0].clone();
+        let projection = self.config.projection(&self.name)?;
+        let stream = projection.first_stream().unwrap_or_default().to_string();
         let origin = file.display().to_string();
         let mut events = cloudevents::parse_lines(cloudevents::utf8_text(&bytes, &origin)?, &origin)?;
         cloudevents::fill_correlation_ids(&mut events, &uuid::Uuid::new_v4().to_string());

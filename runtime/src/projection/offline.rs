@@ -62,7 +62,7 @@ pub fn offline(config: &Config, name: &str, progress: impl FnMut(u64, u64)) -> R
         name: name.to_string(),
         module: p.module.clone(),
         database: next_generation(&current, name),
-        filter: crate::sources::Filter { streams: p.streams.clone(), types: p.types.clone() },
+        filter: crate::sources::filter_of(p),
         batch_size: p.batch_size,
         limits: config.limits(p),
         policy: p.on_failure,

@@ -544,6 +544,20 @@ impl ProjectionRunner {
             .open(&spec.filter, reader)
             .with_context(|| format!("projection {}: cannot open source {}", spec.name, opener.name()))?;
         let checkpoint = store::checkpoint(&db, source.key())?;
+        if checkpoint.partitions().next().is_none() && store::is_initialized(&db)? {
+            let others = store::checkpoint_partitions(&db)?;
+            if !others.is_empty() {
+                tracing::warn!(
+                    projection = %spec.name,
+                    source = source.key(),
+                    "the database holds positions of other sources ({}), none of {}: the sources \
+                     changed, so this one is read from its start on top of the state built so far; \
+                     rebuild the projection to build its state from its sources alone",
+                    others.join(", "),
+                    source.key()
+                );
+            }
+        }
         let discarded = discarded_events(&db)?;
         store::set_meta(&db, "source_key", Some(source.key()))?;
         let host = GuestHost::new(db, name.clone(), spec.limits)?;

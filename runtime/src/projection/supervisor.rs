@@ -25,7 +25,7 @@ use crate::projection::metrics::Metrics;
 use crate::projection::runner::{ModuleUpdate, ProjectionRunner, ProjectionSpec, prepare_update};
 use crate::sandbox::engine::{Engines, ProjectorEngine};
 use crate::sources::embedded::EventLog;
-use crate::sources::{Filter, Publisher, SourceOpener};
+use crate::sources::{Publisher, SourceOpener};
 use crate::store;
 use anyhow::{Context as _, Result};
 use notify_debouncer_full::notify::RecursiveMode;
@@ -209,7 +209,7 @@ impl ControlState {
             name: p.name.clone(),
             module: p.module.clone(),
             database: self.config.database_path(&p.name),
-            filter: Filter { streams: p.streams.clone(), types: p.types.clone() },
+            filter: crate::sources::filter_of(p),
             batch_size: p.batch_size,
             limits: self.config.limits(p),
             policy: p.on_failure,

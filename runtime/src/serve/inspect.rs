@@ -2,8 +2,8 @@
 //! the JSON shapes of rows and key/value state. Everything here opens
 //! databases read-only, so it works while `run` is processing.
 
-use crate::config::Config;
 use crate::config::paths::lock_path;
+use crate::config::{Config, SourceNames};
 use crate::projection::fault::{Fault, FaultFile};
 use crate::sources::embedded::PARTITION;
 use crate::store;
@@ -25,8 +25,9 @@ pub struct ProjectionStatus {
     pub name: String,
     /// sha256 of the running module (or, before the first run, of the file).
     pub module: Option<String>,
-    /// The source it reads: `log` (the embedded log) or a `[sources]` name.
-    pub source: String,
+    /// The source it reads: `log` (the embedded log) or a `[sources]` name;
+    /// a list of them for a projection reading several.
+    pub source: SourceNames,
     /// Every event up to this position of its source has taken effect.
     pub checkpoint: u64,
     /// The source's last position (for a broker: as the running host last
@@ -55,7 +56,8 @@ pub struct ProjectionStatus {
     /// Events the projection emitted that wait in its outbox to be
     /// published (0 once published).
     pub outbox: u64,
-    /// Why it faulted, if it did.
+    /// Why it faulted, if it did; for a projection reading several
+    /// sources, which of them cannot be reached and why.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// While the module keeps asking to retry a batch: its first
@@ -132,11 +134,11 @@ fn with_fault(status: ProjectionStatus, fault: Option<Fault>) -> ProjectionStatu
 fn never_run(p: &crate::config::ProjectionConfig, head: u64) -> ProjectionStatus {
     ProjectionStatus {
         name: p.name.clone(),
-        source: p.source.clone().unwrap_or_else(|| PARTITION.into()),
+        source: p.source.clone().unwrap_or_else(|| SourceNames::One(PARTITION.into())),
         module: file_sha256(&p.module),
         checkpoint: 0,
-        head: if p.source.is_none() { head } else { 0 },
-        lag: if p.source.is_none() { head } else { 0 },
+        head: if p.reads_log_only() { head } else { 0 },
+        lag: if p.reads_log_only() { head } else { 0 },
         connected: None,
         warning: None,
         partitions: None,
@@ -163,18 +165,18 @@ fn status_at(
     let Some(db) = db else { return Ok(None) };
     let read = || -> Result<ProjectionStatus> {
         // A broker's head and lag are what the running host last saw.
-        let report: Option<Value> = match &p.source {
-            Some(_) => store::meta(&db, "source")?.and_then(|text| serde_json::from_str(&text).ok()),
-            None => None,
+        let report: Option<Value> = match p.reads_log_only() {
+            false => store::meta(&db, "source")?.and_then(|text| serde_json::from_str(&text).ok()),
+            true => None,
         };
-        let key = match (&p.source, &report) {
-            (None, _) => PARTITION.to_string(),
-            (Some(_), _) => store::meta(&db, "source_key")?.unwrap_or_default(),
+        let key = match p.reads_log_only() {
+            true => PARTITION.to_string(),
+            false => store::meta(&db, "source_key")?.unwrap_or_default(),
         };
         let checkpoint = store::checkpoint(&db, &key)?.total();
         let head = match &report {
             Some(report) => report["head"].as_u64().unwrap_or(checkpoint),
-            None if p.source.is_some() => checkpoint,
+            None if !p.reads_log_only() => checkpoint,
             None => head,
         };
         let lag = match &report {
@@ -199,7 +201,7 @@ fn status_at(
             db.query_row("SELECT count(*) FROM projector_dead_letters", [], |r| r.get(0))?;
         Ok(ProjectionStatus {
             name: p.name.clone(),
-            source: p.source.clone().unwrap_or_else(|| PARTITION.into()),
+            source: p.source.clone().unwrap_or_else(|| SourceNames::One(PARTITION.into())),
             module: store::meta(&db, "module")?.or_else(|| file_sha256(&p.module)),
             checkpoint,
             head,
@@ -209,7 +211,12 @@ fn status_at(
             partitions: report.as_ref().and_then(|r| r.get("partitions").cloned()),
             error: match state.as_str() {
                 "faulted" | "connecting" => store::meta(&db, "error")?,
-                _ => None,
+                // One of several sources down: the projection runs on the
+                // others, and says which cannot be reached.
+                _ => report
+                    .as_ref()
+                    .filter(|r| host_running && r["connected"] == false)
+                    .and_then(|r| r["error"].as_str().map(String::from)),
             },
             rebuilding,
             refused: store::meta(&db, "refused")?.and_then(|text| serde_json::from_str(&text).ok()),
