@@ -662,7 +662,8 @@ impl Config {
                     at(i)
                 )));
             }
-            let source = p.source.as_ref().map(|name| &config.sources[name]);
+            // Emitted events go to the first source's broker.
+            let source = config.sources.get(sources[0]);
             for (stream, route) in &p.emit {
                 validate_stream_name(stream)
                     .map_err(|err| invalid(format!("projection {:?}{}: emit: {err:#}", p.name, at(i))))?;

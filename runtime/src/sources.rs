@@ -222,7 +222,7 @@ pub fn own_partition(partition: &str) -> Option<&str> {
 /// is applied: the position itself, or the next offset for Kafka (whose
 /// checkpoints hold the next offset to read).
 pub fn checkpoint_through(partition: &str, position: u64) -> u64 {
-    match kafka::partition_number(partition) {
+    match kafka::partition_number(member_partition(partition)) {
         Some(_) => position + 1,
         None => position,
     }
@@ -232,7 +232,32 @@ pub fn checkpoint_through(partition: &str, position: u64) -> u64 {
 /// in [`Batch::partitions`]): a Kafka topic's partition; none for sources
 /// without partitions of their own.
 pub fn partition_number(partition: &str) -> Option<u32> {
-    kafka::partition_number(partition)
+    kafka::partition_number(member_partition(partition))
+}
+
+/// A partition as its own source names it: a multi-source's partition
+/// (`multi:<members>/<member partition>`) without the multi-source's key.
+fn member_partition(partition: &str) -> &str {
+    match partition.strip_prefix("multi:") {
+        Some(rest) => rest.split_once('/').map_or(partition, |(_, member)| member),
+        None => partition,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kafka_partition_is_known_inside_a_multi_source_too() {
+        assert_eq!(partition_number("kafka:orders/wallets/2"), Some(2));
+        assert_eq!(partition_number("multi:kafka:orders+log/kafka:orders/wallets/2"), Some(2));
+        assert_eq!(partition_number("multi:kafka:orders+log/log"), None);
+        assert_eq!(checkpoint_through("multi:kafka:orders+log/kafka:orders/wallets/2", 7), 8);
+        assert_eq!(checkpoint_through("multi:kafka:orders+log/log", 7), 7);
+        assert_eq!(own_partition("log"), None);
+        assert_eq!(own_partition("multi:log+nats:W/log"), Some("multi:log+nats:W/log"));
+    }
 }
 
 /// Which events of a source a projection takes.
