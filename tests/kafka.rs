@@ -618,8 +618,11 @@ fn order_fees_over_kafka_publishes_its_charges_to_the_routed_topic_and_a_reader_
     publish(std::slice::from_ref(&servers), charges, &[copy], &[]).unwrap();
     wait_until(Duration::from_secs(30), "the outbox published", || ws.status_of("order-fees")["outbox"] == 0);
     wait_until(Duration::from_secs(10), "the error cleared", || live(&host)["last_error"].is_null());
-    let m = metrics(&host.url());
-    assert_eq!(m.get(r#"projector_events_published_total{projection="order-fees"}"#), Some(&2.0));
+    // The counter moves just after the outbox is cleared: wait for it.
+    let published = r#"projector_events_published_total{projection="order-fees"}"#;
+    wait_until(Duration::from_secs(10), "two events counted published", || {
+        metrics(&host.url()).get(published) == Some(&2.0)
+    });
 
     // Kafka keeps no ids: the republished first charge is stored again,
     // under the same id, in the same partition (same key).

@@ -79,7 +79,9 @@ fn handled_rows(ws: &Workspace) -> Value {
 
 #[test]
 fn the_log_and_nats_read_at_once_handle_each_event_once_in_stream_order_across_sigkills_and_a_rebuild() {
-    const CHUNK: usize = 1000;
+    // Chunks big enough that a kill lands while some of the last one is
+    // still to be handled.
+    const CHUNK: usize = 3000;
     const CHUNKS: usize = 6;
     let server = NatsServer::start();
     let ws = Workspace::new();

@@ -910,8 +910,11 @@ fn order_fees_over_nats_publishes_its_charges_to_the_routed_subject_once_with_th
         (&want["correlation_id"], &want["causation_id"])
     );
     assert_eq!(second["data"], want["data"]);
-    let m = metrics(&host_url);
-    assert_eq!(m.get(r#"projector_events_published_total{projection="order-fees"}"#), Some(&2.0));
+    // The counter moves just after the outbox is cleared: wait for it.
+    let published = r#"projector_events_published_total{projection="order-fees"}"#;
+    wait_until(Duration::from_secs(10), "two events counted published", || {
+        metrics(&host_url).get(published) == Some(&2.0)
+    });
 
     // Killed and started again: nothing is published a second time, and a
     // new approval's charge goes out once.

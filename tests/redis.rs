@@ -898,8 +898,11 @@ fn order_fees_over_redis_adds_its_charges_to_the_routed_key_once_with_their_caus
         let status = ws.status_of("order-fees");
         status["lag"] == 0 && status["outbox"] == 0 && status["checkpoint"] != 0
     });
-    let m = metrics(&host.url());
-    assert_eq!(m.get(r#"projector_events_published_total{projection="order-fees"}"#), Some(&2.0));
+    // The counter moves just after the outbox is cleared: wait for it.
+    let published = r#"projector_events_published_total{projection="order-fees"}"#;
+    wait_until(Duration::from_secs(10), "two events counted published", || {
+        metrics(&host.url()).get(published) == Some(&2.0)
+    });
     let ids: Vec<String> = entries(&server, charges).into_iter().map(|(_, id)| id).collect();
     assert_eq!(ids, [first.clone(), second.clone()], "each charge once, the copy's id dropped");
     let event = &structured_entries(&server, charges)[1];
