@@ -972,7 +972,9 @@ fn emit_routes_are_checked_at_load() {
     std::fs::write(ws.config(), text).unwrap();
     let err = run_err(&["status", "--config", &ws.config_str()]);
     assert!(
-        err.contains("`emit` routes emitted streams to a broker, but the projection publishes to the embedded log"),
+        err.contains(
+            "`emit` routes emitted streams to a broker, but the projection publishes to the embedded log"
+        ),
         "{err}"
     );
 }
