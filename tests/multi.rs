@@ -2,7 +2,8 @@
 //! NATS JetStream stream) through `projector run`: each event handled
 //! once in its stream's order across SIGKILLs, a rebuild replaying both,
 //! status while one source is down, a move from one source to a list of
-//! it keeping the checkpoint, and another set of sources said at start.
+//! it keeping the checkpoint, another set of sources said at start; and
+//! Kafka with NATS, the union built across a SIGKILL.
 
 mod util;
 
@@ -209,4 +210,82 @@ fn one_source_becoming_a_list_of_it_keeps_its_checkpoint() {
             "the database holds positions of other sources (nats:USERS), none of multi:log+nats:USERS",
         )
     });
+}
+
+#[test]
+fn kafka_and_nats_read_at_once_build_the_union_and_survive_a_sigkill() {
+    const PER_SOURCE: usize = 4000;
+    let nats = NatsServer::start();
+    let kafka = KafkaBroker::start();
+    kafka.create_topic("orders", 3);
+    let ws = Workspace::new();
+    let text = format!(
+        "version = 1\ndata = \"data\"\n\n[sources.bus]\nnats = {:?}\nstream = \"USERS\"\n\n\
+         [sources.shop]\nkafka = [{:?}]\n\n\
+         [[projection]]\nname = \"recorder\"\nmodule = {:?}\nsource = [\"shop\", \"bus\"]\n\
+         streams = {{ shop = [\"orders\"], bus = [\"users.>\"] }}\nbatch_size = 100\n",
+        nats.url(),
+        kafka.servers(),
+        guest("event_recorder").to_string_lossy()
+    );
+    std::fs::write(ws.config(), text).unwrap();
+    // Each order keyed to a partition by its subject.
+    let orders: Vec<String> = (0..PER_SOURCE)
+        .map(|i| {
+            json!({"specversion": "1.0", "id": format!("o-{i}"), "source": "tests", "type": "noted",
+                   "subject": format!("customer-{}", i % 40), "data": {"i": i}})
+            .to_string()
+        })
+        .collect();
+    let users = lines(PER_SOURCE, "u");
+    let to_kafka = |name: &str, lines: &[String]| {
+        let file = ws.write_events(name, lines);
+        let out =
+            json(&run_ok(&["publish", "--config", &ws.config_str(), "--source", "shop", "orders", &file]));
+        assert_eq!(out["published"], lines.len() as u64, "{out}");
+    };
+    let half = PER_SOURCE / 2;
+    to_kafka("orders-0.jsonl", &orders[..half]);
+    publish(&ws, "users-0.jsonl", &users[..half]);
+    let host = ws.start();
+    // Killed mid-stream, with more of both arriving.
+    wait_handled(&ws, 1000);
+    host.kill();
+    let at = handled(&ws);
+    assert!(at < (2 * half) as u64, "the kill landed mid-stream ({at} handled)");
+    to_kafka("orders-1.jsonl", &orders[half..]);
+    publish(&ws, "users-1.jsonl", &users[half..]);
+    let host = ws.start();
+    let total = (2 * PER_SOURCE) as u64;
+    wait_until(Duration::from_secs(120), "the union handled", || handled(&ws) >= total);
+    // Status shows what the host last reported of its sources (once a
+    // second).
+    wait_until(Duration::from_secs(30), "status at the heads of both", || {
+        let status = ws.status_of("recorder");
+        status["lag"] == 0 && status["head"] == total
+    });
+    let status = ws.status_of("recorder");
+    assert_eq!(status["source"], json!(["shop", "bus"]));
+    assert_eq!((&status["state"], &status["connected"]), (&json!("running"), &json!(true)), "{status}");
+    assert_eq!(status["partitions"].as_object().map(|p| p.len()), Some(4), "three Kafka partitions and NATS");
+    drop(host);
+
+    // Every event of both sources once; each Kafka partition and the NATS
+    // stream in their own order.
+    let counts = ws.query(
+        "recorder",
+        "SELECT count(*) AS handled, count(DISTINCT id) AS ids, \
+         count(DISTINCT CASE WHEN id LIKE 'o-%' THEN id END) AS orders, \
+         count(DISTINCT CASE WHEN id LIKE 'u-%' THEN id END) AS users FROM handled",
+    );
+    assert_eq!(counts, json!([{"handled": total, "ids": total, "orders": PER_SOURCE, "users": PER_SOURCE}]));
+    let out_of_order = ws.query(
+        "recorder",
+        "SELECT count(*) AS n FROM handled a JOIN handled b ON a.stream = b.stream \
+         AND a.partition IS b.partition AND a.rowid < b.rowid AND a.position >= b.position",
+    );
+    assert_eq!(out_of_order, json!([{"n": 0}]), "an event came before one ahead of it in its partition");
+    let partitions =
+        ws.query("recorder", "SELECT count(DISTINCT partition) AS n FROM handled WHERE id LIKE 'o-%'");
+    assert_eq!(partitions, json!([{"n": 3}]), "the module saw the Kafka partitions");
 }
