@@ -415,9 +415,24 @@ fn run_over_kafka_sigkilled_mid_stream_builds_the_state_of_a_replay_and_commits_
     assert_eq!(status["dead_letters"], 1, "{status}");
     let partitions = status["partitions"].as_object().expect("per-partition progress");
     assert_eq!(partitions.len(), 3, "{status}");
+    let m = metrics(&host.url());
     for (name, partition) in partitions {
         assert!(name.starts_with("kafka:orders/wallets/"), "{name}");
         assert_eq!((&partition["lag"], &partition["position"]), (&0.into(), &partition["head"]), "{name}");
+        // And in /metrics, one series per partition.
+        let sample = |metric: &str| {
+            m.get(&format!(r#"{metric}{{projection="recorder",partition="{name}"}}"#)).copied()
+        };
+        let head = partition["head"].as_u64().unwrap() as f64;
+        assert_eq!(
+            (
+                sample("projector_partition_lag"),
+                sample("projector_partition_head"),
+                sample("projector_partition_position")
+            ),
+            (Some(0.0), Some(head), Some(head)),
+            "{name}"
+        );
     }
     let letters = json(&run_ok(&["dead-letters", "list", "--config", &ws.config_str(), "recorder"]));
     let letters = letters.as_array().unwrap();

@@ -15,6 +15,16 @@ pub struct ProjectionLabel {
     pub projection: String,
 }
 
+/// Labels of a per-partition metric: the projection and the source
+/// partition (`kafka:<source>/<topic>/<n>`, say).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartitionLabel {
+    /// The projection's name.
+    pub projection: String,
+    /// The partition, as checkpoints name it.
+    pub partition: String,
+}
+
 /// Labels of a guest error: the projection and the kind (`retry`,
 /// `reject`, `trap`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -46,6 +56,13 @@ pub struct Metrics {
     pub source_head: Family<ProjectionLabel, Gauge>,
     /// 1 while the projection's source answers, 0 while connecting.
     pub source_connected: Family<ProjectionLabel, Gauge>,
+    /// For a source of several partitions, each partition's checkpoint,
+    /// head and lag, as the host last reported them.
+    pub partition_position: Family<PartitionLabel, Gauge>,
+    /// See `partition_position`.
+    pub partition_head: Family<PartitionLabel, Gauge>,
+    /// See `partition_position`.
+    pub partition_lag: Family<PartitionLabel, Gauge>,
     /// Events emitted into the outbox by committed batches.
     pub events_emitted: Family<ProjectionLabel, Counter>,
     /// Outbox events handed to the event log (appended, or found there
@@ -66,6 +83,9 @@ impl Default for Metrics {
         let source_head = Family::<ProjectionLabel, Gauge>::default();
         let source_connected = Family::<ProjectionLabel, Gauge>::default();
         let events_emitted = Family::<ProjectionLabel, Counter>::default();
+        let partition_position = Family::<PartitionLabel, Gauge>::default();
+        let partition_head = Family::<PartitionLabel, Gauge>::default();
+        let partition_lag = Family::<PartitionLabel, Gauge>::default();
         let events_published = Family::<ProjectionLabel, Counter>::default();
         registry.register(
             "projector_source_head",
@@ -76,6 +96,21 @@ impl Default for Metrics {
             "projector_source_connected",
             "1 while the projection's source answers, 0 while it is connecting",
             source_connected.clone(),
+        );
+        registry.register(
+            "projector_partition_position",
+            "For a source of several partitions: where the projection's checkpoint is in each",
+            partition_position.clone(),
+        );
+        registry.register(
+            "projector_partition_head",
+            "For a source of several partitions: the last position of each (a Kafka high watermark)",
+            partition_head.clone(),
+        );
+        registry.register(
+            "projector_partition_lag",
+            "For a source of several partitions: records of each after the projection's checkpoint",
+            partition_lag.clone(),
         );
         registry.register(
             "projector_events_processed",
@@ -121,6 +156,9 @@ impl Default for Metrics {
             module_swaps,
             rebuilds,
             guest_errors,
+            partition_position,
+            partition_head,
+            partition_lag,
             events_emitted,
             events_published,
         }

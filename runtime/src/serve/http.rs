@@ -29,7 +29,7 @@ use crate::config::{Config, HttpConfig};
 use crate::projection::dead_letters::{self, Selection};
 use crate::projection::live::Command;
 use crate::projection::live::LiveProjection;
-use crate::projection::metrics::Metrics;
+use crate::projection::metrics::{Metrics, PartitionLabel};
 use crate::projection::supervisor::HostView;
 use crate::sandbox::engine::{Engines, Limits};
 use crate::sandbox::host::GuestHost;
@@ -824,6 +824,16 @@ async fn metrics(State(api): State<Arc<Api>>) -> ApiResult<Response> {
                 .source_connected
                 .get_or_create(&label)
                 .set(i64::from(status.connected != Some(false)));
+            if let Some(Value::Object(partitions)) = &status.partitions {
+                for (partition, progress) in partitions {
+                    let label =
+                        PartitionLabel { projection: status.name.clone(), partition: partition.clone() };
+                    let gauge = |value: &Value| value.as_u64().unwrap_or(0).min(i64::MAX as u64) as i64;
+                    api.metrics.partition_position.get_or_create(&label).set(gauge(&progress["position"]));
+                    api.metrics.partition_head.get_or_create(&label).set(gauge(&progress["head"]));
+                    api.metrics.partition_lag.get_or_create(&label).set(gauge(&progress["lag"]));
+                }
+            }
         }
         Ok(api.metrics.encode())
     })
