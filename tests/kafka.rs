@@ -514,12 +514,13 @@ fn run_over_a_three_broker_cluster_with_one_killed_mid_stream_builds_the_exact_s
     // Killed while the host reads a chunk being published: the leader of
     // partition 0 goes, its followers take over.
     let leader = cluster.leader("wallets", 0);
-    std::thread::scope(|scope| {
+    let at = std::thread::scope(|scope| {
         scope.spawn(|| publish_chunk(&ws, &bootstrap, "wallets", 1, &lines[1000..2500]));
         wait_checkpoint(&ws, 1100, Duration::from_secs(60));
+        let at = checkpoint_total(&ws, "recorder");
         cluster.node(leader).kill();
+        at
     });
-    let at = checkpoint_total(&ws, "recorder");
     assert!(at < 2500, "the kill landed mid-stream ({at} of 2500)");
     // Two brokers of three are in sync: writes go on, and so does reading.
     wait_until(Duration::from_secs(30), "a new leader of partition 0", || {
