@@ -3,8 +3,10 @@
 //! CloudEvents modes, duplicates dropped, a malformed record, retention past
 //! a checkpoint, a cluster that is down; and end to end through `projector
 //! run`: the state equals a replay after host kills and a broker restart,
-//! offsets committed to the consumer group, a partition added while running;
-//! a projection emitting to a topic (the outbox published to Kafka).
+//! offsets committed to the consumer group, a partition added while running,
+//! two replicas building identical state, a three-broker cluster losing one
+//! broker mid-stream; a projection emitting to a topic (the outbox published
+//! to Kafka).
 
 mod util;
 
