@@ -3,8 +3,10 @@
 //! CloudEvents modes, duplicates dropped, a malformed record, retention past
 //! a checkpoint, a cluster that is down; and end to end through `projector
 //! run`: the state equals a replay after host kills and a broker restart,
-//! offsets committed to the consumer group, a partition added while running;
-//! a projection emitting to a topic (the outbox published to Kafka).
+//! offsets committed to the consumer group, a partition added while running,
+//! two replicas building identical state, a three-broker cluster losing one
+//! broker mid-stream; a projection emitting to a topic (the outbox published
+//! to Kafka).
 
 mod util;
 
@@ -279,7 +281,14 @@ const STATE_SQL: [&str; 2] = [
 /// the source `orders`, in batches of a fixed size (so a kill lands
 /// between two).
 fn write_kafka_config(ws: &Workspace, servers: &str, topic: &str) {
-    let mut text = format!("version = 1\ndata = \"data\"\n\n[sources.orders]\nkafka = [{servers:?}]\n");
+    write_kafka_cluster_config(ws, &[servers.to_string()], topic);
+}
+
+/// [`write_kafka_config`] with every broker of a cluster listed.
+fn write_kafka_cluster_config(ws: &Workspace, servers: &[String], topic: &str) {
+    let servers: Vec<String> = servers.iter().map(|s| format!("{s:?}")).collect();
+    let mut text =
+        format!("version = 1\ndata = \"data\"\n\n[sources.orders]\nkafka = [{}]\n", servers.join(", "));
     for (name, module) in [("wallet-allowlist", "wallet_allowlist"), ("recorder", "event_recorder")] {
         text.push_str(&format!(
             "\n[[projection]]\nname = {name:?}\nmodule = {:?}\nsource = \"orders\"\nstreams = [{topic:?}]\n\
@@ -459,6 +468,96 @@ fn run_over_kafka_sigkilled_mid_stream_builds_the_state_of_a_replay_and_commits_
     for row in seen {
         assert_eq!(row["events"], row["offsets"], "{row}");
     }
+}
+
+#[test]
+fn two_replicas_reading_one_topic_build_identical_state() {
+    const TOTAL: usize = 3000;
+    let broker = shared_broker();
+    let servers = broker.servers();
+    broker.create_topic("replicated", 3);
+    // The same config, each in its own workspace: its own data dir.
+    let replicas = [Workspace::new(), Workspace::new()];
+    for ws in &replicas {
+        write_kafka_config(ws, &servers, "replicated");
+    }
+    let lines = keyed_wallet_events(TOTAL, 300, "two");
+    let all = replicas[0].write_events("all.jsonl", &lines);
+    let hosts: Vec<Host> = replicas.iter().map(Workspace::start).collect();
+    for (i, chunk) in lines.chunks(1000).enumerate() {
+        publish_chunk(&replicas[0], &servers, "replicated", i, chunk);
+    }
+    // A publisher retrying: each replica drops the copies.
+    publish_binary(&servers, "replicated", &parsed(&lines[..500]));
+    let published = (TOTAL + 500) as u64;
+    for ws in &replicas {
+        wait_checkpoint(ws, published, Duration::from_secs(120));
+        wait_until(Duration::from_secs(30), "the allowlist caught up", || {
+            checkpoint_total(ws, "wallet-allowlist") == published
+        });
+    }
+    drop(hosts);
+    for sql in STATE_SQL {
+        let (first, second) =
+            (replicas[0].query("wallet-allowlist", sql), replicas[1].query("wallet-allowlist", sql));
+        assert!(first == second, "{sql}: the replicas differ");
+    }
+    let handled = "SELECT partition, position, id FROM handled ORDER BY partition, position";
+    assert_eq!(
+        replicas[0].query("recorder", handled),
+        replicas[1].query("recorder", handled),
+        "each replica handled every event at the same partition and offset"
+    );
+    for ws in &replicas {
+        assert_each_event_handled_once(ws, TOTAL);
+        assert_state_is_the_replay(ws, &all);
+    }
+}
+
+#[test]
+fn run_over_a_three_broker_cluster_with_one_killed_mid_stream_builds_the_exact_state() {
+    const TOTAL: usize = 4000;
+    let mut cluster = KafkaCluster::start();
+    let servers = cluster.servers();
+    let bootstrap = servers.join(",");
+    cluster.create_topic("wallets", 3);
+    let ws = Workspace::new();
+    write_kafka_cluster_config(&ws, &servers, "wallets");
+    let lines = keyed_wallet_events(TOTAL, 300, "c");
+    let all = ws.write_events("all.jsonl", &lines);
+    let host = ws.start();
+    publish_chunk(&ws, &bootstrap, "wallets", 0, &lines[..1000]);
+    wait_checkpoint(&ws, 1000, Duration::from_secs(60));
+    // Killed while the host reads a chunk being published: the leader of
+    // partition 0 goes, its followers take over.
+    let leader = cluster.leader("wallets", 0);
+    let at = std::thread::scope(|scope| {
+        scope.spawn(|| publish_chunk(&ws, &bootstrap, "wallets", 1, &lines[1000..2500]));
+        wait_checkpoint(&ws, 1100, Duration::from_secs(60));
+        let at = checkpoint_total(&ws, "recorder");
+        cluster.node(leader).kill();
+        at
+    });
+    assert!(at < 2500, "the kill landed mid-stream ({at} of 2500)");
+    // Two brokers of three are in sync: writes go on, and so does reading.
+    wait_until(Duration::from_secs(30), "a new leader of partition 0", || {
+        cluster.leader("wallets", 0) != leader
+    });
+    publish_chunk(&ws, &bootstrap, "wallets", 2, &lines[2500..]);
+    // A publisher retrying: the copies are dropped.
+    publish_binary(&bootstrap, "wallets", &parsed(&lines[..500]));
+    let published = (TOTAL + 500) as u64;
+    wait_checkpoint(&ws, published, Duration::from_secs(60));
+    wait_until(Duration::from_secs(30), "the allowlist caught up", || {
+        checkpoint_total(&ws, "wallet-allowlist") == published
+    });
+    wait_until(Duration::from_secs(30), "status: running, at the head", || {
+        let status = ws.status_of("recorder");
+        status["state"] == "running" && status["lag"] == 0 && status["head"] == published
+    });
+    drop(host);
+    assert_each_event_handled_once(&ws, TOTAL);
+    assert_state_is_the_replay(&ws, &all);
 }
 
 #[test]

@@ -492,27 +492,64 @@ pub fn kafka_libs() -> PathBuf {
 pub struct KafkaBroker {
     /// The client port.
     pub port: u16,
+    /// The node id (1 for a single broker).
+    pub node: i32,
     dir: tempfile::TempDir,
+    heap: &'static str,
     java: Option<u32>,
     wrapper: Option<Child>,
+}
+
+/// Run `kafka.tools.StorageTool` with `args`; its output.
+fn storage_tool(args: &[&str]) -> String {
+    let libs = format!("{}/*", kafka_libs().display());
+    let output = Command::new("java").args(["-cp", &libs, "kafka.tools.StorageTool"]).args(args).output();
+    let output = output.expect("cannot run java: install Java 17 (scripts/kafka-jars does)");
+    assert!(output.status.success(), "StorageTool {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8(output.stdout).unwrap()
 }
 
 impl KafkaBroker {
     /// A single node, formatted and ready to take requests.
     pub fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
         let (port, controller) = (free_port(), free_port());
+        let cluster = storage_tool(&["random-uuid"]).trim().to_string();
+        let voters = format!("1@127.0.0.1:{controller}");
+        let mut broker = Self::format(1, port, controller, &voters, &cluster, 1, "512m");
+        broker.restart();
+        broker
+    }
+
+    /// A node of cluster `cluster` whose controller quorum is `voters`,
+    /// its log dir formatted, not started. `replicas` is the replication
+    /// factor of the internal topics (and the default of new topics).
+    fn format(
+        node: i32,
+        port: u16,
+        controller: u16,
+        voters: &str,
+        cluster: &str,
+        replicas: usize,
+        heap: &'static str,
+    ) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let min_isr = replicas.min(2);
+        // A cluster fences a dead broker after a few seconds rather than
+        // the default nine: a test waits for the new partition leaders.
         let properties = format!(
-            "process.roles=broker,controller\nnode.id=1\n\
-             controller.quorum.voters=1@127.0.0.1:{controller}\n\
+            "process.roles=broker,controller\nnode.id={node}\n\
+             controller.quorum.voters={voters}\n\
              listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller}\n\
              advertised.listeners=PLAINTEXT://127.0.0.1:{port}\n\
              controller.listener.names=CONTROLLER\n\
              listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT\n\
              inter.broker.listener.name=PLAINTEXT\nlog.dirs={}\nnum.partitions=1\n\
-             offsets.topic.replication.factor=1\noffsets.topic.num.partitions=1\n\
-             transaction.state.log.replication.factor=1\ntransaction.state.log.min.isr=1\n\
-             share.coordinator.state.topic.replication.factor=1\nshare.coordinator.state.topic.min.isr=1\n\
+             default.replication.factor={replicas}\nmin.insync.replicas={min_isr}\n\
+             offsets.topic.replication.factor={replicas}\noffsets.topic.num.partitions=1\n\
+             transaction.state.log.replication.factor={replicas}\ntransaction.state.log.min.isr={min_isr}\n\
+             share.coordinator.state.topic.replication.factor={replicas}\n\
+             share.coordinator.state.topic.min.isr={min_isr}\n\
+             broker.session.timeout.ms=3000\nbroker.heartbeat.interval.ms=500\n\
              group.initial.rebalance.delay.ms=0\nauto.create.topics.enable=false\n",
             dir.path().join("data").display()
         );
@@ -524,26 +561,12 @@ impl KafkaBroker {
              appender.out.layout.pattern=%d %p %c: %m%n\n",
         )
         .unwrap();
-        let libs = format!("{}/*", kafka_libs().display());
-        let storage = |args: &[&str]| {
-            let output =
-                Command::new("java").args(["-cp", &libs, "kafka.tools.StorageTool"]).args(args).output();
-            let output = output.expect("cannot run java: install Java 17 (scripts/kafka-jars does)");
-            assert!(
-                output.status.success(),
-                "StorageTool {args:?}: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-            String::from_utf8(output.stdout).unwrap()
-        };
-        let cluster = storage(&["random-uuid"]).trim().to_string();
         let config = dir.path().join("server.properties").to_string_lossy().into_owned();
-        storage(&["format", "-t", &cluster, "-c", &config, "--ignore-formatted"]);
-        let mut broker = KafkaBroker { port, dir, java: None, wrapper: None };
-        broker.launch();
-        broker
+        storage_tool(&["format", "-t", cluster, "-c", &config, "--ignore-formatted"]);
+        KafkaBroker { port, node, dir, heap, java: None, wrapper: None }
     }
 
+    /// Start the JVM, without waiting for it to take requests.
     fn launch(&mut self) {
         assert!(self.java.is_none(), "the broker is running");
         let dir = self.dir.path();
@@ -552,11 +575,12 @@ impl KafkaBroker {
         // The JVM in the background of a shell that kills it once the test
         // process is gone: a broker never outlives its tests.
         let script = format!(
-            "java -Xmx512m -Xms64m -XX:+UseSerialGC -Dlog4j2.configurationFile={dir}/log4j2.properties \
+            "java -Xmx{heap} -Xms64m -XX:+UseSerialGC -Dlog4j2.configurationFile={dir}/log4j2.properties \
              -cp '{libs}/*' kafka.Kafka {dir}/server.properties >>{dir}/broker.log 2>&1 &\n\
              java=$!; echo $java > {dir}/java.pid\n\
              while kill -0 {test} 2>/dev/null && kill -0 $java 2>/dev/null; do sleep 0.5; done\n\
              kill -9 $java 2>/dev/null; wait",
+            heap = self.heap,
             dir = dir.display(),
             libs = kafka_libs().display(),
             test = std::process::id(),
@@ -572,33 +596,21 @@ impl KafkaBroker {
             std::fs::read_to_string(&pid_file).ok().and_then(|p| p.trim().parse::<u32>().ok()).is_some()
         });
         self.java = std::fs::read_to_string(&pid_file).unwrap().trim().parse().ok();
-        self.wait_ready();
     }
 
     /// Wait until the broker answers a metadata request.
     pub fn wait_ready(&self) {
-        use rdkafka::consumer::{BaseConsumer, Consumer as _};
-        let consumer: BaseConsumer =
-            rdkafka::ClientConfig::new().set("bootstrap.servers", self.servers()).create().unwrap();
-        let started = Instant::now();
-        while consumer
-            .fetch_metadata(None, Duration::from_secs(1))
-            .map(|m| m.brokers().is_empty())
-            .unwrap_or(true)
-        {
-            assert!(
-                started.elapsed() < Duration::from_secs(90),
-                "the Kafka broker on port {} did not start:\n{}",
-                self.port,
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        wait_for_brokers(&self.servers(), 1, || self.logs());
     }
 
     /// `127.0.0.1:<port>`.
     pub fn servers(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Whether its JVM is running.
+    pub fn is_running(&self) -> bool {
+        self.java.is_some()
     }
 
     /// SIGKILL the JVM.
@@ -610,9 +622,10 @@ impl KafkaBroker {
         }
     }
 
-    /// Start it again on the same ports and data, and wait until ready.
+    /// Start it (again) on the same ports and data, and wait until ready.
     pub fn restart(&mut self) {
         self.launch();
+        self.wait_ready();
     }
 
     /// Its log so far.
@@ -627,14 +640,7 @@ impl KafkaBroker {
 
     /// Create `topic` with `partitions` partitions.
     pub fn create_topic(&self, topic: &str, partitions: i32) {
-        use rdkafka::admin::{AdminOptions, NewTopic, TopicReplication};
-        let admin = self.admin();
-        let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
-        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-        let results = block_on_future(admin.create_topics([&new], &options)).unwrap();
-        for result in results {
-            result.unwrap_or_else(|(topic, err)| panic!("cannot create topic {topic}: {err}"));
-        }
+        create_topic(&self.servers(), topic, partitions, 1);
     }
 }
 
@@ -643,6 +649,110 @@ impl Drop for KafkaBroker {
         if self.java.is_some() {
             self.kill();
         }
+    }
+}
+
+/// Wait until the cluster at `servers` answers a metadata request naming
+/// `brokers` brokers; `logs` says why not.
+fn wait_for_brokers(servers: &str, brokers: usize, logs: impl Fn() -> String) {
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+    let consumer: BaseConsumer =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", servers).create().unwrap();
+    let started = Instant::now();
+    while consumer
+        .fetch_metadata(None, Duration::from_secs(1))
+        .map(|m| m.brokers().len() < brokers)
+        .unwrap_or(true)
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "Kafka at {servers} did not start with {brokers} broker(s):\n{}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Create `topic` on the cluster at `servers`, with `partitions` partitions
+/// each on `replicas` brokers (at least two of them in sync to accept a
+/// write, when there are more than one).
+fn create_topic(servers: &str, topic: &str, partitions: i32, replicas: i32) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<_> =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", servers).create().unwrap();
+    let min_isr = replicas.min(2).to_string();
+    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(replicas))
+        .set("min.insync.replicas", &min_isr);
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let results = block_on_future(admin.create_topics([&new], &options)).unwrap();
+    for result in results {
+        result.unwrap_or_else(|(topic, err)| panic!("cannot create topic {topic}: {err}"));
+    }
+}
+
+/// Three Kafka brokers on loopback, each also a voter of the KRaft
+/// controller quorum (so the cluster lives on with any one killed), in
+/// three JVMs with their own log dirs; stopped when dropped.
+pub struct KafkaCluster {
+    pub nodes: Vec<KafkaBroker>,
+}
+
+impl KafkaCluster {
+    /// Three nodes of one cluster id, formatted, started together (a node
+    /// alone has no quorum) and ready: every broker registered.
+    pub fn start() -> Self {
+        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+        let voters: Vec<String> =
+            ports.iter().enumerate().map(|(i, (_, c))| format!("{}@127.0.0.1:{c}", i + 1)).collect();
+        let voters = voters.join(",");
+        let cluster = storage_tool(&["random-uuid"]).trim().to_string();
+        let mut nodes: Vec<KafkaBroker> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (port, controller))| {
+                KafkaBroker::format(i as i32 + 1, *port, *controller, &voters, &cluster, 3, "384m")
+            })
+            .collect();
+        for node in &mut nodes {
+            node.launch();
+        }
+        let cluster = KafkaCluster { nodes };
+        wait_for_brokers(&cluster.servers().join(","), 3, || cluster.logs());
+        cluster
+    }
+
+    /// Every broker's `127.0.0.1:<port>`.
+    pub fn servers(&self) -> Vec<String> {
+        self.nodes.iter().map(KafkaBroker::servers).collect()
+    }
+
+    /// The broker whose node id is `id`.
+    pub fn node(&mut self, id: i32) -> &mut KafkaBroker {
+        self.nodes.iter_mut().find(|node| node.node == id).expect("a node id of the cluster")
+    }
+
+    /// Create `topic` with `partitions` partitions, each replicated to all
+    /// three brokers, two of them in sync to accept a write.
+    pub fn create_topic(&self, topic: &str, partitions: i32) {
+        create_topic(&self.servers().join(","), topic, partitions, 3);
+    }
+
+    /// The node id leading `partition` of `topic`, as the running brokers
+    /// see it.
+    pub fn leader(&self, topic: &str, partition: i32) -> i32 {
+        use rdkafka::consumer::{BaseConsumer, Consumer as _};
+        let servers: Vec<String> =
+            self.nodes.iter().filter(|node| node.is_running()).map(KafkaBroker::servers).collect();
+        let consumer: BaseConsumer =
+            rdkafka::ClientConfig::new().set("bootstrap.servers", servers.join(",")).create().unwrap();
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+        let found = metadata.topics()[0].partitions().iter().find(|p| p.id() == partition);
+        found.expect("the partition").leader()
+    }
+
+    /// Every node's log so far.
+    pub fn logs(&self) -> String {
+        self.nodes.iter().map(|node| format!("--- node {}\n{}", node.node, node.logs())).collect()
     }
 }
 
