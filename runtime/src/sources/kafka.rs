@@ -60,7 +60,7 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -239,9 +239,9 @@ fn host_name() -> String {
 /// Ids seen in one partition within the last [`DEDUP_WINDOW`] offsets.
 #[derive(Default)]
 struct Window {
-    order: VecDeque<(u64, Box<str>)>,
+    order: VecDeque<(u64, Arc<str>)>,
     /// Each id with the offset it was last seen at.
-    ids: HashMap<Box<str>, u64>,
+    ids: HashMap<Arc<str>, u64>,
 }
 
 impl Window {
@@ -259,7 +259,7 @@ impl Window {
         if self.ids.contains_key(id) {
             return true;
         }
-        let id: Box<str> = id.into();
+        let id: Arc<str> = id.into();
         self.ids.insert(id.clone(), offset);
         self.order.push_back((offset, id));
         false
@@ -313,24 +313,37 @@ fn prefetch(feed: Arc<Feed>, sender: SyncSender<Polled>) {
             std::thread::sleep(Duration::from_millis(1));
             continue;
         }
-        let (assignment, polled) = {
+        // Decoded under the lock too: a seek waits for one record at most,
+        // and the record is read straight from librdkafka's buffer.
+        let polled = {
             let assignment = lock(&feed.assignment);
             match feed.consumer.poll(PREFETCH_SLICE) {
                 None => continue,
-                Some(polled) => (*assignment, polled.map(|message| message.detach())),
+                Some(polled) => (*assignment, polled.map(|message| take(&message))),
             }
         };
-        let polled = polled.map(|message| Held {
-            topic: message.topic().to_string(),
-            partition: message.partition(),
-            offset: message.offset().max(0) as u64,
-            decoded: parse(message.headers(), message.payload().unwrap_or_default()),
-            key: message.key().map(<[u8]>::to_vec),
-            payload: message.payload().unwrap_or_default().to_vec(),
-        });
-        if sender.send((assignment, polled)).is_err() {
+        if sender.send(polled).is_err() {
             return;
         }
+    }
+}
+
+/// Decode a polled record; its key and value are kept only when it is no
+/// event (a dead letter shows them).
+fn take(message: &BorrowedMessage<'_>) -> Held {
+    let payload = message.payload().unwrap_or_default();
+    let decoded = parse(message.headers(), payload);
+    let (key, payload) = match &decoded {
+        Ok(_) => (None, Vec::new()),
+        Err(_) => (message.key().map(<[u8]>::to_vec), payload.to_vec()),
+    };
+    Held {
+        topic: message.topic().to_string(),
+        partition: message.partition(),
+        offset: message.offset().max(0) as u64,
+        decoded,
+        key,
+        payload,
     }
 }
 
@@ -672,9 +685,10 @@ impl Source for KafkaSource {
             };
             let Some(mut record) = record else { continue };
             *lock(&self.shared.down) = None;
-            let Some(partition) = self.partitions.get_mut(&(record.topic.clone(), record.partition)) else {
-                continue;
-            };
+            let key = (std::mem::take(&mut record.topic), record.partition);
+            let partition = self.partitions.get_mut(&key);
+            record.topic = key.0;
+            let Some(partition) = partition else { continue };
             if record.offset < partition.next {
                 // Read into the duplicate window only.
                 if record.offset < partition.deliver_from
