@@ -81,6 +81,10 @@ const POLL_SLICE: Duration = Duration::from_millis(50);
 /// After the first event of a batch, how long more a read waits for others
 /// to fill it.
 const FILL: Duration = Duration::from_millis(5);
+/// [`FILL`] while a partition is known to hold records not read yet (a
+/// rebuild, a reader catching up): they are on their way, so a batch waits
+/// for them longer, and big batches make fewer commits.
+const FILL_BEHIND: Duration = Duration::from_millis(50);
 /// How long a read waits at most, past the caller's wait, while a partition
 /// is known to hold records not read yet: an idle batch means caught up.
 const SETTLE: Duration = Duration::from_secs(2);
@@ -714,7 +718,10 @@ impl Source for KafkaSource {
                         batch.events.push(to_event(&record.topic, record.offset, event));
                         batch.partitions.push(name);
                         batch.checkpoints.push(record.offset + 1);
-                        fill_until.get_or_insert_with(|| Instant::now() + FILL);
+                        if fill_until.is_none() {
+                            let fill = if self.behind() { FILL_BEHIND } else { FILL };
+                            fill_until = Some(Instant::now() + fill);
+                        }
                         if batch.events.len() >= max {
                             break;
                         }
