@@ -469,11 +469,10 @@ impl KafkaSource {
         }
         let mut listed = Vec::new();
         for topic in &self.topics {
-            let metadata = self
-                .feed
-                .consumer
-                .fetch_metadata(Some(topic), REQUEST_TIMEOUT)
-                .map_err(|err| self.failure(&format!("cannot list the partitions of topic {topic}"), &err))?;
+            let metadata =
+                self.feed.consumer.fetch_metadata(Some(topic), REQUEST_TIMEOUT).map_err(|err| {
+                    self.failure(&format!("cannot list the partitions of topic {topic}"), &err)
+                })?;
             let Some(found) = metadata.topics().iter().find(|t| t.name() == topic) else {
                 return Err(self.missing(topic));
             };
