@@ -25,9 +25,12 @@
 //!   itself (the records just before the checkpoint) whenever a reader
 //!   seeks, so what is dropped depends only on the log: a restarted host
 //!   drops the same duplicates as one that never stopped.
-//! - **librdkafka prefetches.** Its threads fetch ahead into its own queue;
-//!   the runner's thread polls that queue in short slices (so a wake is
-//!   seen promptly) and decodes the CloudEvents itself. No async runtime is
+//! - **Decoding overlaps applying.** librdkafka's threads fetch ahead into
+//!   its own queue; a thread of the reader's own polls that queue and
+//!   decodes each record's CloudEvent into a bounded channel, which the
+//!   runner's thread drains in short slices (so a wake is seen promptly).
+//!   Each record carries the assignment it was polled under: a seek bumps
+//!   it, and records of an older one are dropped. No async runtime is
 //!   needed.
 //! - **Broker down is transient.** librdkafka reconnects on its own with
 //!   backoff; transport errors (`BrokerTransportFailure`, `AllBrokersDown`,
@@ -61,7 +64,8 @@ use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -77,9 +81,18 @@ const POLL_SLICE: Duration = Duration::from_millis(50);
 /// After the first event of a batch, how long more a read waits for others
 /// to fill it.
 const FILL: Duration = Duration::from_millis(5);
+/// [`FILL`] while a partition is known to hold records not read yet (a
+/// rebuild, a reader catching up): they are on their way, so a batch waits
+/// for them longer, and big batches make fewer commits.
+const FILL_BEHIND: Duration = Duration::from_millis(50);
 /// How long a read waits at most, past the caller's wait, while a partition
 /// is known to hold records not read yet: an idle batch means caught up.
 const SETTLE: Duration = Duration::from_secs(2);
+/// The longest the prefetch thread polls librdkafka's queue in one go: a
+/// seek waits this long at most for it to let go.
+const PREFETCH_SLICE: Duration = Duration::from_millis(10);
+/// Records decoded ahead of the runner, at most.
+const PREFETCH: usize = 8_192;
 /// How long a request to the cluster (metadata, watermarks) may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the partitions' watermarks, read from the cluster, are reused.
@@ -230,9 +243,9 @@ fn host_name() -> String {
 /// Ids seen in one partition within the last [`DEDUP_WINDOW`] offsets.
 #[derive(Default)]
 struct Window {
-    order: VecDeque<(u64, Box<str>)>,
+    order: VecDeque<(u64, Arc<str>)>,
     /// Each id with the offset it was last seen at.
-    ids: HashMap<Box<str>, u64>,
+    ids: HashMap<Arc<str>, u64>,
 }
 
 impl Window {
@@ -250,7 +263,7 @@ impl Window {
         if self.ids.contains_key(id) {
             return true;
         }
-        let id: Box<str> = id.into();
+        let id: Arc<str> = id.into();
         self.ids.insert(id.clone(), offset);
         self.order.push_back((offset, id));
         false
@@ -280,13 +293,75 @@ struct Held {
     payload: Vec<u8>,
 }
 
+/// The consumer, shared by the reader and its prefetch thread.
+struct Feed {
+    consumer: BaseConsumer<Callbacks>,
+    /// The assignment in force, bumped by each seek. The prefetch thread
+    /// holds the lock across a poll, so a record is tagged with the
+    /// assignment it was polled under.
+    assignment: Mutex<u64>,
+    /// Set while a seek waits for the lock: the prefetch thread stands back.
+    seeking: AtomicBool,
+    /// Set when the reader is dropped: the thread ends.
+    stop: AtomicBool,
+}
+
+/// What the prefetch thread polled, tagged with its assignment.
+type Polled = (u64, Result<Held, KafkaError>);
+
+/// The prefetch thread: polls librdkafka's queue and decodes each record
+/// until the reader is dropped.
+fn prefetch(feed: Arc<Feed>, sender: SyncSender<Polled>) {
+    while !feed.stop.load(Ordering::Relaxed) {
+        if feed.seeking.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
+        }
+        // Decoded under the lock too: a seek waits for one record at most,
+        // and the record is read straight from librdkafka's buffer.
+        let polled = {
+            let assignment = lock(&feed.assignment);
+            match feed.consumer.poll(PREFETCH_SLICE) {
+                None => continue,
+                Some(polled) => (*assignment, polled.map(|message| take(&message))),
+            }
+        };
+        if sender.send(polled).is_err() {
+            return;
+        }
+    }
+}
+
+/// Decode a polled record; its key and value are kept only when it is no
+/// event (a dead letter shows them).
+fn take(message: &BorrowedMessage<'_>) -> Held {
+    let payload = message.payload().unwrap_or_default();
+    let decoded = parse(message.headers(), payload);
+    let (key, payload) = match &decoded {
+        Ok(_) => (None, Vec::new()),
+        Err(_) => (message.key().map(<[u8]>::to_vec), payload.to_vec()),
+    };
+    Held {
+        topic: message.topic().to_string(),
+        partition: message.partition(),
+        offset: message.offset().max(0) as u64,
+        decoded,
+        key,
+        payload,
+    }
+}
+
 /// One reader of a projection's Kafka topics.
 pub struct KafkaSource {
     key: String,
     servers: String,
     topics: Vec<String>,
     types: Option<Vec<String>>,
-    consumer: BaseConsumer<Callbacks>,
+    feed: Arc<Feed>,
+    /// What the prefetch thread decoded.
+    prefetched: Receiver<Polled>,
+    /// The assignment in force (what [`Feed::assignment`] holds).
+    assignment: u64,
     shared: Arc<Shared>,
     /// The partitions assigned, by (topic, partition).
     partitions: BTreeMap<(String, i32), Partition>,
@@ -328,12 +403,26 @@ impl KafkaSource {
             .set_log_level(RDKafkaLogLevel::Warning)
             .create_with_context(callbacks)
             .with_context(|| format!("cannot set up a Kafka client for {servers}"))?;
+        let feed = Arc::new(Feed {
+            consumer,
+            assignment: Mutex::new(0),
+            seeking: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+        });
+        let (sender, prefetched) = std::sync::mpsc::sync_channel(PREFETCH);
+        let prefetching = feed.clone();
+        std::thread::Builder::new()
+            .name("kafka-prefetch".to_string())
+            .spawn(move || prefetch(prefetching, sender))
+            .context("cannot start a Kafka reader's prefetch thread")?;
         Ok(KafkaSource {
             key: key.to_string(),
             servers,
             topics: filter.streams.clone(),
             types: filter.types.clone(),
-            consumer,
+            feed,
+            prefetched,
+            assignment: 0,
             shared,
             partitions: BTreeMap::new(),
             listed: None,
@@ -380,10 +469,10 @@ impl KafkaSource {
         }
         let mut listed = Vec::new();
         for topic in &self.topics {
-            let metadata = self
-                .consumer
-                .fetch_metadata(Some(topic), REQUEST_TIMEOUT)
-                .map_err(|err| self.failure(&format!("cannot list the partitions of topic {topic}"), &err))?;
+            let metadata =
+                self.feed.consumer.fetch_metadata(Some(topic), REQUEST_TIMEOUT).map_err(|err| {
+                    self.failure(&format!("cannot list the partitions of topic {topic}"), &err)
+                })?;
             let Some(found) = metadata.topics().iter().find(|t| t.name() == topic) else {
                 return Err(self.missing(topic));
             };
@@ -409,7 +498,7 @@ impl KafkaSource {
     /// The low and high watermarks of a partition, from the cluster.
     fn watermarks(&self, topic: &str, partition: i32) -> Result<(u64, u64), SourceError> {
         let (low, high) =
-            self.consumer.fetch_watermarks(topic, partition, REQUEST_TIMEOUT).map_err(|err| {
+            self.feed.consumer.fetch_watermarks(topic, partition, REQUEST_TIMEOUT).map_err(|err| {
                 self.failure(&format!("cannot read the offsets of topic {topic} partition {partition}"), &err)
             })?;
         Ok((low.max(0) as u64, high.max(0) as u64))
@@ -468,7 +557,15 @@ impl KafkaSource {
             }
             self.warning = Some(warning);
         }
-        self.consumer.assign(&assignment).map_err(|err| {
+        self.feed.seeking.store(true, Ordering::Relaxed);
+        let assigned = {
+            let mut current = lock(&self.feed.assignment);
+            self.assignment += 1;
+            *current = self.assignment;
+            self.feed.consumer.assign(&assignment)
+        };
+        self.feed.seeking.store(false, Ordering::Relaxed);
+        assigned.map_err(|err| {
             SourceError::Failed(anyhow::anyhow!(
                 "cannot assign the partitions of {}: {err}",
                 self.topics.join(", ")
@@ -503,15 +600,17 @@ impl KafkaSource {
         Ok(())
     }
 
-    /// Decode a polled record.
-    fn take(message: &BorrowedMessage<'_>) -> Held {
-        Held {
-            topic: message.topic().to_string(),
-            partition: message.partition(),
-            offset: message.offset().max(0) as u64,
-            decoded: parse(message.headers(), message.payload().unwrap_or_default()),
-            key: message.key().map(<[u8]>::to_vec),
-            payload: message.payload().unwrap_or_default().to_vec(),
+    /// The next record the prefetch thread decoded under the assignment in
+    /// force, waiting at most `timeout`.
+    fn receive(&self, timeout: Duration) -> Option<Result<Held, KafkaError>> {
+        let until = Instant::now() + timeout;
+        loop {
+            match self.prefetched.recv_timeout(until.saturating_duration_since(Instant::now())) {
+                Ok((assignment, polled)) if assignment == self.assignment => return Some(polled),
+                // Polled before the last seek.
+                Ok(_) => continue,
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => return None,
+            }
         }
     }
 }
@@ -554,7 +653,7 @@ impl Source for KafkaSource {
                     if now >= until || self.shared.wakes.load(Ordering::Relaxed) != wakes {
                         break;
                     }
-                    match self.consumer.poll((until - now).min(POLL_SLICE)) {
+                    match self.receive((until - now).min(POLL_SLICE)) {
                         None => {
                             let stale = self.head.as_ref().is_none_or(|(at, _)| at.elapsed() >= HEAD_CACHE);
                             if fill_until.is_none() && !moved && stale {
@@ -583,15 +682,16 @@ impl Source for KafkaSource {
                             *lock(&self.shared.down) = Some(reason);
                             continue;
                         }
-                        Some(Ok(message)) => Some(Self::take(&message)),
+                        Some(Ok(record)) => Some(record),
                     }
                 }
             };
             let Some(mut record) = record else { continue };
             *lock(&self.shared.down) = None;
-            let Some(partition) = self.partitions.get_mut(&(record.topic.clone(), record.partition)) else {
-                continue;
-            };
+            let key = (std::mem::take(&mut record.topic), record.partition);
+            let partition = self.partitions.get_mut(&key);
+            record.topic = key.0;
+            let Some(partition) = partition else { continue };
             if record.offset < partition.next {
                 // Read into the duplicate window only.
                 if record.offset < partition.deliver_from
@@ -617,7 +717,10 @@ impl Source for KafkaSource {
                         batch.events.push(to_event(&record.topic, record.offset, event));
                         batch.partitions.push(name);
                         batch.checkpoints.push(record.offset + 1);
-                        fill_until.get_or_insert_with(|| Instant::now() + FILL);
+                        if fill_until.is_none() {
+                            let fill = if self.behind() { FILL_BEHIND } else { FILL };
+                            fill_until = Some(Instant::now() + fill);
+                        }
                         if batch.events.len() >= max {
                             break;
                         }
@@ -670,7 +773,7 @@ impl Source for KafkaSource {
         }
         // Kafka's lag tools read these; the checkpoint in the projection's
         // database stays the truth, so a commit lost is only late.
-        match self.consumer.commit(&offsets, CommitMode::Async) {
+        match self.feed.consumer.commit(&offsets, CommitMode::Async) {
             Ok(()) => {
                 for (partition, position) in upto.partitions() {
                     self.committed.set(partition, position);
@@ -711,6 +814,12 @@ impl Source for KafkaSource {
 
     fn waker(&self) -> Arc<dyn Wake> {
         Arc::new(KafkaWaker(self.shared.clone()))
+    }
+}
+
+impl Drop for KafkaSource {
+    fn drop(&mut self) {
+        self.feed.stop.store(true, Ordering::Relaxed);
     }
 }
 
