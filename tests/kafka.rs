@@ -713,11 +713,7 @@ fn order_fees_over_kafka_publishes_its_charges_to_the_routed_topic_and_a_reader_
     // The topic appears, already holding the first charge, as a host that
     // published it and died before clearing its outbox would leave it.
     broker.create_topic(charges, 1);
-    let expected: Value = serde_json::from_str(
-        &std::fs::read_to_string(root().join("projections/order-fees/fixtures/expected.json")).unwrap(),
-    )
-    .unwrap();
-    let emitted = expected["emitted"].as_array().unwrap();
+    let emitted = order_fees_emitted();
     let copy = NewEvent {
         id: first.clone(),
         source: "projector/order-fees".into(),
@@ -732,11 +728,7 @@ fn order_fees_over_kafka_publishes_its_charges_to_the_routed_topic_and_a_reader_
     publish(std::slice::from_ref(&servers), charges, &[copy], &[]).unwrap();
     wait_until(Duration::from_secs(30), "the outbox published", || ws.status_of("order-fees")["outbox"] == 0);
     wait_until(Duration::from_secs(10), "the error cleared", || live(&host)["last_error"].is_null());
-    // The counter moves just after the outbox is cleared: wait for it.
-    let published = r#"projector_events_published_total{projection="order-fees"}"#;
-    wait_until(Duration::from_secs(10), "two events counted published", || {
-        metrics(&host.url()).get(published) == Some(&2.0)
-    });
+    wait_published_counted(&host.url(), "order-fees", 2);
 
     // Kafka keeps no ids: the republished first charge is stored again,
     // under the same id, in the same partition (same key).
@@ -746,32 +738,13 @@ fn order_fees_over_kafka_publishes_its_charges_to_the_routed_topic_and_a_reader_
     let (key, event) = &published[2];
     let want = &emitted[1];
     assert_eq!(key.as_deref(), want["subject"].as_str(), "the record key is the subject");
-    assert_eq!(
-        (&event["type"], &event["source"], &event["subject"], &event["data"]),
-        (&want["type"], &want["source"], &want["subject"], &want["data"])
-    );
-    assert_eq!(
-        (&event["correlationid"], &event["causationid"]),
-        (&want["correlation_id"], &want["causation_id"])
-    );
+    assert_charge_is(event, want);
 
     // Killed and started again: nothing is published a second time, and a
     // new approval's charge goes out once.
     host.kill();
     let host = ws.start();
-    let more = [
-        cloud_event(
-            "cap-ord-4",
-            "order_captured",
-            serde_json::json!({"order_id": "ord-4", "fee": 7, "discount": 0}),
-        ),
-        cloud_event_correlated(
-            "app-ord-4",
-            "order_approved",
-            serde_json::json!({"order_id": "ord-4"}),
-            "checkout-4",
-        ),
-    ];
+    let more = order_4_captured_and_approved();
     publish_cli(&ws, "more.jsonl", orders, &more);
     let third = format!("order-fees:kafka:orders/{orders}/0:{}:0", lines.len() + 1);
     wait_until(Duration::from_secs(30), "the third charge published", || {

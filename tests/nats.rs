@@ -163,19 +163,6 @@ fn assert_exactly(read: &[Event], published: &[NewEvent], first: u64) {
     }
 }
 
-/// Wait until `next_batch` says the source is unavailable; returns why.
-fn wait_unavailable(source: &mut dyn Source, after: &Checkpoint) -> String {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        assert!(Instant::now() < deadline, "the source never said it was unavailable");
-        match source.next_batch(after, 100, Duration::from_millis(100)) {
-            Err(SourceError::Unavailable(reason)) => return reason,
-            Ok(batch) => assert!(batch.is_idle(after), "nothing new to read meanwhile"),
-            Err(SourceError::Failed(err)) => panic!("the source failed: {err:#}"),
-        }
-    }
-}
-
 #[test]
 fn every_event_published_in_either_mode_is_read_once_in_order_with_its_stream_sequence() {
     let server = NatsServer::start();
@@ -875,11 +862,7 @@ fn order_fees_over_nats_publishes_its_charges_to_the_routed_subject_once_with_th
 
     // The stream appears, already holding the first charge, as a host that
     // published it and died before clearing its outbox would leave it.
-    let expected: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(root().join("projections/order-fees/fixtures/expected.json")).unwrap(),
-    )
-    .unwrap();
-    let emitted = expected["emitted"].as_array().unwrap();
+    let emitted = order_fees_emitted();
     block_on(async {
         let js = jetstream(&urls).await;
         js.create_stream(async_nats::jetstream::stream::Config {
@@ -901,41 +884,15 @@ fn order_fees_over_nats_publishes_its_charges_to_the_routed_subject_once_with_th
     assert_eq!(ids, ["order-fees:8:0", "order-fees:11:0"], "each charge once, the copy dropped");
     let (_, second) = &published[1];
     let want = &emitted[1];
-    assert_eq!(
-        (&second["id"], &second["type"], &second["source"], &second["subject"]),
-        (&want["id"], &want["type"], &want["source"], &want["subject"])
-    );
-    assert_eq!(
-        (&second["correlationid"], &second["causationid"]),
-        (&want["correlation_id"], &want["causation_id"])
-    );
-    assert_eq!(second["data"], want["data"]);
-    // The counter moves just after the outbox is cleared: wait for it.
-    let published = r#"projector_events_published_total{projection="order-fees"}"#;
-    wait_until(Duration::from_secs(10), "two events counted published", || {
-        metrics(&host_url).get(published) == Some(&2.0)
-    });
+    assert_eq!(second["id"], want["id"]);
+    assert_charge_is(second, want);
+    wait_published_counted(&host_url, "order-fees", 2);
 
     // Killed and started again: nothing is published a second time, and a
     // new approval's charge goes out once.
     host.kill();
     let host = ws.start();
-    let more = ws.write_events(
-        "more.jsonl",
-        &[
-            cloud_event(
-                "cap-ord-4",
-                "order_captured",
-                serde_json::json!({"order_id": "ord-4", "fee": 7, "discount": 0}),
-            ),
-            cloud_event_correlated(
-                "app-ord-4",
-                "order_approved",
-                serde_json::json!({"order_id": "ord-4"}),
-                "checkout-4",
-            ),
-        ],
-    );
+    let more = ws.write_events("more.jsonl", &order_4_captured_and_approved());
     run_ok(&["publish", "--config", &ws.config_str(), "--source", "bus", "orders.eu", &more]);
     wait_until(Duration::from_secs(30), "the third charge published", || {
         let status = ws.status_of("order-fees");

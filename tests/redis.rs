@@ -173,19 +173,6 @@ fn assert_exactly(server: &RedisServer, read: &[Event], added: &HashMap<&str, Ve
     }
 }
 
-/// Wait until `next_batch` says the source is unavailable; returns why.
-fn wait_unavailable(source: &mut dyn Source, after: &Checkpoint) -> String {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        assert!(Instant::now() < deadline, "the source never said it was unavailable");
-        match source.next_batch(after, 100, Duration::from_millis(100)) {
-            Err(SourceError::Unavailable(reason)) => return reason,
-            Ok(batch) => assert!(batch.is_idle(after), "nothing new to read meanwhile"),
-            Err(SourceError::Failed(err)) => panic!("the source failed: {err:#}"),
-        }
-    }
-}
-
 /// The first error a read from `after` meets, whatever it is.
 fn read_error(source: &mut dyn Source, after: &Checkpoint) -> SourceError {
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -872,11 +859,7 @@ fn order_fees_over_redis_adds_its_charges_to_the_routed_key_once_with_their_caus
 
     // The first charge is there already, as a host that added it and died
     // before clearing its outbox would leave it.
-    let expected: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(root().join("projections/order-fees/fixtures/expected.json")).unwrap(),
-    )
-    .unwrap();
-    let emitted = expected["emitted"].as_array().unwrap();
+    let emitted = order_fees_emitted();
     let copy = NewEvent {
         id: first.clone(),
         source: "projector/order-fees".into(),
@@ -898,41 +881,18 @@ fn order_fees_over_redis_adds_its_charges_to_the_routed_key_once_with_their_caus
         let status = ws.status_of("order-fees");
         status["lag"] == 0 && status["outbox"] == 0 && status["checkpoint"] != 0
     });
-    // The counter moves just after the outbox is cleared: wait for it.
-    let published = r#"projector_events_published_total{projection="order-fees"}"#;
-    wait_until(Duration::from_secs(10), "two events counted published", || {
-        metrics(&host.url()).get(published) == Some(&2.0)
-    });
+    wait_published_counted(&host.url(), "order-fees", 2);
     let ids: Vec<String> = entries(&server, charges).into_iter().map(|(_, id)| id).collect();
     assert_eq!(ids, [first.clone(), second.clone()], "each charge once, the copy's id dropped");
     let event = &structured_entries(&server, charges)[1];
     let want = &emitted[1];
-    assert_eq!(
-        (&event["type"], &event["source"], &event["subject"], &event["data"]),
-        (&want["type"], &want["source"], &want["subject"], &want["data"])
-    );
-    assert_eq!(
-        (&event["correlationid"], &event["causationid"]),
-        (&want["correlation_id"], &want["causation_id"])
-    );
+    assert_charge_is(event, want);
 
     // Killed and started again: nothing is added a second time, and a new
     // approval's charge goes out once.
     host.kill();
     let host = ws.start();
-    let more = [
-        cloud_event(
-            "cap-ord-4",
-            "order_captured",
-            serde_json::json!({"order_id": "ord-4", "fee": 7, "discount": 0}),
-        ),
-        cloud_event_correlated(
-            "app-ord-4",
-            "order_approved",
-            serde_json::json!({"order_id": "ord-4"}),
-            "checkout-4",
-        ),
-    ];
+    let more = order_4_captured_and_approved();
     assert_eq!(publish_cli(&ws, orders, &more), (2, 0));
     let third = format!("order-fees:redis:db0/{orders}:{}:0", entries(&server, orders).last().unwrap().0);
     wait_until(Duration::from_secs(30), "the third charge added", || {

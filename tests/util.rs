@@ -848,3 +848,59 @@ impl Drop for RedisServer {
         }
     }
 }
+
+/// The events order-fees emits over its scenario fixture
+/// (`projections/order-fees/fixtures/expected.json`, `emitted`).
+pub fn order_fees_emitted() -> Vec<Value> {
+    let text = std::fs::read_to_string(root().join("projections/order-fees/fixtures/expected.json")).unwrap();
+    let expected: Value = serde_json::from_str(&text).unwrap();
+    expected["emitted"].as_array().unwrap().clone()
+}
+
+/// Order `ord-4` captured then approved: one more charge for order-fees.
+pub fn order_4_captured_and_approved() -> [String; 2] {
+    [
+        cloud_event("cap-ord-4", "order_captured", json!({"order_id": "ord-4", "fee": 7, "discount": 0})),
+        cloud_event_correlated("app-ord-4", "order_approved", json!({"order_id": "ord-4"}), "checkout-4"),
+    ]
+}
+
+/// A published charge (a structured CloudEvent) carries what `want`, an
+/// entry of [`order_fees_emitted`], says: type, source, subject, data and
+/// its cause.
+pub fn assert_charge_is(event: &Value, want: &Value) {
+    assert_eq!(
+        (&event["type"], &event["source"], &event["subject"], &event["data"]),
+        (&want["type"], &want["source"], &want["subject"], &want["data"])
+    );
+    assert_eq!(
+        (&event["correlationid"], &event["causationid"]),
+        (&want["correlation_id"], &want["causation_id"])
+    );
+}
+
+/// Wait until `/metrics` at `base` counts `n` events `projection` published
+/// (the counter moves just after the outbox is cleared).
+pub fn wait_published_counted(base: &str, projection: &str, n: u64) {
+    let sample = format!(r#"projector_events_published_total{{projection="{projection}"}}"#);
+    wait_until(Duration::from_secs(10), &format!("{n} events counted published"), || {
+        metrics(base).get(&sample) == Some(&(n as f64))
+    });
+}
+
+/// Wait until `next_batch` says `source` is unavailable; returns why.
+pub fn wait_unavailable(
+    source: &mut dyn projector::sources::Source,
+    after: &projector::sources::Checkpoint,
+) -> String {
+    use projector::sources::SourceError;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        assert!(Instant::now() < deadline, "the source never said it was unavailable");
+        match source.next_batch(after, 100, Duration::from_millis(100)) {
+            Err(SourceError::Unavailable(reason)) => return reason,
+            Ok(batch) => assert!(batch.is_idle(after), "nothing new to read meanwhile"),
+            Err(SourceError::Failed(err)) => panic!("the source failed: {err:#}"),
+        }
+    }
+}

@@ -211,6 +211,18 @@ pub trait Source: Send {
     fn waker(&self) -> Arc<dyn Wake>;
 }
 
+/// The guard of `mutex`, even if a thread panicked holding it: the sources'
+/// shared state stays meaningful whatever a reader was doing.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Delay before a reader's `attempt`th try (from 1) after a failure: 100 ms
+/// doubling up to 2 s.
+pub(crate) fn retry_delay(attempt: u32) -> Duration {
+    Duration::from_millis(100u64 << attempt.saturating_sub(1).min(5)).min(Duration::from_secs(2))
+}
+
 /// `partition` when it is one of several of its source (named
 /// `<source key>/…`), `None` for a source's only partition (named as the
 /// source: `log`, `nats:<stream>`).

@@ -493,8 +493,9 @@ impl SqlHost for GuestHost {
         self.check_params(&params)?;
         let text = format!("{GUEST_SQL_PREFIX}{statement}");
         self.as_guest(&statement, |db| {
-            let columns = db.prepare_cached(&text)?.column_names().map(String::from).collect();
-            Ok(Rows { columns, rows: run_query(db, &text, &params)? })
+            let mut stmt = db.prepare_cached(&text)?;
+            let columns = stmt.column_names().map(String::from).collect();
+            Ok(Rows { columns, rows: rows_of(&mut stmt, &params)? })
         })
     }
 }
@@ -560,7 +561,11 @@ fn run_execute(db: &Connection, text: &str, params: &[Value]) -> rusqlite::Resul
 
 /// Run the guest query `text`: its rows, values in column order.
 fn run_query(db: &Connection, text: &str, params: &[Value]) -> rusqlite::Result<Vec<Vec<Value>>> {
-    let mut stmt = db.prepare_cached(text)?;
+    rows_of(&mut db.prepare_cached(text)?, params)
+}
+
+/// Run `stmt` with `params`: its rows, values in column order.
+fn rows_of(stmt: &mut rusqlite::CachedStatement<'_>, params: &[Value]) -> rusqlite::Result<Vec<Vec<Value>>> {
     let width = stmt.column_count();
     let mut rows = stmt.query(params_from_iter(params))?;
     let mut out = Vec::new();

@@ -53,7 +53,7 @@ use crate::sources::cloudevents::{self, CloudEventError};
 use crate::sources::embedded::{AppendOutcome, NewEvent};
 use crate::sources::{
     Batch, Checkpoint, Filter, Health, Malformed, Progress, Publisher, Source, SourceError, SourceOpener,
-    Wake,
+    Wake, lock,
 };
 use anyhow::{Context as _, Result};
 use rdkafka::client::ClientContext;
@@ -66,7 +66,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Offsets before a record, in its partition, within which a record of the
@@ -135,10 +135,6 @@ fn transient(code: RDKafkaErrorCode) -> bool {
             | CoordinatorNotAvailable
             | CoordinatorLoadInProgress
     )
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// What the client's callbacks and the reader share.

@@ -40,7 +40,7 @@ use crate::sources::cloudevents::{self, CloudEventError};
 use crate::sources::embedded::{AppendOutcome, NewEvent};
 use crate::sources::{
     Batch, Checkpoint, Filter, Health, Malformed, Progress, Publisher, Source, SourceError, SourceOpener,
-    Wake,
+    Wake, lock, retry_delay,
 };
 use anyhow::{Context as _, Result};
 use async_nats::HeaderMap;
@@ -118,12 +118,6 @@ fn reconnect_delay(attempt: usize) -> Duration {
         0 | 1 => Duration::ZERO,
         n => Duration::from_millis(50u64.saturating_mul(1 << (n - 2).min(6))).min(Duration::from_secs(2)),
     }
-}
-
-/// Delay before the reader's `attempt`th try (from 1) to make its consumer
-/// again after a failure: 100 ms doubling up to 2 s.
-fn retry_delay(attempt: u32) -> Duration {
-    Duration::from_millis(100u64 << attempt.saturating_sub(1).min(5)).min(Duration::from_secs(2))
 }
 
 /// One client of one cluster, shared by every reader of a source.
@@ -233,10 +227,6 @@ enum Link {
     Starting,
     /// Not connected, and why.
     Down(String),
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Opens readers of one JetStream stream.

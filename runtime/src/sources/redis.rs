@@ -37,7 +37,7 @@ use crate::sources::cloudevents::{self, CloudEventError};
 use crate::sources::embedded::{AppendOutcome, NewEvent};
 use crate::sources::{
     Batch, Checkpoint, Filter, Health, Malformed, Progress, Publisher, Source, SourceError, SourceOpener,
-    Wake,
+    Wake, lock, retry_delay,
 };
 use ::redis::{Client, Connection, ConnectionLike as _, IntoConnectionInfo as _, RedisError, Script, Value};
 use anyhow::{Context as _, Result};
@@ -145,10 +145,6 @@ fn transient(err: &RedisError) -> bool {
                 ServerErrorKind::BusyLoading | ServerErrorKind::TryAgain | ServerErrorKind::MasterDown
             )
         )
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Opens readers of one Redis server's streams.
@@ -722,12 +718,6 @@ fn bytes(value: Value) -> Vec<u8> {
 /// A string reply as text.
 fn text(value: Value) -> String {
     String::from_utf8_lossy(&bytes(value)).into_owned()
-}
-
-/// Delay before the reader's `attempt`th try (from 1) after a failure:
-/// 100 ms doubling up to 2 s.
-fn retry_delay(attempt: u32) -> Duration {
-    Duration::from_millis(100u64 << attempt.saturating_sub(1).min(5)).min(Duration::from_secs(2))
 }
 
 /// The prefetching thread of one generation: reads from `cursors` on, into
