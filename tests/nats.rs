@@ -558,7 +558,7 @@ fn write_nats_config(ws: &Workspace, urls: &[String]) {
         text.push_str(&format!(
             // Batches of a fixed size, so a kill can land between two of a
             // chunk (adaptive ones grow to a whole chunk).
-            "\n[[projection]]\nname = {name:?}\nmodule = {:?}\nsource = \"bus\"\nstreams = [\"wallets.>\"]\nbatch_size = 1000\n",
+            "\n[[projection]]\nname = {name:?}\nmodule = {:?}\nsource = \"bus\"\nstreams = [\"wallets.>\"]\nbatch_size = 200\n",
             guest(module).to_string_lossy()
         ));
     }

@@ -528,7 +528,7 @@ fn write_redis_config(ws: &Workspace, url: &str) {
         text.push_str(&format!(
             // Batches of a fixed size, so a kill can land between two of a
             // chunk (adaptive ones grow to a whole chunk).
-            "\n[[projection]]\nname = {name:?}\nmodule = {:?}\nsource = \"cache\"\nstreams = {KEYS:?}\nbatch_size = 500\n",
+            "\n[[projection]]\nname = {name:?}\nmodule = {:?}\nsource = \"cache\"\nstreams = {KEYS:?}\nbatch_size = 100\n",
             guest(module).to_string_lossy()
         ));
     }
