@@ -49,7 +49,13 @@ impl Checkpoint {
 
     /// Move `partition` to `position`.
     pub fn set(&mut self, partition: &str, position: u64) {
-        self.0.insert(partition.to_string(), position);
+        // Sources set a position per event: no new key for a known one.
+        match self.0.get_mut(partition) {
+            Some(at) => *at = position,
+            None => {
+                self.0.insert(partition.to_string(), position);
+            }
+        }
     }
 
     /// Every partition named, with its position.

@@ -99,6 +99,11 @@ pub fn fill_correlation_ids(events: &mut [NewEvent], correlation_id: &str) {
 
 /// Parse one CloudEvent from its JSON text.
 pub fn parse_event(json: &str) -> Result<NewEvent, CloudEventError> {
+    parse_plain(json).unwrap_or_else(|| parse_general(json))
+}
+
+/// Parse one CloudEvent from its JSON text by way of a JSON tree.
+fn parse_general(json: &str) -> Result<NewEvent, CloudEventError> {
     match serde_json::from_str::<Value>(json) {
         Ok(Value::Object(object)) => from_object(object),
         Ok(other) => {
@@ -108,8 +113,154 @@ pub fn parse_event(json: &str) -> Result<NewEvent, CloudEventError> {
     }
 }
 
+/// The common case parsed without building `data` as a JSON tree: an
+/// object of unique keys whose attributes are strings (or null) and whose
+/// `data` is JSON already written as [`serde_json::to_vec`] would write it,
+/// or text. `None` sends anything else (and every malformed event, for its
+/// error) to the general path, which gives the same event.
+fn parse_plain(json: &str) -> Option<Result<NewEvent, CloudEventError>> {
+    let Members(members) = serde_json::from_str(json).ok()?;
+    let mut object = Map::new();
+    let (mut data, mut data_base64) = (None, None);
+    for (name, raw) in members {
+        let raw = raw.get();
+        match name.as_ref() {
+            "data" => data = Some(raw),
+            "data_base64" => data_base64 = Some(Value::String(serde_json::from_str(raw).ok()?)),
+            _ if raw == "null" => {}
+            _ => {
+                let text: std::borrow::Cow<str> = serde_json::from_str(raw).ok()?;
+                object.insert(name.into_owned(), Value::String(text.into_owned()));
+            }
+        }
+    }
+    let data = match data {
+        None => None,
+        Some(raw) if raw.starts_with('"') => Some(Data::Text(serde_json::from_str(raw).ok()?)),
+        Some("null") => Some(Data::Value(Value::Null)),
+        Some(raw) if is_written_json(raw) => Some(Data::Json(raw.as_bytes().to_vec())),
+        Some(_) => return None,
+    };
+    Some(from_attributes(object, data, data_base64))
+}
+
+/// A JSON object's members in order, values unparsed; duplicate keys are
+/// refused (the general path keeps the last).
+struct Members<'a>(Vec<(std::borrow::Cow<'a, str>, &'a serde_json::value::RawValue)>);
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for Members<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visitor<'a> {
+            type Value = Members<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(self, mut map: M) -> Result<Members<'a>, M::Error> {
+                let mut members: Vec<(std::borrow::Cow<'a, str>, &'a serde_json::value::RawValue)> =
+                    Vec::with_capacity(12);
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    if members.iter().any(|(seen, _)| *seen == key) {
+                        return Err(serde::de::Error::custom("a duplicate key"));
+                    }
+                    members.push((key, map.next_value()?));
+                }
+                Ok(Members(members))
+            }
+        }
+        deserializer.deserialize_map(Visitor(std::marker::PhantomData))
+    }
+}
+
+/// Whether `raw` (valid JSON) is byte for byte what parsing it into a
+/// [`Value`] and writing it back gives: no whitespace, no escapes, no
+/// number but a plain integer, no duplicate keys in an object.
+fn is_written_json(raw: &str) -> bool {
+    let bytes = raw.as_bytes();
+    // The containers open around the current place: an object's keys so
+    // far (the tree keeps only the last of a duplicate), or `None` for an
+    // array.
+    let mut open: Vec<Option<Vec<&[u8]>>> = Vec::new();
+    let mut expect_key = false;
+    let (mut in_string, mut string_start, mut digits) = (false, 0, 0);
+    for (i, &byte) in bytes.iter().enumerate() {
+        if in_string {
+            match byte {
+                b'"' => {
+                    in_string = false;
+                    if std::mem::take(&mut expect_key) {
+                        let key = &bytes[string_start..i];
+                        let Some(Some(keys)) = open.last_mut() else { return false };
+                        if keys.contains(&key) {
+                            return false;
+                        }
+                        keys.push(key);
+                    }
+                }
+                // Escapes and control characters may be written otherwise.
+                b'\\' | 0..=0x1f => return false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'0'..=b'9' => {
+                digits += 1;
+                // `-0` is written `0`; a long number may not fit 64 bits.
+                if digits > 18 || (digits == 1 && byte == b'0' && i > 0 && bytes[i - 1] == b'-') {
+                    return false;
+                }
+                continue;
+            }
+            b'"' => (in_string, string_start) = (true, i + 1),
+            b'{' => {
+                open.push(Some(Vec::new()));
+                expect_key = true;
+            }
+            b'[' => open.push(None),
+            b'}' | b']' => {
+                open.pop();
+                expect_key = false;
+            }
+            b',' => expect_key = matches!(open.last(), Some(Some(_))),
+            // A fraction, an exponent (right after a digit; `true` and
+            // `false` hold an `e` too) or whitespace.
+            b'.' | b' ' | b'\t' | b'\n' | b'\r' => return false,
+            b'e' | b'E' if digits > 0 => return false,
+            _ => {}
+        }
+        digits = 0;
+    }
+    true
+}
+
+/// The `data` of a structured-mode event, as given.
+enum Data {
+    /// A JSON value: kept as JSON text.
+    Value(Value),
+    /// JSON text already as the general path writes it.
+    Json(Vec<u8>),
+    /// A JSON string.
+    Text(String),
+}
+
 /// Parse one CloudEvent from a JSON object.
 pub fn from_object(mut object: Map<String, Value>) -> Result<NewEvent, CloudEventError> {
+    let data = object.remove("data").map(|value| match value {
+        Value::String(text) => Data::Text(text),
+        value => Data::Value(value),
+    });
+    let data_base64 = object.remove("data_base64");
+    from_attributes(object, data, data_base64)
+}
+
+/// An event of `object`'s attributes (all but the data), `data` and
+/// `data_base64`.
+fn from_attributes(
+    mut object: Map<String, Value>,
+    data: Option<Data>,
+    data_base64: Option<Value>,
+) -> Result<NewEvent, CloudEventError> {
     let specversion = required(&mut object, "specversion")?;
     if specversion != "1.0" {
         return Err(invalid("specversion", format!("must be \"1.0\", found {specversion:?}")));
@@ -147,7 +298,7 @@ pub fn from_object(mut object: Map<String, Value>) -> Result<NewEvent, CloudEven
         };
         check_length(attribute, bytes)?;
     }
-    let data = match (object.remove("data"), object.remove("data_base64")) {
+    let data = match (data, data_base64) {
         (Some(_), Some(_)) => {
             return Err(invalid("data_base64", "cannot be given together with `data`".into()));
         }
@@ -157,8 +308,10 @@ pub fn from_object(mut object: Map<String, Value>) -> Result<NewEvent, CloudEven
         (None, Some(other)) => {
             return Err(invalid("data_base64", format!("must be a string, found {}", kind(&other))));
         }
-        (Some(Value::String(text)), None) if !is_json(datacontenttype.as_deref()) => text.into_bytes(),
-        (Some(value), None) => serde_json::to_vec(&value).expect("a JSON value serializes"),
+        (Some(Data::Text(text)), None) if !is_json(datacontenttype.as_deref()) => text.into_bytes(),
+        (Some(Data::Text(text)), None) => serde_json::to_vec(&text).expect("a string serializes"),
+        (Some(Data::Value(value)), None) => serde_json::to_vec(&value).expect("a JSON value serializes"),
+        (Some(Data::Json(bytes)), None) => bytes,
         (None, None) => Vec::new(),
     };
     Ok(NewEvent {
@@ -333,6 +486,60 @@ mod tests {
     use super::*;
 
     const GOOD: &str = r#"{"specversion":"1.0","id":"e1","source":"api","type":"t","data":{"a":1}}"#;
+
+    #[test]
+    fn the_plain_path_gives_what_the_general_path_gives_and_takes_the_common_events() {
+        let head = r#""specversion":"1.0","id":"e1","source":"api","type":"t""#;
+        let common = [
+            format!(
+                r#"{{{head},"data":{{"user_id":"u1","wallet_address":"0xab","n":12,"ok":true,"tags":["a",{{}}],"none":null}}}}"#
+            ),
+            format!(
+                r#"{{{head},"subject":"s","correlationid":"c","data":"text","datacontenttype":"text/plain"}}"#
+            ),
+            format!(r#"{{{head},"data":"a JSON string"}}"#),
+            format!(r#"{{{head},"data":null}}"#),
+            format!(r#"{{{head},"data":-12,"subject":null}}"#),
+            format!(r#"{{{head},"data":{{"note":"café ✓"}}}}"#),
+            format!(r#"{{{head},"data_base64":"aGk="}}"#),
+            format!(r#"{{{head}}}"#),
+            format!(r#"{{{head},"data":{{"a":{{}},"b":[{{"a":1}},{{"a":2}}]}}}}"#),
+        ];
+        for line in &common {
+            let plain = parse_plain(line).unwrap_or_else(|| panic!("the plain path takes {line}"));
+            assert_eq!(plain, parse_general(line), "{line}");
+        }
+        // Data the tree would write otherwise goes the general way.
+        let other = [
+            format!(r#"{{{head},"data":{{"a": 1}}}}"#),
+            format!(r#"{{{head},"data":{{"a":1.50}}}}"#),
+            format!(r#"{{{head},"data":{{"a":1e3}}}}"#),
+            format!(r#"{{{head},"data":{{"a":-0}}}}"#),
+            format!(r#"{{{head},"data":{{"a":12345678901234567890123}}}}"#),
+            format!(r#"{{{head},"data":{{"a":"\u00e9\/"}}}}"#),
+            format!(r#"{{{head},"data":{{"a":1,"a":2}}}}"#),
+            format!(r#"{{{head},"data":[{{"a":1,"b":{{"a":2}},"a":3}}]}}"#),
+            format!(r#"{{{head},"data":true,"id":"twice"}}"#),
+            format!(r#"{{{head},"seq":5}}"#),
+        ];
+        for line in &other {
+            assert!(parse_plain(line).is_none(), "the general path takes {line}");
+            assert_eq!(parse_event(line), parse_general(line), "{line}");
+        }
+        // A malformed event gives the same error either way.
+        let malformed = [
+            format!(r#"{{{head},"data":1,"data_base64":"aGk="}}"#),
+            format!(r#"{{{head},"data_base64":null}}"#),
+            r#"{"specversion":"1.0","id":7,"source":"api","type":"t"}"#.to_string(),
+            r#"{"specversion":"1.0","source":"api","type":"t"}"#.to_string(),
+            r#"[1,2]"#.to_string(),
+            r#"{"specversion":"1.0""#.to_string(),
+        ];
+        for line in &malformed {
+            assert!(parse_general(line).is_err(), "{line}");
+            assert_eq!(parse_event(line), parse_general(line), "{line}");
+        }
+    }
 
     #[test]
     fn a_minimal_event_parses_with_json_data() {

@@ -78,6 +78,9 @@ pub const METADATA_REFRESH: Duration = Duration::from_secs(5);
 /// The longest a poll of librdkafka's queue blocks: a wake waits this long
 /// at most.
 const POLL_SLICE: Duration = Duration::from_millis(50);
+/// While records are waiting decoded, `next_batch` looks at the clock (its
+/// deadline, a wake) once per this many.
+const CLOCK_EVERY: usize = 64;
 /// After the first event of a batch, how long more a read waits for others
 /// to fill it.
 const FILL: Duration = Duration::from_millis(5);
@@ -597,6 +600,19 @@ impl KafkaSource {
     }
 
     /// The next record the prefetch thread decoded under the assignment in
+    /// force, if one is there already.
+    fn ready(&self) -> Option<Result<Held, KafkaError>> {
+        loop {
+            match self.prefetched.try_recv() {
+                Ok((assignment, polled)) if assignment == self.assignment => return Some(polled),
+                // Polled before the last seek.
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// The next record the prefetch thread decoded under the assignment in
     /// force, waiting at most `timeout`.
     fn receive(&self, timeout: Duration) -> Option<Result<Held, KafkaError>> {
         let until = Instant::now() + timeout;
@@ -636,51 +652,60 @@ impl Source for KafkaSource {
         let wakes = self.shared.wakes.load(Ordering::Relaxed);
         let mut fill_until: Option<Instant> = None;
         let mut moved = false;
+        let mut taken: usize = 0;
         loop {
-            let record = match self.held.take() {
-                Some(held) => Some(held),
+            let polled = match self.held.take() {
+                Some(held) => Some(Ok(held)),
                 None => {
-                    let until = match fill_until {
-                        Some(until) => until,
-                        None if self.behind() => started + wait.max(SETTLE),
-                        None => started + wait,
-                    };
-                    let now = Instant::now();
-                    if now >= until || self.shared.wakes.load(Ordering::Relaxed) != wakes {
-                        break;
-                    }
-                    match self.receive((until - now).min(POLL_SLICE)) {
+                    // Records already decoded are taken without a look at
+                    // the clock, but for every `CLOCK_EVERY`th.
+                    taken += 1;
+                    match (!taken.is_multiple_of(CLOCK_EVERY)).then(|| self.ready()).flatten() {
+                        Some(polled) => Some(polled),
                         None => {
-                            let stale = self.head.as_ref().is_none_or(|(at, _)| at.elapsed() >= HEAD_CACHE);
-                            if fill_until.is_none() && !moved && stale {
-                                // Idle: learn whether a partition grew (and
-                                // whether the cluster answers).
-                                let _ = self.refresh_head();
+                            let until = match fill_until {
+                                Some(until) => until,
+                                None if self.behind() => started + wait.max(SETTLE),
+                                None => started + wait,
+                            };
+                            let now = Instant::now();
+                            if now >= until || self.shared.wakes.load(Ordering::Relaxed) != wakes {
+                                break;
                             }
-                            continue;
+                            self.receive((until - now).min(POLL_SLICE))
                         }
-                        Some(Err(err)) => {
-                            if let Some(
-                                RDKafkaErrorCode::OffsetOutOfRange | RDKafkaErrorCode::AutoOffsetReset,
-                            ) = err.rdkafka_error_code()
-                            {
-                                self.expected = None;
-                                return Err(SourceError::Failed(anyhow::anyhow!(
-                                    "reading {} on Kafka at {}: {err}: retention dropped records this projection \
-                                     had not read yet; restart it to see which partition, or rebuild it",
-                                    self.topics.join(", "),
-                                    self.servers
-                                )));
-                            }
-                            // Errors queued while the cluster was away come
-                            // one per poll: note the last and drain them.
-                            let reason = format!("cannot reach Kafka at {}: {err}", self.servers);
-                            *lock(&self.shared.down) = Some(reason);
-                            continue;
-                        }
-                        Some(Ok(record)) => Some(record),
                     }
                 }
+            };
+            let record = match polled {
+                None => {
+                    let stale = self.head.as_ref().is_none_or(|(at, _)| at.elapsed() >= HEAD_CACHE);
+                    if fill_until.is_none() && !moved && stale {
+                        // Idle: learn whether a partition grew (and whether
+                        // the cluster answers).
+                        let _ = self.refresh_head();
+                    }
+                    continue;
+                }
+                Some(Err(err)) => {
+                    if let Some(RDKafkaErrorCode::OffsetOutOfRange | RDKafkaErrorCode::AutoOffsetReset) =
+                        err.rdkafka_error_code()
+                    {
+                        self.expected = None;
+                        return Err(SourceError::Failed(anyhow::anyhow!(
+                            "reading {} on Kafka at {}: {err}: retention dropped records this projection had \
+                             not read yet; restart it to see which partition, or rebuild it",
+                            self.topics.join(", "),
+                            self.servers
+                        )));
+                    }
+                    // Errors queued while the cluster was away come one per
+                    // poll: note the last and drain them.
+                    let reason = format!("cannot reach Kafka at {}: {err}", self.servers);
+                    *lock(&self.shared.down) = Some(reason);
+                    continue;
+                }
+                Some(Ok(record)) => Some(record),
             };
             let Some(mut record) = record else { continue };
             *lock(&self.shared.down) = None;
