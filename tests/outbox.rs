@@ -154,6 +154,42 @@ fn emitted_events_are_published_once_with_their_cause_and_counted() {
 }
 
 #[test]
+fn an_event_a_dead_letter_retry_emits_is_published_once_and_counted() {
+    let ws = order_fees();
+    let host = ws.start();
+    let base = host.url();
+    // An approval of an order not yet captured is rejected and parked.
+    let early = ws.write_events(
+        "early.jsonl",
+        &[cloud_event_correlated("app-ord-7", "order_approved", json!({"order_id": "ord-7"}), "checkout-7")],
+    );
+    ws.append("orders", &early);
+    wait_until(WAIT, "the early approval parked", || ws.status_of("order-fees")["dead_letters"] == 1);
+    let capture = ws.write_events(
+        "capture.jsonl",
+        &[cloud_event("cap-ord-7", "order_captured", json!({"order_id": "ord-7", "fee": 9, "discount": 0}))],
+    );
+    ws.append("orders", &capture);
+    wait_published(&ws);
+    assert!(charged_orders(&ws).is_empty());
+    wait_for_counts(&base, &[("events_emitted", 0), ("events_published", 0)]);
+
+    let response = ureq::post(format!("{base}/projections/order-fees/dead-letters/retry"))
+        .header("content-type", "application/json")
+        .send(r#"{"all": true}"#)
+        .unwrap()
+        .body_mut()
+        .read_json::<Value>()
+        .unwrap();
+    assert_eq!(response["resolved"], json!(["app-ord-7"]), "{response}");
+    wait_published(&ws);
+    assert_eq!(charged_orders(&ws), ["ord-7"]);
+    assert!(charges(&ws).values().all(|n| *n == 1), "{:?}", charges(&ws));
+    wait_for_counts(&base, &[("events_emitted", 1), ("events_published", 1)]);
+    drop(host);
+}
+
+#[test]
 fn what_a_crash_left_unpublished_is_published_at_restart_and_a_copy_is_dropped() {
     let ws = order_fees();
     ws.append("orders", &scenario());

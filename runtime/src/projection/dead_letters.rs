@@ -36,6 +36,9 @@ pub struct RetryOutcome {
     pub resolved: Vec<String>,
     /// Ids that failed again (kept, attempts + 1), with the new reason.
     pub failed: Vec<FailedRetry>,
+    /// Events the resolved letters emitted into the outbox.
+    #[serde(skip)]
+    pub emitted: u64,
 }
 
 /// A dead letter that failed again.
@@ -77,7 +80,7 @@ pub fn retry(config: &Config, name: &str, selection: &Selection) -> Result<Retry
     let projection = config.projection(name)?;
     let chosen = select(config, name, selection)?;
     if chosen.is_empty() {
-        return Ok(RetryOutcome { resolved: Vec::new(), failed: Vec::new() });
+        return Ok(RetryOutcome { resolved: Vec::new(), failed: Vec::new(), emitted: 0 });
     }
     let limits = config.limits(projection);
     let engine = Arc::new(ProjectorEngine::new(limits.fuel.is_some())?);
@@ -95,7 +98,7 @@ pub fn retry(config: &Config, name: &str, selection: &Selection) -> Result<Retry
 /// attempts + 1 and the new reason. A letter gone meanwhile (another retry
 /// or a discard took it) is skipped.
 pub fn retry_with(instance: &mut GuestInstance, letters: Vec<DeadLetter>) -> Result<RetryOutcome> {
-    let mut outcome = RetryOutcome { resolved: Vec::new(), failed: Vec::new() };
+    let mut outcome = RetryOutcome { resolved: Vec::new(), failed: Vec::new(), emitted: 0 };
     for letter in letters {
         // The selection was read before this transaction: a concurrent
         // retry or discard may have taken the letter since. Then nothing of
@@ -117,6 +120,7 @@ pub fn retry_with(instance: &mut GuestInstance, letters: Vec<DeadLetter>) -> Res
         };
         let reason = match attempt {
             Attempt::Committed => {
+                outcome.emitted += instance.emitted();
                 outcome.resolved.push(letter.id);
                 continue;
             }

@@ -949,7 +949,7 @@ async fn retry_dead_letters(
 ) -> ApiResult<axum::Json<Value>> {
     let axum::Json(request) = request?;
     blocking(move || {
-        api.served(&name)?;
+        let served = api.served(&name)?;
         if request.all && !request.ids.is_empty() {
             return Err(ApiError::bad_request(
                 "give either \"ids\" or \"all\": true, not both: retry every dead letter, or only \
@@ -964,6 +964,7 @@ async fn retry_dead_letters(
             Selection::Ids(request.ids)
         };
         let outcome = dead_letters::retry(&config, &name, &selection).map_err(dead_letter_failure)?;
+        served.live.metrics.events_emitted.get_or_create(&Metrics::label(&name)).inc_by(outcome.emitted);
         Ok(axum::Json(serde_json::to_value(outcome).expect("serializes")))
     })
     .await
