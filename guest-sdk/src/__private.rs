@@ -37,26 +37,78 @@ struct WasmBackend;
 /// values into its SQL would need.
 const PREPARED: usize = 256;
 
+/// A statement prepared in the host: its handle and its columns' names.
+type Prepared = (u32, Arc<[String]>);
+
 thread_local! {
     /// The statements prepared in the host, by text: each statement's text
     /// crosses the boundary once, then only its handle does, and its rows
     /// come back without the column names.
-    static STATEMENTS: RefCell<HashMap<String, (u32, Arc<[String]>)>> = RefCell::new(HashMap::new());
+    static STATEMENTS: RefCell<HashMap<String, Prepared>> = RefCell::new(HashMap::new());
+    /// The statements last looked up, by where their text was: a statement
+    /// is usually a literal, at the same address on every call, so a lookup
+    /// is a compare of its text with the one found there, with no hashing.
+    static RECENT: RefCell<[Option<Recent>; RECENT_SLOTS]> = const { RefCell::new([const { None }; RECENT_SLOTS]) };
+}
+
+/// Slots in [`RECENT`].
+const RECENT_SLOTS: usize = 32;
+
+/// A statement looked up lately: where its text was, the text, and what
+/// the host prepared for it.
+struct Recent {
+    at: usize,
+    text: Box<str>,
+    prepared: Prepared,
+}
+
+/// The slot of [`RECENT`] for a text at `at` of `len` bytes.
+fn recent_slot(at: usize, len: usize) -> usize {
+    (at.wrapping_mul(0x9E37_79B9) ^ len) % RECENT_SLOTS
+}
+
+/// Whether `a` and `b` are the same bytes, compared eight at a time: wasm
+/// has no vectorized `memcmp`, and statement texts are a few hundred
+/// bytes.
+fn same_text(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let (words_a, words_b) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tails = words_a.remainder() == words_b.remainder();
+    tails
+        && words_a.zip(words_b).all(|(x, y)| {
+            u64::from_le_bytes(x.try_into().expect("8 bytes")) == u64::from_le_bytes(y.try_into().expect("8 bytes"))
+        })
 }
 
 /// The host's handle for `statement` and its columns' names, prepared on
 /// first use; `None` once [`PREPARED`] statements are (run it unprepared).
-fn prepared(statement: &str) -> Result<Option<(u32, Arc<[String]>)>, String> {
-    if let Some(found) = STATEMENTS.with_borrow(|statements| statements.get(statement).cloned()) {
-        return Ok(Some(found));
+fn prepared(statement: &str) -> Result<Option<Prepared>, String> {
+    let (at, slot) = (statement.as_ptr() as usize, recent_slot(statement.as_ptr() as usize, statement.len()));
+    let recent = RECENT.with_borrow(|recent| match &recent[slot] {
+        Some(found) if found.at == at && same_text(found.text.as_bytes(), statement.as_bytes()) => {
+            Some(found.prepared.clone())
+        }
+        _ => None,
+    });
+    if recent.is_some() {
+        return Ok(recent);
     }
-    if STATEMENTS.with_borrow(HashMap::len) >= PREPARED {
-        return Ok(None);
-    }
-    let prepared = prepared::prepare(statement)?;
-    let entry = (prepared.handle, Arc::<[String]>::from(prepared.columns));
-    STATEMENTS.with_borrow_mut(|statements| statements.insert(statement.to_string(), entry.clone()));
-    Ok(Some(entry))
+    let found = match STATEMENTS.with_borrow(|statements| statements.get(statement).cloned()) {
+        Some(found) => found,
+        None if STATEMENTS.with_borrow(HashMap::len) >= PREPARED => return Ok(None),
+        None => {
+            let prepared = prepared::prepare(statement)?;
+            let entry = (prepared.handle, Arc::<[String]>::from(prepared.columns));
+            STATEMENTS.with_borrow_mut(|statements| statements.insert(statement.to_string(), entry.clone()));
+            entry
+        }
+    };
+    RECENT.with_borrow_mut(|recent| {
+        recent[slot] = Some(Recent { at, text: statement.into(), prepared: found.clone() });
+    });
+    Ok(Some(found))
 }
 
 impl Backend for WasmBackend {
