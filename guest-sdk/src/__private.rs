@@ -78,7 +78,8 @@ fn same_text(a: &[u8], b: &[u8]) -> bool {
     let tails = words_a.remainder() == words_b.remainder();
     tails
         && words_a.zip(words_b).all(|(x, y)| {
-            u64::from_le_bytes(x.try_into().expect("8 bytes")) == u64::from_le_bytes(y.try_into().expect("8 bytes"))
+            u64::from_le_bytes(x.try_into().expect("8 bytes"))
+                == u64::from_le_bytes(y.try_into().expect("8 bytes"))
         })
 }
 

@@ -19,7 +19,7 @@
 //!
 //! `cargo bench -p projector --bench peers` (after scripts/build-guests);
 //! `BENCH_EVENTS` sets the event count (default 200000), `BENCH_RUNS` the
-//! runs (default 3, best kept).
+//! rounds (default 5, each consumer once a round, best kept).
 
 #[path = "../../tests/util.rs"]
 mod util;
@@ -218,40 +218,30 @@ fn projector_rebuild(ws: &Workspace, name: &str, n: usize) -> f64 {
     n as f64 / elapsed.as_secs_f64()
 }
 
-fn best(runs: usize, mut run: impl FnMut() -> f64) -> f64 {
-    (0..runs).map(|_| run()).fold(0.0, f64::max)
-}
-
 fn main() {
     let n: usize = std::env::var("BENCH_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(200_000);
-    let runs: usize = std::env::var("BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    let runs: usize = std::env::var("BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
     let module = guest("wallet_allowlist");
     let lines = wallet_events(n, 5_000, "peers");
     let ws = workspace("wallet-allowlist", &module, "wallets", &lines, "");
     let ws_big = workspace("wallet-allowlist", &module, "wallets", &lines, "batch_size = 10000");
     let events = ws.data().join("events.db");
-    println!("wallet-allowlist, {n} events (5,000 users), best of {runs}, events/s:");
+    println!("wallet-allowlist, {n} events (5,000 users), best of {runs} rounds, events/s:");
 
-    let projector = best(runs, || projector_rebuild(&ws, "wallet-allowlist", n));
-    let projector_big = best(runs, || projector_rebuild(&ws_big, "wallet-allowlist", n));
     let mut state_rows = None;
     let mut native = |how: Native| {
-        best(runs, || {
-            let dir = tempfile::tempdir().unwrap();
-            let state = dir.path().join("state.db");
-            let start = Instant::now();
-            assert_eq!(native_allowlist(&events, &state, how), n as u64);
-            let rate = n as f64 / start.elapsed().as_secs_f64();
-            let db = Connection::open(&state).unwrap();
-            let rows: i64 = db.query_row("SELECT count(*) FROM allowlist", [], |r| r.get(0)).unwrap();
-            assert_eq!(*state_rows.get_or_insert(rows), rows, "every peer builds the same allowlist");
-            rate
-        })
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state.db");
+        let start = Instant::now();
+        assert_eq!(native_allowlist(&events, &state, how), n as u64);
+        let rate = n as f64 / start.elapsed().as_secs_f64();
+        let db = Connection::open(&state).unwrap();
+        let rows: i64 = db.query_row("SELECT count(*) FROM allowlist", [], |r| r.get(0)).unwrap();
+        assert_eq!(*state_rows.get_or_insert(rows), rows, "every peer builds the same allowlist");
+        rate
     };
-    let plain = native(Native { batch: 1000, wal_off_hot_path: false });
-    let tuned = native(Native { batch: 10_000, wal_off_hot_path: true });
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/peers.py");
-    let python = best(runs, || {
+    let python = || {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("state.db");
         let start = Instant::now();
@@ -260,7 +250,19 @@ fn main() {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), n.to_string());
         n as f64 / start.elapsed().as_secs_f64()
-    });
+    };
+    // Round by round, each consumer once a round: a machine whose speed
+    // drifts over minutes then shifts every figure alike, not one.
+    let (mut projector, mut projector_big, mut plain, mut tuned, mut py) =
+        (0.0f64, 0.0f64, 0.0f64, 0.0f64, 0.0f64);
+    for _ in 0..runs {
+        projector = projector.max(projector_rebuild(&ws, "wallet-allowlist", n));
+        projector_big = projector_big.max(projector_rebuild(&ws_big, "wallet-allowlist", n));
+        plain = plain.max(native(Native { batch: 1000, wal_off_hot_path: false }));
+        tuned = tuned.max(native(Native { batch: 10_000, wal_off_hot_path: true }));
+        py = py.max(python());
+    }
+    let python = py;
     let projected: i64 =
         ws.query("wallet-allowlist", "SELECT count(*) AS n FROM allowlist")[0]["n"].as_i64().unwrap();
     assert_eq!(Some(projected), state_rows, "projector builds the allowlist the peers build");
@@ -289,13 +291,14 @@ fn main() {
         .collect();
     let ws = workspace("counter", &counter, "ticks", &lines, "");
     let events = ws.data().join("events.db");
-    let wasm = best(runs, || projector_rebuild(&ws, "counter", n));
-    let twin = best(runs, || {
+    let (mut wasm, mut twin) = (0.0f64, 0.0f64);
+    for _ in 0..runs {
+        wasm = wasm.max(projector_rebuild(&ws, "counter", n));
         let dir = tempfile::tempdir().unwrap();
         let start = Instant::now();
         assert_eq!(native_counter(&events, &dir.path().join("state.db"), 1000), n as u64);
-        n as f64 / start.elapsed().as_secs_f64()
-    });
+        twin = twin.max(n as f64 / start.elapsed().as_secs_f64());
+    }
     println!("single upsert per event, {n} events (5,000 keys), events/s:");
     println!("  projector rebuild, defaults:            {wasm:>9.0}");
     println!("  native twin (batch 1000):               {twin:>9.0}");
