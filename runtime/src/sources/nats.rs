@@ -270,6 +270,11 @@ impl SourceOpener for NatsOpener {
 struct Fetched {
     sequence: u64,
     subject: String,
+    /// The payload's size, which the buffer's byte bound counts.
+    bytes: usize,
+    /// The headers and the payload, kept only while the message is not
+    /// decoded, or to report it as malformed: a decoded one is dropped on
+    /// the prefetching side, not by the runner.
     headers: Option<HeaderMap>,
     payload: Vec<u8>,
     /// Its CloudEvent, decoded by the prefetching task: on a machine with
@@ -325,7 +330,7 @@ impl Shared {
                 }
                 let full = inner.buffer.len() >= BUFFER_MESSAGES || inner.buffered_bytes >= BUFFER_BYTES;
                 if !full || inner.buffer.is_empty() {
-                    inner.buffered_bytes += message.payload.len();
+                    inner.buffered_bytes += message.bytes;
                     inner.buffer.push_back(message);
                     inner.pending = Some(pending);
                     inner.failure = None;
@@ -465,7 +470,7 @@ impl NatsSource {
         if n > 0 {
             let mut bytes = 0;
             for message in inner.buffer.drain(..n) {
-                bytes += message.payload.len();
+                bytes += message.bytes;
                 self.backlog.push_back(message);
             }
             inner.buffered_bytes = inner.buffered_bytes.saturating_sub(bytes);
@@ -792,14 +797,20 @@ async fn deliver(
         *next = sequence + 1;
         *attempt = 0;
         let message = message.message;
-        let mut fetched = Fetched {
+        let parsed = decode(message.headers.as_ref(), &message.payload);
+        let bytes = message.payload.len();
+        let (headers, payload) = match parsed {
+            Ok(_) => (None, Vec::new()),
+            Err(_) => (message.headers, message.payload.into()),
+        };
+        let fetched = Fetched {
             sequence,
             subject: message.subject.to_string(),
-            headers: message.headers,
-            payload: message.payload.into(),
-            parsed: None,
+            bytes,
+            headers,
+            payload,
+            parsed: Some(parsed),
         };
-        fetched.parsed = Some(parse(&fetched));
         if !reading.shared.push(generation, fetched, pending).await {
             return Ok(());
         }
@@ -820,10 +831,15 @@ fn delete_consumer(connection: &Connection, stream: &str, name: String) {
 /// when it has a `ce-specversion` header, else structured mode; or why it
 /// is neither.
 fn parse(message: &Fetched) -> Result<NewEvent, String> {
-    match (header(message.headers.as_ref(), "ce-specversion"), &message.headers) {
-        (Some(_), Some(headers)) => binary(headers, &message.payload)
+    decode(message.headers.as_ref(), &message.payload)
+}
+
+/// [`parse`] of a message's headers and payload.
+fn decode(headers: Option<&HeaderMap>, payload: &[u8]) -> Result<NewEvent, String> {
+    match (header(headers, "ce-specversion"), headers) {
+        (Some(_), Some(headers)) => binary(headers, payload)
             .map_err(|err| format!("a binary-mode CloudEvent with a bad header: {err}")),
-        _ => match std::str::from_utf8(&message.payload) {
+        _ => match std::str::from_utf8(payload) {
             Ok(text) => cloudevents::parse_event(text).map_err(|err| match err {
                 CloudEventError::NotAnEvent(_) => format!(
                     "neither a structured-mode CloudEvent ({err}) nor a binary-mode one (no ce-specversion header)"
@@ -1183,6 +1199,7 @@ mod tests {
         Fetched {
             sequence: 7,
             subject: "wallets.eu".into(),
+            bytes: body.len(),
             headers: (!headers.is_empty()).then_some(map),
             payload: body.to_vec(),
             parsed: None,

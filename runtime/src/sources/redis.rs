@@ -194,6 +194,8 @@ struct Fetched {
     stream: usize,
     position: u64,
     id: String,
+    /// Its fields, kept only while they are needed to report it as
+    /// malformed.
     fields: Vec<(Vec<u8>, Vec<u8>)>,
     parsed: Result<NewEvent, String>,
     bytes: usize,
@@ -907,6 +909,9 @@ fn read(
             }
             let bytes = fields.iter().map(|(f, v)| f.len() + v.len()).sum::<usize>() + id.len();
             let parsed = parse(&fields);
+            // Kept only to report a malformed entry: a decoded one's fields
+            // are dropped here, not by the runner.
+            let fields = if parsed.is_ok() { Vec::new() } else { fields };
             fetched[index].push(Fetched { stream: index, position, id, fields, parsed, bytes });
         }
     }
