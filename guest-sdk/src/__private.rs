@@ -20,6 +20,7 @@ pub mod bindings {
 }
 
 use crate::context::{Backend, Context, Level, Rows, Value};
+use crate::text::same_text;
 use crate::{Event, Failure, Param, Projection};
 use bindings::projector::projection::{batch, emit, log, prepared, sql, state};
 use std::cell::RefCell;
@@ -65,22 +66,6 @@ struct Recent {
 /// The slot of [`RECENT`] for a text at `at` of `len` bytes.
 fn recent_slot(at: usize, len: usize) -> usize {
     (at.wrapping_mul(0x9E37_79B9) ^ len) % RECENT_SLOTS
-}
-
-/// Whether `a` and `b` are the same bytes, compared eight at a time: wasm
-/// has no vectorized `memcmp`, and statement texts are a few hundred
-/// bytes.
-fn same_text(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    let (words_a, words_b) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tails = words_a.remainder() == words_b.remainder();
-    tails
-        && words_a.zip(words_b).all(|(x, y)| {
-            u64::from_le_bytes(x.try_into().expect("8 bytes"))
-                == u64::from_le_bytes(y.try_into().expect("8 bytes"))
-        })
 }
 
 /// The host's handle for `statement` and its columns' names, prepared on

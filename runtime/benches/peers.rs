@@ -241,7 +241,7 @@ fn main() {
         rate
     };
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/peers.py");
-    let python = || {
+    let run_python = || {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("state.db");
         let start = Instant::now();
@@ -253,16 +253,15 @@ fn main() {
     };
     // Round by round, each consumer once a round: a machine whose speed
     // drifts over minutes then shifts every figure alike, not one.
-    let (mut projector, mut projector_big, mut plain, mut tuned, mut py) =
+    let (mut projector, mut projector_big, mut plain, mut tuned, mut python) =
         (0.0f64, 0.0f64, 0.0f64, 0.0f64, 0.0f64);
     for _ in 0..runs {
         projector = projector.max(projector_rebuild(&ws, "wallet-allowlist", n));
         projector_big = projector_big.max(projector_rebuild(&ws_big, "wallet-allowlist", n));
         plain = plain.max(native(Native { batch: 1000, wal_off_hot_path: false }));
         tuned = tuned.max(native(Native { batch: 10_000, wal_off_hot_path: true }));
-        py = py.max(python());
+        python = python.max(run_python());
     }
-    let python = py;
     let projected: i64 =
         ws.query("wallet-allowlist", "SELECT count(*) AS n FROM allowlist")[0]["n"].as_i64().unwrap();
     assert_eq!(Some(projected), state_rows, "projector builds the allowlist the peers build");
