@@ -8,7 +8,7 @@ pub use wit_bindgen;
 pub mod bindings {
     wit_bindgen::generate!({
         path: "wit",
-        world: "projection",
+        world: "packed-projection",
         // Import parameters borrow the guest's values: no copy of a string
         // or blob just to hand it to the host.
         ownership: Borrowing { duplicate_if_necessary: true },
@@ -28,6 +28,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 pub use bindings::Guest;
+pub use bindings::exports::projector::projection::packed::Guest as PackedGuest;
 pub use bindings::projector::projection::types::{Event as WitEvent, Failure as WitFailure};
 
 /// Calls the world's imports: the projection's database and log, in the host.
@@ -203,7 +204,21 @@ pub fn handle<P: Projection>(events: Vec<WitEvent>) -> Result<(), WitFailure> {
             index: u32::try_from(i).ok(),
         })
         .collect();
-    P::handle_batch(&Context::new(&WasmBackend), &events).map_err(|failure| match failure {
+    apply::<P>(&events)
+}
+
+/// `handle`, with the batch packed into one buffer.
+pub fn handle_packed<P: Projection>(batch: Vec<u8>) -> Result<(), WitFailure> {
+    // Only a host that breaks the contract's layout gets here: a trap says
+    // so, where a rejection would park events that are not at fault.
+    let events = crate::packed::unpack(&batch)
+        .unwrap_or_else(|err| panic!("the host handed a malformed packed batch: {err}"));
+    drop(batch);
+    apply::<P>(&events)
+}
+
+fn apply<P: Projection>(events: &[Event]) -> Result<(), WitFailure> {
+    P::handle_batch(&Context::new(&WasmBackend), events).map_err(|failure| match failure {
         Failure::Retry(reason) => WitFailure::Retry(reason),
         Failure::Reject(reason) => WitFailure::Reject(reason),
     })

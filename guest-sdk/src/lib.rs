@@ -217,6 +217,12 @@ macro_rules! export {
                 }
             }
 
+            impl $crate::__private::PackedGuest for Export {
+                fn handle(batch: $crate::__private::Vec<u8>) -> Result<(), $crate::__private::WitFailure> {
+                    $crate::__private::handle_packed::<$projection>(batch)
+                }
+            }
+
             $crate::__private::bindings::__export_projection!(Export with_types_in $crate::__private::bindings);
         };
     };
@@ -229,3 +235,6 @@ pub mod __private;
 // tests run natively.
 #[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 mod text;
+// As `text`: used by `__private` only, tested natively.
+#[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
+mod packed;

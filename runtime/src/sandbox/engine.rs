@@ -30,8 +30,12 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
-use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::component::types::{ComponentItem, Type};
+use wasmtime::component::{Component, ComponentExportIndex, HasSelf, Linker};
 use wasmtime::{Config, Engine, Store, Trap};
+
+/// The interface a module exports its packed `handle` in.
+const PACKED_INTERFACE: &str = "projector:projection/packed@0.1.0";
 
 /// How often the engine's epoch advances: the resolution of call deadlines.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -160,6 +164,9 @@ pub struct LoadedModule {
     pub sha256: String,
     /// Ready to instantiate; cheap to do again after a trap.
     pub pre: ProjectionPre<GuestHost>,
+    /// Its packed `handle`, when it exports one (the SDK's modules do):
+    /// what a batch is handed to instead of the world's `handle`.
+    pub packed: Option<ComponentExportIndex>,
     /// Whether it came from the compiled-module cache (not compiled now).
     pub from_cache: bool,
     /// Keeps the engine's in-memory copy alive: while any projection runs
@@ -177,6 +184,7 @@ type Flight = OnceLock<std::result::Result<Prepared, String>>;
 #[derive(Clone)]
 struct Prepared {
     pre: ProjectionPre<GuestHost>,
+    packed: Option<ComponentExportIndex>,
     from_cache: bool,
 }
 
@@ -260,10 +268,11 @@ impl ProjectorEngine {
                 .and_then(|prepared| prepared)
         });
         match prepared {
-            Ok(Prepared { pre, from_cache }) => Ok(LoadedModule {
+            Ok(Prepared { pre, packed, from_cache }) => Ok(LoadedModule {
                 path: path.to_path_buf(),
                 sha256,
                 pre: pre.clone(),
+                packed: *packed,
                 from_cache: *from_cache,
                 _shared: flight.clone(),
             }),
@@ -337,7 +346,8 @@ impl ProjectorEngine {
                 anyhow::Error::from(err)
             )
         })?;
-        Ok(Prepared { pre, from_cache })
+        let packed = packed_export(&component)?;
+        Ok(Prepared { pre, packed, from_cache })
     }
 
     /// Compile `component`, or deserialize it from the cache when a module
@@ -498,6 +508,44 @@ enum WasmKind {
     NotWasm,
 }
 
+/// The module's packed `handle` (the `packed` interface of the
+/// `packed-projection` world), if it exports one: one of another type is
+/// refused, as a `handle` of the wrong type is.
+fn packed_export(component: &Component) -> std::result::Result<Option<ComponentExportIndex>, String> {
+    let Some(packed) = component.get_export_index(None, PACKED_INTERFACE) else { return Ok(None) };
+    let Some((item, index)) = component.get_export(Some(&packed), "handle") else {
+        return Err(format!("exports {PACKED_INTERFACE} without its `handle`; build it with projector-sdk"));
+    };
+    let is_string = |ty: &Option<Type>| *ty == Some(Type::String);
+    let fits = match &item {
+        ComponentItem::ComponentFunc(func) => {
+            let params: Vec<Type> = func.params().map(|(_, ty)| ty).collect();
+            let results: Vec<Type> = func.results().collect();
+            let takes_bytes = matches!(params.as_slice(), [Type::List(list)] if list.ty() == Type::U8);
+            let gives_failure = match results.as_slice() {
+                [Type::Result(result)] if result.ok().is_none() => match result.err() {
+                    Some(Type::Variant(variant)) => {
+                        let cases: Vec<_> = variant.cases().map(|case| (case.name, case.ty)).collect();
+                        matches!(cases.as_slice(), [("retry", retry), ("reject", reject)]
+                            if is_string(retry) && is_string(reject))
+                    }
+                    _ => false,
+                },
+                _ => false,
+            };
+            takes_bytes && gives_failure
+        }
+        _ => false,
+    };
+    if !fits {
+        return Err(format!(
+            "exports {PACKED_INTERFACE} with a `handle` of another type than the contract's \
+             (`func(batch: list<u8>) -> result<_, failure>`); build it with projector-sdk"
+        ));
+    }
+    Ok(Some(index))
+}
+
 /// Core modules and components share the `\0asm` magic and differ in the
 /// version/layer word that follows it.
 fn wasm_kind(bytes: &[u8]) -> WasmKind {
@@ -559,6 +607,43 @@ mod tests {
         drop((loaded, again));
         let after = engine.load_bytes(&bytes, Path::new("after.wasm")).unwrap();
         assert!(after.from_cache);
+    }
+
+    #[test]
+    fn a_packed_handle_of_another_type_is_refused() {
+        let engine = ProjectorEngine::new(false).unwrap();
+        let component = |body: &str| {
+            let wat = format!(
+                r#"(component
+                     (core module $m (func (export "h") (param i32) (result i32) i32.const 0))
+                     (core instance $i (instantiate $m))
+                     {body})"#
+            );
+            Component::from_binary(&engine.engine, &wat::parse_str(wat).unwrap()).unwrap()
+        };
+        let wrong = component(
+            r#"(func $h (param "batch" u32) (result u32) (canon lift (core func $i "h")))
+               (instance $packed (export "handle" (func $h)))
+               (export "projector:projection/packed@0.1.0" (instance $packed))"#,
+        );
+        let err = packed_export(&wrong).unwrap_err();
+        assert!(err.contains("with a `handle` of another type"), "{err}");
+        let without = component(
+            r#"(func $h (param "batch" u32) (result u32) (canon lift (core func $i "h")))
+               (instance $packed (export "apply" (func $h)))
+               (export "projector:projection/packed@0.1.0" (instance $packed))"#,
+        );
+        assert!(packed_export(&without).unwrap_err().contains("without its `handle`"));
+        let none = component(r#"(func $h (param "batch" u32) (result u32) (canon lift (core func $i "h")))"#);
+        assert_eq!(packed_export(&none), Ok(None));
+        assert!(
+            ProjectorEngine::new(false)
+                .unwrap()
+                .load_bytes(&real_module(), Path::new("w.wasm"))
+                .unwrap()
+                .packed
+                .is_some()
+        );
     }
 
     #[test]

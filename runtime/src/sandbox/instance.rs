@@ -13,7 +13,13 @@ use crate::store;
 use anyhow::{Context as _, Result, bail};
 use rusqlite::Connection;
 use std::sync::Arc;
+use wasmtime::component::Func;
 use wasmtime::{Store, Trap};
+
+/// A batch is handed to the packed `handle` when the module has it and the
+/// batch packs into at most this many bytes; a bigger one goes to
+/// `handle`, which needs no second copy of it in the guest's memory.
+const PACKED_MAX: usize = 4 << 20;
 
 /// How one `handle` call in a transaction ended.
 #[derive(Debug, Clone)]
@@ -36,6 +42,10 @@ pub struct GuestInstance {
     module: LoadedModule,
     store: Store<GuestHost>,
     guest: Projection,
+    /// The module's packed `handle`, when it has one.
+    packed: Option<Func>,
+    /// The last packed batch's buffer, kept for the next.
+    buffer: Vec<u8>,
     reader: bool,
 }
 
@@ -53,15 +63,15 @@ pub enum QueryOutcome {
 impl GuestInstance {
     /// Instantiate `module` over `host`'s database and run its `init`.
     pub fn new(engine: Arc<ProjectorEngine>, module: LoadedModule, host: GuestHost) -> Result<Self> {
-        let (store, guest) = instantiate(&engine, &module, host, true)?;
-        Ok(GuestInstance { engine, module, store, guest, reader: false })
+        let (store, guest, packed) = instantiate(&engine, &module, host, true)?;
+        Ok(GuestInstance { engine, module, store, guest, packed, buffer: Vec::new(), reader: false })
     }
 
     /// An instance for serving `query` over a read-only connection: no
     /// `init` (it would write), and every call reads one snapshot.
     pub fn reader(engine: Arc<ProjectorEngine>, module: LoadedModule, host: GuestHost) -> Result<Self> {
-        let (store, guest) = instantiate(&engine, &module, host, false)?;
-        Ok(GuestInstance { engine, module, store, guest, reader: true })
+        let (store, guest, packed) = instantiate(&engine, &module, host, false)?;
+        Ok(GuestInstance { engine, module, store, guest, packed, buffer: Vec::new(), reader: true })
     }
 
     /// The state version the module declares.
@@ -138,7 +148,13 @@ impl GuestInstance {
         }
         limits.arm(&mut self.store, self.engine.fuel_enabled())?;
         self.store.data_mut().set_batch(events, origins);
-        let result = self.guest.call_handle(&mut self.store, events);
+        let result = match self.packed {
+            Some(packed) if pack(events, origins, &mut self.buffer) => packed
+                .typed::<(&[u8],), (Result<(), Failure>,)>(&self.store)
+                .and_then(|handle| handle.call(&mut self.store, (&self.buffer,)))
+                .map(|(result,)| result),
+            _ => self.guest.call_handle(&mut self.store, events),
+        };
         let dropped = self.store.data_mut().take_log_dropped();
         if dropped > 0 {
             tracing::warn!(
@@ -198,9 +214,10 @@ impl GuestInstance {
             *self.store.data().limits(),
         )?;
         let old = std::mem::replace(&mut self.store, Store::new(self.engine.engine(), placeholder));
-        let (store, guest) = instantiate(&self.engine, &self.module, old.into_data(), !self.reader)?;
+        let (store, guest, packed) = instantiate(&self.engine, &self.module, old.into_data(), !self.reader)?;
         self.store = store;
         self.guest = guest;
+        self.packed = packed;
         Ok(())
     }
 }
@@ -223,7 +240,7 @@ fn instantiate(
     module: &LoadedModule,
     host: GuestHost,
     init: bool,
-) -> Result<(Store<GuestHost>, Projection)> {
+) -> Result<(Store<GuestHost>, Projection, Option<Func>)> {
     let name = host.projection().to_string();
     let shown = module.path.display();
     let limits = *host.limits();
@@ -231,13 +248,17 @@ fn instantiate(
     store.limiter(|host| host);
     store.epoch_deadline_trap();
     limits.arm(&mut store, engine.fuel_enabled())?;
-    let guest = module
+    let instance = module
         .pre
+        .instance_pre()
         .instantiate(&mut store)
+        .and_then(|instance| Ok((Projection::new(&mut store, &instance)?, instance)));
+    let (guest, instance) = instance
         .map_err(anyhow::Error::from)
         .with_context(|| format!("projection {name}: module {shown} failed to instantiate"))?;
+    let packed = module.packed.as_ref().and_then(|index| instance.get_func(&mut store, index));
     if !init {
-        return Ok((store, guest));
+        return Ok((store, guest, packed));
     }
     let version = match guest.call_state_version(&mut store) {
         Ok(version) => version,
@@ -282,5 +303,161 @@ fn instantiate(
             bail!("projection {name}: module {shown} trapped in init: {}", limits.describe_trap(trap));
         }
     }
-    Ok((store, guest))
+    Ok((store, guest, packed))
+}
+
+/// Pack `events` for the packed `handle` into `out`, as the `packed`
+/// interface lays them out; false (and `out` unusable) when they take more than
+/// [`PACKED_MAX`] bytes.
+fn pack(events: &[Event], origins: &[Origin], out: &mut Vec<u8>) -> bool {
+    out.clear();
+    let Ok(count) = u32::try_from(events.len()) else { return false };
+    out.extend_from_slice(&count.to_le_bytes());
+    for (i, event) in events.iter().enumerate() {
+        let partition = origins.get(i).and_then(|origin| origin.number);
+        let optional = [&event.subject, &event.time, &event.correlation_id, &event.causation_id];
+        let mut flags = 0u8;
+        for (bit, field) in optional.iter().enumerate() {
+            if field.is_some() {
+                flags |= 1 << bit;
+            }
+        }
+        if partition.is_some() {
+            flags |= 16;
+        }
+        out.extend_from_slice(&event.position.to_le_bytes());
+        out.push(flags);
+        if let Some(partition) = partition {
+            out.extend_from_slice(&partition.to_le_bytes());
+        }
+        let strings = [event.stream.as_bytes(), event.id.as_bytes(), event.type_.as_bytes()];
+        let present = optional.iter().filter_map(|field| field.as_deref().map(str::as_bytes));
+        for bytes in strings.into_iter().chain(present).chain([event.data.as_slice()]) {
+            // Events are far under 4 GiB each; the bound below stops the
+            // batch long before a length could wrap.
+            out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+            out.extend_from_slice(bytes);
+        }
+        if out.len() > PACKED_MAX {
+            return false;
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Limits;
+    use crate::store::runtime_tables;
+    use std::path::Path;
+
+    fn module(engine: &ProjectorEngine, crate_name: &str) -> LoadedModule {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../target/projections/{crate_name}.wasm"));
+        engine.load_file(&path).unwrap_or_else(|err| panic!("{err:#}: run scripts/build-guests first"))
+    }
+
+    fn instance(engine: &Arc<ProjectorEngine>, module: &LoadedModule) -> GuestInstance {
+        let db = Connection::open_in_memory().unwrap();
+        db.execute_batch(runtime_tables::SCHEMA).unwrap();
+        let host = GuestHost::new(db, "recorder".into(), Limits::default()).unwrap();
+        GuestInstance::new(engine.clone(), module.clone(), host).unwrap()
+    }
+
+    /// Every optional field set on some events and not on others, a
+    /// partition on some, and strings that are not ASCII.
+    fn events() -> (Vec<Event>, Vec<Origin>) {
+        let events = (0..50u64)
+            .map(|i| Event {
+                stream: if i % 2 == 0 { "wallets" } else { "комменты" }.into(),
+                position: i + 1,
+                id: format!("e-{i}"),
+                type_: if i % 3 == 0 { "wallet_updated" } else { "kyc_verified" }.into(),
+                subject: (i % 2 == 0).then(|| format!("user-{i}")),
+                time: (i % 3 == 0).then(|| format!("2026-12-03T12:00:{:02}Z", i % 60)),
+                correlation_id: (i % 4 == 0).then(|| format!("corr-{i}")),
+                causation_id: (i % 5 == 0).then(|| format!("cause-{i} ✓")),
+                data: if i % 7 == 0 { Vec::new() } else { format!("{{\"n\":{i}}}").into_bytes() },
+            })
+            .collect();
+        let origins = (0..50u64)
+            .map(|i| Origin { partition: None, number: (i % 2 == 1).then_some(i as u32 % 3), through: i + 1 })
+            .collect();
+        (events, origins)
+    }
+
+    fn handled(instance: &GuestInstance) -> Vec<Vec<rusqlite::types::Value>> {
+        let db = instance.db();
+        let mut stmt = db.prepare("SELECT * FROM handled ORDER BY rowid").unwrap();
+        let width = stmt.column_count();
+        stmt.query_map([], |row| (0..width).map(|i| row.get(i)).collect())
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_packed_batch_applies_exactly_as_the_worlds_handle_would() {
+        let engine = Arc::new(ProjectorEngine::new(false).unwrap());
+        let recorder = module(&engine, "event_recorder");
+        assert!(recorder.packed.is_some(), "the SDK's modules export the packed handle");
+        let (events, origins) = events();
+
+        let mut packed = instance(&engine, &recorder);
+        assert!(packed.packed.is_some());
+        let attempt = packed.handle_in_transaction(&events, &origins, |_| Ok(())).unwrap();
+        assert!(matches!(attempt, Attempt::Committed), "{attempt:?}");
+
+        let mut plain = instance(&engine, &recorder);
+        plain.packed = None;
+        let attempt = plain.handle_in_transaction(&events, &origins, |_| Ok(())).unwrap();
+        assert!(matches!(attempt, Attempt::Committed), "{attempt:?}");
+
+        let (rows, expected) = (handled(&packed), handled(&plain));
+        assert_eq!(rows.len(), 50);
+        assert_eq!(rows, expected);
+        // And what both saw is what was sent: every field of one event.
+        use rusqlite::types::Value::{Integer, Null, Text};
+        assert_eq!(
+            rows[15],
+            [
+                Integer(16),
+                Text("e-15".into()),
+                Text("комменты".into()),
+                Text("wallet_updated".into()),
+                Integer(0),
+                Null,
+                Null,
+                Text("{\"n\":15}".into()),
+                Text("2026-12-03T12:00:15Z".into()),
+                Text("cause-15 ✓".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_module_built_for_the_first_contract_has_no_packed_handle() {
+        let engine = ProjectorEngine::new(false).unwrap();
+        assert!(module(&engine, "contract_v0_1").packed.is_none());
+    }
+
+    #[test]
+    fn a_batch_too_big_to_pack_goes_to_the_worlds_handle() {
+        let (mut events, origins) = events();
+        let mut buffer = Vec::new();
+        assert!(pack(&events, &origins, &mut buffer));
+        // Eight events of 600 KB (each under the limit on a value).
+        for event in &mut events[10..18] {
+            event.data = vec![b'x'; 600_000];
+        }
+        assert!(!pack(&events, &origins, &mut buffer));
+
+        // It still applies, through `handle`.
+        let engine = Arc::new(ProjectorEngine::new(false).unwrap());
+        let mut recorder = instance(&engine, &module(&engine, "event_recorder"));
+        let attempt = recorder.handle_in_transaction(&events, &origins, |_| Ok(())).unwrap();
+        assert!(matches!(attempt, Attempt::Committed), "{attempt:?}");
+        assert_eq!(handled(&recorder).len(), 50);
+    }
 }

@@ -1,5 +1,5 @@
 //! Test-only guest: records `(position, id, stream, type, partition)`, and
-//! the subject, correlation id and data as it saw them, of every event it handles
+//! the subject, time, correlation and causation ids and data as it saw them, of every event it handles
 //! in a table with no uniqueness, and counts them in its key/value state, so
 //! a test can prove each event took effect exactly once.
 //!
@@ -24,7 +24,9 @@ impl Projection for EventRecorder {
                 partition INTEGER,
                 subject TEXT,
                 correlation_id TEXT,
-                data TEXT
+                data TEXT,
+                time TEXT,
+                causation_id TEXT
             )",
             &[],
         )?;
@@ -41,8 +43,9 @@ impl Projection for EventRecorder {
             _ => {}
         }
         ctx.sql().execute(
-            "INSERT INTO handled (position, id, stream, type, partition, subject, correlation_id, data)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            "INSERT INTO handled (position, id, stream, type, partition, subject, correlation_id, data, time,
+                                  causation_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             &[
                 (event.position() as i64).into(),
                 event.id().into(),
@@ -52,6 +55,8 @@ impl Projection for EventRecorder {
                 event.subject().into(),
                 event.correlation_id().into(),
                 String::from_utf8_lossy(event.data()).into_owned().into(),
+                event.time().into(),
+                event.causation_id().into(),
             ],
         )?;
         let count: u64 = ctx.state().get("count")?.unwrap_or(0);
