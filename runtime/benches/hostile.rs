@@ -15,9 +15,9 @@
 //! skips the table), `BENCH_RUNS` the turns per row (default 3: the
 //! neighbour alone, then beside the hostile guest, best of each kept).
 
-#[path = "../../tests/loader_fuzz.rs"]
+#[path = "../../tests/all/loader_fuzz.rs"]
 mod loader_fuzz;
-#[path = "../../tests/util.rs"]
+#[path = "../../tests/all/util.rs"]
 mod util;
 
 use projector::config::Config;

@@ -7,7 +7,7 @@
 //! `cargo bench -p projector --bench hot_swap` (after scripts/build-guests);
 //! `BENCH_SWAPS` sets the number of swaps (default 24).
 
-#[path = "../../tests/util.rs"]
+#[path = "../../tests/all/util.rs"]
 mod util;
 
 use serde_json::json;

@@ -8,7 +8,7 @@
 //! `cargo bench -p projector --bench http` (after scripts/build-guests);
 //! `BENCH_EVENTS` sets the ingested events (default 200000).
 
-#[path = "../../tests/util.rs"]
+#[path = "../../tests/all/util.rs"]
 mod util;
 
 use serde_json::json;

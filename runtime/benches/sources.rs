@@ -11,7 +11,7 @@
 //! `BENCH_EVENTS` sets the event count (default 200000), `BENCH_RUNS` the
 //! rounds (default 5, each source once a round, best kept).
 
-#[path = "../../tests/util.rs"]
+#[path = "../../tests/all/util.rs"]
 mod util;
 
 use std::time::Instant;

@@ -10,7 +10,7 @@
 //! `BENCH_PROJECTIONS` sets the crowd (default 100), `BENCH_RUNS` the
 //! cold/warm pairs (default 3).
 
-#[path = "../../tests/util.rs"]
+#[path = "../../tests/all/util.rs"]
 mod util;
 
 use serde_json::Value;

@@ -6,7 +6,7 @@
 //! `cargo bench -p projector --bench throughput` (after scripts/build-guests);
 //! `BENCH_EVENTS` sets the event count (default 200000).
 
-#[path = "../../tests/util.rs"]
+#[path = "../../tests/all/util.rs"]
 mod util;
 
 use projector::projection::runner::{ProjectionRunner, ProjectionSpec};

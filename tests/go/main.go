@@ -1,6 +1,6 @@
 // Command cloudevents-nats is the official CloudEvents SDK for Go
 // (github.com/cloudevents/sdk-go) as an outside client of projector over
-// NATS JetStream, for the tests in tests/cloudevents_sdk.rs.
+// NATS JetStream, for the tests in tests/all/cloudevents_sdk.rs.
 //
 //	cloudevents-nats send URL STREAM SUBJECT < events.jsonl
 //

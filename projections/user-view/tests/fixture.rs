@@ -1,7 +1,7 @@
 //! The scenario fixture (`fixtures/scenario.jsonl`), replayed natively as
 //! the host would deliver it (one batch, repeated ids dropped by the log,
 //! rejected events parked), gives the answers, dead letters and emitted
-//! events `fixtures/expected.json` lists. `tests/projections.rs` in the
+//! events `fixtures/expected.json` lists. `tests/all/projections.rs` in the
 //! workspace replays the same files through the module in the real binary.
 
 use projector_sdk::testing::{Harness, read_cloudevents};

@@ -1,10 +1,8 @@
 //! `projector append`: CloudEvents into the embedded log — counts, duplicate
 //! ids, all-or-nothing files, standard input and bad input.
 
-mod util;
-
+use crate::util::*;
 use serde_json::json;
-use util::*;
 
 fn head(ws: &Workspace) -> u64 {
     let path = ws.data().join("events.db");

@@ -2,13 +2,11 @@
 //! the page's script builds from `/projections` (state, checkpoint, lag,
 //! events/s, dead letters, outbox, last error), and a screenshot of it.
 
-mod util;
-
+use crate::util::*;
 use serde_json::json;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
-use util::*;
 
 fn chromium() -> String {
     let path = std::env::var("PROJECTOR_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());

@@ -2,11 +2,9 @@
 //! events are appended; after restarts the state equals a `replay` of the
 //! same events — nothing lost, nothing applied twice.
 
-mod util;
-
+use crate::util::*;
 use serde_json::json;
 use std::time::Duration;
-use util::*;
 
 const TOTAL: usize = 120_000;
 const CHUNK: usize = 20_000;

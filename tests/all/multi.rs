@@ -5,11 +5,9 @@
 //! it keeping the checkpoint, another set of sources said at start; and
 //! Kafka with NATS, the union built across a SIGKILL.
 
-mod util;
-
+use crate::util::*;
 use serde_json::{Value, json};
 use std::time::Duration;
-use util::*;
 
 /// A config whose `recorder` reads the log's `orders` and `users.>` of
 /// stream USERS on `url` (the source `bus`).

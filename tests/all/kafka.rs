@@ -8,8 +8,7 @@
 //! broker mid-stream; a projection emitting to a topic (the outbox published
 //! to Kafka).
 
-mod util;
-
+use crate::util::*;
 use projector::sources::cloudevents::parse_event;
 use projector::sources::embedded::NewEvent;
 use projector::sources::kafka::{KafkaOpener, group_id, publish};
@@ -22,7 +21,6 @@ use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
-use util::*;
 
 /// One broker for the tests that do not stop it; each test has topics of
 /// its own.

@@ -1,13 +1,10 @@
 //! Hostile module files, hostile disks and crowded starts: truncated, corrupt, foreign or missing modules never panic the loader (fuzzed, in `replay`, at start and on a live swap); a full disk, a read-only or a damaged projection database shows `faulted` with the error and the path, and the projection resumes by itself where that is safe; a rebuild stopped by SIGTERM leaves no files and the next `run` finishes it; discarded and resolved dead letters stay so through every kind of rebuild; the compiled-module cache failing costs a warning; and 100 projections of one module compile it once.
 
-mod loader_fuzz;
-mod util;
-
+use crate::util::*;
 use projector::sandbox::engine::ProjectorEngine;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use util::*;
 
 const WAIT: Duration = Duration::from_secs(120);
 
@@ -22,11 +19,11 @@ fn sha(bytes: &[u8]) -> String {
 fn the_loader_never_panics_on_truncated_corrupt_or_foreign_files() {
     let dir = tempfile::tempdir().unwrap();
     let engine = ProjectorEngine::new(false).unwrap();
-    let fuzzed = loader_fuzz::run(&engine, dir.path());
+    let fuzzed = crate::loader_fuzz::run(&engine, dir.path());
     println!("{fuzzed}");
     assert_eq!(
         fuzzed.tried,
-        loader_fuzz::INPUTS,
+        crate::loader_fuzz::INPUTS,
         "the inputs changed: update loader_fuzz::INPUTS and the README"
     );
     assert!(fuzzed.panics.is_empty(), "the loader panicked on: {:?}", fuzzed.panics);

@@ -3,14 +3,12 @@
 //! point and the new one after), refusals, bursts, live config changes and
 //! the compiled-module cache.
 
-mod util;
-
+use crate::util::*;
 use serde_json::{Value, json};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use util::*;
 
 const WAIT: Duration = Duration::from_secs(60);
 

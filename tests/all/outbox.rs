@@ -3,12 +3,10 @@
 //! left unpublished published at restart, the log dropping a copy; and
 //! rebuilds, online and offline, publishing nothing twice.
 
-mod util;
-
+use crate::util::*;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::time::Duration;
-use util::*;
 
 const WAIT: Duration = Duration::from_secs(60);
 

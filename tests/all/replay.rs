@@ -2,10 +2,8 @@
 //! core module and as a ready component), repeated ids, bad event files, and
 //! modules that are not projections.
 
-mod util;
-
+use crate::util::*;
 use serde_json::{Value, json};
-use util::*;
 
 const ALLOWLIST_SQL: &str =
     "SELECT wallet_address, user_id, allowlisted_at FROM allowlist ORDER BY wallet_address";

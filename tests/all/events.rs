@@ -2,14 +2,12 @@
 //! what `projector append` put in comes out, `--from`, `--follow` picking
 //! up a later append, and the errors for a missing folder, log or bad name.
 
-mod util;
-
+use crate::util::*;
 use serde_json::{Value, json};
 use std::io::{BufRead as _, BufReader};
 use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::Duration;
-use util::*;
 
 /// Events of every shape the log keeps: JSON data of each kind, text,
 /// binary, none, and every optional attribute.

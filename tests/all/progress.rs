@@ -1,11 +1,9 @@
 //! `projector replay` shows a progress bar on a terminal and stays quiet
 //! when stdout is not one (so piped output is exactly the JSON).
 
-mod util;
-
+use crate::util::*;
 use serde_json::json;
 use std::process::Command;
-use util::*;
 
 #[test]
 fn replay_shows_progress_only_on_a_terminal() {

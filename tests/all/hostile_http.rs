@@ -1,13 +1,11 @@
 //! The HTTP API and the inputs as an attacker and a careless operator meet them: capped `/sql` answers, Host/Origin checks and the token, timeouts and the connection cap, size limits, reads during a rebuild's takeover, and errors that name the input, the place and the fix.
 
-mod util;
-
+use crate::util::*;
 use serde_json::{Value, json};
 use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
-use util::*;
 
 const WAIT: Duration = Duration::from_secs(60);
 

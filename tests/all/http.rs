@@ -2,11 +2,9 @@
 //! content type, reads, metrics, bad requests, pause/resume, dead letters,
 //! correlation ids, `--url`, and reads under concurrent ingest.
 
-mod util;
-
+use crate::util::*;
 use serde_json::{Value, json};
 use std::time::Duration;
-use util::*;
 
 const WAIT: Duration = Duration::from_secs(60);
 

@@ -12,13 +12,11 @@
 //! in `tests/go` is built into `target/cloudevents-nats` (by `scripts/test`,
 //! or here when it is missing).
 
-mod util;
-
+use crate::util::*;
 use serde_json::Value;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
-use util::*;
 
 /// The SDK version the test posts with.
 const SDK_VERSION: &str = "2.2.0";

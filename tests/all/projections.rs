@@ -6,11 +6,9 @@
 //! `projector run` SIGKILLed mid-stream builds the same state and publishes
 //! each emitted event once.
 
-mod util;
-
+use crate::util::*;
 use serde_json::{Value, json};
 use std::path::PathBuf;
-use util::*;
 
 /// A projection's fixtures: `fixtures/scenario.jsonl` and what it must give,
 /// `fixtures/expected.json`.

@@ -5,8 +5,7 @@
 //! `projector run`: the state equals a replay after host kills, a server
 //! restart, on two replicas and on a cluster losing a node.
 
-mod util;
-
+use crate::util::*;
 use projector::bindings::Event;
 use projector::sources::cloudevents::parse_event;
 use projector::sources::embedded::NewEvent;
@@ -14,7 +13,6 @@ use projector::sources::nats::{NatsOpener, PublishOutcome, publish};
 use projector::sources::{Batch, Checkpoint, Filter, Health, Source, SourceError, SourceOpener};
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
-use util::*;
 
 const STREAM: &str = "WALLETS";
 const KEY: &str = "nats:WALLETS";

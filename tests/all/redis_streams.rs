@@ -6,8 +6,7 @@
 //! restart, and on two replicas; a projection emitting to a stream key (the
 //! outbox added to Redis, a copy dropped by id).
 
-mod util;
-
+use crate::util::*;
 use projector::bindings::Event;
 use projector::sources::cloudevents::parse_event;
 use projector::sources::embedded::NewEvent;
@@ -16,7 +15,6 @@ use projector::sources::{Checkpoint, Filter, Health, Source, SourceError, Source
 use redis::Commands as _;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
-use util::*;
 
 const KEYS: [&str; 3] = ["wallets-0", "wallets-1", "wallets-2"];
 

@@ -6,13 +6,11 @@
 //! the same dependency versions, offline, into `target/walkthrough/`: its
 //! native test build and its one guest build are paid once, then warm.
 
-mod util;
-
+use crate::util::*;
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use util::*;
 
 const WAIT: Duration = Duration::from_secs(120);
 

@@ -1,6 +1,6 @@
 //! The loader fuzz: every kind of hostile module file — truncated, corrupt,
 //! random, foreign, empty, a directory — loaded through the real engine.
-//! Shared by `tests/hostile.rs`, which asserts no input panics and every
+//! Shared by `tests/all/hostile.rs`, which asserts no input panics and every
 //! refusal names its file, and `benches/hostile.rs`, which prints the count.
 
 use projector::sandbox::engine::ProjectorEngine;

@@ -2,11 +2,9 @@
 //! query, stream and type filters, restarts, clean shutdown on SIGTERM and
 //! SIGINT, refusals, and the command line's help.
 
-mod util;
-
+use crate::util::*;
 use serde_json::{Value, json};
 use std::time::Duration;
-use util::*;
 
 const WAIT: Duration = Duration::from_secs(30);
 

@@ -2,11 +2,9 @@
 //! every limit broken on purpose is contained, handled by policy with a
 //! clear reason, and the host and the neighbour carry on untouched.
 
-mod util;
-
+use crate::util::*;
 use serde_json::{Value, json};
 use std::time::Duration;
-use util::*;
 
 const WAIT: Duration = Duration::from_secs(60);
 
