@@ -34,6 +34,7 @@ use anyhow::{Result, bail};
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, ErrorCode, ToSql, ffi, params_from_iter};
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -66,6 +67,8 @@ pub struct GuestHost {
     /// The batch being handled, to attach event ids to guest log lines and
     /// emitted events, with how many events each has emitted so far.
     batch: Vec<BatchEvent>,
+    /// The ids and correlation ids of `batch`, end to end.
+    batch_ids: String,
     /// Whether `batch` is in position order (one partition): an event is
     /// then found by position with a binary search.
     batch_sorted: bool,
@@ -109,10 +112,12 @@ pub struct Origin {
 }
 
 /// An event of the batch being handled, as emitting and logging need it.
+/// Its ids are ranges of [`GuestHost`]'s `batch_ids`, one buffer kept from
+/// batch to batch: no allocation per event.
 struct BatchEvent {
     position: u64,
-    id: String,
-    correlation_id: Option<String>,
+    id: Range<usize>,
+    correlation_id: Option<Range<usize>>,
     origin: Origin,
     /// Events it emitted so far.
     emitted: u32,
@@ -135,6 +140,7 @@ impl GuestHost {
             guest_sql,
             deadline,
             batch: Vec::new(),
+            batch_ids: String::new(),
             batch_sorted: true,
             host_error: None,
             limits,
@@ -217,10 +223,16 @@ impl GuestHost {
     /// one partition.
     pub fn set_batch(&mut self, events: &[Event], origins: &[Origin]) {
         self.batch.clear();
+        self.batch_ids.clear();
+        let ids = &mut self.batch_ids;
+        let mut keep = |text: &str| {
+            ids.push_str(text);
+            ids.len() - text.len()..ids.len()
+        };
         self.batch.extend(events.iter().enumerate().map(|(i, e)| BatchEvent {
             position: e.position,
-            id: e.id.clone(),
-            correlation_id: e.correlation_id.clone(),
+            id: keep(&e.id),
+            correlation_id: e.correlation_id.as_deref().map(&mut keep),
             origin: origins.get(i).cloned().unwrap_or(Origin { through: e.position, ..Origin::default() }),
             emitted: 0,
         }));
@@ -268,8 +280,8 @@ impl GuestHost {
                 event_type,
                 subject,
                 data,
-                event.correlation_id,
-                event.id,
+                event.correlation_id.clone().map(|range| &self.batch_ids[range]),
+                &self.batch_ids[event.id.clone()],
                 runtime_tables::emit_source(&self.projection),
                 i64::try_from(event.origin.through).unwrap_or(i64::MAX),
                 partition,
@@ -622,7 +634,10 @@ impl LogHost for GuestHost {
         };
         let event = position.and_then(|p| self.event_at(p).ok()).map(|i| &self.batch[i]);
         let (event_id, correlation_id) = match event {
-            Some(event) => (event.id.as_str(), event.correlation_id.as_deref().unwrap_or("")),
+            Some(event) => (
+                &self.batch_ids[event.id.clone()],
+                event.correlation_id.clone().map_or("", |range| &self.batch_ids[range]),
+            ),
             None => ("", ""),
         };
         let projection = &*self.projection;
