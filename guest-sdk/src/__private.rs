@@ -20,6 +20,7 @@ pub mod bindings {
 }
 
 use crate::context::{Backend, Context, Level, Rows, Value};
+use crate::event::Fields;
 use crate::text::same_text;
 use crate::{Event, Failure, Param, Projection};
 use bindings::projector::projection::{batch, emit, log, prepared, sql, state};
@@ -190,18 +191,20 @@ pub fn handle<P: Projection>(events: Vec<WitEvent>) -> Result<(), WitFailure> {
     let events: Vec<Event> = events
         .into_iter()
         .enumerate()
-        .map(|(i, e)| Event {
-            stream: e.stream,
-            position: e.position,
-            id: e.id,
-            event_type: e.type_,
-            subject: e.subject,
-            time: e.time,
-            correlation_id: e.correlation_id,
-            causation_id: e.causation_id,
-            data: e.data,
-            partition: partitions.get(i).copied().flatten(),
-            index: u32::try_from(i).ok(),
+        .map(|(i, e)| {
+            Event::from_fields(Fields {
+                stream: &e.stream,
+                id: &e.id,
+                event_type: &e.type_,
+                subject: e.subject.as_deref(),
+                time: e.time.as_deref(),
+                correlation_id: e.correlation_id.as_deref(),
+                causation_id: e.causation_id.as_deref(),
+                data: &e.data,
+                position: e.position,
+                partition: partitions.get(i).copied().flatten(),
+                index: u32::try_from(i).ok(),
+            })
         })
         .collect();
     apply::<P>(&events)

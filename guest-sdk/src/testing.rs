@@ -64,6 +64,7 @@
 //! ```
 
 use crate::context::{Backend, Context, Level, Rows, Value};
+use crate::event::Fields;
 use crate::runtime_tables::{self, OUTBOX_INSERT};
 use crate::sql_rules::{GUEST_SQL_PREFIX, GuestRules, cap_lengths};
 use crate::{Event, Failure, Param, Projection};
@@ -336,25 +337,25 @@ impl<P: Projection> Harness<P> {
                 stmt.execute(rusqlite::params![
                     LOG_SOURCE,
                     event.position as i64,
-                    event.id,
-                    event.stream,
-                    event.event_type,
-                    event.subject,
-                    event.time,
-                    event.correlation_id,
-                    event.causation_id,
-                    event.data,
+                    event.id(),
+                    event.stream(),
+                    event.event_type(),
+                    event.subject(),
+                    event.time(),
+                    event.correlation_id(),
+                    event.causation_id(),
+                    event.data(),
                     reason,
                 ])
             })
-            .unwrap_or_else(|err| panic!("park event {}: {err}", event.id));
+            .unwrap_or_else(|err| panic!("park event {}: {err}", event.id()));
         parked.push(DeadLetter {
-            id: event.id.clone(),
+            id: event.id().to_string(),
             position: event.position,
-            stream: event.stream.clone(),
-            event_type: event.event_type.clone(),
+            stream: event.stream().to_string(),
+            event_type: event.event_type().to_string(),
             reason,
-            data: event.data.clone(),
+            data: event.data().to_vec(),
         });
         Ok(())
     }
@@ -463,11 +464,12 @@ impl<P: Projection> Harness<P> {
             event.position = self.next_position;
         }
         self.next_position = self.next_position.max(event.position + 1);
-        if event.id.is_empty() {
-            event.id = format!("event-{}", event.position);
+        if event.id().is_empty() {
+            let id = format!("event-{}", event.position);
+            event = event.with_id(id);
         }
-        if event.stream.is_empty() {
-            event.stream = "test".to_string();
+        if event.stream().is_empty() {
+            event = event.with_stream("test");
         }
         event
     }
@@ -493,7 +495,11 @@ impl<P: Projection> Harness<P> {
         {
             let mut call = self.call.borrow_mut();
             call.batch.clear();
-            call.batch.extend(events.iter().map(|e| (e.position, e.id.clone(), e.correlation_id.clone(), 0)));
+            call.batch.extend(
+                events
+                    .iter()
+                    .map(|e| (e.position, e.id().to_string(), e.correlation_id().map(String::from), 0)),
+            );
             call.batch.sort_by_key(|(position, ..)| *position);
         }
         self.conn.execute_batch("BEGIN").expect("begin a transaction");
@@ -556,19 +562,19 @@ pub fn read_cloudevents(text: &str, stream: &str) -> Result<Vec<Event>, String> 
         if !seen.insert(id.clone()) {
             continue;
         }
-        events.push(Event {
-            stream: stream.to_string(),
+        events.push(Event::from_fields(Fields {
+            stream,
+            id: &id,
+            event_type: &event_type,
+            subject: subject.as_deref(),
+            time: time.as_deref(),
+            correlation_id: correlation_id.as_deref(),
+            causation_id: causation_id.as_deref(),
+            data: &data,
             position: events.len() as u64 + 1,
-            id,
-            event_type,
-            subject,
-            time,
-            correlation_id,
-            causation_id,
-            data,
             partition: None,
             index: None,
-        });
+        }));
     }
     Ok(events)
 }

@@ -307,17 +307,33 @@ fn instantiate(
 }
 
 /// Pack `events` for the packed `handle` into `out`, as the `packed`
-/// interface lays them out; false (and `out` unusable) when they take more than
+/// interface lays them out: the count, every string end to end, every
+/// payload end to end, then each event's position, flags, partition and
+/// lengths. False (and `out` unusable) when they take more than
 /// [`PACKED_MAX`] bytes.
 fn pack(events: &[Event], origins: &[Origin], out: &mut Vec<u8>) -> bool {
     out.clear();
-    let Ok(count) = u32::try_from(events.len()) else { return false };
-    out.extend_from_slice(&count.to_le_bytes());
+    let text: usize = events.iter().flat_map(strings).map(str::len).sum();
+    let payloads: usize = events.iter().map(|event| event.data.len()).sum();
+    // Records take at most 9 + 4 + 8 × 4 bytes an event.
+    if 12 + text + payloads + events.len() * 45 > PACKED_MAX {
+        return false;
+    }
+    // Under PACKED_MAX, every count and length fits in a u32.
+    let u32_le = |n: usize| (n as u32).to_le_bytes();
+    out.extend_from_slice(&u32_le(events.len()));
+    out.extend_from_slice(&u32_le(text));
+    for string in events.iter().flat_map(strings) {
+        out.extend_from_slice(string.as_bytes());
+    }
+    out.extend_from_slice(&u32_le(payloads));
+    for event in events {
+        out.extend_from_slice(&event.data);
+    }
     for (i, event) in events.iter().enumerate() {
         let partition = origins.get(i).and_then(|origin| origin.number);
-        let optional = [&event.subject, &event.time, &event.correlation_id, &event.causation_id];
         let mut flags = 0u8;
-        for (bit, field) in optional.iter().enumerate() {
+        for (bit, field) in optional(event).iter().enumerate() {
             if field.is_some() {
                 flags |= 1 << bit;
             }
@@ -330,19 +346,24 @@ fn pack(events: &[Event], origins: &[Origin], out: &mut Vec<u8>) -> bool {
         if let Some(partition) = partition {
             out.extend_from_slice(&partition.to_le_bytes());
         }
-        let strings = [event.stream.as_bytes(), event.id.as_bytes(), event.type_.as_bytes()];
-        let present = optional.iter().filter_map(|field| field.as_deref().map(str::as_bytes));
-        for bytes in strings.into_iter().chain(present).chain([event.data.as_slice()]) {
-            // Events are far under 4 GiB each; the bound below stops the
-            // batch long before a length could wrap.
-            out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
-            out.extend_from_slice(bytes);
+        for string in strings(event) {
+            out.extend_from_slice(&u32_le(string.len()));
         }
-        if out.len() > PACKED_MAX {
-            return false;
-        }
+        out.extend_from_slice(&u32_le(event.data.len()));
     }
     true
+}
+
+/// An event's subject, time, correlation and causation ids, as packed.
+fn optional(event: &Event) -> [Option<&str>; 4] {
+    [&event.subject, &event.time, &event.correlation_id, &event.causation_id].map(|field| field.as_deref())
+}
+
+/// An event's strings in the order they are packed.
+fn strings(event: &Event) -> impl Iterator<Item = &str> {
+    [event.stream.as_str(), event.id.as_str(), event.type_.as_str()]
+        .into_iter()
+        .chain(optional(event).into_iter().flatten())
 }
 
 #[cfg(test)]
