@@ -21,6 +21,9 @@ use wasmtime::{Store, Trap};
 /// `handle`, which needs no second copy of it in the guest's memory.
 const PACKED_MAX: usize = 4 << 20;
 
+/// The most a packed batch's buffer keeps between batches.
+const PACKED_KEPT: usize = 256 << 10;
+
 /// How one `handle` call in a transaction ended.
 #[derive(Debug, Clone)]
 pub enum Attempt {
@@ -44,7 +47,7 @@ pub struct GuestInstance {
     guest: Projection,
     /// The module's packed `handle`, when it has one.
     packed: Option<Func>,
-    /// The last packed batch's buffer, kept for the next.
+    /// The last packed batch's buffer, kept for the next when small.
     buffer: Vec<u8>,
     reader: bool,
 }
@@ -155,6 +158,11 @@ impl GuestInstance {
                 .map(|(result,)| result),
             _ => self.guest.call_handle(&mut self.store, events),
         };
+        // Kept for small batches only: a hundred projections that caught
+        // up in big batches must not each hold the last one.
+        if self.buffer.capacity() > PACKED_KEPT {
+            self.buffer = Vec::new();
+        }
         let dropped = self.store.data_mut().take_log_dropped();
         if dropped > 0 {
             tracing::warn!(
@@ -309,7 +317,7 @@ fn instantiate(
 /// Pack `events` for the packed `handle` into `out`, as the `packed`
 /// interface lays them out: the count, every string end to end, every
 /// payload end to end, then each event's position, flags, partition and
-/// lengths. False (and `out` unusable) when they take more than
+/// lengths. False (and `out` empty) when they would take more than
 /// [`PACKED_MAX`] bytes.
 fn pack(events: &[Event], origins: &[Origin], out: &mut Vec<u8>) -> bool {
     out.clear();
@@ -461,6 +469,24 @@ mod tests {
     fn a_module_built_for_the_first_contract_has_no_packed_handle() {
         let engine = ProjectorEngine::new(false).unwrap();
         assert!(module(&engine, "contract_v0_1").packed.is_none());
+    }
+
+    #[test]
+    fn only_a_small_packed_batchs_buffer_is_kept_for_the_next() {
+        let engine = Arc::new(ProjectorEngine::new(false).unwrap());
+        let mut recorder = instance(&engine, &module(&engine, "event_recorder"));
+        let (mut events, origins) = events();
+        let attempt = recorder.handle_in_transaction(&events, &origins, |_| Ok(())).unwrap();
+        assert!(matches!(attempt, Attempt::Committed), "{attempt:?}");
+        assert!(recorder.buffer.capacity() > 0, "a small batch's buffer is kept");
+        // 1.5 MB packed: applied, then let go.
+        for event in &mut events[..3] {
+            event.data = vec![b'x'; 500_000];
+        }
+        let attempt = recorder.handle_in_transaction(&events, &origins, |_| Ok(())).unwrap();
+        assert!(matches!(attempt, Attempt::Committed), "{attempt:?}");
+        assert_eq!(handled(&recorder).len(), 100);
+        assert_eq!(recorder.buffer.capacity(), 0);
     }
 
     #[test]
