@@ -15,16 +15,10 @@ pub struct Event {
     /// whole batch, shared by its events (one allocation a batch, not one
     /// a string).
     text: Arc<str>,
-    stream: Span,
-    id: Span,
-    event_type: Span,
-    subject: Option<Span>,
-    time: Option<Span>,
-    correlation_id: Option<Span>,
-    causation_id: Option<Span>,
-    /// The payload, within `payloads` (shared as `text` is).
+    /// Its payload and those of the rest of its batch (shared as `text` is).
     payloads: Arc<[u8]>,
-    data: Span,
+    /// Where its parts are in `text` and `payloads`.
+    spans: Spans,
     pub(crate) position: u64,
     pub(crate) partition: Option<u32>,
     /// Its place in the batch the host handed the module: what names it
@@ -55,6 +49,7 @@ pub(crate) struct Fields<'a> {
 }
 
 /// Where an event's parts are in the buffers it shares with its batch.
+#[derive(Clone)]
 pub(crate) struct Spans {
     pub(crate) stream: Span,
     pub(crate) id: Span,
@@ -122,15 +117,8 @@ impl Event {
     pub(crate) fn in_batch(text: &Arc<str>, payloads: &Arc<[u8]>, spans: Spans, position: u64) -> Self {
         Event {
             text: text.clone(),
-            stream: spans.stream,
-            id: spans.id,
-            event_type: spans.event_type,
-            subject: spans.subject,
-            time: spans.time,
-            correlation_id: spans.correlation_id,
-            causation_id: spans.causation_id,
             payloads: payloads.clone(),
-            data: spans.data,
+            spans,
             position,
             partition: None,
             index: None,
@@ -153,7 +141,7 @@ impl Event {
 
     /// Set the stream.
     pub fn with_stream(mut self, stream: impl Into<String>) -> Self {
-        self.stream = self.keep(&stream.into());
+        self.spans.stream = self.keep(&stream.into());
         self
     }
     /// Set the position.
@@ -168,33 +156,33 @@ impl Event {
     }
     /// Set the id.
     pub fn with_id(mut self, id: impl Into<String>) -> Self {
-        self.id = self.keep(&id.into());
+        self.spans.id = self.keep(&id.into());
         self
     }
     /// Set the subject.
     pub fn with_subject(mut self, subject: impl Into<String>) -> Self {
-        self.subject = Some(self.keep(&subject.into()));
+        self.spans.subject = Some(self.keep(&subject.into()));
         self
     }
     /// Set the time (RFC 3339).
     pub fn with_time(mut self, time: impl Into<String>) -> Self {
-        self.time = Some(self.keep(&time.into()));
+        self.spans.time = Some(self.keep(&time.into()));
         self
     }
     /// Set the correlation id.
     pub fn with_correlation_id(mut self, id: impl Into<String>) -> Self {
-        self.correlation_id = Some(self.keep(&id.into()));
+        self.spans.correlation_id = Some(self.keep(&id.into()));
         self
     }
     /// Set the causation id.
     pub fn with_causation_id(mut self, id: impl Into<String>) -> Self {
-        self.causation_id = Some(self.keep(&id.into()));
+        self.spans.causation_id = Some(self.keep(&id.into()));
         self
     }
 
     /// The stream the event was appended to.
     pub fn stream(&self) -> &str {
-        self.str(self.stream)
+        self.str(self.spans.stream)
     }
     /// The event's position in its source.
     pub fn position(&self) -> u64 {
@@ -209,31 +197,31 @@ impl Event {
     }
     /// The publisher's unique id for the event.
     pub fn id(&self) -> &str {
-        self.str(self.id)
+        self.str(self.spans.id)
     }
     /// The event type, e.g. `wallet_updated`.
     pub fn event_type(&self) -> &str {
-        self.str(self.event_type)
+        self.str(self.spans.event_type)
     }
     /// What the event is about, if the publisher said.
     pub fn subject(&self) -> Option<&str> {
-        self.subject.map(|span| self.str(span))
+        self.spans.subject.map(|span| self.str(span))
     }
     /// When it happened (RFC 3339), if the publisher said.
     pub fn time(&self) -> Option<&str> {
-        self.time.map(|span| self.str(span))
+        self.spans.time.map(|span| self.str(span))
     }
     /// The correlation id shared by one business operation's events.
     pub fn correlation_id(&self) -> Option<&str> {
-        self.correlation_id.map(|span| self.str(span))
+        self.spans.correlation_id.map(|span| self.str(span))
     }
     /// The id of what caused this event.
     pub fn causation_id(&self) -> Option<&str> {
-        self.causation_id.map(|span| self.str(span))
+        self.spans.causation_id.map(|span| self.str(span))
     }
     /// The raw payload.
     pub fn data(&self) -> &[u8] {
-        &self.payloads[self.data.start..self.data.end]
+        &self.payloads[self.spans.data.start..self.spans.data.end]
     }
 
     /// The payload parsed as JSON into `T` (which may borrow from the event). Data that does not parse is an
@@ -269,7 +257,7 @@ impl fmt::Debug for Event {
             .field("time", &self.time())
             .field("correlation_id", &self.correlation_id())
             .field("causation_id", &self.causation_id())
-            .field("data", &String::from_utf8_lossy(self.data()))
+            .field("data", &self.data())
             .field("partition", &self.partition)
             .field("index", &self.index)
             .finish()
