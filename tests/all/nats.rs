@@ -677,16 +677,23 @@ fn run_over_nats_sigkilled_three_times_mid_stream_builds_the_same_state() {
     let kill_depths = [(1, 1_000), (2, 3_000), (4, 2_000)];
     let mut killed_at = Vec::new();
     for (i, chunk) in lines.chunks(CHUNK).enumerate() {
-        assert_eq!(publish_cli(&ws, &format!("chunk-{i}.jsonl"), chunk), (CHUNK as u64, 0));
         let published = ((i + 1) * CHUNK) as u64;
-        if let Some(&(_, depth)) = kill_depths.iter().find(|(at, _)| *at == i) {
-            wait_checkpoint(&ws, (i * CHUNK + depth) as u64);
-            host.kill();
-            let at = checkpoint(&ws, "recorder");
-            assert!(at < published, "the kill landed mid-stream (checkpoint {at} of {published})");
-            killed_at.push(at);
-            host = ws.start();
-        }
+        let Some(&(_, depth)) = kill_depths.iter().find(|(at, _)| *at == i) else {
+            assert_eq!(publish_cli(&ws, &format!("chunk-{i}.jsonl"), chunk), (CHUNK as u64, 0));
+            continue;
+        };
+        // A backlog for the kill: the chunk is published with the host
+        // down (killed wherever it stood), then the host is killed a
+        // little way into it.
+        host.kill();
+        assert_eq!(publish_cli(&ws, &format!("chunk-{i}.jsonl"), chunk), (CHUNK as u64, 0));
+        host = ws.start();
+        let depth = (i * CHUNK + depth) as u64;
+        host.kill_when(&format!("checkpoint {depth}"), || checkpoint(&ws, "recorder") >= depth);
+        let at = checkpoint(&ws, "recorder");
+        assert!(at < published, "the kill landed mid-stream (checkpoint {at} of {published})");
+        killed_at.push(at);
+        host = ws.start();
     }
     assert_eq!(killed_at.len(), 3);
     ws.wait_caught_up(TOTAL as u64, Duration::from_secs(180));

@@ -675,16 +675,23 @@ fn run_over_redis_sigkilled_three_times_mid_stream_builds_the_same_state() {
     let kill_depths = [(1, 1_000), (2, 2_000), (4, 1_500)];
     let mut killed_at = Vec::new();
     for (i, chunk) in lines.chunks(CHUNK).enumerate() {
-        publish_by_key(&ws, chunk);
         let published = ((i + 1) * CHUNK) as u64;
-        if let Some(&(_, depth)) = kill_depths.iter().find(|(at, _)| *at == i) {
-            wait_handled(&ws, (i * CHUNK + depth) as u64);
-            host.kill();
-            let at = handled(&ws);
-            assert!(at < published, "the kill landed mid-stream ({at} of {published} handled)");
-            killed_at.push(at);
-            host = ws.start();
-        }
+        let Some(&(_, depth)) = kill_depths.iter().find(|(at, _)| *at == i) else {
+            publish_by_key(&ws, chunk);
+            continue;
+        };
+        // A backlog for the kill: the chunk is published with the host
+        // down (killed wherever it stood), then the host is killed a
+        // little way into it.
+        host.kill();
+        publish_by_key(&ws, chunk);
+        host = ws.start();
+        let depth = (i * CHUNK + depth) as u64;
+        host.kill_when(&format!("the recorder past {depth} events"), || handled(&ws) >= depth);
+        let at = handled(&ws);
+        assert!(at < published, "the kill landed mid-stream ({at} of {published} handled)");
+        killed_at.push(at);
+        host = ws.start();
     }
     assert_eq!(killed_at.len(), 3);
     wait_caught_up(&ws, TOTAL as u64);

@@ -239,6 +239,18 @@ impl Host {
         child.kill().unwrap();
         child.wait().unwrap();
     }
+    /// SIGKILL once `reached` holds, checked every millisecond so the kill
+    /// follows closely. A test that must kill mid-stream gives it a
+    /// backlog to land in: events published while no host ran, not events
+    /// a running host may have kept up with as they came.
+    pub fn kill_when(self, what: &str, mut reached: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !reached() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what} before a kill");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.kill();
+    }
     /// SIGTERM, then wait for a clean exit; returns the exit status.
     pub fn terminate(mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().unwrap();
