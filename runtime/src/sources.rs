@@ -195,6 +195,13 @@ pub trait Source: Send {
     /// checkpoint is the only position that counts.
     fn next_batch(&mut self, after: &Checkpoint, max: usize, wait: Duration) -> Result<Batch, SourceError>;
 
+    /// A batch `next_batch` returned, done with (applied or not): the
+    /// source may reuse its allocations for a batch it reads later. The
+    /// default drops it.
+    fn recycle(&mut self, batch: Batch) {
+        drop(batch);
+    }
+
     /// Everything up to `upto` is committed in the projection's database:
     /// the source may forget it (a broker's acknowledgement).
     fn acknowledge(&mut self, upto: &Checkpoint) -> Result<(), SourceError>;

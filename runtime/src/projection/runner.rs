@@ -993,10 +993,12 @@ impl ProjectionRunner {
         if self.unpublished {
             self.publish_outbox();
         }
-        Ok(match applied {
+        let step = match applied {
             Applied::Committed | Applied::Resynced => Step::Advanced(batch.events.len()),
             Applied::RetryLater => Step::Retrying,
-        })
+        };
+        self.source.recycle(batch);
+        Ok(step)
     }
 
     /// An adaptive batch grows while the projection is behind (the batch

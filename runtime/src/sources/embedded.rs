@@ -242,9 +242,26 @@ pub struct LogReader {
 impl LogReader {
     /// Up to `limit` events matching `filter` after position `after`.
     pub fn read_after(&mut self, after: u64, filter: &Filter, limit: usize) -> Result<Batch> {
+        self.read_into(after, filter, limit, Vec::new())
+    }
+
+    /// [`LogReader::read_after`], reading into `spent`, events of an
+    /// earlier batch that are done with: their strings and payloads are
+    /// overwritten in place, so a reader that is handed back each batch it
+    /// read allocates nothing per event, and frees nothing on the thread
+    /// that applied the batch.
+    pub fn read_into(
+        &mut self,
+        after: u64,
+        filter: &Filter,
+        limit: usize,
+        spent: Vec<Event>,
+    ) -> Result<Batch> {
+        let mut events = spent;
         let head = head(&self.db)?;
         if head <= after {
-            return Ok(Batch { events: Vec::new(), scanned_to: after });
+            events.clear();
+            return Ok(Batch { events, scanned_to: after });
         }
         let mut sql = String::from(
             "SELECT position, stream, id, type, subject, time, correlation_id, causation_id, data \
@@ -268,22 +285,17 @@ impl LogReader {
         }
         sql.push_str(&format!(" ORDER BY position LIMIT {limit}"));
         let mut stmt = self.db.prepare_cached(&sql)?;
-        let events: Vec<Event> = stmt
-            .query_map(params_from_iter(args), |row| {
-                Ok(Event {
-                    position: row.get::<_, i64>(0)? as u64,
-                    stream: row.get(1)?,
-                    id: row.get(2)?,
-                    type_: row.get(3)?,
-                    subject: row.get(4)?,
-                    time: row.get(5)?,
-                    correlation_id: row.get(6)?,
-                    causation_id: row.get(7)?,
-                    data: row.get(8)?,
-                })
-            })?
-            .collect::<rusqlite::Result<_>>()
+        let mut rows = stmt.query(params_from_iter(args))?;
+        let mut read = 0;
+        while let Some(row) = rows.next().context("reading the event log")? {
+            match events.get_mut(read) {
+                Some(event) => overwrite(event, row),
+                None => new_event(row).map(|event| events.push(event)),
+            }
             .context("reading the event log")?;
+            read += 1;
+        }
+        events.truncate(read);
         let scanned_to = match events.last() {
             Some(last) if events.len() == limit => last.position,
             _ => head,
@@ -440,6 +452,64 @@ pub fn explain(err: anyhow::Error, path: &Path) -> anyhow::Error {
     err
 }
 
+/// The event in the log's `row` (the columns `read_into` selects).
+fn new_event(row: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
+    Ok(Event {
+        position: row.get::<_, i64>(0)? as u64,
+        stream: row.get(1)?,
+        id: row.get(2)?,
+        type_: row.get(3)?,
+        subject: row.get(4)?,
+        time: row.get(5)?,
+        correlation_id: row.get(6)?,
+        causation_id: row.get(7)?,
+        data: row.get(8)?,
+    })
+}
+
+/// `event`, overwritten with the log's `row` (the columns `read_into`
+/// selects), keeping its strings' and payload's allocations.
+fn overwrite(event: &mut Event, row: &rusqlite::Row<'_>) -> rusqlite::Result<()> {
+    use rusqlite::types::{FromSqlResult, ValueRef};
+    /// Column `i` as `as_type` reads it, failing as `Row::get` would.
+    fn column<'r, T>(
+        row: &'r rusqlite::Row<'_>,
+        i: usize,
+        as_type: impl FnOnce(&ValueRef<'r>) -> FromSqlResult<T>,
+    ) -> rusqlite::Result<T> {
+        let value = row.get_ref(i)?;
+        as_type(&value)
+            .map_err(|err| rusqlite::Error::FromSqlConversionFailure(i, value.data_type(), err.into()))
+    }
+    fn text(into: &mut String, row: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<()> {
+        into.clear();
+        into.push_str(column(row, i, ValueRef::as_str)?);
+        Ok(())
+    }
+    fn optional(into: &mut Option<String>, row: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<()> {
+        match (column(row, i, ValueRef::as_str_or_null)?, into.as_mut()) {
+            (None, _) => *into = None,
+            (Some(value), Some(kept)) => {
+                kept.clear();
+                kept.push_str(value);
+            }
+            (Some(value), None) => *into = Some(value.to_owned()),
+        }
+        Ok(())
+    }
+    event.position = row.get::<_, i64>(0)? as u64;
+    text(&mut event.stream, row, 1)?;
+    text(&mut event.id, row, 2)?;
+    text(&mut event.type_, row, 3)?;
+    optional(&mut event.subject, row, 4)?;
+    optional(&mut event.time, row, 5)?;
+    optional(&mut event.correlation_id, row, 6)?;
+    optional(&mut event.causation_id, row, 7)?;
+    event.data.clear();
+    event.data.extend_from_slice(column(row, 8, ValueRef::as_bytes)?);
+    Ok(())
+}
+
 /// The partition key of the embedded log in checkpoints and dead letters.
 pub const PARTITION: &str = "log";
 
@@ -452,6 +522,10 @@ pub struct EmbeddedSource {
     /// [`ReadAhead`]); `None` while it is out reading.
     spare: Option<LogReader>,
     ahead: Option<ReadAhead>,
+    /// The events of the last batch, handed back while a read ahead is out
+    /// (so only while the projection is behind): the next read overwrites
+    /// them rather than allocating its own, on the reading thread.
+    spent: Vec<Event>,
 }
 
 /// The batch after the last one returned, being read on a thread of its
@@ -475,6 +549,7 @@ impl EmbeddedSource {
             partition: PARTITION.into(),
             spare: Some(log.reader()?),
             ahead: None,
+            spent: Vec::new(),
         })
     }
 
@@ -491,8 +566,9 @@ impl EmbeddedSource {
     fn read_ahead(&mut self, from: u64, max: usize) {
         let Some(mut reader) = self.spare.take() else { return };
         let filter = self.filter.clone();
+        let spent = std::mem::take(&mut self.spent);
         let thread = std::thread::Builder::new().name("log-read-ahead".into()).spawn(move || {
-            let result = reader.read_after(from, &filter, max);
+            let result = reader.read_into(from, &filter, max, spent);
             (reader, result)
         });
         match thread {
@@ -517,7 +593,7 @@ impl Source for EmbeddedSource {
         let from = after.position(PARTITION);
         let mut batch = match self.take_ahead(from, max) {
             Some(read) => read?,
-            None => self.reader.read_after(from, &self.filter, max)?,
+            None => self.reader.read_into(from, &self.filter, max, std::mem::take(&mut self.spent))?,
         };
         if batch.scanned_to == from && !wait.is_zero() {
             self.reader.wait(wait.min(POLL_INTERVAL));
@@ -525,6 +601,9 @@ impl Source for EmbeddedSource {
         }
         if batch.events.len() == max {
             self.read_ahead(batch.scanned_to, max);
+        } else {
+            // Caught up: what was kept for the read ahead goes.
+            self.spent = Vec::new();
         }
         Ok(SourceBatch {
             partitions: vec![self.partition.clone(); batch.events.len()],
@@ -533,6 +612,13 @@ impl Source for EmbeddedSource {
             malformed: None,
             checkpoints: Vec::new(),
         })
+    }
+
+    fn recycle(&mut self, batch: SourceBatch) {
+        // Kept only for the read ahead: an idle projection holds no batch.
+        if self.ahead.is_some() {
+            self.spent = batch.events;
+        }
     }
 
     fn acknowledge(&mut self, _upto: &Checkpoint) -> Result<(), SourceError> {
@@ -588,5 +674,65 @@ impl SourceOpener for EmbeddedOpener {
 impl super::Publisher for EventLog {
     fn publish(&self, stream: &str, events: &[NewEvent]) -> Result<AppendOutcome> {
         self.append(stream, events)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Event `i` of a log whose optional fields come and go from one event
+    /// to the next, with payloads of different lengths.
+    fn event(i: usize) -> NewEvent {
+        let some = |every: usize, value: String| i.is_multiple_of(every).then_some(value);
+        NewEvent {
+            id: format!("e-{i}"),
+            source: "tests".into(),
+            event_type: if i.is_multiple_of(2) { "even".into() } else { "odd-and-longer".into() },
+            subject: some(2, format!("s-{}", "x".repeat(i % 7))),
+            time: some(3, format!("2026-12-03T00:00:{:02}Z", i % 60)),
+            datacontenttype: None,
+            correlation_id: some(4, format!("c-{i}")),
+            causation_id: some(5, format!("k-{i}")),
+            data: vec![b'd'; (i * 13) % 40],
+        }
+    }
+
+    #[test]
+    fn a_batch_read_into_spent_events_equals_a_fresh_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EventLog::open(dir.path()).unwrap();
+        log.append("a", &(0..60).map(event).collect::<Vec<_>>()).unwrap();
+        let (mut reader, mut fresh) = (log.reader().unwrap(), log.reader().unwrap());
+        let filter = Filter { streams: vec!["a".into()], types: None };
+        let mut spent = Vec::new();
+        // 25, 25, then 10: the last read overwrites some and drops the rest.
+        for after in [0, 25, 50] {
+            let reused = reader.read_into(after, &filter, 25, spent).unwrap();
+            let expected = fresh.read_after(after, &filter, 25).unwrap();
+            assert_eq!(reused.scanned_to, expected.scanned_to);
+            assert_eq!(format!("{:?}", reused.events), format!("{:?}", expected.events), "after {after}");
+            spent = reused.events;
+        }
+        assert_eq!(spent.len(), 10);
+        let past_head = reader.read_into(60, &filter, 25, spent).unwrap();
+        assert!(past_head.events.is_empty(), "nothing after the head, and nothing left of what was spent");
+    }
+
+    #[test]
+    fn an_idle_source_keeps_no_spent_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EventLog::open(dir.path()).unwrap();
+        log.append("a", &(0..30).map(event).collect::<Vec<_>>()).unwrap();
+        let mut source = EmbeddedSource::new(&log, &Filter { streams: vec![], types: None }).unwrap();
+        let full = source.next_batch(&Checkpoint::at(PARTITION, 0), 20, Duration::ZERO).unwrap();
+        assert_eq!(full.events.len(), 20, "a full batch: the rest is read ahead");
+        source.recycle(full);
+        assert_eq!(source.spent.len(), 20, "kept for the read ahead to overwrite");
+        let rest = source.next_batch(&Checkpoint::at(PARTITION, 20), 20, Duration::ZERO).unwrap();
+        assert_eq!(rest.events.len(), 10);
+        assert!(source.spent.is_empty(), "caught up: what was kept is dropped");
+        source.recycle(rest);
+        assert!(source.spent.is_empty(), "caught up: no batch is kept");
     }
 }
