@@ -709,11 +709,13 @@ impl Backend for SqliteBackend<'_> {
     fn execute(&self, statement: &str, params: &[Param<'_>]) -> Result<u64, String> {
         self.check_params(params);
         self.as_guest(statement, |stmt| {
-            let readonly = stmt.readonly();
+            let (readonly, before) = (stmt.readonly(), self.conn.total_changes());
             // Step through any rows (`RETURNING`) so every statement runs whole.
             let mut rows = stmt.query(params_from_iter(params))?;
             while rows.next()?.is_some() {}
-            Ok(if readonly { 0 } else { self.conn.changes() })
+            // `changes` is the last INSERT, UPDATE or DELETE's: after a
+            // CREATE or DROP it is an earlier statement's count.
+            Ok(if readonly || self.conn.total_changes() == before { 0 } else { self.conn.changes() })
         })
     }
     fn query(&self, statement: &str, params: &[Param<'_>]) -> Result<Rows, String> {

@@ -158,6 +158,9 @@ fn execute_steps_through_returned_rows_and_counts_changes_like_the_host() {
     assert_eq!(run_sql(&mut h, "delete", "DELETE FROM things WHERE id = 2 RETURNING name"), Ok(1));
     // A read-only statement changes nothing, whatever ran before it.
     assert_eq!(run_sql(&mut h, "select", "SELECT * FROM things"), Ok(0));
+    // So does a CREATE or DROP, whatever changed rows before it.
+    assert_eq!(run_sql(&mut h, "create", "CREATE TABLE other (id INTEGER)"), Ok(0));
+    assert_eq!(run_sql(&mut h, "drop", "DROP TABLE other"), Ok(0));
     let rows = h.rows("SELECT id, name FROM things");
     assert_eq!(rows.iter().collect::<Vec<_>>(), [[Value::Integer(1), Value::Text("c".into())]]);
 }

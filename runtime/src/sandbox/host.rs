@@ -58,9 +58,41 @@ const PROGRESS_INTERVAL: i32 = 1000;
 /// without bound.
 const MAX_PREPARED: usize = 1024;
 
+/// A statement the guest prepared (`prepared.prepare`), kept ready to run:
+/// running it by handle looks nothing up and prepares nothing.
+struct Kept<'db> {
+    statement: rusqlite::Statement<'db>,
+    /// Its text as the guest's (under [`GUEST_SQL_PREFIX`]).
+    text: Arc<str>,
+    /// The names of the columns it returns.
+    columns: Vec<String>,
+}
+
+/// The guest's prepared statements, by handle.
+type KeptStatements<'db> = Vec<Kept<'db>>;
+
+self_cell::self_cell!(
+    /// The projection's connection, with the statements the guest prepared
+    /// on it kept beside it (a statement borrows its connection).
+    struct Database {
+        owner: Connection,
+        #[covariant]
+        dependent: KeptStatements,
+    }
+);
+
+// SAFETY: a `Statement` is not `Send` only because it borrows its
+// `Connection`, which is `Send` but not `Sync`. Here the connection and
+// every statement borrowing it move together, as one value, and are only
+// reached through it: no thread can use a statement while another uses its
+// connection. rusqlite's own `Connection` is `Send` on the same ground,
+// carrying its statement cache's statements with it.
+#[allow(unsafe_code)]
+unsafe impl Send for Database {}
+
 /// The store data of one projection instance.
 pub struct GuestHost {
-    db: Connection,
+    db: Database,
     projection: Arc<str>,
     guest_sql: GuestRules,
     deadline: CallDeadline,
@@ -79,10 +111,7 @@ pub struct GuestHost {
     log_tokens: f64,
     log_refilled: Instant,
     log_dropped: u64,
-    /// The statements the guest prepared, by handle: their text as the
-    /// guest's (under [`GUEST_SQL_PREFIX`]) and their columns' names.
-    prepared: Vec<(Arc<str>, Vec<String>)>,
-    /// The handle of each prepared statement, by the guest's text.
+    /// The handle of each statement the guest prepared, by its text.
     handles: HashMap<String, u32>,
     /// The source partition of each event of the batch (empty when none
     /// has one).
@@ -135,7 +164,7 @@ impl GuestHost {
         sql_rules::cap_lengths(&db, limits.value_bytes);
         db.set_prepared_statement_cache_capacity(256);
         Ok(GuestHost {
-            db,
+            db: Database::new(db, |_| Vec::new()),
             projection,
             guest_sql,
             deadline,
@@ -147,7 +176,6 @@ impl GuestHost {
             log_tokens: limits.log_lines_per_second as f64,
             log_refilled: Instant::now(),
             log_dropped: 0,
-            prepared: Vec::new(),
             handles: HashMap::new(),
             partitions: Vec::new(),
         })
@@ -209,7 +237,7 @@ impl GuestHost {
 
     /// The projection's database.
     pub fn db(&self) -> &Connection {
-        &self.db
+        self.db.borrow_owner()
     }
 
     /// The projection's name.
@@ -273,20 +301,21 @@ impl GuestHost {
         let partition = event.origin.partition.as_deref();
         let id = runtime_tables::emit_id(&self.projection, partition, event.position, event.emitted);
         event.emitted += 1;
-        let result = self.db.prepare_cached(runtime_tables::OUTBOX_INSERT).and_then(|mut stmt| {
-            stmt.execute(rusqlite::params![
-                id,
-                stream,
-                event_type,
-                subject,
-                data,
-                event.correlation_id.clone().map(|range| &self.batch_ids[range]),
-                &self.batch_ids[event.id.clone()],
-                runtime_tables::emit_source(&self.projection),
-                i64::try_from(event.origin.through).unwrap_or(i64::MAX),
-                partition,
-            ])
-        });
+        let result =
+            self.db.borrow_owner().prepare_cached(runtime_tables::OUTBOX_INSERT).and_then(|mut stmt| {
+                stmt.execute(rusqlite::params![
+                    id,
+                    stream,
+                    event_type,
+                    subject,
+                    data,
+                    event.correlation_id.clone().map(|range| &self.batch_ids[range]),
+                    &self.batch_ids[event.id.clone()],
+                    runtime_tables::emit_source(&self.projection),
+                    i64::try_from(event.origin.through).unwrap_or(i64::MAX),
+                    partition,
+                ])
+            });
         result.map(|_| Ok(())).map_err(|err| self.host_failed(err))
     }
 
@@ -339,11 +368,11 @@ impl GuestHost {
     fn as_guest<T>(
         &mut self,
         statement: &str,
-        f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+        f: impl for<'db> FnOnce(&'db Connection, &mut KeptStatements<'db>) -> rusqlite::Result<T>,
     ) -> Result<Result<T, String>> {
-        let in_transaction = !self.db.is_autocommit();
+        let in_transaction = !self.db().is_autocommit();
         self.guest_sql.begin();
-        let result = f(&self.db);
+        let result = self.db.with_dependent_mut(|db, kept| f(db, kept));
         self.guest_sql.end();
         let result = result.map_err(|err| match self.guest_sql.explain(statement, &err) {
             Some(refusal) => SqlFailure::Guest(refusal),
@@ -354,8 +383,8 @@ impl GuestHost {
         // (`INSERT OR ROLLBACK`, `RAISE(ROLLBACK)`). The call traps then;
         // an empty transaction stands in so the host's ROLLBACK has one to
         // end, and the host's later statements do not autocommit.
-        let ended = in_transaction && self.db.is_autocommit();
-        if ended && let Err(err) = self.db.execute_batch("BEGIN") {
+        let ended = in_transaction && self.db().is_autocommit();
+        if ended && let Err(err) = self.db().execute_batch("BEGIN") {
             return Err(self.host_failed(err));
         }
         match result {
@@ -453,10 +482,12 @@ impl TypesHost for GuestHost {}
 impl StateHost for GuestHost {
     fn get(&mut self, key: String) -> Result<Option<Vec<u8>>> {
         let result =
-            self.db.prepare_cached("SELECT value FROM projector_kv WHERE key = ?1").and_then(|mut stmt| {
-                let mut rows = stmt.query([&key])?;
-                rows.next()?.map(|row| row.get(0)).transpose()
-            });
+            self.db.borrow_owner().prepare_cached("SELECT value FROM projector_kv WHERE key = ?1").and_then(
+                |mut stmt| {
+                    let mut rows = stmt.query([&key])?;
+                    rows.next()?.map(|row| row.get(0)).transpose()
+                },
+            );
         result.map_err(|err| self.host_failed(err))
     }
 
@@ -467,6 +498,7 @@ impl StateHost for GuestHost {
         )?;
         let result = self
             .db
+            .borrow_owner()
             .prepare_cached("INSERT OR REPLACE INTO projector_kv (key, value) VALUES (?1, ?2)")
             .and_then(|mut stmt| stmt.execute((&key, &value)));
         result.map(drop).map_err(|err| self.host_failed(err))
@@ -475,6 +507,7 @@ impl StateHost for GuestHost {
     fn delete(&mut self, key: String) -> Result<()> {
         let result = self
             .db
+            .borrow_owner()
             .prepare_cached("DELETE FROM projector_kv WHERE key = ?1")
             .and_then(|mut stmt| stmt.execute([&key]));
         result.map(drop).map_err(|err| self.host_failed(err))
@@ -483,6 +516,7 @@ impl StateHost for GuestHost {
     fn scan(&mut self, prefix: String, limit: u32) -> Result<Vec<(String, Vec<u8>)>> {
         let result = self
             .db
+            .borrow_owner()
             .prepare_cached(
                 "SELECT key, value FROM projector_kv WHERE substr(key, 1, length(?1)) = ?1 \
                  ORDER BY key LIMIT ?2",
@@ -498,13 +532,13 @@ impl SqlHost for GuestHost {
     fn execute(&mut self, statement: String, params: Vec<Value>) -> Result<Result<u64, String>> {
         self.check_params(&params)?;
         let text = format!("{GUEST_SQL_PREFIX}{statement}");
-        self.as_guest(&statement, |db| run_execute(db, &text, &params))
+        self.as_guest(&statement, |db, _| run_execute(db, &text, &params))
     }
 
     fn query(&mut self, statement: String, params: Vec<Value>) -> Result<Result<Rows, String>> {
         self.check_params(&params)?;
         let text = format!("{GUEST_SQL_PREFIX}{statement}");
-        self.as_guest(&statement, |db| {
+        self.as_guest(&statement, |db, _| {
             let mut stmt = db.prepare_cached(&text)?;
             let columns = stmt.column_names().map(String::from).collect();
             Ok(Rows { columns, rows: rows_of(&mut stmt, &params)? })
@@ -516,44 +550,49 @@ impl SqlHost for GuestHost {
 impl crate::bindings::PreparedHost for GuestHost {
     fn prepare(&mut self, statement: String) -> Result<Result<Statement, String>> {
         if let Some(&handle) = self.handles.get(&statement) {
-            let columns = self.prepared[handle as usize].1.clone();
+            let columns = self.db.borrow_dependent()[handle as usize].columns.clone();
             return Ok(Ok(Statement { handle, columns }));
         }
-        if self.prepared.len() >= MAX_PREPARED {
+        if self.db.borrow_dependent().len() >= MAX_PREPARED {
             return Ok(Err(format!(
                 "{MAX_PREPARED} statements are prepared already, the most one instance may hold: pass \
                  values as parameters (?1, ?2, ...) rather than writing them into the SQL"
             )));
         }
         let text: Arc<str> = format!("{GUEST_SQL_PREFIX}{statement}").into();
-        let columns = self.as_guest(&statement, |db| {
-            Ok(db.prepare_cached(&text)?.column_names().map(String::from).collect::<Vec<_>>())
+        let prepared = self.as_guest(&statement, |db, kept| {
+            let prepared = db.prepare(&text)?;
+            let columns: Vec<String> = prepared.column_names().map(String::from).collect();
+            kept.push(Kept { statement: prepared, text: text.clone(), columns: columns.clone() });
+            Ok(Statement { handle: (kept.len() - 1) as u32, columns })
         })?;
-        Ok(columns.map(|columns| {
-            let handle = self.prepared.len() as u32;
-            self.prepared.push((text, columns.clone()));
-            self.handles.insert(statement, handle);
-            Statement { handle, columns }
-        }))
+        if let Ok(prepared) = &prepared {
+            self.handles.insert(statement, prepared.handle);
+        }
+        Ok(prepared)
     }
 
     fn execute(&mut self, handle: u32, params: Vec<Value>) -> Result<Result<u64, String>> {
         self.check_params(&params)?;
         let Some(text) = self.prepared_text(handle) else { return Ok(Err(no_statement(handle))) };
-        self.as_guest(&text[GUEST_SQL_PREFIX.len()..], |db| run_execute(db, &text, &params))
+        self.as_guest(&text[GUEST_SQL_PREFIX.len()..], |db, kept| {
+            run_statement(db, &mut kept[handle as usize].statement, &params)
+        })
     }
 
     fn query(&mut self, handle: u32, params: Vec<Value>) -> Result<Result<Vec<Vec<Value>>, String>> {
         self.check_params(&params)?;
         let Some(text) = self.prepared_text(handle) else { return Ok(Err(no_statement(handle))) };
-        self.as_guest(&text[GUEST_SQL_PREFIX.len()..], |db| run_query(db, &text, &params))
+        self.as_guest(&text[GUEST_SQL_PREFIX.len()..], |_, kept| {
+            rows_of(&mut kept[handle as usize].statement, &params)
+        })
     }
 }
 
 impl GuestHost {
     /// The text of prepared statement `handle`, if there is one.
     fn prepared_text(&self, handle: u32) -> Option<Arc<str>> {
-        self.prepared.get(handle as usize).map(|(text, _)| text.clone())
+        self.db.borrow_dependent().get(handle as usize).map(|kept| kept.text.clone())
     }
 }
 
@@ -565,19 +604,25 @@ fn no_statement(handle: u32) -> String {
 /// `RETURNING` gives); the rows it changed.
 fn run_execute(db: &Connection, text: &str, params: &[Value]) -> rusqlite::Result<u64> {
     let mut stmt = db.prepare_cached(text)?;
-    let readonly = stmt.readonly();
-    let mut rows = stmt.query(params_from_iter(params))?;
-    while rows.next()?.is_some() {}
-    Ok(if readonly { 0 } else { db.changes() })
+    run_statement(db, &mut stmt, params)
 }
 
-/// Run the guest query `text`: its rows, values in column order.
-fn run_query(db: &Connection, text: &str, params: &[Value]) -> rusqlite::Result<Vec<Vec<Value>>> {
-    rows_of(&mut db.prepare_cached(text)?, params)
+/// Run `stmt`, a guest statement on `db`, whole; the rows it changed.
+fn run_statement(
+    db: &Connection,
+    stmt: &mut rusqlite::Statement<'_>,
+    params: &[Value],
+) -> rusqlite::Result<u64> {
+    let (readonly, before) = (stmt.readonly(), db.total_changes());
+    let mut rows = stmt.query(params_from_iter(params))?;
+    while rows.next()?.is_some() {}
+    // `changes` is the last INSERT, UPDATE or DELETE's: after a CREATE or
+    // DROP it is an earlier statement's count.
+    Ok(if readonly || db.total_changes() == before { 0 } else { db.changes() })
 }
 
 /// Run `stmt` with `params`: its rows, values in column order.
-fn rows_of(stmt: &mut rusqlite::CachedStatement<'_>, params: &[Value]) -> rusqlite::Result<Vec<Vec<Value>>> {
+fn rows_of(stmt: &mut rusqlite::Statement<'_>, params: &[Value]) -> rusqlite::Result<Vec<Vec<Value>>> {
     let width = stmt.column_count();
     let mut rows = stmt.query(params_from_iter(params))?;
     let mut out = Vec::new();
@@ -989,7 +1034,8 @@ mod tests {
     #[test]
     fn a_host_fault_is_kept_for_the_projection_loop() {
         let mut host = host();
-        let result = host.as_guest("", |_| -> rusqlite::Result<()> { Err(sqlite_error(ffi::SQLITE_FULL)) });
+        let result =
+            host.as_guest("", |_, _| -> rusqlite::Result<()> { Err(sqlite_error(ffi::SQLITE_FULL)) });
         let trap = result.expect_err("a full disk traps");
         assert!(format!("{trap:#}").contains("host database error"), "{trap:#}");
         assert!(host.take_host_error().is_some(), "kept, so the event is not parked");
@@ -1116,6 +1162,58 @@ mod prepared_tests {
         let err = host.execute(7, Vec::new()).unwrap().unwrap_err();
         assert_eq!(err, "no prepared statement has handle 7: use a handle `prepare` returned");
         assert!(host.query(u32::MAX, Vec::new()).unwrap().is_err());
+    }
+
+    #[test]
+    fn a_kept_statement_follows_the_schema_and_holds_no_lock() {
+        let mut host = host();
+        let insert = host.prepare("INSERT INTO users (id, name) VALUES (?1, ?2)".into()).unwrap().unwrap();
+        let select = host.prepare("SELECT count(*) FROM users".into()).unwrap().unwrap();
+        assert_eq!(
+            PreparedHost::execute(&mut host, insert.handle, vec![Value::Text("u1".into()), Value::Null])
+                .unwrap(),
+            Ok(1)
+        );
+        assert_eq!(PreparedHost::query(&mut host, select.handle, Vec::new()).unwrap().unwrap().len(), 1);
+        // The kept statements were run and are reset: nothing holds the table.
+        let sql = |host: &mut GuestHost, text: &str| {
+            crate::bindings::SqlHost::execute(host, text.into(), Vec::new()).unwrap()
+        };
+        assert_eq!(sql(&mut host, "DROP TABLE users"), Ok(0));
+        assert_eq!(sql(&mut host, "CREATE TABLE users (extra TEXT, name TEXT, id TEXT PRIMARY KEY)"), Ok(0));
+        let row = vec![Value::Text("u2".into()), Value::Text("Grace".into())];
+        assert_eq!(
+            PreparedHost::execute(&mut host, insert.handle, row).unwrap(),
+            Ok(1),
+            "prepared again against the new table"
+        );
+        let name: String =
+            host.db().query_row("SELECT name FROM users WHERE id = 'u2'", [], |r| r.get(0)).unwrap();
+        assert_eq!(name, "Grace", "the columns are found by name in the new layout");
+        assert_eq!(sql(&mut host, "DROP TABLE users"), Ok(0));
+        let err = PreparedHost::execute(&mut host, insert.handle, vec![Value::Null, Value::Null])
+            .unwrap()
+            .unwrap_err();
+        assert!(err.contains("no such table: users"), "the guest's to handle, not a trap: {err}");
+    }
+
+    #[test]
+    fn a_kept_statement_outlives_the_transaction_it_was_prepared_in() {
+        let mut host = host();
+        let insert = host.prepare("INSERT INTO users (id) VALUES (?1)".into()).unwrap().unwrap();
+        assert_eq!(
+            PreparedHost::execute(&mut host, insert.handle, vec![Value::Text("u1".into())]).unwrap(),
+            Ok(1)
+        );
+        host.db().execute_batch("ROLLBACK; BEGIN").unwrap();
+        assert_eq!(
+            PreparedHost::execute(&mut host, insert.handle, vec![Value::Text("u1".into())]).unwrap(),
+            Ok(1),
+            "u1 was rolled back"
+        );
+        host.db().execute_batch("COMMIT; BEGIN").unwrap();
+        let count: i64 = host.db().query_row("SELECT count(*) FROM users", [], |r| r.get(0)).unwrap();
+        assert_eq!(count, 1);
     }
 
     #[test]
