@@ -343,7 +343,10 @@ fn a_state_version_change_rebuilds_blue_green_and_readers_never_see_half_a_state
     assert_eq!(replayed.as_array().unwrap().len() as u64, head);
     assert!(!ws.data().join("projections/swap.db").exists(), "the old database is removed");
     assert_eq!(std::fs::read_to_string(ws.data().join("projections/swap.current")).unwrap(), "swap.1.db");
-    assert!(host.logs().contains("rebuild caught up and took over"));
+    // Readers see the new generation a moment before its line is logged.
+    wait_until(WAIT, "the take-over to be logged", || {
+        host.logs().contains("rebuild caught up and took over")
+    });
 }
 
 #[test]
@@ -393,9 +396,12 @@ fn a_restart_with_a_module_of_another_state_version_rebuilds_before_processing()
     let versions = versions_seen(&ws);
     assert_eq!(versions.len(), 5_000, "every event applied once, by the new module");
     assert!(versions.iter().all(|v| *v == 3), "the state was rebuilt from the log with v3");
+    // Readers see the new generation a moment before its line is logged.
+    wait_until(WAIT, "the take-over to be logged", || {
+        host.logs().contains("rebuild caught up and took over")
+    });
     let logs = host.logs();
     assert!(logs.contains("rebuilding from the log before processing"), "{logs}");
-    assert!(logs.contains("rebuild caught up and took over"), "{logs}");
     assert!(!ws.data().join("projections/swap.db").exists(), "the old database is removed");
     assert_eq!(std::fs::read_to_string(ws.data().join("projections/swap.current")).unwrap(), "swap.1.db");
 
