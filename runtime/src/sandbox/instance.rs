@@ -324,9 +324,12 @@ fn pack(events: &[Event], origins: &[Origin], out: &mut Vec<u8>) -> bool {
     let text: usize = events.iter().flat_map(strings).map(str::len).sum();
     let payloads: usize = events.iter().map(|event| event.data.len()).sum();
     // Records take at most 9 + 4 + 8 × 4 bytes an event.
-    if 12 + text + payloads + events.len() * 45 > PACKED_MAX {
+    let most = 12 + text + payloads + events.len() * 45;
+    if most > PACKED_MAX {
         return false;
     }
+    // One allocation, not one per doubling with the batch copied each time.
+    out.reserve(most);
     // Under PACKED_MAX, every count and length fits in a u32.
     let u32_le = |n: usize| (n as u32).to_le_bytes();
     out.extend_from_slice(&u32_le(events.len()));
