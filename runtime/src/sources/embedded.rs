@@ -288,11 +288,10 @@ impl LogReader {
         let mut rows = stmt.query(params_from_iter(args))?;
         let mut read = 0;
         while let Some(row) = rows.next().context("reading the event log")? {
-            match events.get_mut(read) {
-                Some(event) => overwrite(event, row),
-                None => new_event(row).map(|event| events.push(event)),
+            if events.len() == read {
+                events.push(blank_event());
             }
-            .context("reading the event log")?;
+            overwrite(&mut events[read], row).context("reading the event log")?;
             read += 1;
         }
         events.truncate(read);
@@ -452,19 +451,19 @@ pub fn explain(err: anyhow::Error, path: &Path) -> anyhow::Error {
     err
 }
 
-/// The event in the log's `row` (the columns `read_into` selects).
-fn new_event(row: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
-    Ok(Event {
-        position: row.get::<_, i64>(0)? as u64,
-        stream: row.get(1)?,
-        id: row.get(2)?,
-        type_: row.get(3)?,
-        subject: row.get(4)?,
-        time: row.get(5)?,
-        correlation_id: row.get(6)?,
-        causation_id: row.get(7)?,
-        data: row.get(8)?,
-    })
+/// An event with nothing in it yet, for [`overwrite`] to fill.
+fn blank_event() -> Event {
+    Event {
+        position: 0,
+        stream: String::new(),
+        id: String::new(),
+        type_: String::new(),
+        subject: None,
+        time: None,
+        correlation_id: None,
+        causation_id: None,
+        data: Vec::new(),
+    }
 }
 
 /// `event`, overwritten with the log's `row` (the columns `read_into`
