@@ -58,10 +58,16 @@ const PROGRESS_INTERVAL: i32 = 1000;
 /// without bound.
 const MAX_PREPARED: usize = 1024;
 
+/// Prepared statements kept ready to run, each ~7 KB of SQLite's memory:
+/// the handles past these are run from the connection's statement cache by
+/// their text, which keeps one instance's statements as bounded as before.
+const MAX_KEPT: usize = 256;
+
 /// A statement the guest prepared (`prepared.prepare`), kept ready to run:
 /// running it by handle looks nothing up and prepares nothing.
 struct Kept<'db> {
-    statement: rusqlite::Statement<'db>,
+    /// `None` past [`MAX_KEPT`]: run from the statement cache.
+    statement: Option<rusqlite::Statement<'db>>,
     /// Its text as the guest's (under [`GUEST_SQL_PREFIX`]).
     text: Arc<str>,
     /// The names of the columns it returns.
@@ -563,7 +569,8 @@ impl crate::bindings::PreparedHost for GuestHost {
         let prepared = self.as_guest(&statement, |db, kept| {
             let prepared = db.prepare(&text)?;
             let columns: Vec<String> = prepared.column_names().map(String::from).collect();
-            kept.push(Kept { statement: prepared, text: text.clone(), columns: columns.clone() });
+            let statement = (kept.len() < MAX_KEPT).then_some(prepared);
+            kept.push(Kept { statement, text: text.clone(), columns: columns.clone() });
             Ok(Statement { handle: (kept.len() - 1) as u32, columns })
         })?;
         if let Ok(prepared) = &prepared {
@@ -576,15 +583,21 @@ impl crate::bindings::PreparedHost for GuestHost {
         self.check_params(&params)?;
         let Some(text) = self.prepared_text(handle) else { return Ok(Err(no_statement(handle))) };
         self.as_guest(&text[GUEST_SQL_PREFIX.len()..], |db, kept| {
-            run_statement(db, &mut kept[handle as usize].statement, &params)
+            match &mut kept[handle as usize].statement {
+                Some(statement) => run_statement(db, statement, &params),
+                None => run_execute(db, &text, &params),
+            }
         })
     }
 
     fn query(&mut self, handle: u32, params: Vec<Value>) -> Result<Result<Vec<Vec<Value>>, String>> {
         self.check_params(&params)?;
         let Some(text) = self.prepared_text(handle) else { return Ok(Err(no_statement(handle))) };
-        self.as_guest(&text[GUEST_SQL_PREFIX.len()..], |_, kept| {
-            rows_of(&mut kept[handle as usize].statement, &params)
+        self.as_guest(&text[GUEST_SQL_PREFIX.len()..], |db, kept| {
+            match &mut kept[handle as usize].statement {
+                Some(statement) => rows_of(statement, &params),
+                None => run_query(db, &text, &params),
+            }
         })
     }
 }
@@ -605,6 +618,12 @@ fn no_statement(handle: u32) -> String {
 fn run_execute(db: &Connection, text: &str, params: &[Value]) -> rusqlite::Result<u64> {
     let mut stmt = db.prepare_cached(text)?;
     run_statement(db, &mut stmt, params)
+}
+
+/// Run the guest query `text`: its rows, values in column order.
+fn run_query(db: &Connection, text: &str, params: &[Value]) -> rusqlite::Result<Vec<Vec<Value>>> {
+    let mut stmt = db.prepare_cached(text)?;
+    rows_of(&mut stmt, params)
 }
 
 /// Run `stmt`, a guest statement on `db`, whole; the rows it changed.
@@ -1110,7 +1129,7 @@ mod tests {
 
 #[cfg(test)]
 mod prepared_tests {
-    use super::{GuestHost, MAX_PREPARED, Value, runtime_tables};
+    use super::{GuestHost, MAX_KEPT, MAX_PREPARED, Value, runtime_tables};
     use crate::bindings::PreparedHost;
     use crate::config::Limits;
     use rusqlite::Connection;
@@ -1221,6 +1240,15 @@ mod prepared_tests {
         let mut host = host();
         for i in 0..MAX_PREPARED {
             host.prepare(format!("SELECT {i}")).unwrap().unwrap();
+        }
+        let live = host.db.borrow_dependent().iter().filter(|kept| kept.statement.is_some()).count();
+        assert_eq!(live, MAX_KEPT, "only the first are kept prepared");
+        for handle in [0, MAX_KEPT as u32 - 1, MAX_KEPT as u32, MAX_PREPARED as u32 - 1] {
+            let rows = PreparedHost::query(&mut host, handle, Vec::new()).unwrap().unwrap();
+            assert!(
+                matches!(&rows[..], [row] if matches!(row[..], [Value::Integer(n)] if n == i64::from(handle))),
+                "{handle}: {rows:?}"
+            );
         }
         let err = host.prepare("SELECT 'one more'".into()).unwrap().unwrap_err();
         assert!(err.contains("1024 statements are prepared already"), "{err}");
