@@ -481,18 +481,23 @@ fn overwrite(event: &mut Event, row: &rusqlite::Row<'_>) -> rusqlite::Result<()>
             .map_err(|err| rusqlite::Error::FromSqlConversionFailure(i, value.data_type(), err.into()))
     }
     fn text(into: &mut String, row: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<()> {
-        into.clear();
-        into.push_str(column(row, i, ValueRef::as_str)?);
+        let value = column(row, i, ValueRef::as_str)?;
+        if fits(into.capacity(), value.len()) {
+            into.clear();
+            into.push_str(value);
+        } else {
+            *into = value.to_owned();
+        }
         Ok(())
     }
     fn optional(into: &mut Option<String>, row: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<()> {
         match (column(row, i, ValueRef::as_str_or_null)?, into.as_mut()) {
             (None, _) => *into = None,
-            (Some(value), Some(kept)) => {
+            (Some(value), Some(kept)) if fits(kept.capacity(), value.len()) => {
                 kept.clear();
                 kept.push_str(value);
             }
-            (Some(value), None) => *into = Some(value.to_owned()),
+            (Some(value), _) => *into = Some(value.to_owned()),
         }
         Ok(())
     }
@@ -504,9 +509,21 @@ fn overwrite(event: &mut Event, row: &rusqlite::Row<'_>) -> rusqlite::Result<()>
     optional(&mut event.time, row, 5)?;
     optional(&mut event.correlation_id, row, 6)?;
     optional(&mut event.causation_id, row, 7)?;
-    event.data.clear();
-    event.data.extend_from_slice(column(row, 8, ValueRef::as_bytes)?);
+    let data = column(row, 8, ValueRef::as_bytes)?;
+    if fits(event.data.capacity(), data.len()) {
+        event.data.clear();
+        event.data.extend_from_slice(data);
+    } else {
+        event.data = data.to_vec();
+    }
     Ok(())
+}
+
+/// Whether an allocation of `capacity` bytes is worth keeping for a value
+/// of `len`: not when it is over four times the size and over 4 KiB, or a
+/// big payload seen once would be held by its slot from batch to batch.
+fn fits(capacity: usize, len: usize) -> bool {
+    capacity <= len.saturating_mul(4).max(4096)
 }
 
 /// The partition key of the embedded log in checkpoints and dead letters.
@@ -716,6 +733,22 @@ mod tests {
         assert_eq!(spent.len(), 10);
         let past_head = reader.read_into(60, &filter, 25, spent).unwrap();
         assert!(past_head.events.is_empty(), "nothing after the head, and nothing left of what was spent");
+    }
+
+    #[test]
+    fn a_big_payload_is_not_held_by_its_slot_once_read_past() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EventLog::open(dir.path()).unwrap();
+        let mut big = event(0);
+        big.data = vec![b'x'; 1 << 20];
+        log.append("a", &[big, event(1)]).unwrap();
+        let mut reader = log.reader().unwrap();
+        let filter = Filter { streams: vec![], types: None };
+        let first = reader.read_into(0, &filter, 1, Vec::new()).unwrap();
+        assert_eq!(first.events[0].data.len(), 1 << 20);
+        let second = reader.read_into(1, &filter, 1, first.events).unwrap();
+        assert_eq!(second.events[0].data, event(1).data);
+        assert!(second.events[0].data.capacity() <= 4096, "{}", second.events[0].data.capacity());
     }
 
     #[test]
