@@ -61,6 +61,21 @@ pub fn cap_lengths(conn: &Connection, value_bytes: usize) {
         .expect("SQLITE_LIMIT_LENGTH is a limit SQLite knows");
 }
 
+/// Run a guest statement whole, stepping through any rows a `RETURNING`
+/// gives, and say how many rows it changed as `execute` reports it: none
+/// for a read, nor for a CREATE or DROP (SQLite's `changes` would still be
+/// the last INSERT, UPDATE or DELETE's count).
+pub fn execute_whole(
+    conn: &Connection,
+    stmt: &mut rusqlite::Statement<'_>,
+    params: impl rusqlite::Params,
+) -> rusqlite::Result<u64> {
+    let (readonly, before) = (stmt.readonly(), conn.total_changes());
+    let mut rows = stmt.query(params)?;
+    while rows.next()?.is_some() {}
+    Ok(if readonly || conn.total_changes() == before { 0 } else { conn.changes() })
+}
+
 /// The guest's rules on one connection, as [`guard`] installed them.
 #[derive(Clone)]
 pub struct GuestRules {

@@ -66,7 +66,7 @@
 use crate::context::{Backend, Context, Level, Rows, Value};
 use crate::event::Fields;
 use crate::runtime_tables::{self, OUTBOX_INSERT};
-use crate::sql_rules::{GUEST_SQL_PREFIX, GuestRules, cap_lengths};
+use crate::sql_rules::{GUEST_SQL_PREFIX, GuestRules, cap_lengths, execute_whole};
 use crate::{Event, Failure, Param, Projection};
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{OptionalExtension, ToSql, params_from_iter};
@@ -708,15 +708,7 @@ impl Backend for SqliteBackend<'_> {
     }
     fn execute(&self, statement: &str, params: &[Param<'_>]) -> Result<u64, String> {
         self.check_params(params);
-        self.as_guest(statement, |stmt| {
-            let (readonly, before) = (stmt.readonly(), self.conn.total_changes());
-            // Step through any rows (`RETURNING`) so every statement runs whole.
-            let mut rows = stmt.query(params_from_iter(params))?;
-            while rows.next()?.is_some() {}
-            // `changes` is the last INSERT, UPDATE or DELETE's: after a
-            // CREATE or DROP it is an earlier statement's count.
-            Ok(if readonly || self.conn.total_changes() == before { 0 } else { self.conn.changes() })
-        })
+        self.as_guest(statement, |stmt| execute_whole(self.conn, stmt, params_from_iter(params)))
     }
     fn query(&self, statement: &str, params: &[Param<'_>]) -> Result<Rows, String> {
         self.check_params(params);

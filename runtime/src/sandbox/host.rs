@@ -584,7 +584,7 @@ impl crate::bindings::PreparedHost for GuestHost {
         let Some(text) = self.prepared_text(handle) else { return Ok(Err(no_statement(handle))) };
         self.as_guest(&text[GUEST_SQL_PREFIX.len()..], |db, kept| {
             match &mut kept[handle as usize].statement {
-                Some(statement) => run_statement(db, statement, &params),
+                Some(statement) => sql_rules::execute_whole(db, statement, params_from_iter(&params)),
                 None => run_execute(db, &text, &params),
             }
         })
@@ -617,27 +617,13 @@ fn no_statement(handle: u32) -> String {
 /// `RETURNING` gives); the rows it changed.
 fn run_execute(db: &Connection, text: &str, params: &[Value]) -> rusqlite::Result<u64> {
     let mut stmt = db.prepare_cached(text)?;
-    run_statement(db, &mut stmt, params)
+    sql_rules::execute_whole(db, &mut stmt, params_from_iter(params))
 }
 
 /// Run the guest query `text`: its rows, values in column order.
 fn run_query(db: &Connection, text: &str, params: &[Value]) -> rusqlite::Result<Vec<Vec<Value>>> {
     let mut stmt = db.prepare_cached(text)?;
     rows_of(&mut stmt, params)
-}
-
-/// Run `stmt`, a guest statement on `db`, whole; the rows it changed.
-fn run_statement(
-    db: &Connection,
-    stmt: &mut rusqlite::Statement<'_>,
-    params: &[Value],
-) -> rusqlite::Result<u64> {
-    let (readonly, before) = (stmt.readonly(), db.total_changes());
-    let mut rows = stmt.query(params_from_iter(params))?;
-    while rows.next()?.is_some() {}
-    // `changes` is the last INSERT, UPDATE or DELETE's: after a CREATE or
-    // DROP it is an earlier statement's count.
-    Ok(if readonly || db.total_changes() == before { 0 } else { db.changes() })
 }
 
 /// Run `stmt` with `params`: its rows, values in column order.
