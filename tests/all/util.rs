@@ -216,9 +216,15 @@ impl Workspace {
     }
     /// Wait until every projection's lag is 0 and its checkpoint is `head`.
     pub fn wait_caught_up(&self, head: u64, timeout: Duration) {
-        wait_until(timeout, &format!("every projection at position {head}"), || {
-            self.status().iter().all(|s| s["checkpoint"] == head && s["lag"] == 0)
+        let mut last = Vec::new();
+        let caught_up = wait_for(timeout, || {
+            last = self.status();
+            last.iter().all(|s| s["checkpoint"] == head && s["lag"] == 0)
         });
+        assert!(
+            caught_up,
+            "timed out after {timeout:?} waiting for every projection at position {head}; last status: {last:?}"
+        );
     }
 }
 
@@ -286,16 +292,38 @@ impl Drop for Host {
             let _ = child.kill();
             let _ = child.wait();
         }
+        // A test that failed with the host up shows what the host said.
+        if std::thread::panicking() {
+            let logs = self.logs();
+            let mut start = logs.len().saturating_sub(8_000);
+            while !logs.is_char_boundary(start) {
+                start += 1;
+            }
+            let tail = &logs[start..];
+            eprintln!(
+                "--- the host's log ({}), its end:\n{tail}--- end of the host's log",
+                self.log.display()
+            );
+        }
     }
 }
 
 /// Poll `condition` every 20 ms until it holds; panic after `timeout`.
-pub fn wait_until(timeout: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+pub fn wait_until(timeout: Duration, what: &str, condition: impl FnMut() -> bool) {
+    assert!(wait_for(timeout, condition), "timed out after {timeout:?} waiting for {what}");
+}
+
+/// Poll `condition` every 20 ms until it holds (true) or `timeout` passes
+/// (false).
+pub fn wait_for(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     while !condition() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        if Instant::now() >= deadline {
+            return false;
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
+    true
 }
 
 /// sha256 of a file, hex.
