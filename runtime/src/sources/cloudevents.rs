@@ -120,7 +120,7 @@ fn parse_general(json: &str) -> Result<NewEvent, CloudEventError> {
 /// error) to the general path, which gives the same event.
 fn parse_plain(json: &str) -> Option<Result<NewEvent, CloudEventError>> {
     let Members(members) = serde_json::from_str(json).ok()?;
-    let mut object = Map::new();
+    let mut object = Listed(Vec::with_capacity(members.len()));
     let (mut data, mut data_base64) = (None, None);
     for (name, raw) in members {
         let raw = raw.get();
@@ -130,7 +130,7 @@ fn parse_plain(json: &str) -> Option<Result<NewEvent, CloudEventError>> {
             _ if raw == "null" => {}
             _ => {
                 let text: std::borrow::Cow<str> = serde_json::from_str(raw).ok()?;
-                object.insert(name.into_owned(), Value::String(text.into_owned()));
+                object.0.push((name, Value::String(text.into_owned())));
             }
         }
     }
@@ -169,6 +169,39 @@ impl<'de: 'a, 'a> serde::Deserialize<'de> for Members<'a> {
             }
         }
         deserializer.deserialize_map(Visitor(std::marker::PhantomData))
+    }
+}
+
+/// An event's attributes (all but its data), taken out one by one as the
+/// event is built from them.
+trait Attributes {
+    /// Attribute `name`, taken out.
+    fn take(&mut self, name: &str) -> Option<Value>;
+    /// The attributes not taken.
+    fn rest(&self) -> impl Iterator<Item = (&str, &Value)>;
+}
+
+impl Attributes for Map<String, Value> {
+    fn take(&mut self, name: &str) -> Option<Value> {
+        self.remove(name)
+    }
+    fn rest(&self) -> impl Iterator<Item = (&str, &Value)> {
+        self.iter().map(|(name, value)| (name.as_str(), value))
+    }
+}
+
+/// The attributes [`parse_plain`] read, unique, in a list: an event has a
+/// handful, found by a look along it quicker than by a hash, and names
+/// borrowed from the JSON text.
+struct Listed<'a>(Vec<(std::borrow::Cow<'a, str>, Value)>);
+
+impl Attributes for Listed<'_> {
+    fn take(&mut self, name: &str) -> Option<Value> {
+        let at = self.0.iter().position(|(listed, _)| listed == name)?;
+        Some(self.0.swap_remove(at).1)
+    }
+    fn rest(&self) -> impl Iterator<Item = (&str, &Value)> {
+        self.0.iter().map(|(name, value)| (name.as_ref(), value))
     }
 }
 
@@ -257,7 +290,7 @@ pub fn from_object(mut object: Map<String, Value>) -> Result<NewEvent, CloudEven
 /// An event of `object`'s attributes (all but the data), `data` and
 /// `data_base64`.
 fn from_attributes(
-    mut object: Map<String, Value>,
+    mut object: impl Attributes,
     data: Option<Data>,
     data_base64: Option<Value>,
 ) -> Result<NewEvent, CloudEventError> {
@@ -291,7 +324,7 @@ fn from_attributes(
         check_length(attribute, value.map_or(0, String::len))?;
     }
     // Other extensions are not kept, but are held to the same rule.
-    for (attribute, value) in object.iter().filter(|(k, _)| !matches!(k.as_str(), "data" | "data_base64")) {
+    for (attribute, value) in object.rest().filter(|(k, _)| !matches!(*k, "data" | "data_base64")) {
         let bytes = match value {
             Value::String(text) => text.len(),
             other => serde_json::to_string(other).map_or(0, |text| text.len()),
@@ -436,8 +469,8 @@ fn is_json(content_type: Option<&str>) -> bool {
     }
 }
 
-fn required(object: &mut Map<String, Value>, name: &'static str) -> Result<String, CloudEventError> {
-    match object.remove(name) {
+fn required(object: &mut impl Attributes, name: &'static str) -> Result<String, CloudEventError> {
+    match object.take(name) {
         None | Some(Value::Null) => Err(CloudEventError::Missing(name)),
         Some(Value::String(s)) if s.is_empty() => Err(invalid(name, "must not be empty".into())),
         Some(Value::String(s)) => Ok(s),
@@ -445,8 +478,8 @@ fn required(object: &mut Map<String, Value>, name: &'static str) -> Result<Strin
     }
 }
 
-fn optional(object: &mut Map<String, Value>, name: &'static str) -> Result<Option<String>, CloudEventError> {
-    match object.remove(name) {
+fn optional(object: &mut impl Attributes, name: &'static str) -> Result<Option<String>, CloudEventError> {
+    match object.take(name) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
         Some(other) => Err(invalid(name, format!("must be a string, found {}", kind(&other)))),
@@ -534,6 +567,11 @@ mod tests {
             r#"{"specversion":"1.0","source":"api","type":"t"}"#.to_string(),
             r#"[1,2]"#.to_string(),
             r#"{"specversion":"1.0""#.to_string(),
+            r#"{"specversion":"0.3","id":"e1","source":"api","type":"t"}"#.to_string(),
+            format!(r#"{{{head},"time":"yesterday","data":{{}}}}"#),
+            format!(r#"{{{head},"one":"{long}","two":"{long}"}}"#, long = "x".repeat(2000)),
+            format!(r#"{{"one":"{long}",{head},"data":{{}},"two":"{long}"}}"#, long = "x".repeat(2000)),
+            format!(r#"{{"data":{{}},"one":"{long}","subject":"{long}",{head}}}"#, long = "x".repeat(2000)),
         ];
         for line in &malformed {
             assert!(parse_general(line).is_err(), "{line}");
