@@ -12,6 +12,7 @@
 use crate::sources::embedded::NewEvent;
 use base64::Engine as _;
 use serde_json::{Map, Value};
+use std::borrow::Cow;
 use thiserror::Error;
 
 /// What is wrong with one CloudEvent.
@@ -202,7 +203,17 @@ impl Attributes for Map<String, Value> {
 /// The attributes [`parse_plain`] read, unique, in a list: an event has a
 /// handful, found by a look along it quicker than by a hash, and names
 /// borrowed from the JSON text.
-struct Listed<'a>(Vec<(std::borrow::Cow<'a, str>, Value)>);
+struct Listed<'a>(Vec<(Cow<'a, str>, Value)>);
+
+impl<'a> Listed<'a> {
+    /// Attribute `name` set to `value`, in the place of an earlier value.
+    fn set(&mut self, name: Cow<'a, str>, value: Value) {
+        match self.0.iter_mut().find(|(listed, _)| *listed == name) {
+            Some((_, earlier)) => *earlier = value,
+            None => self.0.push((name, value)),
+        }
+    }
+}
 
 impl Attributes for Listed<'_> {
     fn take(&mut self, name: &str) -> Option<Value> {
@@ -378,24 +389,27 @@ pub fn from_binary<'a>(
     body: &[u8],
     percent_encoded: bool,
 ) -> Result<NewEvent, CloudEventError> {
-    let mut object = Map::new();
+    let mut object = Listed(Vec::new());
     for (name, value) in headers {
-        let name = name.to_ascii_lowercase();
+        let name = match name.bytes().any(|b| b.is_ascii_uppercase()) {
+            true => Cow::Owned(name.to_ascii_lowercase()),
+            false => Cow::Borrowed(name),
+        };
+        let attribute = match name.strip_prefix("ce-") {
+            Some("data" | "data_base64") => continue,
+            Some(attribute) => Cow::Owned(attribute.to_string()),
+            None if name == "content-type" => Cow::Borrowed("datacontenttype"),
+            None => continue,
+        };
         let value = match percent_encoded {
             true => {
                 percent_decode(value).map_err(|reason| invalid(name.trim_start_matches("ce-"), reason))?
             }
             false => value.to_string(),
         };
-        if let Some(attribute) = name.strip_prefix("ce-") {
-            if !matches!(attribute, "data" | "data_base64") {
-                object.insert(attribute.to_string(), value.into());
-            }
-        } else if name == "content-type" {
-            object.insert("datacontenttype".into(), value.into());
-        }
+        object.set(attribute, value.into());
     }
-    let mut event = from_object(object)?;
+    let mut event = from_attributes(object, None, None)?;
     event.data = body.to_vec();
     Ok(event)
 }
@@ -590,6 +604,40 @@ mod tests {
             assert!(parse_general(line).is_err(), "{line}");
             assert_eq!(parse_event(line), parse_general(line), "{line}");
         }
+    }
+
+    #[test]
+    fn a_binary_event_takes_its_attributes_from_ce_headers_in_any_case() {
+        let headers = [
+            ("CE-SpecVersion", "1.0"),
+            ("ce-id", "first"),
+            ("ce-source", "api"),
+            ("Ce-Type", "t"),
+            ("ce-id", "e%201"),
+            ("ce-data", "not the data"),
+            ("Content-Type", "application/json"),
+            ("authorization", "100%"),
+        ];
+        let event = from_binary(headers, br#"{"a":1}"#, true).unwrap();
+        assert_eq!(event.id, "e 1", "the last of a repeated header, percent-decoded");
+        assert_eq!((event.source.as_str(), event.event_type.as_str()), ("api", "t"));
+        assert_eq!(event.datacontenttype.as_deref(), Some("application/json"));
+        assert_eq!(event.data, br#"{"a":1}"#, "the body is the data, never a header");
+
+        let head = [("ce-specversion", "1.0"), ("ce-id", "e1"), ("ce-source", "api"), ("ce-type", "t")];
+        let bad = |extra: (&'static str, &str)| from_binary(head.into_iter().chain([extra]), b"", true);
+        assert_eq!(
+            bad(("ce-subject", "%zz")),
+            Err(invalid("subject", "has a `%` not followed by two hex digits in \"%zz\"".into()))
+        );
+        let long = "x".repeat(MAX_ATTRIBUTE_BYTES + 1);
+        assert!(
+            matches!(bad(("CE-Region", &long)), Err(CloudEventError::Invalid { attribute, .. }) if attribute == "region")
+        );
+        assert_eq!(
+            from_binary(head.into_iter().skip(1), b"", false),
+            Err(CloudEventError::Missing("specversion"))
+        );
     }
 
     #[test]
