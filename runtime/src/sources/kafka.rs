@@ -65,7 +65,7 @@ use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, Prod
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -309,9 +309,15 @@ struct Feed {
 type Polled = (u64, Result<Held, KafkaError>);
 
 /// The prefetch thread: polls librdkafka's queue and decodes each record
-/// until the reader is dropped.
-fn prefetch(feed: Arc<Feed>, sender: SyncSender<Polled>) {
+/// until the reader is dropped. The events of the batches the reader is
+/// done with come back (`spent`) and are freed here, where they were
+/// allocated: the applying thread, which limits a catch-up, frees none of
+/// them, and this thread's allocator reuses what it gets back.
+fn prefetch(feed: Arc<Feed>, sender: SyncSender<Polled>, spent: Receiver<Vec<Event>>) {
     while !feed.stop.load(Ordering::Relaxed) {
+        while let Ok(events) = spent.try_recv() {
+            drop(events);
+        }
         if feed.seeking.load(Ordering::Relaxed) {
             std::thread::sleep(Duration::from_millis(1));
             continue;
@@ -359,6 +365,8 @@ pub struct KafkaSource {
     feed: Arc<Feed>,
     /// What the prefetch thread decoded.
     prefetched: Receiver<Polled>,
+    /// Spent events, back to the prefetch thread to be freed there.
+    spent: Sender<Vec<Event>>,
     /// The assignment in force (what [`Feed::assignment`] holds).
     assignment: u64,
     shared: Arc<Shared>,
@@ -409,10 +417,11 @@ impl KafkaSource {
             stop: AtomicBool::new(false),
         });
         let (sender, prefetched) = std::sync::mpsc::sync_channel(PREFETCH);
+        let (spent, freeing) = std::sync::mpsc::channel();
         let prefetching = feed.clone();
         std::thread::Builder::new()
             .name("kafka-prefetch".to_string())
-            .spawn(move || prefetch(prefetching, sender))
+            .spawn(move || prefetch(prefetching, sender, freeing))
             .context("cannot start a Kafka reader's prefetch thread")?;
         Ok(KafkaSource {
             key: key.to_string(),
@@ -421,6 +430,7 @@ impl KafkaSource {
             types: filter.types.clone(),
             feed,
             prefetched,
+            spent,
             assignment: 0,
             shared,
             partitions: BTreeMap::new(),
@@ -735,7 +745,7 @@ impl Source for KafkaSource {
                     batch.end.set(&name, partition.next);
                     moved = true;
                     if self.types.as_ref().is_none_or(|types| types.contains(&event.event_type)) {
-                        batch.events.push(to_event(&record.topic, record.offset, event));
+                        batch.events.push(to_event(std::mem::take(&mut record.topic), record.offset, event));
                         batch.partitions.push(name);
                         batch.checkpoints.push(record.offset + 1);
                         if fill_until.is_none() {
@@ -777,6 +787,11 @@ impl Source for KafkaSource {
         }
         self.expected = Some(batch.end.clone());
         Ok(batch)
+    }
+
+    fn recycle(&mut self, batch: Batch) {
+        // A prefetch thread that is gone has nothing to free: drop here.
+        let _ = self.spent.send(batch.events);
     }
 
     fn acknowledge(&mut self, upto: &Checkpoint) -> Result<(), SourceError> {
@@ -901,9 +916,9 @@ fn parse<H: Headers>(headers: Option<&H>, payload: &[u8]) -> Result<NewEvent, St
 
 /// The event a record carries: its topic as the stream, its offset as the
 /// position.
-fn to_event(topic: &str, offset: u64, event: NewEvent) -> Event {
+fn to_event(topic: String, offset: u64, event: NewEvent) -> Event {
     Event {
-        stream: topic.to_string(),
+        stream: topic,
         position: offset,
         id: event.id,
         type_: event.event_type,
