@@ -92,6 +92,43 @@ pub const OUTBOX_INSERT: &str = "INSERT INTO projector_outbox (id, stream, type,
      correlation_id, causation_id, source, time, position, partition) \
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), ?9, ?10)";
 
+/// An emitted event, as [`record_emitted`] writes it to the outbox.
+pub struct Emitted<'a> {
+    /// Its deterministic id ([`emit_id`]).
+    pub id: &'a str,
+    pub stream: &'a str,
+    pub event_type: &'a str,
+    pub subject: Option<&'a str>,
+    pub data: &'a [u8],
+    /// The correlation id and id of the event that caused it.
+    pub correlation_id: Option<&'a str>,
+    pub causation_id: &'a str,
+    /// The projection that emitted it: its source is [`emit_source`].
+    pub projection: &'a str,
+    /// Where its cause leaves the checkpoint of `partition`.
+    pub position: u64,
+    pub partition: Option<&'a str>,
+}
+
+/// Record `event` in the outbox ([`OUTBOX_INSERT`]), in the transaction of
+/// the batch that caused it.
+pub fn record_emitted(conn: &rusqlite::Connection, event: &Emitted<'_>) -> rusqlite::Result<()> {
+    let mut stmt = conn.prepare_cached(OUTBOX_INSERT)?;
+    stmt.execute(rusqlite::params![
+        event.id,
+        event.stream,
+        event.event_type,
+        event.subject,
+        event.data,
+        event.correlation_id,
+        event.causation_id,
+        emit_source(event.projection),
+        i64::try_from(event.position).unwrap_or(i64::MAX),
+        event.partition,
+    ])?;
+    Ok(())
+}
+
 /// The longest event type or subject an emitted event may carry, bytes.
 pub const MAX_EMIT_NAME_BYTES: usize = 1024;
 

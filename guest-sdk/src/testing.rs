@@ -65,7 +65,7 @@
 
 use crate::context::{Backend, Context, Level, Rows, Value};
 use crate::event::Fields;
-use crate::runtime_tables::{self, OUTBOX_INSERT};
+use crate::runtime_tables;
 use crate::sql_rules::{GUEST_SQL_PREFIX, GuestRules, cap_lengths, execute_whole};
 use crate::{Event, Failure, Param, Projection};
 use rusqlite::types::{ToSqlOutput, ValueRef};
@@ -737,23 +737,19 @@ impl Backend for SqliteBackend<'_> {
         let (_, causation_id, correlation_id, emitted) = &mut call.batch[i];
         let id = runtime_tables::emit_id(self.name, None, position, *emitted);
         *emitted += 1;
-        let (causation_id, correlation_id) = (&*causation_id, &*correlation_id);
-        self.conn
-            .prepare_cached(OUTBOX_INSERT)
-            .and_then(|mut stmt| {
-                stmt.execute(rusqlite::params![
-                    id,
-                    stream,
-                    event_type,
-                    subject,
-                    data,
-                    correlation_id,
-                    causation_id,
-                    runtime_tables::emit_source(self.name),
-                    position as i64,
-                    None::<String>,
-                ])
-            })
+        let emitted = runtime_tables::Emitted {
+            id: &id,
+            stream,
+            event_type,
+            subject,
+            data,
+            correlation_id: correlation_id.as_deref(),
+            causation_id,
+            projection: self.name,
+            position,
+            partition: None,
+        };
+        runtime_tables::record_emitted(self.conn, &emitted)
             .unwrap_or_else(|err| panic!("record emitted event {id}: {err}"));
         Ok(())
     }

@@ -307,22 +307,20 @@ impl GuestHost {
         let partition = event.origin.partition.as_deref();
         let id = runtime_tables::emit_id(&self.projection, partition, event.position, event.emitted);
         event.emitted += 1;
-        let result =
-            self.db.borrow_owner().prepare_cached(runtime_tables::OUTBOX_INSERT).and_then(|mut stmt| {
-                stmt.execute(rusqlite::params![
-                    id,
-                    stream,
-                    event_type,
-                    subject,
-                    data,
-                    event.correlation_id.clone().map(|range| &self.batch_ids[range]),
-                    &self.batch_ids[event.id.clone()],
-                    runtime_tables::emit_source(&self.projection),
-                    i64::try_from(event.origin.through).unwrap_or(i64::MAX),
-                    partition,
-                ])
-            });
-        result.map(|_| Ok(())).map_err(|err| self.host_failed(err))
+        let emitted = runtime_tables::Emitted {
+            id: &id,
+            stream: &stream,
+            event_type: &event_type,
+            subject: subject.as_deref(),
+            data: &data,
+            correlation_id: event.correlation_id.clone().map(|range| &self.batch_ids[range]),
+            causation_id: &self.batch_ids[event.id.clone()],
+            projection: &self.projection,
+            position: event.origin.through,
+            partition,
+        };
+        let result = runtime_tables::record_emitted(self.db.borrow_owner(), &emitted);
+        result.map(Ok).map_err(|err| self.host_failed(err))
     }
 
     /// Check an emitted event's names and size, in the harness's order:

@@ -147,9 +147,9 @@ fn parse_plain(json: &str) -> Option<Result<NewEvent, CloudEventError>> {
 /// The text of `raw`, valid JSON, if it is a string: read straight from
 /// between its quotes when it has no escapes (valid JSON holds no bare
 /// quote or control character there), else by the parser.
-fn string_of(raw: &str) -> Option<std::borrow::Cow<'_, str>> {
+fn string_of(raw: &str) -> Option<Cow<'_, str>> {
     match raw.strip_prefix('"').and_then(|rest| rest.strip_suffix('"')) {
-        Some(text) if !text.contains('\\') => Some(std::borrow::Cow::Borrowed(text)),
+        Some(text) if !text.contains('\\') => Some(Cow::Borrowed(text)),
         _ => serde_json::from_str(raw).ok(),
     }
 }

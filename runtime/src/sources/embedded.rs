@@ -480,24 +480,24 @@ fn overwrite(event: &mut Event, row: &rusqlite::Row<'_>) -> rusqlite::Result<()>
         as_type(&value)
             .map_err(|err| rusqlite::Error::FromSqlConversionFailure(i, value.data_type(), err.into()))
     }
-    fn text(into: &mut String, row: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<()> {
-        let value = column(row, i, ValueRef::as_str)?;
+    /// `into` holding `value`, in its own allocation when that [`fits`].
+    fn refill(into: &mut String, value: &str) {
         if fits(into.capacity(), value.len()) {
             into.clear();
             into.push_str(value);
         } else {
             *into = value.to_owned();
         }
+    }
+    fn text(into: &mut String, row: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<()> {
+        refill(into, column(row, i, ValueRef::as_str)?);
         Ok(())
     }
     fn optional(into: &mut Option<String>, row: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<()> {
         match (column(row, i, ValueRef::as_str_or_null)?, into.as_mut()) {
             (None, _) => *into = None,
-            (Some(value), Some(kept)) if fits(kept.capacity(), value.len()) => {
-                kept.clear();
-                kept.push_str(value);
-            }
-            (Some(value), _) => *into = Some(value.to_owned()),
+            (Some(value), Some(kept)) => refill(kept, value),
+            (Some(value), None) => *into = Some(value.to_owned()),
         }
         Ok(())
     }
