@@ -388,12 +388,15 @@ fn run_over_kafka_sigkilled_mid_stream_builds_the_state_of_a_replay_and_commits_
         if !matches!(i, 1 | 3 | 4) {
             publish_chunk(&ws, &servers, "wallets", i, chunk);
         } else {
-            // Killed while it reads the chunk being published: a batch in.
-            std::thread::scope(|scope| {
-                scope.spawn(|| publish_chunk(&ws, &servers, "wallets", i, chunk));
-                wait_checkpoint(&ws, before + 100, Duration::from_secs(60));
-                host.kill();
-            });
+            // A backlog for the kill: the chunk is published with the host
+            // down (killed wherever it stood), then the host is killed a
+            // batch into it. A chunk published while the host reads could
+            // be read whole before the kill lands.
+            host.kill();
+            publish_chunk(&ws, &servers, "wallets", i, chunk);
+            host = ws.start();
+            let depth = before + 100;
+            host.kill_when(&format!("checkpoint {depth}"), || checkpoint_total(&ws, "recorder") >= depth);
             let at = checkpoint_total(&ws, "recorder");
             assert!(at < published, "the kill landed mid-stream ({at} of {published})");
             kills += 1;
