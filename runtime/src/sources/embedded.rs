@@ -569,13 +569,29 @@ impl EmbeddedSource {
         })
     }
 
-    /// The batch read ahead, if it is the one after `from` of at most `max`
-    /// events; a read ahead of another is dropped.
+    /// The batch read ahead, if it is the one after `from`, made a batch of
+    /// at most `max` events; a read ahead of another is dropped.
     fn take_ahead(&mut self, from: u64, max: usize) -> Option<Result<Batch>> {
         let ahead = self.ahead.take()?;
         let (reader, result) = ahead.thread.join().expect("a read ahead does not panic");
         self.spare = Some(reader);
-        (ahead.from == from && ahead.max == max).then_some(result)
+        (ahead.from == from).then(|| self.resize(result?, ahead.max, max))
+    }
+
+    /// `batch`, read ahead as at most `read` events, as the batch of at
+    /// most `max` asked for now: an adaptive batch changes size between
+    /// reads, and a read ahead of the old size is still the start of the
+    /// new one. Cut short, or topped up from where it ended if it came full.
+    fn resize(&mut self, mut batch: Batch, read: usize, max: usize) -> Result<Batch> {
+        if batch.events.len() > max {
+            batch.events.truncate(max);
+            batch.scanned_to = batch.events.last().map_or(batch.scanned_to, |last| last.position);
+        } else if batch.events.len() == read && read < max {
+            let rest = self.reader.read_after(batch.scanned_to, &self.filter, max - read)?;
+            batch.events.extend(rest.events);
+            batch.scanned_to = rest.scanned_to;
+        }
+        Ok(batch)
     }
 
     /// Start reading the batch after `from` on a thread of its own.
@@ -749,6 +765,46 @@ mod tests {
         let second = reader.read_into(1, &filter, 1, first.events).unwrap();
         assert_eq!(second.events[0].data, event(1).data);
         assert!(second.events[0].data.capacity() <= 4096, "{}", second.events[0].data.capacity());
+    }
+
+    /// Every batch of `source` from the start of a log of 100 events, of
+    /// the sizes in `sizes` (the last repeated), as (first, last) positions.
+    fn batches_of(source: &mut EmbeddedSource, sizes: &[usize]) -> Vec<(u64, u64)> {
+        let (mut at, mut got) = (0, Vec::new());
+        for i in 0.. {
+            let max = sizes[i.min(sizes.len() - 1)];
+            let batch = source.next_batch(&Checkpoint::at(PARTITION, at), max, Duration::ZERO).unwrap();
+            let Some(last) = batch.events.last() else { break };
+            assert!(batch.events.len() <= max, "a batch of {} when {max} were asked", batch.events.len());
+            let positions: Vec<u64> = batch.events.iter().map(|e| e.position).collect();
+            assert_eq!(positions, (at + 1..=last.position).collect::<Vec<_>>(), "in order, none skipped");
+            got.push((at + 1, last.position));
+            at = batch.end.position(PARTITION);
+            source.recycle(batch);
+        }
+        got
+    }
+
+    #[test]
+    fn a_read_ahead_serves_a_batch_of_another_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EventLog::open(dir.path()).unwrap();
+        log.append("a", &(0..100).map(event).collect::<Vec<_>>()).unwrap();
+        let filter = Filter { streams: vec![], types: None };
+        let mut source = EmbeddedSource::new(&log, &filter).unwrap();
+        let first = source.next_batch(&Checkpoint::at(PARTITION, 0), 10, Duration::ZERO).unwrap();
+        assert_eq!(first.events.len(), 10, "full: the next 10 are read ahead");
+        let grown = source.take_ahead(10, 25).expect("the read ahead serves a bigger batch").unwrap();
+        assert_eq!((grown.events.len(), grown.scanned_to), (25, 35), "topped up from where it ended");
+        source.next_batch(&Checkpoint::at(PARTITION, 35), 25, Duration::ZERO).unwrap();
+        let shrunk = source.take_ahead(60, 5).expect("the read ahead serves a smaller batch").unwrap();
+        assert_eq!((shrunk.events.len(), shrunk.scanned_to), (5, 65), "cut short");
+        // Growing, as an adaptive batch does while behind, and shrinking,
+        // as after a slow batch: every event once, in order.
+        let mut source = EmbeddedSource::new(&log, &filter).unwrap();
+        assert_eq!(batches_of(&mut source, &[10, 20, 40]), [(1, 10), (11, 30), (31, 70), (71, 100)]);
+        let mut source = EmbeddedSource::new(&log, &filter).unwrap();
+        assert_eq!(batches_of(&mut source, &[40, 10, 25]), [(1, 40), (41, 50), (51, 75), (76, 100)]);
     }
 
     #[test]
