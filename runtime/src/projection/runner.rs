@@ -385,39 +385,18 @@ impl ProjectionRunner {
              rebuilding from the log before processing"
         );
         let old = store::open(&spec.database)?;
-        let mut green_spec = spec.clone();
-        green_spec.database = crate::config::paths::next_generation(&spec.database, &spec.name);
         let sha256 = module.sha256.clone();
-        // Until it takes over, the new module is not the projection's: the
-        // API must not run its `query` over the old database.
-        let scratch = Arc::new(LiveProjection::new(&spec.name, Arc::default()));
-        let built = Self::start_generation(
-            engine,
-            &green_spec,
-            module,
-            opener,
-            stop.clone(),
-            scratch,
-            &spec.database,
-        )
-        .and_then(|mut green| {
-            store::set_meta(&old, "state", Some("running"))?;
-            let mut reported = std::time::Instant::now();
-            loop {
-                green.catch_up_with(|position, head| {
-                    if reported.elapsed() >= Duration::from_millis(100) {
-                        reported = std::time::Instant::now();
-                        let progress = serde_json::json!({
-                            "module": sha256, "position": position, "head": head,
-                        });
-                        let _ = store::set_meta(&old, "rebuilding", Some(&progress.to_string()));
-                    }
-                })?;
-                if stop.load(Ordering::Relaxed) || green.behind()? == 0 {
-                    return Ok(green);
+        let mut reported = std::time::Instant::now();
+        let started = || store::set_meta(&old, "state", Some("running"));
+        let (built, generation) =
+            Self::build_generation(engine, spec, module, opener, &stop, started, |position, head| {
+                if reported.elapsed() >= Duration::from_millis(100) {
+                    reported = std::time::Instant::now();
+                    let progress =
+                        serde_json::json!({ "module": sha256, "position": position, "head": head });
+                    let _ = store::set_meta(&old, "rebuilding", Some(&progress.to_string()));
                 }
-            }
-        });
+            });
         store::set_meta(&old, "rebuilding", None)?;
         let built = built.and_then(|green| {
             if !stop.load(Ordering::Relaxed) {
@@ -440,12 +419,12 @@ impl ProjectionRunner {
             }
             Ok(stopped) => {
                 drop(stopped);
-                store::remove_database(&green_spec.database);
+                store::remove_database(&generation);
                 store::set_meta(&old, "state", Some("stopped"))?;
                 Ok(None)
             }
             Err(err) => {
-                store::remove_database(&green_spec.database);
+                store::remove_database(&generation);
                 Err(err.context(format!(
                     "projection {}: the rebuild failed; its database is unchanged",
                     spec.name
@@ -465,11 +444,46 @@ impl ProjectionRunner {
         spec: &ProjectionSpec,
         opener: &Arc<dyn SourceOpener>,
         stop: Arc<AtomicBool>,
-        mut progress: impl FnMut(u64, u64),
+        progress: impl FnMut(u64, u64),
     ) -> Result<bool> {
         let module = engine
             .load_file(&spec.module)
             .with_context(|| format!("projection {}: cannot load its module", spec.name))?;
+        let (built, generation) =
+            Self::build_generation(engine, spec, module, opener, &stop, || Ok(()), progress);
+        match built {
+            Ok(mut green) if !stop.load(Ordering::Relaxed) => {
+                green.take_over(&spec.database)?;
+                Ok(true)
+            }
+            Ok(stopped) => {
+                drop(stopped);
+                store::remove_database(&generation);
+                Ok(false)
+            }
+            Err(err) => {
+                store::remove_database(&generation);
+                Err(err.context(format!("projection {}: the rebuild failed", spec.name)))
+            }
+        }
+    }
+
+    /// Build the next generation of projection `spec`'s database with
+    /// `module` from the source until it has caught up, or until `stop`;
+    /// `started` is called once its runner has started, `progress(position,
+    /// head)` after every batch. The runner
+    /// is not the projection's yet (the API runs no `query` of the new
+    /// module over the database in use); the caller hands over or removes
+    /// the generation, whose path comes back beside it.
+    fn build_generation(
+        engine: Arc<ProjectorEngine>,
+        spec: &ProjectionSpec,
+        module: LoadedModule,
+        opener: &Arc<dyn SourceOpener>,
+        stop: &Arc<AtomicBool>,
+        started: impl FnOnce() -> Result<()>,
+        mut progress: impl FnMut(u64, u64),
+    ) -> (Result<Self>, std::path::PathBuf) {
         let mut green_spec = spec.clone();
         green_spec.database = crate::config::paths::next_generation(&spec.database, &spec.name);
         let scratch = Arc::new(LiveProjection::new(&spec.name, Arc::default()));
@@ -483,6 +497,7 @@ impl ProjectionRunner {
             &spec.database,
         )
         .and_then(|mut green| {
+            started()?;
             loop {
                 green.catch_up_with(&mut progress)?;
                 if stop.load(Ordering::Relaxed) || green.behind()? == 0 {
@@ -490,21 +505,7 @@ impl ProjectionRunner {
                 }
             }
         });
-        match built {
-            Ok(mut green) if !stop.load(Ordering::Relaxed) => {
-                green.take_over(&spec.database)?;
-                Ok(true)
-            }
-            Ok(stopped) => {
-                drop(stopped);
-                store::remove_database(&green_spec.database);
-                Ok(false)
-            }
-            Err(err) => {
-                store::remove_database(&green_spec.database);
-                Err(err.context(format!("projection {}: the rebuild failed", spec.name)))
-            }
-        }
+        (built, green_spec.database)
     }
 
     /// A rebuild's runner: [`ProjectionRunner::start_with_module`] over a
