@@ -270,6 +270,47 @@ fn a_cluster_that_is_down_makes_reads_unavailable_with_the_reason() {
     }
 }
 
+#[test]
+fn projector_publish_keys_each_record_and_a_file_with_a_bad_line_or_a_missing_topic_publishes_nothing() {
+    let broker = shared_broker();
+    let servers = broker.servers();
+    broker.create_topic("cli", 1);
+    let ws = Workspace::new();
+    write_kafka_config(&ws, &servers, "cli");
+    let total = |topic: &str| high_watermarks(&servers, "orders", topic).values().sum::<u64>();
+
+    let mut bad = keyed_wallet_events(3, 3, "bad");
+    bad[1] = r#"{"specversion":"1.0","id":"x","source":"s"}"#.to_string();
+    let bad = ws.write_events("bad.jsonl", &bad);
+    let err = run_err(&["publish", "--config", &ws.config_str(), "--source", "orders", "cli", &bad]);
+    assert!(err.contains("bad.jsonl: line 2: missing required attribute `type`"), "{err}");
+    assert_eq!(total("cli"), 0, "nothing of a bad file is published");
+
+    let lines = keyed_wallet_events(20, 4, "cli");
+    let file = ws.write_events("good.jsonl", &lines);
+    let err =
+        run_err(&["publish", "--config", &ws.config_str(), "--source", "orders", "no-such-topic", &file]);
+    assert!(err.contains("topic no-such-topic does not exist on Kafka") && err.contains("--create"), "{err}");
+
+    publish_cli(&ws, "good.jsonl", "cli", &lines);
+    let expected: Vec<(Option<String>, String)> =
+        parsed(&lines).into_iter().map(|e| (e.subject.clone(), e.id)).collect();
+    let found: Vec<(Option<String>, String)> = records(&servers, "cli")
+        .into_iter()
+        .map(|(key, value)| (key, value["id"].as_str().unwrap().to_string()))
+        .collect();
+    assert_eq!(found, expected, "each event once, in order, keyed by its subject");
+
+    // Standard input works as for `append`.
+    let output = run_with_stdin(
+        &["publish", "--config", &ws.config_str(), "--source", "orders", "cli", "-"],
+        &(keyed_wallet_events(5, 5, "stdin").join("\n") + "\n"),
+    );
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(json(&String::from_utf8(output.stdout).unwrap())["published"], 5);
+    assert_eq!(total("cli"), 25);
+}
+
 const STATE_SQL: [&str; 2] = [
     "SELECT wallet_address, user_id, allowlisted_at FROM allowlist ORDER BY wallet_address",
     "SELECT user_id, wallet_address, kyc_verified_at FROM users ORDER BY user_id",
