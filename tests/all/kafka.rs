@@ -279,11 +279,7 @@ fn projector_publish_keys_each_record_and_a_file_with_a_bad_line_or_a_missing_to
     write_kafka_config(&ws, &servers, "cli");
     let total = |topic: &str| high_watermarks(&servers, "orders", topic).values().sum::<u64>();
 
-    let mut bad = keyed_wallet_events(3, 3, "bad");
-    bad[1] = r#"{"specversion":"1.0","id":"x","source":"s"}"#.to_string();
-    let bad = ws.write_events("bad.jsonl", &bad);
-    let err = run_err(&["publish", "--config", &ws.config_str(), "--source", "orders", "cli", &bad]);
-    assert!(err.contains("bad.jsonl: line 2: missing required attribute `type`"), "{err}");
+    publish_a_file_with_a_bad_line(&ws, "orders", "cli");
     assert_eq!(total("cli"), 0, "nothing of a bad file is published");
 
     let lines = keyed_wallet_events(20, 4, "cli");

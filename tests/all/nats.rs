@@ -522,11 +522,7 @@ fn projector_publish_stores_each_event_once_and_a_file_with_a_bad_line_publishes
     assert_eq!(publish(&file), serde_json::json!({"published": 0, "duplicates": 500}));
     assert_eq!(stream_state(&urls, STREAM), (500, 1, 500), "each event once");
 
-    let mut bad = wallet_events(3, 20, "bad");
-    bad[1] = r#"{"specversion":"1.0","id":"x","source":"s"}"#.to_string();
-    let bad = ws.write_events("bad.jsonl", &bad);
-    let err = run_err(&["publish", "--config", &ws.config_str(), "--source", "bus", "wallets.eu", &bad]);
-    assert!(err.contains("bad.jsonl: line 2: missing required attribute `type`"), "{err}");
+    publish_a_file_with_a_bad_line(&ws, "bus", "wallets.eu");
     assert_eq!(stream_state(&urls, STREAM), (500, 1, 500), "nothing of a bad file is published");
 
     // Standard input works as for `append`.

@@ -486,11 +486,7 @@ fn projector_publish_adds_each_event_once_and_a_file_with_a_bad_line_adds_nothin
     let stored = entries(&server, "wallets");
     assert_eq!(stored[0].1, "cli-0", "structured mode: the event in field `cloudevent`");
 
-    let mut bad = wallet_events(3, 20, "bad");
-    bad[1] = r#"{"specversion":"1.0","id":"x","source":"s"}"#.to_string();
-    let bad = ws.write_events("bad.jsonl", &bad);
-    let err = run_err(&["publish", "--config", &ws.config_str(), "--source", "cache", "wallets", &bad]);
-    assert!(err.contains("bad.jsonl: line 2: missing required attribute `type`"), "{err}");
+    publish_a_file_with_a_bad_line(&ws, "cache", "wallets");
     assert_eq!(len("wallets"), 500, "nothing of a bad file is added");
 
     // Standard input works as for `append`.

@@ -54,6 +54,17 @@ pub fn run_err(args: &[&str]) -> String {
     String::from_utf8(output.stderr).unwrap()
 }
 
+/// `projector publish` to `stream` of source `source` of a file of three
+/// events whose second has no `type`: refused, naming the file and line.
+/// The caller checks that nothing of it was published.
+pub fn publish_a_file_with_a_bad_line(ws: &Workspace, source: &str, stream: &str) {
+    let mut bad = wallet_events(3, 20, "bad");
+    bad[1] = r#"{"specversion":"1.0","id":"x","source":"s"}"#.to_string();
+    let bad = ws.write_events("bad.jsonl", &bad);
+    let err = run_err(&["publish", "--config", &ws.config_str(), "--source", source, stream, &bad]);
+    assert!(err.contains("bad.jsonl: line 2: missing required attribute `type`"), "{err}");
+}
+
 /// Run `projector args…` with `input` on stdin.
 pub fn run_with_stdin(args: &[&str], input: &str) -> Output {
     let mut child = projector()

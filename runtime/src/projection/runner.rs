@@ -471,10 +471,10 @@ impl ProjectionRunner {
     /// Build the next generation of projection `spec`'s database with
     /// `module` from the source until it has caught up, or until `stop`;
     /// `started` is called once its runner has started, `progress(position,
-    /// head)` after every batch. The runner
-    /// is not the projection's yet (the API runs no `query` of the new
-    /// module over the database in use); the caller hands over or removes
-    /// the generation, whose path comes back beside it.
+    /// head)` after every batch. Until it takes over, the new module is not
+    /// the projection's: the API must not run its `query` over the database
+    /// in use. The caller hands over or removes the generation, whose path
+    /// comes back beside the runner.
     fn build_generation(
         engine: Arc<ProjectorEngine>,
         spec: &ProjectionSpec,
