@@ -23,7 +23,7 @@ use crate::context::{Backend, Context, Level, Rows, Value};
 use crate::event::Fields;
 use crate::text::same_text;
 use crate::{Event, Failure, Param, Projection};
-use bindings::projector::projection::{batch, emit, log, prepared, sql, state};
+use bindings::projector::projection::{batch, deferred, emit, log, prepared, sql, state};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -116,6 +116,16 @@ impl Backend for WasmBackend {
         match prepared(statement)? {
             Some((handle, _)) => prepared::execute(handle, &to_wit_values(params)),
             None => sql::execute(statement, &to_wit_values(params)),
+        }
+    }
+    fn defer(&self, statement: &str, params: &[Param<'_>]) -> Result<(), String> {
+        match prepared(statement)? {
+            Some((handle, _)) => {
+                deferred::execute(handle, &to_wit_values(params));
+                Ok(())
+            }
+            // Past the statements kept prepared: run it now.
+            None => sql::execute(statement, &to_wit_values(params)).map(drop),
         }
     }
     fn query(&self, statement: &str, params: &[Param<'_>]) -> Result<Rows, String> {

@@ -23,6 +23,7 @@ pub trait Backend {
     fn delete(&self, key: &str);
     fn scan(&self, prefix: &str, limit: u32) -> Vec<(String, Vec<u8>)>;
     fn execute(&self, statement: &str, params: &[Param<'_>]) -> Result<u64, String>;
+    fn defer(&self, statement: &str, params: &[Param<'_>]) -> Result<(), String>;
     fn query(&self, statement: &str, params: &[Param<'_>]) -> Result<Rows, String>;
     fn log(&self, level: Level, message: &str, position: Option<u64>);
     fn emit(
@@ -262,6 +263,29 @@ impl Sql<'_> {
     pub fn execute(&self, statement: &str, params: impl Params) -> Result<u64, SqlError> {
         params
             .with_params(|params| self.backend.execute(statement, params))
+            .map_err(|message| SqlError { message })
+    }
+    /// Run one write without waiting for it: the host runs it on a
+    /// thread of its own while the module goes on, so decoding the next
+    /// event and SQLite's work on this one overlap. Deferred statements
+    /// run in the order they were deferred, and before anything else the
+    /// module does on its database (a query waits for them and sees their
+    /// writes). `Err` here only when the statement cannot be prepared (bad
+    /// SQL, a refused statement); a deferred statement that fails when it
+    /// runs fails the whole call, as [`Failure::Reject`] with its error,
+    /// whatever the module returns — the host then finds the event by
+    /// splitting the batch. For the statements whose count of changed rows
+    /// or `RETURNING` rows the module does not read.
+    ///
+    /// ```
+    /// # use projector_sdk::{Context, Failure};
+    /// # fn f(ctx: &Context, key: &str) -> Result<(), Failure> {
+    /// ctx.sql().defer("INSERT INTO counts (key, n) VALUES (?1, 1) ON CONFLICT (key) DO UPDATE SET n = n + 1", (key,))?;
+    /// # Ok(()) }
+    /// ```
+    pub fn defer(&self, statement: &str, params: impl Params) -> Result<(), SqlError> {
+        params
+            .with_params(|params| self.backend.defer(statement, params))
             .map_err(|message| SqlError { message })
     }
     /// Run one query and return its rows.

@@ -104,6 +104,9 @@ pub struct Harness<P: Projection> {
 struct Call {
     /// `(position, id, correlation id, events emitted so far)`.
     batch: Vec<(u64, String, Option<String>, u32)>,
+    /// How the first deferred statement of the call that failed failed:
+    /// it fails the call, as in the host.
+    deferred: Option<String>,
 }
 
 /// An event parked as a dead letter, as [`Harness::dead_letters`] reads it
@@ -215,20 +218,24 @@ impl<P: Projection> Harness<P> {
             .query_row("SELECT max(position) FROM projector_checkpoints", [], |row| row.get(0))
             .map_err(|err| err.to_string())?;
         harness.next_position = last_position.map_or(1, |p| p as u64 + 1);
-        harness.in_transaction(&[], |ctx| {
-            crate::migrations::apply(ctx, P::MIGRATIONS)
-                .and_then(|()| P::init(ctx, found))
-                .map_err(|err| format!("init failed: {err}"))?;
-            harness
-                .conn
-                .execute(
-                    "INSERT INTO projector_meta (key, value) VALUES ('state_version', ?1) \
+        harness.in_transaction(
+            &[],
+            |message| format!("init failed: {message}"),
+            |ctx| {
+                crate::migrations::apply(ctx, P::MIGRATIONS)
+                    .and_then(|()| P::init(ctx, found))
+                    .map_err(|err| format!("init failed: {err}"))?;
+                harness
+                    .conn
+                    .execute(
+                        "INSERT INTO projector_meta (key, value) VALUES ('state_version', ?1) \
                      ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                    [P::STATE_VERSION.to_string()],
-                )
-                .map_err(|err| err.to_string())?;
-            Ok::<(), String>(())
-        })?;
+                        [P::STATE_VERSION.to_string()],
+                    )
+                    .map_err(|err| err.to_string())?;
+                Ok::<(), String>(())
+            },
+        )?;
         Ok(harness)
     }
 
@@ -278,13 +285,13 @@ impl<P: Projection> Harness<P> {
     /// Events without a stream, id or position get them filled in.
     pub fn handle_batch(&mut self, events: Vec<Event>) -> Result<(), Failure> {
         let events: Vec<Event> = events.into_iter().map(|event| self.complete(event)).collect();
-        self.in_transaction(&events, |ctx| P::handle_batch(ctx, &events))
+        self.in_transaction(&events, Failure::Reject, |ctx| P::handle_batch(ctx, &events))
     }
 
     /// Apply events already complete (stream, id, position set), without
     /// copying them: the benchmark's path.
     pub fn handle_prepared(&mut self, events: &[Event]) -> Result<(), Failure> {
-        self.in_transaction(events, |ctx| P::handle_batch(ctx, events))
+        self.in_transaction(events, Failure::Reject, |ctx| P::handle_batch(ctx, events))
     }
 
     /// Deliver one event as the host does: applied, or — rejected or
@@ -312,7 +319,7 @@ impl<P: Projection> Harness<P> {
 
     fn apply(&mut self, events: &[Event], parked: &mut Vec<DeadLetter>) -> Result<(), Failure> {
         let attempt = catch_unwind(AssertUnwindSafe(|| {
-            self.in_transaction(events, |ctx| P::handle_batch(ctx, events))
+            self.in_transaction(events, Failure::Reject, |ctx| P::handle_batch(ctx, events))
         }));
         let reason = match attempt {
             Ok(Ok(())) => return Ok(()),
@@ -416,7 +423,11 @@ impl<P: Projection> Harness<P> {
         self.conn.execute_batch("BEGIN; PRAGMA query_only=1").expect("begin a read transaction");
         let _end = EndOnDrop { conn: &self.conn, sql: "PRAGMA query_only=0; ROLLBACK" };
         self.call.borrow_mut().batch.clear();
-        P::query(&Context::new(&self.backend()), request)
+        let answer = P::query(&Context::new(&self.backend()), request);
+        match self.call.borrow_mut().deferred.take() {
+            Some(message) if answer.is_ok() => Err(message),
+            _ => answer,
+        }
     }
 
     /// Call the projection's `query` with `request` serialized as JSON, and
@@ -487,9 +498,12 @@ impl<P: Projection> Harness<P> {
 
     /// Run `f` over `events` in a transaction: committed if it succeeds,
     /// rolled back if it fails or panics (a panic is the module's trap).
+    /// A deferred statement that failed fails a call that succeeded, as
+    /// `failure` of its error.
     fn in_transaction<T, E>(
         &self,
         events: &[Event],
+        failure: impl FnOnce(String) -> E,
         f: impl FnOnce(&Context) -> Result<T, E>,
     ) -> Result<T, E> {
         {
@@ -505,7 +519,10 @@ impl<P: Projection> Harness<P> {
         self.conn.execute_batch("BEGIN").expect("begin a transaction");
         let mut end = EndOnDrop { conn: &self.conn, sql: "ROLLBACK" };
         let backend = self.backend();
-        let result = f(&Context::new(&backend));
+        let result = match (f(&Context::new(&backend)), self.call.borrow_mut().deferred.take()) {
+            (Ok(_), Some(message)) => Err(failure(message)),
+            (result, _) => result,
+        };
         if result.is_ok() {
             if let Some(last) = events.iter().map(|e| e.position).max() {
                 self.conn
@@ -709,6 +726,19 @@ impl Backend for SqliteBackend<'_> {
     fn execute(&self, statement: &str, params: &[Param<'_>]) -> Result<u64, String> {
         self.check_params(params);
         self.as_guest(statement, |stmt| execute_whole(self.conn, stmt, params_from_iter(params)))
+    }
+    fn defer(&self, statement: &str, params: &[Param<'_>]) -> Result<(), String> {
+        self.check_params(params);
+        // As the host does: bad SQL is an error now; a statement that
+        // fails when it runs fails the call.
+        self.as_guest(statement, |_| Ok(()))?;
+        if let Err(message) =
+            self.as_guest(statement, |stmt| execute_whole(self.conn, stmt, params_from_iter(params)))
+        {
+            let failed = format!("deferred statement {:?} failed: {message}", truncated(statement, 200));
+            self.call.borrow_mut().deferred.get_or_insert(failed);
+        }
+        Ok(())
     }
     fn query(&self, statement: &str, params: &[Param<'_>]) -> Result<Rows, String> {
         self.check_params(params);

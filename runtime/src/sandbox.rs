@@ -2,6 +2,7 @@
 //! functions a module may call ([`host`]), and one module's instance over
 //! one projection database ([`instance`]).
 
+mod deferred;
 pub mod engine;
 pub mod host;
 pub mod instance;

@@ -8,6 +8,7 @@
 mod append;
 mod cloudevents_sdk;
 mod crash;
+mod deferred;
 mod events;
 mod hostile;
 mod hostile_http;

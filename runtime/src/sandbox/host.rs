@@ -43,8 +43,9 @@ use wasmtime::Trap;
 // One file of rules for the host and the SDK's native harness.
 #[path = "../../../guest-sdk/src/sql_rules.rs"]
 mod sql_rules;
+use super::deferred::{Db, Failed};
 pub use sql_rules::RUNTIME_TABLES;
-use sql_rules::{GUEST_SQL_PREFIX, GuestRules};
+pub(super) use sql_rules::{GUEST_SQL_PREFIX, GuestRules};
 // The outbox and the rules of `emit`, shared with the harness too.
 use crate::store::runtime_tables;
 
@@ -65,22 +66,22 @@ const MAX_KEPT: usize = 256;
 
 /// A statement the guest prepared (`prepared.prepare`), kept ready to run:
 /// running it by handle looks nothing up and prepares nothing.
-struct Kept<'db> {
+pub(super) struct Kept<'db> {
     /// `None` past [`MAX_KEPT`]: run from the statement cache.
     statement: Option<rusqlite::Statement<'db>>,
     /// Its text as the guest's (under [`GUEST_SQL_PREFIX`]).
-    text: Arc<str>,
+    pub(super) text: Arc<str>,
     /// The names of the columns it returns.
     columns: Vec<String>,
 }
 
 /// The guest's prepared statements, by handle.
-type KeptStatements<'db> = Vec<Kept<'db>>;
+pub(super) type KeptStatements<'db> = Vec<Kept<'db>>;
 
 self_cell::self_cell!(
     /// The projection's connection, with the statements the guest prepared
     /// on it kept beside it (a statement borrows its connection).
-    struct Database {
+    pub(super) struct Database {
         owner: Connection,
         #[covariant]
         dependent: KeptStatements,
@@ -98,7 +99,7 @@ unsafe impl Send for Database {}
 
 /// The store data of one projection instance.
 pub struct GuestHost {
-    db: Database,
+    db: Db,
     projection: Arc<str>,
     guest_sql: GuestRules,
     deadline: CallDeadline,
@@ -170,7 +171,7 @@ impl GuestHost {
         sql_rules::cap_lengths(&db, limits.value_bytes);
         db.set_prepared_statement_cache_capacity(256);
         Ok(GuestHost {
-            db: Database::new(db, |_| Vec::new()),
+            db: Db::new(Database::new(db, |_| Vec::new()), guest_sql.clone()),
             projection,
             guest_sql,
             deadline,
@@ -243,7 +244,7 @@ impl GuestHost {
 
     /// The projection's database.
     pub fn db(&self) -> &Connection {
-        self.db.borrow_owner()
+        self.db.get().borrow_owner()
     }
 
     /// The projection's name.
@@ -319,7 +320,7 @@ impl GuestHost {
             position: event.origin.through,
             partition,
         };
-        let result = runtime_tables::record_emitted(self.db.borrow_owner(), &emitted);
+        let result = runtime_tables::record_emitted(self.db.get().borrow_owner(), &emitted);
         result.map(Ok).map_err(|err| self.host_failed(err))
     }
 
@@ -376,32 +377,68 @@ impl GuestHost {
     ) -> Result<Result<T, String>> {
         let in_transaction = !self.db().is_autocommit();
         self.guest_sql.begin();
-        let result = self.db.with_dependent_mut(|db, kept| f(db, kept));
+        let result = self.db.get_mut().with_dependent_mut(|db, kept| f(db, kept));
         self.guest_sql.end();
-        let result = result.map_err(|err| match self.guest_sql.explain(statement, &err) {
-            Some(refusal) => SqlFailure::Guest(refusal),
-            None => classify(err),
-        });
-        // SQLite ends the whole transaction itself when a write is
-        // interrupted or fails on I/O, or when the statement says so
-        // (`INSERT OR ROLLBACK`, `RAISE(ROLLBACK)`). The call traps then;
-        // an empty transaction stands in so the host's ROLLBACK has one to
-        // end, and the host's later statements do not autocommit.
-        let ended = in_transaction && self.db().is_autocommit();
-        if ended && let Err(err) = self.db().execute_batch("BEGIN") {
-            return Err(self.host_failed(err));
+        match conclude(self.db(), &self.guest_sql, statement, in_transaction, result) {
+            Ok(result) => Ok(result),
+            Err(Broke::Trap(trap)) => Err(trap),
+            Err(Broke::Host(err)) => Err(self.host_failed(err)),
         }
-        match result {
-            Ok(_) | Err(SqlFailure::Guest(_)) if ended => bail!(
-                "sql: a statement rolled back the transaction the host runs the call in \
-                 (ON CONFLICT ROLLBACK or RAISE(ROLLBACK)); the call's writes are gone"
-            ),
-            Ok(value) => Ok(Ok(value)),
-            Err(SqlFailure::Guest(message)) => Ok(Err(message)),
-            // The same trap as a deadline in wasm code, so it reads the same.
-            Err(SqlFailure::Deadline) => Err(Trap::Interrupt.into()),
-            Err(SqlFailure::Host(err)) => Err(self.host_failed(err)),
+    }
+
+    /// Settle the statements the guest deferred and say how they ended:
+    /// `Ok(None)` when they all ran, the guest's failure, or a trap.
+    pub fn take_deferred_failure(&mut self) -> Result<Option<String>> {
+        match self.db.take_failure() {
+            None => Ok(None),
+            Some(Failed::Guest(message)) => Ok(Some(message)),
+            Some(Failed::Broke(Broke::Trap(trap))) => Err(trap),
+            Some(Failed::Broke(Broke::Host(err))) => Err(self.host_failed(err)),
         }
+    }
+}
+
+/// Why a guest statement stops the call rather than being the guest's to
+/// see.
+pub(super) enum Broke {
+    /// A trap: the deadline, or a statement that ended the transaction.
+    Trap(anyhow::Error),
+    /// The host's database failed.
+    Host(rusqlite::Error),
+}
+
+/// How guest statement `statement`, run on `db` under `rules` with
+/// `result`, ended: the guest's to see, or a stop ([`classify`]).
+pub(super) fn conclude<T>(
+    db: &Connection,
+    rules: &GuestRules,
+    statement: &str,
+    in_transaction: bool,
+    result: rusqlite::Result<T>,
+) -> Result<Result<T, String>, Broke> {
+    let result = result.map_err(|err| match rules.explain(statement, &err) {
+        Some(refusal) => SqlFailure::Guest(refusal),
+        None => classify(err),
+    });
+    // SQLite ends the whole transaction itself when a write is
+    // interrupted or fails on I/O, or when the statement says so
+    // (`INSERT OR ROLLBACK`, `RAISE(ROLLBACK)`). The call traps then;
+    // an empty transaction stands in so the host's ROLLBACK has one to
+    // end, and the host's later statements do not autocommit.
+    let ended = in_transaction && db.is_autocommit();
+    if ended && let Err(err) = db.execute_batch("BEGIN") {
+        return Err(Broke::Host(err));
+    }
+    match result {
+        Ok(_) | Err(SqlFailure::Guest(_)) if ended => Err(Broke::Trap(anyhow::anyhow!(
+            "sql: a statement rolled back the transaction the host runs the call in \
+             (ON CONFLICT ROLLBACK or RAISE(ROLLBACK)); the call's writes are gone"
+        ))),
+        Ok(value) => Ok(Ok(value)),
+        Err(SqlFailure::Guest(message)) => Ok(Err(message)),
+        // The same trap as a deadline in wasm code, so it reads the same.
+        Err(SqlFailure::Deadline) => Err(Broke::Trap(Trap::Interrupt.into())),
+        Err(SqlFailure::Host(err)) => Err(Broke::Host(err)),
     }
 }
 
@@ -486,12 +523,10 @@ impl TypesHost for GuestHost {}
 impl StateHost for GuestHost {
     fn get(&mut self, key: String) -> Result<Option<Vec<u8>>> {
         let result =
-            self.db.borrow_owner().prepare_cached("SELECT value FROM projector_kv WHERE key = ?1").and_then(
-                |mut stmt| {
-                    let mut rows = stmt.query([&key])?;
-                    rows.next()?.map(|row| row.get(0)).transpose()
-                },
-            );
+            self.db().prepare_cached("SELECT value FROM projector_kv WHERE key = ?1").and_then(|mut stmt| {
+                let mut rows = stmt.query([&key])?;
+                rows.next()?.map(|row| row.get(0)).transpose()
+            });
         result.map_err(|err| self.host_failed(err))
     }
 
@@ -501,8 +536,7 @@ impl StateHost for GuestHost {
             key.len() + value.len(),
         )?;
         let result = self
-            .db
-            .borrow_owner()
+            .db()
             .prepare_cached("INSERT OR REPLACE INTO projector_kv (key, value) VALUES (?1, ?2)")
             .and_then(|mut stmt| stmt.execute((&key, &value)));
         result.map(drop).map_err(|err| self.host_failed(err))
@@ -510,8 +544,7 @@ impl StateHost for GuestHost {
 
     fn delete(&mut self, key: String) -> Result<()> {
         let result = self
-            .db
-            .borrow_owner()
+            .db()
             .prepare_cached("DELETE FROM projector_kv WHERE key = ?1")
             .and_then(|mut stmt| stmt.execute([&key]));
         result.map(drop).map_err(|err| self.host_failed(err))
@@ -519,8 +552,7 @@ impl StateHost for GuestHost {
 
     fn scan(&mut self, prefix: String, limit: u32) -> Result<Vec<(String, Vec<u8>)>> {
         let result = self
-            .db
-            .borrow_owner()
+            .db()
             .prepare_cached(
                 "SELECT key, value FROM projector_kv WHERE substr(key, 1, length(?1)) = ?1 \
                  ORDER BY key LIMIT ?2",
@@ -554,10 +586,10 @@ impl SqlHost for GuestHost {
 impl crate::bindings::PreparedHost for GuestHost {
     fn prepare(&mut self, statement: String) -> Result<Result<Statement, String>> {
         if let Some(&handle) = self.handles.get(&statement) {
-            let columns = self.db.borrow_dependent()[handle as usize].columns.clone();
+            let columns = self.db.get().borrow_dependent()[handle as usize].columns.clone();
             return Ok(Ok(Statement { handle, columns }));
         }
-        if self.db.borrow_dependent().len() >= MAX_PREPARED {
+        if self.db.get().borrow_dependent().len() >= MAX_PREPARED {
             return Ok(Err(format!(
                 "{MAX_PREPARED} statements are prepared already, the most one instance may hold: pass \
                  values as parameters (?1, ?2, ...) rather than writing them into the SQL"
@@ -580,12 +612,7 @@ impl crate::bindings::PreparedHost for GuestHost {
     fn execute(&mut self, handle: u32, params: Vec<Value>) -> Result<Result<u64, String>> {
         self.check_params(&params)?;
         let Some(text) = self.prepared_text(handle) else { return Ok(Err(no_statement(handle))) };
-        self.as_guest(&text[GUEST_SQL_PREFIX.len()..], |db, kept| {
-            match &mut kept[handle as usize].statement {
-                Some(statement) => sql_rules::execute_whole(db, statement, params_from_iter(&params)),
-                None => run_execute(db, &text, &params),
-            }
-        })
+        self.as_guest(&text[GUEST_SQL_PREFIX.len()..], |db, kept| execute_kept(db, kept, handle, &params))
     }
 
     fn query(&mut self, handle: u32, params: Vec<Value>) -> Result<Result<Vec<Vec<Value>>, String>> {
@@ -603,12 +630,27 @@ impl crate::bindings::PreparedHost for GuestHost {
 impl GuestHost {
     /// The text of prepared statement `handle`, if there is one.
     fn prepared_text(&self, handle: u32) -> Option<Arc<str>> {
-        self.db.borrow_dependent().get(handle as usize).map(|kept| kept.text.clone())
+        self.db.get().borrow_dependent().get(handle as usize).map(|kept| kept.text.clone())
     }
 }
 
 fn no_statement(handle: u32) -> String {
     format!("no prepared statement has handle {handle}: use a handle `prepare` returned")
+}
+
+/// Run prepared statement `handle`, one of `kept`, whole; the rows it
+/// changed.
+pub(super) fn execute_kept<'db>(
+    db: &'db Connection,
+    kept: &mut KeptStatements<'db>,
+    handle: u32,
+    params: &[Value],
+) -> rusqlite::Result<u64> {
+    let kept = &mut kept[handle as usize];
+    match &mut kept.statement {
+        Some(statement) => sql_rules::execute_whole(db, statement, params_from_iter(params)),
+        None => run_execute(db, &kept.text, params),
+    }
 }
 
 /// Run the guest statement `text` whole (stepping through any rows a
@@ -637,6 +679,25 @@ fn rows_of(stmt: &mut rusqlite::Statement<'_>, params: &[Value]) -> rusqlite::Re
         out.push(values);
     }
     Ok(out)
+}
+
+// Named in full: the tests call `SqlHost`'s `execute` by method.
+impl crate::bindings::DeferredHost for GuestHost {
+    fn execute(&mut self, handle: u32, params: Vec<Value>) -> Result<()> {
+        self.check_params(&params)?;
+        // Every handle below the count is prepared: `prepare` records one
+        // in `handles` exactly when it keeps its statement.
+        if handle as usize >= self.handles.len() {
+            self.db.fail(Failed::Guest(no_statement(handle)));
+            return Ok(());
+        }
+        self.db.defer(handle, params).map_err(|err| {
+            anyhow::anyhow!(
+                "projection {}: cannot start the thread of deferred statements: {err}",
+                self.projection
+            )
+        })
+    }
 }
 
 // Named in full: the tests call `EmitHost`'s `emit` by method.
@@ -776,7 +837,7 @@ impl wasmtime::ResourceLimiter for GuestHost {
 }
 
 /// The longest prefix of `s` of at most `max` bytes, on a char boundary.
-fn truncated(s: &str, max: usize) -> &str {
+pub(super) fn truncated(s: &str, max: usize) -> &str {
     let mut end = max.min(s.len());
     while !s.is_char_boundary(end) {
         end -= 1;

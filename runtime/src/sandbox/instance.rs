@@ -95,6 +95,7 @@ impl GuestInstance {
         self.store.data_mut().set_batch(&[], &[]);
         self.db().prepare_cached("BEGIN")?.execute([])?;
         let result = self.guest.call_query(&mut self.store, request);
+        let result = with_deferred(&mut self.store, result, |message| message);
         self.db().prepare_cached("ROLLBACK")?.execute([])?;
         match result {
             Ok(Ok(answer)) => Ok(QueryOutcome::Answer(answer)),
@@ -158,6 +159,7 @@ impl GuestInstance {
                 .map(|(result,)| result),
             _ => self.guest.call_handle(&mut self.store, events),
         };
+        let result = with_deferred(&mut self.store, result, Failure::Reject);
         // Kept for small batches only: a hundred projections that caught
         // up in big batches must not each hold the last one.
         if self.buffer.capacity() > PACKED_KEPT {
@@ -230,6 +232,21 @@ impl GuestInstance {
     }
 }
 
+/// `result` of a call, with how the statements the call deferred ended: a
+/// failed one fails a call that succeeded (`failure` makes the guest's
+/// failure of its message), and a trap in one traps the call.
+fn with_deferred<T, E>(
+    store: &mut Store<GuestHost>,
+    result: wasmtime::Result<Result<T, E>>,
+    failure: impl FnOnce(String) -> E,
+) -> wasmtime::Result<Result<T, E>> {
+    match (result, store.data_mut().take_deferred_failure()) {
+        (Ok(Ok(_)), Ok(Some(message))) => Ok(Err(failure(message))),
+        (Ok(_), Err(trap)) => Err(wasmtime::Error::from_anyhow(trap)),
+        (result, _) => result,
+    }
+}
+
 /// The event id and correlation id a log line about `events` carries: those
 /// of the event when there is one (a split has narrowed a failure down to
 /// it), else empty.
@@ -293,7 +310,8 @@ fn instantiate(
     // No event is being handled: `init` may not emit.
     store.data_mut().set_batch(&[], &[]);
     store.data().db().prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
-    match guest.call_init(&mut store, found) {
+    let result = guest.call_init(&mut store, found);
+    match with_deferred(&mut store, result, |message| message) {
         Ok(Ok(())) => {
             let db = store.data().db();
             store::set_meta(db, "state_version", Some(&version.to_string()))?;

@@ -1,6 +1,8 @@
 //! Test-only guest: counts events per subject, one `INSERT … ON CONFLICT
-//! DO UPDATE` per event — the single-upsert projection the peers benchmark
-//! holds against its native twin.
+//! DO UPDATE` per event, deferred — the single-upsert projection the peers
+//! benchmark holds against its native twin. An event of type `bad` defers
+//! a write that fails when it runs (a NULL count), for the tests of what a
+//! failed deferred write does.
 
 use projector_sdk::{Context, Event, Failure, Projection};
 
@@ -19,9 +21,14 @@ impl Projection for Counter {
     }
 
     fn handle(ctx: &Context, event: &Event) -> Result<(), Failure> {
-        ctx.sql().execute(
+        let key = event.subject().unwrap_or("");
+        if event.event_type() == "bad" {
+            ctx.sql().defer("INSERT INTO counts (key, n) VALUES (?1, NULL)", (key,))?;
+            return Ok(());
+        }
+        ctx.sql().defer(
             "INSERT INTO counts (key, n) VALUES (?1, 1) ON CONFLICT (key) DO UPDATE SET n = n + 1",
-            (event.subject().unwrap_or(""),),
+            (key,),
         )?;
         Ok(())
     }

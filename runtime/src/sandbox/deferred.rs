@@ -1,0 +1,250 @@
+//! [`Db`]: the projection's database as a [`GuestHost`](super::host::GuestHost)
+//! holds it, with the statements the guest deferred (`deferred.execute`)
+//! run in order on a thread of their own while the guest goes on: a
+//! module's decoding and SQLite's work on its writes overlap on two cores.
+//!
+//! The database is shared with that thread by one rule: the thread touches
+//! it only while deferred statements are queued or running, and the
+//! instance's thread only once they are all done ([`Db::settle`], which
+//! every access waits for). Queuing takes `&mut`, so no reference into the
+//! database is alive while the thread may use it.
+
+use super::host::{Broke, Database, GUEST_SQL_PREFIX, GuestRules, conclude, execute_kept, truncated};
+use crate::bindings::Value;
+use std::cell::{Cell, UnsafeCell};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+
+/// Deferred statements queued before the thread is woken for them: one
+/// wake a chunk, not one a statement.
+const CHUNK: usize = 128;
+
+/// Deferred statements queued at most: past this the guest waits for the
+/// thread, so a module that defers in a loop holds bounded memory.
+const MOST_QUEUED: usize = 4096;
+
+/// A statement deferred: its handle and its parameters.
+struct Op {
+    handle: u32,
+    params: Vec<Value>,
+}
+
+/// How the deferred statements failed: the first failure; those queued
+/// after it are dropped unrun, as the batch rolls back.
+pub enum Failed {
+    /// The statement failed or was refused: the guest's failure.
+    Guest(String),
+    /// It stopped the call (a deadline, a rolled-back transaction).
+    Broke(Broke),
+}
+
+/// The database, reachable from the instance's thread and the writer's.
+struct Shared(UnsafeCell<Database>);
+
+// SAFETY: the two threads never reach the database at once — the writer
+// only while `Queue` holds statements or `running` is set, the instance's
+// thread only after `Db::settle` saw neither — and the queue's mutex
+// orders each hand-over. `Database` is `Send` (see its own note).
+#[allow(unsafe_code)]
+unsafe impl Sync for Shared {}
+
+/// What the two threads share under one mutex.
+#[derive(Default)]
+struct Queue {
+    ops: Vec<Op>,
+    /// The writer took statements off the queue and runs them.
+    running: bool,
+    /// The writer waits for work.
+    sleeping: bool,
+    failure: Option<Failed>,
+    stop: bool,
+}
+
+struct Writer {
+    queue: Arc<(Mutex<Queue>, Condvar, Condvar)>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// The projection's database and the guest's deferred statements.
+pub struct Db {
+    shared: Arc<Shared>,
+    rules: GuestRules,
+    /// Started on the first deferred statement.
+    writer: Option<Writer>,
+    /// Statements were deferred since the last settle.
+    outstanding: Cell<bool>,
+    /// A failure found when a statement was deferred (a bad handle).
+    failure: Option<Failed>,
+}
+
+fn lock(queue: &Mutex<Queue>) -> MutexGuard<'_, Queue> {
+    queue.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Db {
+    pub fn new(database: Database, rules: GuestRules) -> Self {
+        Db {
+            shared: Arc::new(Shared(UnsafeCell::new(database))),
+            rules,
+            writer: None,
+            outstanding: Cell::new(false),
+            failure: None,
+        }
+    }
+
+    /// The database, once every deferred statement has run.
+    pub fn get(&self) -> &Database {
+        self.settle();
+        // SAFETY: settled, the writer does not touch the database until
+        // `defer`, which takes `&mut self` and so outlives no `&` from here.
+        #[allow(unsafe_code)]
+        unsafe {
+            &*self.shared.0.get()
+        }
+    }
+
+    /// The database, once every deferred statement has run.
+    pub fn get_mut(&mut self) -> &mut Database {
+        self.settle();
+        // SAFETY: as in `get`; `&mut self` makes this the only reference.
+        #[allow(unsafe_code)]
+        unsafe {
+            &mut *self.shared.0.get()
+        }
+    }
+
+    /// Queue prepared statement `handle` with `params` for the writer.
+    pub fn defer(&mut self, handle: u32, params: Vec<Value>) -> std::io::Result<()> {
+        if self.writer.is_none() {
+            let queue = Arc::new((Mutex::new(Queue::default()), Condvar::new(), Condvar::new()));
+            let (shared, rules, ours) = (self.shared.clone(), self.rules.clone(), queue.clone());
+            let thread = std::thread::Builder::new()
+                .name("deferred-sql".into())
+                .spawn(move || write(&shared, &rules, &ours))?;
+            self.writer = Some(Writer { queue, thread: Some(thread) });
+        }
+        let Some(writer) = &self.writer else { unreachable!("started above") };
+        let (queue, work, idle) = &*writer.queue;
+        let mut state = lock(queue);
+        while state.ops.len() >= MOST_QUEUED {
+            work.notify_one();
+            state = idle.wait(state).unwrap_or_else(PoisonError::into_inner);
+        }
+        state.ops.push(Op { handle, params });
+        if state.sleeping && state.ops.len() >= CHUNK {
+            work.notify_one();
+        }
+        self.outstanding.set(true);
+        Ok(())
+    }
+
+    /// Wait until every deferred statement has run.
+    pub fn settle(&self) {
+        if !self.outstanding.get() {
+            return;
+        }
+        let Some(writer) = &self.writer else { return };
+        let (queue, work, idle) = &*writer.queue;
+        let mut state = lock(queue);
+        if !state.ops.is_empty() {
+            work.notify_one();
+        }
+        while !state.ops.is_empty() || state.running {
+            state = idle.wait(state).unwrap_or_else(PoisonError::into_inner);
+        }
+        self.outstanding.set(false);
+    }
+
+    /// Settle, and take how the deferred statements failed, if one did.
+    pub fn take_failure(&mut self) -> Option<Failed> {
+        self.settle();
+        let ran = self.writer.as_ref().and_then(|writer| lock(&writer.queue.0).failure.take());
+        self.failure.take().or(ran)
+    }
+
+    /// Record a failure as the writer would: a bad handle, found when
+    /// deferred.
+    pub fn fail(&mut self, failed: Failed) {
+        self.failure.get_or_insert(failed);
+    }
+}
+
+impl Drop for Db {
+    fn drop(&mut self) {
+        let Some(writer) = &mut self.writer else { return };
+        {
+            let (queue, work, _) = &*writer.queue;
+            lock(queue).stop = true;
+            work.notify_one();
+        }
+        if let Some(thread) = writer.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The writer: run what is queued, in order, until told to stop.
+fn write(shared: &Shared, rules: &GuestRules, queue: &(Mutex<Queue>, Condvar, Condvar)) {
+    let (queue, work, idle) = queue;
+    let mut ops = Vec::new();
+    let mut state = lock(queue);
+    loop {
+        if state.ops.is_empty() {
+            if state.stop {
+                return;
+            }
+            state.sleeping = true;
+            state = work.wait(state).unwrap_or_else(PoisonError::into_inner);
+            state.sleeping = false;
+            continue;
+        }
+        std::mem::swap(&mut state.ops, &mut ops);
+        state.running = true;
+        let failed_before = state.failure.is_some();
+        drop(state);
+        idle.notify_all();
+        let failed = match failed_before {
+            true => None,
+            // SAFETY: `running` is set: the instance's thread waits.
+            #[allow(unsafe_code)]
+            false => run(unsafe { &mut *shared.0.get() }, rules, &ops),
+        };
+        // The parameters are freed here, off the guest's thread.
+        ops.clear();
+        state = lock(queue);
+        state.running = false;
+        if let Some(failed) = failed {
+            state.failure.get_or_insert(failed);
+        }
+        if state.ops.is_empty() {
+            idle.notify_all();
+        }
+    }
+}
+
+/// Run `ops` on `database` as the guest's; the first failure ends them.
+fn run(database: &mut Database, rules: &GuestRules, ops: &[Op]) -> Option<Failed> {
+    for op in ops {
+        let in_transaction = !database.borrow_owner().is_autocommit();
+        rules.begin();
+        let result = database.with_dependent_mut(|db, kept| execute_kept(db, kept, op.handle, &op.params));
+        rules.end();
+        // The text only for an error: it names the statement.
+        let text = match &result {
+            Ok(_) => None,
+            Err(_) => Some(database.borrow_dependent()[op.handle as usize].text.clone()),
+        };
+        let statement = text.as_deref().map_or("", |text| &text[GUEST_SQL_PREFIX.len()..]);
+        match conclude(database.borrow_owner(), rules, statement, in_transaction, result) {
+            Ok(Ok(_)) => {}
+            Ok(Err(message)) => {
+                return Some(Failed::Guest(format!(
+                    "deferred statement {:?} failed: {message}",
+                    truncated(statement, 200)
+                )));
+            }
+            Err(broke) => return Some(Failed::Broke(broke)),
+        }
+    }
+    None
+}
