@@ -379,3 +379,61 @@ fn a_refused_pragma_says_what_to_read_instead_and_that_works() {
     let cut: String = quoted.chars().take(79).collect();
     assert!(reason.starts_with(&format!("sql: statement \"{cut}…\" refused: ")), "{reason}");
 }
+
+/// Counts events by subject with a deferred upsert; a `bad` event defers a
+/// write that fails when it runs, and `bad-sql` one that cannot prepare.
+struct Defers;
+
+impl Projection for Defers {
+    fn init(ctx: &Context, _found: Option<u32>) -> Result<(), String> {
+        ctx.sql().execute("CREATE TABLE counts (key TEXT PRIMARY KEY, n INTEGER NOT NULL)", ())?;
+        Ok(())
+    }
+
+    fn handle(ctx: &Context, event: &Event) -> Result<(), Failure> {
+        let key = event.subject().unwrap_or("");
+        match event.event_type() {
+            "bad" => ctx.sql().defer("INSERT INTO counts (key, n) VALUES (?1, NULL)", (key,))?,
+            "bad-sql" => {
+                let err = ctx.sql().defer("INSERT INTO nowhere VALUES (?1)", (key,)).unwrap_err();
+                return Err(Failure::reject(format!("at once: {err}")));
+            }
+            _ => ctx.sql().defer(
+                "INSERT INTO counts (key, n) VALUES (?1, 1) ON CONFLICT (key) DO UPDATE SET n = n + 1",
+                (key,),
+            )?,
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn a_deferred_write_that_fails_fails_the_batch_and_parks_its_event_as_in_the_host() {
+    let mut h = Harness::<Defers>::new();
+    let event =
+        |id: &str, event_type: &str, key: &str| Event::new(event_type, "{}").with_id(id).with_subject(key);
+    let parked = h
+        .process_batch(vec![
+            event("a", "tick", "k1"),
+            event("b", "bad", "k2"),
+            event("c", "tick", "k1"),
+            event("d", "bad-sql", "k3"),
+            event("e", "tick", "k2"),
+        ])
+        .unwrap();
+    let reasons: Vec<(&str, &str)> = parked.iter().map(|l| (l.id.as_str(), l.reason.as_str())).collect();
+    assert_eq!(
+        reasons,
+        [
+            (
+                "b",
+                "deferred statement \"INSERT INTO counts (key, n) VALUES (?1, NULL)\" failed: NOT NULL constraint \
+                 failed: counts.n"
+            ),
+            ("d", "at once: sql: no such table: nowhere"),
+        ]
+    );
+    let counts = h.rows("SELECT key, n FROM counts ORDER BY key");
+    assert_eq!(counts.len(), 2);
+    assert_eq!(counts.deserialize::<(String, i64)>().unwrap(), [("k1".into(), 2), ("k2".into(), 1)]);
+}

@@ -1,6 +1,7 @@
 //! Crash consistency: `run` is SIGKILLed mid-stream three times while 120k
 //! events are appended; after restarts the state equals a `replay` of the
-//! same events — nothing lost, nothing applied twice.
+//! same events — nothing lost, nothing applied twice, the writes a module
+//! deferred (the counter's) included.
 
 use crate::util::*;
 use serde_json::json;
@@ -16,7 +17,12 @@ fn sigkill_mid_stream_loses_nothing_and_applies_nothing_twice() {
     // Fixed batches of 200: a kill overshoots its target by a batch or two
     // however fast the machine, so it always lands mid-chunk.
     let mut config = String::from("version = 1\ndata = \"data\"\n");
-    for (name, module) in [("wallet-allowlist", &wallet), ("recorder", &guest("event_recorder"))] {
+    let projections = [
+        ("wallet-allowlist", &wallet),
+        ("recorder", &guest("event_recorder")),
+        ("counter", &guest("counter")),
+    ];
+    for (name, module) in projections {
         config.push_str(&format!(
             "\n[[projection]]\nname = {name:?}\nmodule = {:?}\nstreams = [\"wallets\"]\nbatch_size = 200\n",
             module.to_string_lossy()
@@ -75,6 +81,9 @@ fn sigkill_mid_stream_loses_nothing_and_applies_nothing_twice() {
     let count =
         ws.query("recorder", "SELECT CAST(value AS TEXT) AS count FROM projector_kv WHERE key = 'count'");
     assert_eq!(count, json!([{"count": TOTAL.to_string()}]));
+    // The counter's deferred upserts (the events have no subject: one key).
+    let counted = ws.query("counter", "SELECT key, n FROM counts");
+    assert_eq!(counted, json!([{"key": "", "n": TOTAL}]), "killed at {killed_at:?}");
 
     // The state equals an uninterrupted replay of the same events.
     for sql in [

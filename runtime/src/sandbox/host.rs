@@ -1286,7 +1286,7 @@ mod prepared_tests {
         for i in 0..MAX_PREPARED {
             host.prepare(format!("SELECT {i}")).unwrap().unwrap();
         }
-        let live = host.db.borrow_dependent().iter().filter(|kept| kept.statement.is_some()).count();
+        let live = host.db.get().borrow_dependent().iter().filter(|kept| kept.statement.is_some()).count();
         assert_eq!(live, MAX_KEPT, "only the first are kept prepared");
         for handle in [0, MAX_KEPT as u32 - 1, MAX_KEPT as u32, MAX_PREPARED as u32 - 1] {
             let rows = PreparedHost::query(&mut host, handle, Vec::new()).unwrap().unwrap();
@@ -1373,5 +1373,86 @@ mod batch_tests {
                 row("fees:kafka:orders/charges/1:7:1", 1),
             ]
         );
+    }
+}
+
+#[cfg(test)]
+mod deferred_tests {
+    use super::{GuestHost, Value, runtime_tables};
+    use crate::bindings::{DeferredHost, PreparedHost};
+    use crate::config::Limits;
+    use rusqlite::Connection;
+    use std::time::{Duration, Instant};
+
+    fn host() -> GuestHost {
+        let db = Connection::open_in_memory().unwrap();
+        db.execute_batch(runtime_tables::SCHEMA).unwrap();
+        db.execute_batch("CREATE TABLE users (id TEXT PRIMARY KEY, name TEXT NOT NULL); BEGIN;").unwrap();
+        GuestHost::new(db, "test".into(), Limits::default()).unwrap()
+    }
+
+    fn text(s: &str) -> Value {
+        Value::Text(s.into())
+    }
+
+    #[test]
+    fn deferred_statements_run_in_order_before_anything_the_guest_does_next() {
+        let mut host = host();
+        let insert = host.prepare("INSERT INTO users (id, name) VALUES (?1, ?2)".into()).unwrap().unwrap();
+        let rename = host.prepare("UPDATE users SET name = ?2 WHERE id = ?1".into()).unwrap().unwrap();
+        let count = host.prepare("SELECT count(*), max(name) FROM users".into()).unwrap().unwrap();
+        for i in 0..10_000 {
+            DeferredHost::execute(&mut host, insert.handle, vec![text(&format!("u{i:05}")), text("a")])
+                .unwrap();
+        }
+        // After the insert it follows, or it would change nothing.
+        DeferredHost::execute(&mut host, rename.handle, vec![text("u09999"), text("z")]).unwrap();
+        let rows = PreparedHost::query(&mut host, count.handle, Vec::new()).unwrap().unwrap();
+        assert!(
+            matches!(&rows[..], [row] if matches!(&row[..], [Value::Integer(10_000), Value::Text(z)] if z == "z")),
+            "the query saw every deferred write: {rows:?}"
+        );
+        assert_eq!(host.take_deferred_failure().unwrap(), None);
+    }
+
+    #[test]
+    fn a_deferred_statement_that_fails_is_the_calls_failure_once() {
+        let mut host = host();
+        let insert = host.prepare("INSERT INTO users (id, name) VALUES (?1, ?2)".into()).unwrap().unwrap();
+        DeferredHost::execute(&mut host, insert.handle, vec![text("u1"), text("a")]).unwrap();
+        DeferredHost::execute(&mut host, insert.handle, vec![text("u2"), Value::Null]).unwrap();
+        DeferredHost::execute(&mut host, insert.handle, vec![text("u3"), text("c")]).unwrap();
+        let failure = host.take_deferred_failure().unwrap().expect("the NULL name failed");
+        assert_eq!(
+            failure,
+            "deferred statement \"INSERT INTO users (id, name) VALUES (?1, ?2)\" failed: NOT NULL constraint \
+             failed: users.name"
+        );
+        assert_eq!(host.take_deferred_failure().unwrap(), None, "taken, it is gone");
+        // A bad handle is found when deferred, and fails the call the same way.
+        DeferredHost::execute(&mut host, 9, Vec::new()).unwrap();
+        let failure = host.take_deferred_failure().unwrap().expect("handle 9 was never prepared");
+        assert!(failure.contains("no prepared statement has handle 9"), "{failure}");
+    }
+
+    #[test]
+    fn a_deferred_statement_runs_under_the_calls_deadline() {
+        let mut host = host();
+        let forever = host
+            .prepare(
+                "INSERT INTO users (id, name) WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n) \
+                 SELECT 'x' || i, 'n' FROM n WHERE i < 0"
+                    .into(),
+            )
+            .unwrap()
+            .unwrap();
+        host.set_call_deadline(Instant::now() + Duration::from_millis(50));
+        let started = Instant::now();
+        DeferredHost::execute(&mut host, forever.handle, Vec::new()).unwrap();
+        let trap = host.take_deferred_failure().expect_err("the deadline stops it: a trap");
+        assert_eq!(trap.downcast_ref::<wasmtime::Trap>(), Some(&wasmtime::Trap::Interrupt), "{trap:#}");
+        assert!(started.elapsed() < Duration::from_secs(10), "stopped near its deadline");
+        // The transaction the host runs the call in is still there to roll back.
+        host.db().execute_batch("ROLLBACK").unwrap();
     }
 }
