@@ -12,6 +12,7 @@
 use super::host::{Broke, Database, GUEST_SQL_PREFIX, GuestRules, conclude, execute_kept, truncated};
 use crate::bindings::Value;
 use std::cell::{Cell, UnsafeCell};
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 
@@ -203,11 +204,18 @@ fn write(shared: &Shared, rules: &GuestRules, queue: &(Mutex<Queue>, Condvar, Co
         let failed_before = state.failure.is_some();
         drop(state);
         idle.notify_all();
-        let failed = match failed_before {
-            true => None,
-            // SAFETY: `running` is set: the instance's thread waits.
-            #[allow(unsafe_code)]
-            false => run(unsafe { &mut *shared.0.get() }, rules, &ops),
+        // SAFETY: `running` is set: the instance's thread waits.
+        #[allow(unsafe_code)]
+        let ran = (!failed_before).then(|| {
+            std::panic::catch_unwind(AssertUnwindSafe(|| run(unsafe { &mut *shared.0.get() }, rules, &ops)))
+        });
+        let failed = match ran {
+            None | Some(Ok(None)) => None,
+            Some(Ok(Some(failed))) => Some(failed),
+            // Never left waiting: the call traps, and the instance is made anew.
+            Some(Err(_)) => Some(Failed::Broke(Broke::Trap(anyhow::anyhow!(
+                "the host's thread of deferred statements failed running one"
+            )))),
         };
         // The parameters are freed here, off the guest's thread.
         ops.clear();
