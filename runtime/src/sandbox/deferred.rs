@@ -20,9 +20,12 @@ use std::thread::JoinHandle;
 /// wake a chunk, not one a statement.
 const CHUNK: usize = 128;
 
-/// Deferred statements queued at most: past this the guest waits for the
-/// thread, so a module that defers in a loop holds bounded memory.
+/// Deferred statements queued at most, and their parameters' bytes: past
+/// either the guest waits for the thread, so a module that defers in a
+/// loop, or defers big values, holds the host's memory to a bound (twice
+/// this at most: what is queued, and what the thread runs).
 const MOST_QUEUED: usize = 4096;
+const MOST_QUEUED_BYTES: usize = 8 << 20;
 
 /// A statement deferred: its handle and its parameters.
 struct Op {
@@ -53,6 +56,10 @@ unsafe impl Sync for Shared {}
 #[derive(Default)]
 struct Queue {
     ops: Vec<Op>,
+    /// The bytes of `ops`' parameters, as [`size`] counts them.
+    bytes: usize,
+    /// The most `bytes` has been.
+    peak_bytes: usize,
     /// The writer took statements off the queue and runs them.
     running: bool,
     /// The writer waits for work.
@@ -126,12 +133,17 @@ impl Db {
         }
         let Some(writer) = &self.writer else { unreachable!("started above") };
         let (queue, work, idle) = &*writer.queue;
+        let size = size(&params);
         let mut state = lock(queue);
-        while state.ops.len() >= MOST_QUEUED {
+        while !state.ops.is_empty()
+            && (state.ops.len() >= MOST_QUEUED || state.bytes + size > MOST_QUEUED_BYTES)
+        {
             work.notify_one();
             state = idle.wait(state).unwrap_or_else(PoisonError::into_inner);
         }
         state.ops.push(Op { handle, params });
+        state.bytes += size;
+        state.peak_bytes = state.peak_bytes.max(state.bytes);
         if state.sleeping && state.ops.len() >= CHUNK {
             work.notify_one();
         }
@@ -170,6 +182,24 @@ impl Db {
     }
 }
 
+impl Db {
+    /// The most bytes of parameters the queue has held.
+    #[cfg(test)]
+    pub fn peak_queued_bytes(&self) -> usize {
+        self.writer.as_ref().map_or(0, |writer| lock(&writer.queue.0).peak_bytes)
+    }
+}
+
+/// What a statement's parameters weigh in the queue.
+fn size(params: &[Value]) -> usize {
+    let heap = |value: &Value| match value {
+        Value::Text(text) => text.len(),
+        Value::Blob(blob) => blob.len(),
+        _ => 0,
+    };
+    params.iter().map(|value| size_of::<Value>() + heap(value)).sum()
+}
+
 impl Drop for Db {
     fn drop(&mut self) {
         let Some(writer) = &mut self.writer else { return };
@@ -200,6 +230,7 @@ fn write(shared: &Shared, rules: &GuestRules, queue: &(Mutex<Queue>, Condvar, Co
             continue;
         }
         std::mem::swap(&mut state.ops, &mut ops);
+        state.bytes = 0;
         state.running = true;
         let failed_before = state.failure.is_some();
         drop(state);

@@ -1436,6 +1436,32 @@ mod deferred_tests {
     }
 
     #[test]
+    fn deferring_big_values_in_a_loop_holds_the_hosts_memory_to_a_bound() {
+        let mut host = host();
+        let insert = host.prepare("INSERT INTO users (id, name) VALUES (?1, ?2)".into()).unwrap().unwrap();
+        // A slow first statement: the queue fills behind it.
+        let slow = host
+            .prepare(
+                "INSERT INTO users (id, name) WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n \
+                 WHERE i < 2000000) SELECT 'slow', 'n' FROM n WHERE i = 2000000"
+                    .into(),
+            )
+            .unwrap()
+            .unwrap();
+        DeferredHost::execute(&mut host, slow.handle, Vec::new()).unwrap();
+        let big = "x".repeat(1 << 20);
+        for i in 0..100 {
+            DeferredHost::execute(&mut host, insert.handle, vec![text(&format!("u{i}")), text(&big)])
+                .unwrap();
+        }
+        let peak = host.db.peak_queued_bytes();
+        assert!(peak > 0 && peak <= 8 << 20, "100 MiB deferred, at most 8 MiB queued at once: {peak}");
+        let count: i64 = host.db().query_row("SELECT count(*) FROM users", [], |row| row.get(0)).unwrap();
+        assert_eq!(count, 101, "every one ran");
+        assert_eq!(host.take_deferred_failure().unwrap(), None);
+    }
+
+    #[test]
     fn a_deferred_statement_runs_under_the_calls_deadline() {
         let mut host = host();
         let forever = host
