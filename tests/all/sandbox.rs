@@ -278,6 +278,36 @@ fn sql_that_runs_forever_hits_the_call_deadline() {
 }
 
 #[test]
+fn deferred_sql_that_runs_forever_hits_the_call_deadline() {
+    let mut s = Scenario::start("[projection.limits]\ncall_timeout_ms = 200");
+    let forever = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c";
+    let head = s.append("deferloop", &[("h-defer", json!(forever))]);
+    s.wait_both_at(head);
+    s.assert_parked_one("deferloop", &["the call ran past its deadline of 200 ms (limits.call_timeout_ms)"]);
+    s.assert_contained(head, head - 1);
+}
+
+#[test]
+fn a_deferred_write_is_refused_what_any_write_is_and_a_trap_after_one_undoes_it() {
+    let mut s = Scenario::start("");
+    let forge = "UPDATE projector_checkpoints SET position = 0";
+    let ghost = "INSERT INTO handled (position, id, type) VALUES (-1, 'ghost', 'ghost')";
+    let head = s.append("defer", &[("h-defer", json!(forge)), ("h-defer-then-panic", json!(ghost))]);
+    s.wait_both_at(head);
+    let letters = s.dead_letters();
+    let reasons: Vec<(&str, &str)> =
+        letters.iter().map(|l| (l["id"].as_str().unwrap(), l["reason"].as_str().unwrap())).collect();
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert_eq!(reasons[0].0, "defer-0");
+    assert!(reasons[0].1.contains("projector_checkpoints"), "refused, naming the table: {reasons:?}");
+    assert_eq!(reasons[1].0, "defer-1");
+    assert!(reasons[1].1.contains("module trapped"), "{reasons:?}");
+    let ghosts = s.ws.query("hostile", "SELECT count(*) AS n FROM handled WHERE id = 'ghost'");
+    assert_eq!(ghosts, json!([{"n": 0}]), "the write deferred before the trap rolled back with it");
+    s.assert_contained(head, head - 2);
+}
+
+#[test]
 fn sql_cannot_make_a_blob_past_the_length_limit() {
     let mut s = Scenario::start("");
     let head = s.append("blob", &[("h-query", json!("SELECT length(zeroblob(500000000))"))]);

@@ -48,6 +48,13 @@ impl Projection for Hostile {
             "h-sql" => {
                 ctx.sql().execute(&text(), &[]).map_err(|err| Failure::reject(err.to_string()))?;
             }
+            "h-defer" => {
+                ctx.sql().defer(&text(), ()).map_err(|err| Failure::reject(err.to_string()))?;
+            }
+            "h-defer-then-panic" => {
+                ctx.sql().defer(&text(), ()).map_err(|err| Failure::reject(err.to_string()))?;
+                panic!("event {} deferred a write and panicked", event.id());
+            }
             "h-query" => {
                 ctx.sql().query(&text(), &[]).map_err(|err| Failure::reject(err.to_string()))?;
             }
