@@ -27,7 +27,9 @@
 //!
 //! - [`Sql`]: parameters as a tuple of plain values or [`params!`]
 //!   ([`Params`]), rows read by column name into `serde` types
-//!   ([`Sql::query_as`], [`Sql::query_first`], [`Row::get`]);
+//!   ([`Sql::query_as`], [`Sql::query_first`], [`Row::get`]), and writes
+//!   the host runs on a thread of its own while the module goes on
+//!   ([`Sql::defer`]);
 //! - [`Projection::MIGRATIONS`]: the schema as ordered statements, each
 //!   applied once, before every `init`;
 //! - [`query_json`]: a typed `query`, the JSON done here;
