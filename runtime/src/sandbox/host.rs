@@ -1179,7 +1179,9 @@ mod prepared_tests {
     use crate::config::Limits;
     use rusqlite::Connection;
 
-    fn host() -> GuestHost {
+    /// A host over a database with table `users (id, name)`, in a
+    /// transaction as the host runs a call.
+    pub(super) fn host() -> GuestHost {
         let db = Connection::open_in_memory().unwrap();
         db.execute_batch(runtime_tables::SCHEMA).unwrap();
         db.execute_batch("CREATE TABLE users (id TEXT PRIMARY KEY, name TEXT); BEGIN;").unwrap();
@@ -1378,18 +1380,10 @@ mod batch_tests {
 
 #[cfg(test)]
 mod deferred_tests {
-    use super::{GuestHost, Value, runtime_tables};
+    use super::Value;
+    use super::prepared_tests::host;
     use crate::bindings::{DeferredHost, PreparedHost};
-    use crate::config::Limits;
-    use rusqlite::Connection;
     use std::time::{Duration, Instant};
-
-    fn host() -> GuestHost {
-        let db = Connection::open_in_memory().unwrap();
-        db.execute_batch(runtime_tables::SCHEMA).unwrap();
-        db.execute_batch("CREATE TABLE users (id TEXT PRIMARY KEY, name TEXT NOT NULL); BEGIN;").unwrap();
-        GuestHost::new(db, "test".into(), Limits::default()).unwrap()
-    }
 
     fn text(s: &str) -> Value {
         Value::Text(s.into())
@@ -1420,13 +1414,13 @@ mod deferred_tests {
         let mut host = host();
         let insert = host.prepare("INSERT INTO users (id, name) VALUES (?1, ?2)".into()).unwrap().unwrap();
         DeferredHost::execute(&mut host, insert.handle, vec![text("u1"), text("a")]).unwrap();
-        DeferredHost::execute(&mut host, insert.handle, vec![text("u2"), Value::Null]).unwrap();
+        DeferredHost::execute(&mut host, insert.handle, vec![text("u1"), text("b")]).unwrap();
         DeferredHost::execute(&mut host, insert.handle, vec![text("u3"), text("c")]).unwrap();
-        let failure = host.take_deferred_failure().unwrap().expect("the NULL name failed");
+        let failure = host.take_deferred_failure().unwrap().expect("the second u1 failed");
         assert_eq!(
             failure,
-            "deferred statement \"INSERT INTO users (id, name) VALUES (?1, ?2)\" failed: NOT NULL constraint \
-             failed: users.name"
+            "deferred statement \"INSERT INTO users (id, name) VALUES (?1, ?2)\" failed: UNIQUE constraint \
+             failed: users.id"
         );
         assert_eq!(host.take_deferred_failure().unwrap(), None, "taken, it is gone");
         // A bad handle is found when deferred, and fails the call the same way.
