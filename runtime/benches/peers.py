@@ -5,8 +5,11 @@ after its checkpoint and committing state and checkpoint in one transaction,
 on its best settings (a 64 MiB page cache, the WAL checkpointed once at the
 end).
 
-Usage: python3 peers.py <events.db> <state.db> <batch>
-Prints the number of events applied.
+Usage: python3 peers.py <events.db> <state.db> <batch> [writes-only]
+With `writes-only`, the rule as writes alone (the allowlist filled by
+INSERT ... SELECT from users, as the shipped module does) rather than an
+upsert whose RETURNING row decides a second insert. Prints the number of
+events applied.
 """
 
 import json
@@ -19,8 +22,19 @@ ALLOWLIST = (
 )
 
 
+ALLOWLIST_IF_VERIFIED = (
+    "INSERT INTO allowlist (wallet_address, user_id, allowlisted_at) SELECT ?1, ?2, ?3 FROM users "
+    "WHERE user_id = ?2 AND kyc_verified_at IS NOT NULL ON CONFLICT (wallet_address) DO NOTHING"
+)
+ALLOWLIST_CURRENT_WALLET = (
+    "INSERT INTO allowlist (wallet_address, user_id, allowlisted_at) SELECT wallet_address, user_id, ?2 "
+    "FROM users WHERE user_id = ?1 AND wallet_address IS NOT NULL ON CONFLICT (wallet_address) DO NOTHING"
+)
+
+
 def main():
     events_path, state_path, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    writes_only = sys.argv[4:] == ["writes-only"]
     log = sqlite3.connect(f"file:{events_path}?mode=ro", uri=True)
     db = sqlite3.connect(state_path, isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")
@@ -51,7 +65,26 @@ def main():
             break
         db.execute("BEGIN IMMEDIATE")
         for position, event_type, time, data in rows:
-            if event_type == "wallet_updated":
+            if writes_only and event_type == "wallet_updated":
+                update = json.loads(data)
+                at = update.get("created_at") or time
+                db.execute(
+                    "INSERT INTO users (user_id, wallet_address) VALUES (?, ?) "
+                    "ON CONFLICT (user_id) DO UPDATE SET wallet_address = excluded.wallet_address",
+                    (update["user_id"], update["wallet_address"]),
+                )
+                db.execute(ALLOWLIST_IF_VERIFIED, (update["wallet_address"], update["user_id"], at))
+            elif writes_only and event_type == "kyc_verified":
+                kyc = json.loads(data)
+                at = kyc.get("kyc_verified_at") or time or ""
+                db.execute(
+                    "INSERT INTO users (user_id, kyc_verified_at) VALUES (?, ?) "
+                    "ON CONFLICT (user_id) DO UPDATE "
+                    "SET kyc_verified_at = coalesce(users.kyc_verified_at, excluded.kyc_verified_at)",
+                    (kyc["user_id"], at),
+                )
+                db.execute(ALLOWLIST_CURRENT_WALLET, (kyc["user_id"], at))
+            elif event_type == "wallet_updated":
                 update = json.loads(data)
                 at = update.get("created_at") or time
                 verified = db.execute(

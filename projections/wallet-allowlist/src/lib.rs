@@ -14,6 +14,12 @@
 //!
 //! Reads: `query` takes `{"wallet_address": "0x…"}` and answers
 //! `{"allowlisted": true|false, "user_id": "…"|null}`.
+//!
+//! Every event is two writes and no read: the user's row is upserted, then
+//! the allowlist is filled from it by `INSERT … SELECT` when the user is
+//! verified and has a wallet. Both are deferred (`Sql::defer`): the host
+//! runs them on a thread of its own while this module decodes the next
+//! event.
 
 use projector_sdk::{Context, Event, Failure, Projection, query_json};
 use serde::{Deserialize, Serialize};
@@ -51,8 +57,17 @@ struct AllowlistAnswer {
     user_id: Option<String>,
 }
 
-const ALLOWLIST: &str = "INSERT INTO allowlist (wallet_address, user_id, allowlisted_at) \
-                         VALUES (?1, ?2, ?3) ON CONFLICT (wallet_address) DO NOTHING";
+/// Allowlist wallet ?1 of user ?2 at ?3, if the user is verified.
+const ALLOWLIST_IF_VERIFIED: &str = "INSERT INTO allowlist (wallet_address, user_id, allowlisted_at) \
+                                     SELECT ?1, ?2, ?3 FROM users \
+                                     WHERE user_id = ?2 AND kyc_verified_at IS NOT NULL \
+                                     ON CONFLICT (wallet_address) DO NOTHING";
+
+/// Allowlist the current wallet of user ?1 at ?2, if the user has one.
+const ALLOWLIST_CURRENT_WALLET: &str = "INSERT INTO allowlist (wallet_address, user_id, allowlisted_at) \
+                                        SELECT wallet_address, user_id, ?2 FROM users \
+                                        WHERE user_id = ?1 AND wallet_address IS NOT NULL \
+                                        ON CONFLICT (wallet_address) DO NOTHING";
 
 impl Projection for WalletAllowlist {
     const STATE_VERSION: u32 = 1;
@@ -99,32 +114,25 @@ impl Projection for WalletAllowlist {
 fn wallet_updated(ctx: &Context, event: &Event) -> Result<(), Failure> {
     let update: WalletUpdated = event.data_json()?;
     let at = update.created_at.as_deref().or(event.time());
-    let user = ctx.sql().query(
+    ctx.sql().defer(
         "INSERT INTO users (user_id, wallet_address) VALUES (?1, ?2) \
-         ON CONFLICT (user_id) DO UPDATE SET wallet_address = excluded.wallet_address \
-         RETURNING kyc_verified_at",
+         ON CONFLICT (user_id) DO UPDATE SET wallet_address = excluded.wallet_address",
         (&update.user_id, &update.wallet_address),
     )?;
-    let verified = user.first().is_some_and(|row| !row[0].is_null());
-    if verified {
-        ctx.sql().execute(ALLOWLIST, (&update.wallet_address, &update.user_id, at))?;
-    }
+    ctx.sql().defer(ALLOWLIST_IF_VERIFIED, (&update.wallet_address, &update.user_id, at))?;
     Ok(())
 }
 
 fn kyc_verified(ctx: &Context, event: &Event) -> Result<(), Failure> {
     let kyc: KycVerified = event.data_json()?;
     let at = kyc.kyc_verified_at.as_deref().or(event.time()).unwrap_or("");
-    let user = ctx.sql().query(
+    ctx.sql().defer(
         "INSERT INTO users (user_id, kyc_verified_at) VALUES (?1, ?2) \
          ON CONFLICT (user_id) DO UPDATE \
-         SET kyc_verified_at = coalesce(users.kyc_verified_at, excluded.kyc_verified_at) \
-         RETURNING wallet_address",
+         SET kyc_verified_at = coalesce(users.kyc_verified_at, excluded.kyc_verified_at)",
         (&kyc.user_id, at),
     )?;
-    if let Some(wallet) = user.first().and_then(|row| row[0].as_str()) {
-        ctx.sql().execute(ALLOWLIST, (wallet, &kyc.user_id, at))?;
-    }
+    ctx.sql().defer(ALLOWLIST_CURRENT_WALLET, (&kyc.user_id, at))?;
     Ok(())
 }
 
