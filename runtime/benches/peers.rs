@@ -14,6 +14,12 @@
 //!   on its best settings (batches of 10,000, a 64 MiB page cache, the WAL
 //!   checkpointed at the end).
 //!
+//! Each peer runs the rule two ways, keeping its best: as an upsert whose
+//! `RETURNING` row decides a second insert, and as writes only (the
+//! allowlist filled by `INSERT … SELECT` from `users`, as the shipped module
+//! does with deferred writes). Every peer, and projector, must build the
+//! same allowlist, row for row.
+//!
 //! Then a single-upsert projection (one `INSERT … ON CONFLICT DO UPDATE`
 //! per event, the `counter` test guest) against its native twin.
 //!
@@ -309,7 +315,10 @@ fn main() {
         let rate = n as f64 / start.elapsed().as_secs_f64();
         let db = Connection::open(&state).unwrap();
         let rows: String = db.query_row(ALLOWLIST_TEXT, [], |r| r.get(0)).unwrap();
-        assert!(state_rows.borrow().as_deref() == Some(rows.as_str()), "python builds the allowlist the others build");
+        assert!(
+            state_rows.borrow().as_deref() == Some(rows.as_str()),
+            "python builds the allowlist the others build"
+        );
         rate
     };
     // Round by round, each consumer once a round: a machine whose speed
@@ -334,7 +343,10 @@ fn main() {
     println!("  python, RETURNING / writes only:        {:>9.0} / {:.0}", python[0], python[1]);
     let (plain, tuned, python) = (plain[0].max(plain[1]), tuned[0].max(tuned[1]), python[0].max(python[1]));
     let projected = ws.query("wallet-allowlist", ALLOWLIST_TEXT)[0]["rows"].clone();
-    assert!(projected.as_str() == state_rows.borrow().as_deref(), "projector builds the allowlist the peers build");
+    assert!(
+        projected.as_str() == state_rows.borrow().as_deref(),
+        "projector builds the allowlist the peers build"
+    );
 
     println!("  projector rebuild, defaults:            {projector:>9.0}");
     println!("  projector rebuild, batch_size = 10000:  {projector_big:>9.0}");
