@@ -665,6 +665,23 @@ fn run_over_nats_builds_the_state_a_replay_of_the_same_events_builds() {
 }
 
 #[test]
+fn a_projection_at_the_head_shows_no_lag_before_the_next_source_report() {
+    let server = NatsServer::start();
+    let ws = Workspace::new();
+    write_nats_config(&ws, &[server.url()]);
+    assert_eq!(publish_cli(&ws, "ten.jsonl", &wallet_events(10, 5, "t")), (10, 0));
+    let _host = ws.start();
+    // The first status with the checkpoint at the head: the source's own
+    // report (head and lag, written once a second) may be older than it.
+    let mut status = serde_json::Value::Null;
+    wait_until(Duration::from_secs(60), "the recorder at 10", || {
+        status = ws.status_of("recorder");
+        status["checkpoint"] == 10
+    });
+    assert_eq!((&status["head"], &status["lag"]), (&10.into(), &0.into()), "{status}");
+}
+
+#[test]
 fn run_over_nats_sigkilled_three_times_mid_stream_builds_the_same_state() {
     const TOTAL: usize = 60_000;
     const CHUNK: usize = 10_000;

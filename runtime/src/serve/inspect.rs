@@ -179,8 +179,10 @@ fn status_at(
             None if !p.reads_log_only() => checkpoint,
             None => head,
         };
+        // The report may predate the checkpoint by up to a second of
+        // processing: the lag it saw cannot be more than what is left now.
         let lag = match &report {
-            Some(report) => report["lag"].as_u64().unwrap_or(0),
+            Some(report) => report["lag"].as_u64().unwrap_or(0).min(head.saturating_sub(checkpoint)),
             None => head.saturating_sub(checkpoint),
         };
         let recorded = store::meta(&db, "state")?.unwrap_or_else(|| "new".into());
