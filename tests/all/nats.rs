@@ -665,7 +665,7 @@ fn run_over_nats_builds_the_state_a_replay_of_the_same_events_builds() {
 }
 
 #[test]
-fn a_projection_at_the_head_shows_no_lag_before_the_next_source_report() {
+fn a_projection_at_the_head_shows_no_lag_and_its_head_before_the_next_source_report() {
     let server = NatsServer::start();
     let ws = Workspace::new();
     write_nats_config(&ws, &[server.url()]);

@@ -152,6 +152,22 @@ fn never_run(p: &crate::config::ProjectionConfig, head: u64) -> ProjectionStatus
     }
 }
 
+/// A partition's progress as the source last reported it, brought up to
+/// `position`, where its checkpoint is now: the report may be a second of
+/// processing older.
+fn caught_up_to(progress: &mut Value, position: u64) {
+    if !progress.is_object() {
+        return;
+    }
+    let number = |field: &str| progress[field].as_u64().unwrap_or(0);
+    let position = number("position").max(position);
+    let head = number("head").max(position);
+    let lag = number("lag").min(head - position);
+    progress["position"] = position.into();
+    progress["head"] = head.into();
+    progress["lag"] = lag.into();
+}
+
 /// The status recorded in projection `p`'s database at `path`; `None`
 /// when there is none yet.
 fn status_at(
@@ -173,14 +189,16 @@ fn status_at(
             true => PARTITION.to_string(),
             false => store::meta(&db, "source_key")?.unwrap_or_default(),
         };
-        let checkpoint = store::checkpoint(&db, &key)?.total();
+        let positions = store::checkpoint(&db, &key)?;
+        let checkpoint = positions.total();
+        // The report may predate the checkpoint by up to a second of
+        // processing: the head is at least what was applied, and the lag it
+        // saw cannot be more than what is left now.
         let head = match &report {
-            Some(report) => report["head"].as_u64().unwrap_or(checkpoint),
+            Some(report) => report["head"].as_u64().unwrap_or(checkpoint).max(checkpoint),
             None if !p.reads_log_only() => checkpoint,
             None => head,
         };
-        // The report may predate the checkpoint by up to a second of
-        // processing: the lag it saw cannot be more than what is left now.
         let lag = match &report {
             Some(report) => report["lag"].as_u64().unwrap_or(0).min(head.saturating_sub(checkpoint)),
             None => head.saturating_sub(checkpoint),
@@ -210,7 +228,14 @@ fn status_at(
             lag,
             connected: report.as_ref().filter(|_| host_running).and_then(|r| r["connected"].as_bool()),
             warning: report.as_ref().and_then(|r| r["warning"].as_str().map(String::from)),
-            partitions: report.as_ref().and_then(|r| r.get("partitions").cloned()),
+            partitions: report.as_ref().and_then(|r| r.get("partitions").cloned()).map(|mut partitions| {
+                if let Value::Object(partitions) = &mut partitions {
+                    for (name, progress) in partitions {
+                        caught_up_to(progress, positions.position(name));
+                    }
+                }
+                partitions
+            }),
             error: match state.as_str() {
                 "faulted" | "connecting" => store::meta(&db, "error")?,
                 // One of several sources down: the projection runs on the
