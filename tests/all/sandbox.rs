@@ -267,24 +267,25 @@ fn triggers_that_would_run_with_the_hosts_rights_are_denied() {
     s.assert_contained(head, head - 5);
 }
 
-#[test]
-fn sql_that_runs_forever_hits_the_call_deadline() {
+/// SQL that never ends, run by an event of `event_type`, is stopped at the
+/// call's deadline and its event parked.
+fn sql_forever_hits_the_call_deadline(event_type: &str, name: &str) {
     let mut s = Scenario::start("[projection.limits]\ncall_timeout_ms = 200");
     let forever = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c";
-    let head = s.append("sqlloop", &[("h-sql", json!(forever))]);
+    let head = s.append(name, &[(event_type, json!(forever))]);
     s.wait_both_at(head);
-    s.assert_parked_one("sqlloop", &["the call ran past its deadline of 200 ms (limits.call_timeout_ms)"]);
+    s.assert_parked_one(name, &["the call ran past its deadline of 200 ms (limits.call_timeout_ms)"]);
     s.assert_contained(head, head - 1);
 }
 
 #[test]
+fn sql_that_runs_forever_hits_the_call_deadline() {
+    sql_forever_hits_the_call_deadline("h-sql", "sqlloop");
+}
+
+#[test]
 fn deferred_sql_that_runs_forever_hits_the_call_deadline() {
-    let mut s = Scenario::start("[projection.limits]\ncall_timeout_ms = 200");
-    let forever = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c";
-    let head = s.append("deferloop", &[("h-defer", json!(forever))]);
-    s.wait_both_at(head);
-    s.assert_parked_one("deferloop", &["the call ran past its deadline of 200 ms (limits.call_timeout_ms)"]);
-    s.assert_contained(head, head - 1);
+    sql_forever_hits_the_call_deadline("h-defer", "deferloop");
 }
 
 #[test]

@@ -59,6 +59,7 @@ struct Queue {
     /// The bytes of `ops`' parameters, as [`size`] counts them.
     bytes: usize,
     /// The most `bytes` has been.
+    #[cfg(test)]
     peak_bytes: usize,
     /// The writer took statements off the queue and runs them.
     running: bool,
@@ -143,7 +144,10 @@ impl Db {
         }
         state.ops.push(Op { handle, params });
         state.bytes += size;
-        state.peak_bytes = state.peak_bytes.max(state.bytes);
+        #[cfg(test)]
+        {
+            state.peak_bytes = state.peak_bytes.max(state.bytes);
+        }
         if state.sleeping && state.ops.len() >= CHUNK {
             work.notify_one();
         }
@@ -180,9 +184,7 @@ impl Db {
     pub fn fail(&mut self, failed: Failed) {
         self.failure.get_or_insert(failed);
     }
-}
 
-impl Db {
     /// The most bytes of parameters the queue has held.
     #[cfg(test)]
     pub fn peak_queued_bytes(&self) -> usize {
