@@ -1475,4 +1475,35 @@ mod deferred_tests {
         // The transaction the host runs the call in is still there to roll back.
         host.db().execute_batch("ROLLBACK").unwrap();
     }
+    #[test]
+    fn a_full_database_under_a_deferred_write_is_the_hosts_failure_not_the_guests() {
+        let mut host = host();
+        let insert = host.prepare("INSERT INTO users (id, name) VALUES (?1, ?2)".into()).unwrap().unwrap();
+        // The database may not grow a page: SQLite's SQLITE_FULL, as on a
+        // full disk.
+        let pages: i64 = host.db().query_row("PRAGMA page_count", [], |row| row.get(0)).unwrap();
+        host.db().query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(())).unwrap();
+        // A small row fits the table's page; a big one needs new pages.
+        let big = "x".repeat(64 << 10);
+        for (id, name) in [("u1", "small"), ("u2", &big), ("u3", "small")] {
+            DeferredHost::execute(&mut host, insert.handle, vec![text(id), text(name)]).unwrap();
+        }
+        let trap = host.take_deferred_failure().expect_err("a full database stops the call: a trap");
+        assert!(format!("{trap:#}").contains("database or disk is full"), "{trap:#}");
+        let cause = host.take_host_error().expect("the host's fault, so no event is parked for it");
+        assert!(format!("{cause:#}").contains("database or disk is full"), "{cause:#}");
+        // SQLite rolled the transaction back (u1 is gone with it) and the
+        // host stood an empty one in for the host's ROLLBACK: had u3 run
+        // after the failure, it would be there.
+        let ids: Vec<String> = host
+            .db()
+            .prepare("SELECT id FROM users")
+            .unwrap()
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(ids.is_empty(), "nothing ran after the failure: {ids:?}");
+        host.db().execute_batch("ROLLBACK").unwrap();
+    }
 }
