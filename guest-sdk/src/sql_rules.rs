@@ -140,6 +140,23 @@ pub fn guard(conn: &mut Connection) -> rusqlite::Result<GuestRules> {
     Ok(rules)
 }
 
+/// What a module is told when it writes from `query`, whose connection is
+/// read-only: SQLite's error (the plain `SQLITE_READONLY`, which no other
+/// guest connection gives), and where writes belong. `None` for any other
+/// error.
+pub fn written_in_query(err: &rusqlite::Error) -> Option<String> {
+    match err {
+        rusqlite::Error::SqliteFailure(failure, _)
+            if failure.extended_code == rusqlite::ffi::SQLITE_READONLY =>
+        {
+            Some(format!(
+                "{err}: `query` serves reads on a read-only connection; write state in `handle` or `init`"
+            ))
+        }
+        _ => None,
+    }
+}
+
 /// The longest statement text a refusal quotes, in characters.
 const QUOTED_STATEMENT_CHARS: usize = 80;
 

@@ -682,7 +682,12 @@ impl SqliteBackend<'_> {
                  are gone"
             );
         }
-        result.map_err(|err| self.rules.explain(statement, &err).unwrap_or_else(|| err.to_string()))
+        result.map_err(|err| {
+            self.rules
+                .explain(statement, &err)
+                .or_else(|| crate::sql_rules::written_in_query(&err))
+                .unwrap_or_else(|| err.to_string())
+        })
     }
 }
 

@@ -179,6 +179,7 @@ fn query_is_read_only_and_leaves_nothing_behind() {
     ] {
         let err = h.query(write.as_bytes()).expect_err(write);
         assert!(err.contains("attempt to write a readonly database"), "{write}: {err}");
+        assert!(err.contains("write state in `handle` or `init`"), "as the host says it: {err}");
     }
     // A state write in `query` is a host error in the host (a trap here).
     let message = the_panic_message(|| drop(h.query(b"set-state written-in-query")));

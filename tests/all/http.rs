@@ -519,6 +519,44 @@ fn sql_is_read_only_bounded_in_time_and_never_pins_a_snapshot() {
 }
 
 #[test]
+fn a_module_query_that_writes_is_refused_and_changes_nothing_whether_it_executes_or_defers() {
+    let ws = Workspace::new();
+    ws.write_config(&[("hostile", &guest("hostile"), &["h"])]);
+    let host = ws.start();
+    let base = host.url();
+    let lines: Vec<String> = (0..3).map(|i| cloud_event(&format!("q{i}"), "seen", json!(i))).collect();
+    post(&format!("{base}/streams/h/events"), "application/x-ndjson", &lines.join("\n"));
+    ws.wait_caught_up(3, WAIT);
+    let ask = |request: Value| {
+        post(&format!("{base}/projections/hostile/query"), "application/json", &request.to_string())
+    };
+    assert_eq!(ask(json!({})).1, json!({"handled": 3}));
+
+    let forge = "INSERT INTO handled (position, id, type) VALUES (99, 'forged', 'x')";
+    for how in ["execute", "defer"] {
+        let (status, answer, _) = ask(json!({ how: forge }));
+        assert_eq!(status, 400, "{how}: the module's refusal, not a host error: {answer}");
+        let error = answer["error"].as_str().unwrap();
+        assert!(error.contains("attempt to write a readonly database"), "{how}: {error}");
+        assert!(error.contains("write state in `handle` or `init`"), "{how}: what to do: {error}");
+        if how == "defer" {
+            assert!(
+                error.starts_with("deferred statement \"INSERT INTO handled"),
+                "which statement: {error}"
+            );
+        }
+        // The next query, on the same pool of instances, sees no forged row.
+        assert_eq!(ask(json!({})), (200, json!({"handled": 3}), None), "{how}");
+    }
+    let forged = ws.query("hostile", "SELECT count(*) AS n FROM handled WHERE id = 'forged'");
+    assert_eq!(forged, json!([{"n": 0}]));
+    // Processing goes on after the refused writes.
+    post(&format!("{base}/streams/h/events"), "application/x-ndjson", &cloud_event("q3", "seen", json!(3)));
+    ws.wait_caught_up(4, WAIT);
+    assert_eq!(ask(json!({})).1, json!({"handled": 4}));
+}
+
+#[test]
 fn a_query_that_failed_in_the_host_does_not_poison_the_next_one() {
     let ws = Workspace::new();
     two_projections(&ws);

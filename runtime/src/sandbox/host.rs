@@ -497,7 +497,7 @@ fn classify(err: rusqlite::Error) -> SqlFailure {
         // guest's doing; the extended codes (a read-only file, a moved
         // database, a recovery in progress) are the host's.
         ErrorCode::ReadOnly if failure.extended_code == ffi::SQLITE_READONLY => {
-            SqlFailure::Guest(err.to_string())
+            SqlFailure::Guest(sql_rules::written_in_query(&err).unwrap_or_else(|| err.to_string()))
         }
         ErrorCode::DiskFull
         | ErrorCode::SystemIoFailure

@@ -95,6 +95,19 @@ impl Projection for Hostile {
         )?;
         Ok(())
     }
+
+    /// `{"execute": sql}` or `{"defer": sql}`: runs a statement from a
+    /// read, as a module must not; anything else answers `{"handled": n}`.
+    fn query(ctx: &Context, request: &[u8]) -> Result<Vec<u8>, String> {
+        let request: serde_json::Value = serde_json::from_slice(request).map_err(|err| err.to_string())?;
+        if let Some(sql) = request["execute"].as_str() {
+            ctx.sql().execute(sql, &[])?;
+        } else if let Some(sql) = request["defer"].as_str() {
+            ctx.sql().defer(sql, ())?;
+        }
+        let handled: Option<i64> = ctx.sql().query_first("SELECT count(*) FROM handled", ())?;
+        Ok(serde_json::json!({ "handled": handled }).to_string().into_bytes())
+    }
 }
 
 projector_sdk::export!(Hostile);
