@@ -11,7 +11,9 @@
 
 use super::host::{Broke, Database, GUEST_SQL_PREFIX, GuestRules, conclude, execute_kept, truncated};
 use crate::bindings::Value;
+use rusqlite::types::{ToSql, ToSqlOutput, ValueRef};
 use std::cell::{Cell, UnsafeCell};
+use std::ops::Range;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
@@ -27,10 +29,108 @@ const CHUNK: usize = 128;
 const MOST_QUEUED: usize = 4096;
 const MOST_QUEUED_BYTES: usize = 8 << 20;
 
-/// A statement deferred: its handle and its parameters.
+/// Statements deferred, their parameters end to end and the parameters'
+/// text and blobs in one buffer: the writer reads what the guest's thread
+/// wrote in a few sequential runs, not a string of its own per parameter,
+/// and nothing is freed from one batch of statements to the next.
+#[derive(Default)]
+struct Statements {
+    ops: Vec<Op>,
+    params: Vec<Param>,
+    bytes: Vec<u8>,
+}
+
+/// The bytes of statements a writer with nothing queued keeps allocated,
+/// in the queue and in its own hands each.
+const KEPT_IDLE: usize = 64 << 10;
+
+/// A statement deferred: its handle and its parameters in
+/// [`Statements::params`].
 struct Op {
     handle: u32,
-    params: Vec<Value>,
+    params: Range<usize>,
+}
+
+/// A parameter of a deferred statement; text and blobs are ranges of
+/// [`Statements::bytes`].
+#[derive(Clone)]
+enum Param {
+    Null,
+    Integer(i64),
+    Real(f64),
+    Text(Range<usize>),
+    Blob(Range<usize>),
+}
+
+/// A parameter bound from the buffer it is in.
+struct Bound<'a>(&'a Param, &'a [u8]);
+
+impl ToSql for Bound<'_> {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        let Bound(param, bytes) = self;
+        Ok(ToSqlOutput::Borrowed(match param {
+            Param::Null => ValueRef::Null,
+            Param::Integer(n) => ValueRef::Integer(*n),
+            Param::Real(x) => ValueRef::Real(*x),
+            Param::Text(range) => ValueRef::Text(&bytes[range.clone()]),
+            Param::Blob(range) => ValueRef::Blob(&bytes[range.clone()]),
+        }))
+    }
+}
+
+impl Statements {
+    fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    fn push(&mut self, handle: u32, params: &[Value]) {
+        let start = self.params.len();
+        for value in params {
+            let mut append = |data: &[u8]| {
+                let at = self.bytes.len();
+                self.bytes.extend_from_slice(data);
+                at..self.bytes.len()
+            };
+            self.params.push(match value {
+                Value::Null => Param::Null,
+                Value::Integer(n) => Param::Integer(*n),
+                Value::Real(x) => Param::Real(*x),
+                Value::Text(text) => Param::Text(append(text.as_bytes())),
+                Value::Blob(blob) => Param::Blob(append(blob)),
+            });
+        }
+        self.ops.push(Op { handle, params: start..self.params.len() });
+    }
+
+    /// Op `op`'s parameters, ready to bind.
+    fn bound<'a>(&'a self, op: &'a Op) -> impl Iterator<Item = Bound<'a>> {
+        self.params[op.params.clone()].iter().map(|param| Bound(param, &self.bytes))
+    }
+
+    /// Empty, and let go of what was allocated past [`KEPT_IDLE`].
+    fn trim(&mut self) {
+        if self.held() > KEPT_IDLE {
+            *self = Statements::default();
+        }
+    }
+
+    /// The bytes allocated for statements.
+    fn held(&self) -> usize {
+        self.ops.capacity() * size_of::<Op>()
+            + self.params.capacity() * size_of::<Param>()
+            + self.bytes.capacity()
+    }
+
+    /// Empty, keeping what was allocated.
+    fn clear(&mut self) {
+        self.ops.clear();
+        self.params.clear();
+        self.bytes.clear();
+    }
 }
 
 /// How the deferred statements failed: the first failure; those queued
@@ -55,7 +155,9 @@ unsafe impl Sync for Shared {}
 /// What the two threads share under one mutex.
 #[derive(Default)]
 struct Queue {
-    ops: Vec<Op>,
+    ops: Statements,
+    /// What the writer ran last, emptied, for the next swap.
+    spare: Statements,
     /// The bytes of `ops`' parameters, as [`size`] counts them.
     bytes: usize,
     /// The most `bytes` has been.
@@ -123,7 +225,7 @@ impl Db {
     }
 
     /// Queue prepared statement `handle` with `params` for the writer.
-    pub fn defer(&mut self, handle: u32, params: Vec<Value>) -> std::io::Result<()> {
+    pub fn defer(&mut self, handle: u32, params: &[Value]) -> std::io::Result<()> {
         if self.writer.is_none() {
             let queue = Arc::new((Mutex::new(Queue::default()), Condvar::new(), Condvar::new()));
             let (shared, rules, ours) = (self.shared.clone(), self.rules.clone(), queue.clone());
@@ -134,7 +236,7 @@ impl Db {
         }
         let Some(writer) = &self.writer else { unreachable!("started above") };
         let (queue, work, idle) = &*writer.queue;
-        let size = size(&params);
+        let size = size(params);
         let mut state = lock(queue);
         while !state.ops.is_empty()
             && (state.ops.len() >= MOST_QUEUED || state.bytes + size > MOST_QUEUED_BYTES)
@@ -142,7 +244,7 @@ impl Db {
             work.notify_one();
             state = idle.wait(state).unwrap_or_else(PoisonError::into_inner);
         }
-        state.ops.push(Op { handle, params });
+        state.ops.push(handle, params);
         state.bytes += size;
         #[cfg(test)]
         {
@@ -185,6 +287,22 @@ impl Db {
         self.failure.get_or_insert(failed);
     }
 
+    /// The bytes held for statements once the writer waits for work.
+    #[cfg(test)]
+    pub fn held_when_idle(&self) -> usize {
+        let Some(writer) = &self.writer else { return 0 };
+        let waited = std::time::Instant::now();
+        loop {
+            let state = lock(&writer.queue.0);
+            if state.sleeping {
+                return state.ops.held() + state.spare.held();
+            }
+            drop(state);
+            assert!(waited.elapsed() < std::time::Duration::from_secs(10), "the writer never went idle");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
     /// The most bytes of parameters the queue has held.
     #[cfg(test)]
     pub fn peak_queued_bytes(&self) -> usize {
@@ -219,19 +337,23 @@ impl Drop for Db {
 /// The writer: run what is queued, in order, until told to stop.
 fn write(shared: &Shared, rules: &GuestRules, queue: &(Mutex<Queue>, Condvar, Condvar)) {
     let (queue, work, idle) = queue;
-    let mut ops = Vec::new();
     let mut state = lock(queue);
     loop {
         if state.ops.is_empty() {
             if state.stop {
                 return;
             }
+            // Idle, nothing big is kept: a hundred projections that caught
+            // up must not each hold their last big batch's statements.
+            state.ops.trim();
+            state.spare.trim();
             state.sleeping = true;
             state = work.wait(state).unwrap_or_else(PoisonError::into_inner);
             state.sleeping = false;
             continue;
         }
-        std::mem::swap(&mut state.ops, &mut ops);
+        let spare = std::mem::take(&mut state.spare);
+        let mut ops = std::mem::replace(&mut state.ops, spare);
         state.bytes = 0;
         state.running = true;
         let failed_before = state.failure.is_some();
@@ -250,9 +372,9 @@ fn write(shared: &Shared, rules: &GuestRules, queue: &(Mutex<Queue>, Condvar, Co
                 "the host's thread of deferred statements failed running one"
             )))),
         };
-        // The parameters are freed here, off the guest's thread.
         ops.clear();
         state = lock(queue);
+        state.spare = ops;
         state.running = false;
         if let Some(failed) = failed {
             state.failure.get_or_insert(failed);
@@ -264,11 +386,13 @@ fn write(shared: &Shared, rules: &GuestRules, queue: &(Mutex<Queue>, Condvar, Co
 }
 
 /// Run `ops` on `database` as the guest's; the first failure ends them.
-fn run(database: &mut Database, rules: &GuestRules, ops: &[Op]) -> Option<Failed> {
-    for op in ops {
+fn run(database: &mut Database, rules: &GuestRules, statements: &Statements) -> Option<Failed> {
+    for op in &statements.ops {
         let in_transaction = !database.borrow_owner().is_autocommit();
         rules.begin();
-        let result = database.with_dependent_mut(|db, kept| execute_kept(db, kept, op.handle, &op.params));
+        let result = database.with_dependent_mut(|db, kept| {
+            execute_kept(db, kept, op.handle, rusqlite::params_from_iter(statements.bound(op)))
+        });
         rules.end();
         // The text only for an error: it names the statement.
         let text = match &result {

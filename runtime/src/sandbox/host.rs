@@ -568,7 +568,7 @@ impl SqlHost for GuestHost {
     fn execute(&mut self, statement: String, params: Vec<Value>) -> Result<Result<u64, String>> {
         self.check_params(&params)?;
         let text = format!("{GUEST_SQL_PREFIX}{statement}");
-        self.as_guest(&statement, |db, _| run_execute(db, &text, &params))
+        self.as_guest(&statement, |db, _| run_execute(db, &text, params_from_iter(&params)))
     }
 
     fn query(&mut self, statement: String, params: Vec<Value>) -> Result<Result<Rows, String>> {
@@ -612,7 +612,9 @@ impl crate::bindings::PreparedHost for GuestHost {
     fn execute(&mut self, handle: u32, params: Vec<Value>) -> Result<Result<u64, String>> {
         self.check_params(&params)?;
         let Some(text) = self.prepared_text(handle) else { return Ok(Err(no_statement(handle))) };
-        self.as_guest(&text[GUEST_SQL_PREFIX.len()..], |db, kept| execute_kept(db, kept, handle, &params))
+        self.as_guest(&text[GUEST_SQL_PREFIX.len()..], |db, kept| {
+            execute_kept(db, kept, handle, params_from_iter(&params))
+        })
     }
 
     fn query(&mut self, handle: u32, params: Vec<Value>) -> Result<Result<Vec<Vec<Value>>, String>> {
@@ -644,20 +646,20 @@ pub(super) fn execute_kept<'db>(
     db: &'db Connection,
     kept: &mut KeptStatements<'db>,
     handle: u32,
-    params: &[Value],
+    params: impl rusqlite::Params,
 ) -> rusqlite::Result<u64> {
     let kept = &mut kept[handle as usize];
     match &mut kept.statement {
-        Some(statement) => sql_rules::execute_whole(db, statement, params_from_iter(params)),
+        Some(statement) => sql_rules::execute_whole(db, statement, params),
         None => run_execute(db, &kept.text, params),
     }
 }
 
 /// Run the guest statement `text` whole (stepping through any rows a
 /// `RETURNING` gives); the rows it changed.
-fn run_execute(db: &Connection, text: &str, params: &[Value]) -> rusqlite::Result<u64> {
+fn run_execute(db: &Connection, text: &str, params: impl rusqlite::Params) -> rusqlite::Result<u64> {
     let mut stmt = db.prepare_cached(text)?;
-    sql_rules::execute_whole(db, &mut stmt, params_from_iter(params))
+    sql_rules::execute_whole(db, &mut stmt, params)
 }
 
 /// Run the guest query `text`: its rows, values in column order.
@@ -691,7 +693,7 @@ impl crate::bindings::DeferredHost for GuestHost {
             self.db.fail(Failed::Guest(no_statement(handle)));
             return Ok(());
         }
-        self.db.defer(handle, params).map_err(|err| {
+        self.db.defer(handle, &params).map_err(|err| {
             anyhow::anyhow!(
                 "projection {}: cannot start the thread of deferred statements: {err}",
                 self.projection
@@ -1453,6 +1455,9 @@ mod deferred_tests {
         let count: i64 = host.db().query_row("SELECT count(*) FROM users", [], |row| row.get(0)).unwrap();
         assert_eq!(count, 101, "every one ran");
         assert_eq!(host.take_deferred_failure().unwrap(), None);
+        // Idle again, the writer lets go of what the big values took.
+        let held = host.db.held_when_idle();
+        assert!(held <= 2 * (64 << 10), "{held} bytes held by an idle writer");
     }
 
     #[test]
