@@ -23,7 +23,7 @@ use crate::context::{Backend, Context, Level, Rows, Value};
 use crate::event::Fields;
 use crate::text::same_text;
 use crate::{Event, Failure, Param, Projection};
-use bindings::projector::projection::{batch, deferred, emit, log, prepared, sql, state};
+use bindings::projector::projection::{batch, deferred_packed, emit, log, prepared, sql, state};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -52,6 +52,64 @@ thread_local! {
     /// is usually a literal, at the same address on every call, so a lookup
     /// is a compare of its text with the one found there, with no hashing.
     static RECENT: RefCell<[Option<Recent>; RECENT_SLOTS]> = const { RefCell::new([const { None }; RECENT_SLOTS]) };
+}
+
+thread_local! {
+    /// Statements deferred and not sent yet, as `deferred-packed.execute`
+    /// takes them: sent when [`SEND_DEFERRED`] bytes are waiting, before
+    /// any other call to the host, and before the module returns.
+    static DEFERRED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Bytes of deferred statements sent at once: the host's writer starts on
+/// the first ones while the module defers the next.
+const SEND_DEFERRED: usize = 8 << 10;
+
+/// Send the statements deferred so far.
+fn send_deferred() {
+    DEFERRED.with_borrow_mut(|waiting| {
+        if waiting.is_empty() {
+            return;
+        }
+        deferred_packed::execute(waiting);
+        waiting.clear();
+        if waiting.capacity() > 4 * SEND_DEFERRED {
+            *waiting = Vec::new();
+        }
+    });
+}
+
+/// Add a deferred statement to those waiting, in the layout of
+/// `deferred-packed.execute`.
+fn pack_deferred(handle: u32, params: &[Param<'_>]) -> usize {
+    DEFERRED.with_borrow_mut(|waiting| {
+        waiting.extend_from_slice(&handle.to_le_bytes());
+        waiting.extend_from_slice(&(params.len() as u32).to_le_bytes());
+        for param in params {
+            match *param {
+                Param::Null => waiting.push(0),
+                Param::Integer(n) => {
+                    waiting.push(1);
+                    waiting.extend_from_slice(&n.to_le_bytes());
+                }
+                Param::Real(x) => {
+                    waiting.push(2);
+                    waiting.extend_from_slice(&x.to_le_bytes());
+                }
+                Param::Text(text) => {
+                    waiting.push(3);
+                    waiting.extend_from_slice(&(text.len() as u32).to_le_bytes());
+                    waiting.extend_from_slice(text.as_bytes());
+                }
+                Param::Blob(blob) => {
+                    waiting.push(4);
+                    waiting.extend_from_slice(&(blob.len() as u32).to_le_bytes());
+                    waiting.extend_from_slice(blob);
+                }
+            }
+        }
+        waiting.len()
+    })
 }
 
 /// Slots in [`RECENT`].
@@ -87,6 +145,9 @@ fn prepared(statement: &str) -> Result<Option<Prepared>, String> {
         Some(found) => found,
         None if STATEMENTS.with_borrow(HashMap::len) >= PREPARED => return Ok(None),
         None => {
+            // A statement deferred before may make this one preparable (a
+            // table it creates).
+            send_deferred();
             let prepared = prepared::prepare(statement)?;
             let entry = (prepared.handle, Arc::<[String]>::from(prepared.columns));
             STATEMENTS.with_borrow_mut(|statements| statements.insert(statement.to_string(), entry.clone()));
@@ -101,18 +162,23 @@ fn prepared(statement: &str) -> Result<Option<Prepared>, String> {
 
 impl Backend for WasmBackend {
     fn get(&self, key: &str) -> Option<Vec<u8>> {
+        send_deferred();
         state::get(key)
     }
     fn set(&self, key: &str, value: &[u8]) {
+        send_deferred();
         state::set(key, value)
     }
     fn delete(&self, key: &str) {
+        send_deferred();
         state::delete(key)
     }
     fn scan(&self, prefix: &str, limit: u32) -> Vec<(String, Vec<u8>)> {
+        send_deferred();
         state::scan(prefix, limit)
     }
     fn execute(&self, statement: &str, params: &[Param<'_>]) -> Result<u64, String> {
+        send_deferred();
         match prepared(statement)? {
             Some((handle, _)) => prepared::execute(handle, &to_wit_values(params)),
             None => sql::execute(statement, &to_wit_values(params)),
@@ -121,14 +187,20 @@ impl Backend for WasmBackend {
     fn defer(&self, statement: &str, params: &[Param<'_>]) -> Result<(), String> {
         match prepared(statement)? {
             Some((handle, _)) => {
-                deferred::execute(handle, &to_wit_values(params));
+                if pack_deferred(handle, params) >= SEND_DEFERRED {
+                    send_deferred();
+                }
                 Ok(())
             }
             // Past the statements kept prepared: run it now.
-            None => sql::execute(statement, &to_wit_values(params)).map(drop),
+            None => {
+                send_deferred();
+                sql::execute(statement, &to_wit_values(params)).map(drop)
+            }
         }
     }
     fn query(&self, statement: &str, params: &[Param<'_>]) -> Result<Rows, String> {
+        send_deferred();
         let (columns, rows) = match prepared(statement)? {
             Some((handle, columns)) => (columns, prepared::query(handle, &to_wit_values(params))?),
             None => {
@@ -160,6 +232,7 @@ impl Backend for WasmBackend {
         position: u64,
         index: Option<u32>,
     ) -> Result<(), String> {
+        send_deferred();
         match index {
             Some(index) => batch::emit(index, stream, event_type, subject, data),
             None => emit::emit(stream, event_type, subject, data, position),
@@ -192,8 +265,9 @@ fn from_wit_value(value: sql::ValueResult) -> Value {
 
 pub fn init<P: Projection>(found: Option<u32>) -> Result<(), String> {
     let ctx = Context::new(&WasmBackend);
-    crate::migrations::apply(&ctx, P::MIGRATIONS)?;
-    P::init(&ctx, found)
+    let result = crate::migrations::apply(&ctx, P::MIGRATIONS).and_then(|()| P::init(&ctx, found));
+    send_deferred();
+    result
 }
 
 pub fn handle<P: Projection>(events: Vec<WitEvent>) -> Result<(), WitFailure> {
@@ -231,12 +305,16 @@ pub fn handle_packed<P: Projection>(batch: Vec<u8>) -> Result<(), WitFailure> {
 }
 
 fn apply<P: Projection>(events: &[Event]) -> Result<(), WitFailure> {
-    P::handle_batch(&Context::new(&WasmBackend), events).map_err(|failure| match failure {
+    let result = P::handle_batch(&Context::new(&WasmBackend), events);
+    send_deferred();
+    result.map_err(|failure| match failure {
         Failure::Retry(reason) => WitFailure::Retry(reason),
         Failure::Reject(reason) => WitFailure::Reject(reason),
     })
 }
 
 pub fn query<P: Projection>(request: Vec<u8>) -> Result<Vec<u8>, String> {
-    P::query(&Context::new(&WasmBackend), &request)
+    let answer = P::query(&Context::new(&WasmBackend), &request);
+    send_deferred();
+    answer
 }

@@ -16,6 +16,7 @@ mod generated {
 
 pub use generated::projector::projection::batch::Host as BatchHost;
 pub use generated::projector::projection::deferred::Host as DeferredHost;
+pub use generated::projector::projection::deferred_packed::Host as DeferredPackedHost;
 pub use generated::projector::projection::emit::Host as EmitHost;
 pub use generated::projector::projection::log::{Host as LogHost, Level};
 pub use generated::projector::projection::prepared::{Host as PreparedHost, Statement};

@@ -309,6 +309,30 @@ fn a_deferred_write_is_refused_what_any_write_is_and_a_trap_after_one_undoes_it(
 }
 
 #[test]
+fn a_deferred_statement_runs_before_the_next_statement_is_prepared_or_run() {
+    let mut s = Scenario::start("");
+    // One batch: tables made by deferred statements, then written by
+    // statements prepared after them, deferred or not, then read.
+    let head = s.append(
+        "ddl",
+        &[
+            (
+                "h-defer-each",
+                json!(["CREATE TABLE made_by_defer (x INTEGER)", "INSERT INTO made_by_defer (x) VALUES (7)"]),
+            ),
+            ("h-defer", json!("CREATE TABLE made_by_defer_too (x INTEGER)")),
+            ("h-sql", json!("INSERT INTO made_by_defer_too (x) VALUES (8)")),
+            ("h-query", json!("SELECT a.x, b.x FROM made_by_defer a, made_by_defer_too b")),
+        ],
+    );
+    s.wait_both_at(head);
+    assert_eq!(s.dead_letters(), Vec::<Value>::new(), "each statement saw what the ones before it made");
+    let rows = s.ws.query("hostile", "SELECT a.x AS a, b.x AS b FROM made_by_defer a, made_by_defer_too b");
+    assert_eq!(rows, json!([{"a": 7, "b": 8}]));
+    s.assert_contained(head, head);
+}
+
+#[test]
 fn sql_cannot_make_a_blob_past_the_length_limit() {
     let mut s = Scenario::start("");
     let head = s.append("blob", &[("h-query", json!("SELECT length(zeroblob(500000000))"))]);

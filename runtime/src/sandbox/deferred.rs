@@ -87,7 +87,7 @@ impl Statements {
         self.ops.is_empty()
     }
 
-    fn push(&mut self, handle: u32, params: &[Value]) {
+    fn push<'a>(&mut self, handle: u32, params: impl Iterator<Item = ValueRef<'a>>) {
         let start = self.params.len();
         for value in params {
             let mut append = |data: &[u8]| {
@@ -96,11 +96,11 @@ impl Statements {
                 at..self.bytes.len()
             };
             self.params.push(match value {
-                Value::Null => Param::Null,
-                Value::Integer(n) => Param::Integer(*n),
-                Value::Real(x) => Param::Real(*x),
-                Value::Text(text) => Param::Text(append(text.as_bytes())),
-                Value::Blob(blob) => Param::Blob(append(blob)),
+                ValueRef::Null => Param::Null,
+                ValueRef::Integer(n) => Param::Integer(n),
+                ValueRef::Real(x) => Param::Real(x),
+                ValueRef::Text(text) => Param::Text(append(text)),
+                ValueRef::Blob(blob) => Param::Blob(append(blob)),
             });
         }
         self.ops.push(Op { handle, params: start..self.params.len() });
@@ -226,6 +226,16 @@ impl Db {
 
     /// Queue prepared statement `handle` with `params` for the writer.
     pub fn defer(&mut self, handle: u32, params: &[Value]) -> std::io::Result<()> {
+        self.defer_refs(handle, params.iter().map(value_ref))
+    }
+
+    /// Queue prepared statement `handle` with `params` (text as UTF-8) for
+    /// the writer.
+    pub fn defer_refs<'a>(
+        &mut self,
+        handle: u32,
+        params: impl Iterator<Item = ValueRef<'a>> + Clone,
+    ) -> std::io::Result<()> {
         if self.writer.is_none() {
             let queue = Arc::new((Mutex::new(Queue::default()), Condvar::new(), Condvar::new()));
             let (shared, rules, ours) = (self.shared.clone(), self.rules.clone(), queue.clone());
@@ -236,7 +246,7 @@ impl Db {
         }
         let Some(writer) = &self.writer else { unreachable!("started above") };
         let (queue, work, idle) = &*writer.queue;
-        let size = size(params);
+        let size = size(params.clone());
         let mut state = lock(queue);
         while !state.ops.is_empty()
             && (state.ops.len() >= MOST_QUEUED || state.bytes + size > MOST_QUEUED_BYTES)
@@ -311,13 +321,23 @@ impl Db {
 }
 
 /// What a statement's parameters weigh in the queue.
-fn size(params: &[Value]) -> usize {
-    let heap = |value: &Value| match value {
-        Value::Text(text) => text.len(),
-        Value::Blob(blob) => blob.len(),
+fn size<'a>(params: impl Iterator<Item = ValueRef<'a>>) -> usize {
+    let heap = |value: ValueRef<'_>| match value {
+        ValueRef::Text(bytes) | ValueRef::Blob(bytes) => bytes.len(),
         _ => 0,
     };
-    params.iter().map(|value| size_of::<Value>() + heap(value)).sum()
+    params.map(|value| size_of::<Param>() + heap(value)).sum()
+}
+
+/// A guest's value as SQLite takes it.
+fn value_ref(value: &Value) -> ValueRef<'_> {
+    match value {
+        Value::Null => ValueRef::Null,
+        Value::Integer(n) => ValueRef::Integer(*n),
+        Value::Real(x) => ValueRef::Real(*x),
+        Value::Text(text) => ValueRef::Text(text.as_bytes()),
+        Value::Blob(blob) => ValueRef::Blob(blob),
+    }
 }
 
 impl Drop for Db {

@@ -702,6 +702,82 @@ impl crate::bindings::DeferredHost for GuestHost {
     }
 }
 
+impl crate::bindings::DeferredPackedHost for GuestHost {
+    fn execute(&mut self, statements: Vec<u8>) -> Result<()> {
+        let mut reader = Packed { bytes: &statements, at: 0 };
+        let mut params = Vec::new();
+        while reader.at < statements.len() {
+            let handle = reader.u32()?;
+            let count = reader.u32()?;
+            params.clear();
+            for _ in 0..count {
+                let at = reader.at;
+                let value = match reader.take(1)?[0] {
+                    0 => ValueRef::Null,
+                    1 => ValueRef::Integer(i64::from_le_bytes(reader.array()?)),
+                    2 => ValueRef::Real(f64::from_le_bytes(reader.array()?)),
+                    3 => {
+                        let text = reader.sized()?;
+                        self.check_size("an SQL text parameter", text.len())?;
+                        std::str::from_utf8(text).map_err(|err| {
+                            anyhow::anyhow!("deferred-packed: the text at byte {at} is not UTF-8: {err}")
+                        })?;
+                        ValueRef::Text(text)
+                    }
+                    4 => {
+                        let blob = reader.sized()?;
+                        self.check_size("an SQL blob parameter", blob.len())?;
+                        ValueRef::Blob(blob)
+                    }
+                    tag => bail!("deferred-packed: byte {at} is no parameter's tag: {tag} (0 to 4)"),
+                };
+                params.push(value);
+            }
+            if handle as usize >= self.handles.len() {
+                self.db.fail(Failed::Guest(no_statement(handle)));
+                continue;
+            }
+            self.db.defer_refs(handle, params.iter().copied()).map_err(|err| {
+                anyhow::anyhow!(
+                    "projection {}: cannot start the thread of deferred statements: {err}",
+                    self.projection
+                )
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads the statements of a `deferred-packed.execute` front to back.
+struct Packed<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Packed<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        let Some(taken) = self.at.checked_add(n).and_then(|end| self.bytes.get(self.at..end)) else {
+            bail!("deferred-packed: {n} bytes wanted at byte {} of {}", self.at, self.bytes.len());
+        };
+        self.at += n;
+        Ok(taken)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
+        Ok(self.take(N)?.try_into().expect("N bytes"))
+    }
+
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+
+    /// A length (u32), then that many bytes.
+    fn sized(&mut self) -> Result<&'a [u8]> {
+        let len = self.u32()? as usize;
+        self.take(len)
+    }
+}
+
 // Named in full: the tests call `EmitHost`'s `emit` by method.
 impl crate::bindings::BatchHost for GuestHost {
     fn partitions(&mut self) -> Result<Vec<Option<u32>>> {
@@ -1382,9 +1458,9 @@ mod batch_tests {
 
 #[cfg(test)]
 mod deferred_tests {
-    use super::Value;
     use super::prepared_tests::host;
-    use crate::bindings::{DeferredHost, PreparedHost};
+    use super::{Limits, Value};
+    use crate::bindings::{DeferredHost, DeferredPackedHost, PreparedHost};
     use std::time::{Duration, Instant};
 
     fn text(s: &str) -> Value {
@@ -1480,6 +1556,82 @@ mod deferred_tests {
         // The transaction the host runs the call in is still there to roll back.
         host.db().execute_batch("ROLLBACK").unwrap();
     }
+    /// Statements in the layout of `deferred-packed.execute`.
+    fn packed(statements: &[(u32, &[Value])]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (handle, params) in statements {
+            out.extend_from_slice(&handle.to_le_bytes());
+            out.extend_from_slice(&(params.len() as u32).to_le_bytes());
+            for param in *params {
+                let sized = |out: &mut Vec<u8>, tag: u8, bytes: &[u8]| {
+                    out.push(tag);
+                    out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+                    out.extend_from_slice(bytes);
+                };
+                match param {
+                    Value::Null => out.push(0),
+                    Value::Integer(n) => {
+                        out.push(1);
+                        out.extend_from_slice(&n.to_le_bytes());
+                    }
+                    Value::Real(x) => {
+                        out.push(2);
+                        out.extend_from_slice(&x.to_le_bytes());
+                    }
+                    Value::Text(text) => sized(&mut out, 3, text.as_bytes()),
+                    Value::Blob(blob) => sized(&mut out, 4, blob),
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn packed_statements_run_in_order_with_every_kind_of_parameter() {
+        let mut host = host();
+        host.db().execute_batch("CREATE TABLE kinds (n, i, r, t, b)").unwrap();
+        let insert = host.prepare("INSERT INTO kinds VALUES (?1, ?2, ?3, ?4, ?5)".into()).unwrap().unwrap();
+        let rename = host.prepare("UPDATE kinds SET t = ?1 WHERE i = ?2".into()).unwrap().unwrap();
+        let row = [Value::Null, Value::Integer(-7), Value::Real(2.5), text("été"), Value::Blob(vec![0, 255])];
+        let buffer = packed(&[(insert.handle, &row), (rename.handle, &[text("after"), Value::Integer(-7)])]);
+        DeferredPackedHost::execute(&mut host, buffer).unwrap();
+        let found: (Option<i64>, i64, f64, String, Vec<u8>) = host
+            .db()
+            .query_row("SELECT n, i, r, t, b FROM kinds", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })
+            .unwrap();
+        assert_eq!(found, (None, -7, 2.5, "after".to_string(), vec![0, 255]), "both ran, in order");
+        assert_eq!(host.take_deferred_failure().unwrap(), None);
+        // A handle never prepared fails the call, as `deferred.execute`'s does.
+        DeferredPackedHost::execute(&mut host, packed(&[(77, &[])])).unwrap();
+        let failure = host.take_deferred_failure().unwrap().expect("handle 77 was never prepared");
+        assert!(failure.contains("no prepared statement has handle 77"), "{failure}");
+    }
+
+    #[test]
+    fn a_buffer_that_breaks_the_packed_layout_traps_saying_where() {
+        let mut host = host();
+        let insert = host.prepare("INSERT INTO users (id, name) VALUES (?1, ?2)".into()).unwrap().unwrap();
+        let whole = packed(&[(insert.handle, &[text("u1"), text("Ada")])]);
+        let mut bad_tag = whole.clone();
+        bad_tag[8] = 9;
+        let mut not_utf8 = whole.clone();
+        let last = not_utf8.len() - 1;
+        not_utf8[last] = 0xff;
+        let huge = "x".repeat(Limits::default().value_bytes + 1);
+        let cases = [
+            (whole[..whole.len() - 1].to_vec(), "bytes wanted at byte"),
+            (bad_tag, "byte 8 is no parameter's tag: 9"),
+            (not_utf8, "is not UTF-8"),
+            (packed(&[(insert.handle, &[text("u2"), text(&huge)])]), "over the limit"),
+        ];
+        for (buffer, expected) in cases {
+            let trap = DeferredPackedHost::execute(&mut host, buffer).expect_err(expected);
+            assert!(format!("{trap:#}").contains(expected), "{expected}: {trap:#}");
+        }
+    }
+
     #[test]
     fn a_full_database_under_a_deferred_write_is_the_hosts_failure_not_the_guests() {
         let mut host = host();

@@ -11,6 +11,7 @@
 //! | `h-sql` | runs its data (a string) as SQL; an error is a reject |
 //! | `h-query` | runs its data (a string) as an SQL query; an error is a reject |
 //! | `h-defer` | defers its data (a string) as SQL (`Sql::defer`); a statement that does not prepare is a reject |
+//! | `h-defer-each` | defers each statement of its data (a list of strings) in turn, with nothing between them |
 //! | `h-defer-then-panic` | defers its data (a string) as SQL, then panics |
 //! | `h-log` | writes its data (a string) as one log line, then succeeds |
 //! | `h-log-flood` | writes 100,000 log lines, then succeeds |

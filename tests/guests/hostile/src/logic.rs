@@ -51,6 +51,12 @@ impl Projection for Hostile {
             "h-defer" => {
                 ctx.sql().defer(&text(), ()).map_err(|err| Failure::reject(err.to_string()))?;
             }
+            "h-defer-each" => {
+                let statements: Vec<String> = event.data_json()?;
+                for statement in &statements {
+                    ctx.sql().defer(statement, ()).map_err(|err| Failure::reject(err.to_string()))?;
+                }
+            }
             "h-defer-then-panic" => {
                 ctx.sql().defer(&text(), ()).map_err(|err| Failure::reject(err.to_string()))?;
                 panic!("event {} deferred a write and panicked", event.id());
