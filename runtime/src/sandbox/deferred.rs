@@ -41,7 +41,7 @@ struct Statements {
 }
 
 /// The bytes of statements a writer with nothing queued keeps allocated,
-/// in the queue and in its own hands each.
+/// in the queue and in the spare it runs from each.
 const KEPT_IDLE: usize = 64 << 10;
 
 /// A statement deferred: its handle and its parameters in
@@ -53,7 +53,6 @@ struct Op {
 
 /// A parameter of a deferred statement; text and blobs are ranges of
 /// [`Statements::bytes`].
-#[derive(Clone)]
 enum Param {
     Null,
     Integer(i64),
