@@ -10,7 +10,6 @@
 //! database is alive while the thread may use it.
 
 use super::host::{Broke, Database, GUEST_SQL_PREFIX, GuestRules, conclude, execute_kept, truncated};
-use crate::bindings::Value;
 use rusqlite::types::{ToSql, ToSqlOutput, ValueRef};
 use std::cell::{Cell, UnsafeCell};
 use std::ops::Range;
@@ -223,14 +222,9 @@ impl Db {
         }
     }
 
-    /// Queue prepared statement `handle` with `params` for the writer.
-    pub fn defer(&mut self, handle: u32, params: &[Value]) -> std::io::Result<()> {
-        self.defer_refs(handle, params.iter().map(value_ref))
-    }
-
     /// Queue prepared statement `handle` with `params` (text as UTF-8) for
     /// the writer.
-    pub fn defer_refs<'a>(
+    pub fn defer<'a>(
         &mut self,
         handle: u32,
         params: impl Iterator<Item = ValueRef<'a>> + Clone,
@@ -326,17 +320,6 @@ fn size<'a>(params: impl Iterator<Item = ValueRef<'a>>) -> usize {
         _ => 0,
     };
     params.map(|value| size_of::<Param>() + heap(value)).sum()
-}
-
-/// A guest's value as SQLite takes it.
-fn value_ref(value: &Value) -> ValueRef<'_> {
-    match value {
-        Value::Null => ValueRef::Null,
-        Value::Integer(n) => ValueRef::Integer(*n),
-        Value::Real(x) => ValueRef::Real(*x),
-        Value::Text(text) => ValueRef::Text(text.as_bytes()),
-        Value::Blob(blob) => ValueRef::Blob(blob),
-    }
 }
 
 impl Drop for Db {

@@ -687,13 +687,21 @@ fn rows_of(stmt: &mut rusqlite::Statement<'_>, params: &[Value]) -> rusqlite::Re
 impl crate::bindings::DeferredHost for GuestHost {
     fn execute(&mut self, handle: u32, params: Vec<Value>) -> Result<()> {
         self.check_params(&params)?;
+        self.defer(handle, params.iter().map(value_ref))
+    }
+}
+
+impl GuestHost {
+    /// Queue prepared statement `handle` with `params` for the writer; a
+    /// handle never prepared fails the call.
+    fn defer<'a>(&mut self, handle: u32, params: impl Iterator<Item = ValueRef<'a>> + Clone) -> Result<()> {
         // Every handle below the count is prepared: `prepare` records one
         // in `handles` exactly when it keeps its statement.
         if handle as usize >= self.handles.len() {
             self.db.fail(Failed::Guest(no_statement(handle)));
             return Ok(());
         }
-        self.db.defer(handle, &params).map_err(|err| {
+        self.db.defer(handle, params).map_err(|err| {
             anyhow::anyhow!(
                 "projection {}: cannot start the thread of deferred statements: {err}",
                 self.projection
@@ -733,16 +741,7 @@ impl crate::bindings::DeferredPackedHost for GuestHost {
                 };
                 params.push(value);
             }
-            if handle as usize >= self.handles.len() {
-                self.db.fail(Failed::Guest(no_statement(handle)));
-                continue;
-            }
-            self.db.defer_refs(handle, params.iter().copied()).map_err(|err| {
-                anyhow::anyhow!(
-                    "projection {}: cannot start the thread of deferred statements: {err}",
-                    self.projection
-                )
-            })?;
+            self.defer(handle, params.iter().copied())?;
         }
         Ok(())
     }
@@ -925,13 +924,18 @@ pub(super) fn truncated(s: &str, max: usize) -> &str {
 
 impl ToSql for Value {
     fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
-        Ok(ToSqlOutput::Borrowed(match self {
-            Value::Null => ValueRef::Null,
-            Value::Integer(n) => ValueRef::Integer(*n),
-            Value::Real(x) => ValueRef::Real(*x),
-            Value::Text(s) => ValueRef::Text(s.as_bytes()),
-            Value::Blob(b) => ValueRef::Blob(b),
-        }))
+        Ok(ToSqlOutput::Borrowed(value_ref(self)))
+    }
+}
+
+/// A guest's value as SQLite takes it.
+pub(super) fn value_ref(value: &Value) -> ValueRef<'_> {
+    match value {
+        Value::Null => ValueRef::Null,
+        Value::Integer(n) => ValueRef::Integer(*n),
+        Value::Real(x) => ValueRef::Real(*x),
+        Value::Text(text) => ValueRef::Text(text.as_bytes()),
+        Value::Blob(blob) => ValueRef::Blob(blob),
     }
 }
 
@@ -1556,18 +1560,20 @@ mod deferred_tests {
         // The transaction the host runs the call in is still there to roll back.
         host.db().execute_batch("ROLLBACK").unwrap();
     }
-    /// Statements in the layout of `deferred-packed.execute`.
+
+    /// Statements in the layout of `deferred-packed.execute`, written here
+    /// from the WIT's description rather than by the SDK's encoder.
     fn packed(statements: &[(u32, &[Value])]) -> Vec<u8> {
+        let sized = |out: &mut Vec<u8>, tag: u8, bytes: &[u8]| {
+            out.push(tag);
+            out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+            out.extend_from_slice(bytes);
+        };
         let mut out = Vec::new();
         for (handle, params) in statements {
             out.extend_from_slice(&handle.to_le_bytes());
             out.extend_from_slice(&(params.len() as u32).to_le_bytes());
             for param in *params {
-                let sized = |out: &mut Vec<u8>, tag: u8, bytes: &[u8]| {
-                    out.push(tag);
-                    out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
-                    out.extend_from_slice(bytes);
-                };
                 match param {
                     Value::Null => out.push(0),
                     Value::Integer(n) => {
